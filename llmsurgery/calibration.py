@@ -1,0 +1,53 @@
+"""Calibration batches: text documents -> fixed-length token windows, reproducible by seed."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .corpora import source_documents
+from .errors import UserError
+
+
+class CalibConfig(BaseModel):
+    """What `--calib`, `--calib-samples`, `--calib-seq-len` and `--seed` describe."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = "news"
+    samples: int = Field(8, gt=0)
+    seq_len: int = Field(512, gt=1)
+    seed: int = 0
+
+
+def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
+    """All documents tokenized and joined, each followed by the EOS token (if any)."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.extend(sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    """`cfg.samples` non-overlapping windows of `cfg.seq_len` tokens, chosen by `cfg.seed`.
+
+    Returns input ids of shape [samples, seq_len]. A BOS token, when the tokenizer has one,
+    starts every window, as the model saw it in training.
+    """
+    stream = token_stream(tokenizer, source_documents(cfg.source))
+    bos = tokenizer.bos_token_id
+    body = cfg.seq_len - (1 if bos is not None else 0)
+    n_windows = len(stream) // body
+    if n_windows < cfg.samples:
+        raise UserError(
+            f"calibration source '{cfg.source}' has {len(stream)} tokens: only {n_windows} windows of "
+            f"{cfg.seq_len} tokens, fewer than --calib-samples {cfg.samples}"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    starts = torch.randperm(n_windows, generator=gen)[: cfg.samples].sort().values * body
+    windows = torch.stack([stream[s : s + body] for s in starts.tolist()])  # [N, body]
+    if bos is not None:
+        windows = torch.cat([torch.full((cfg.samples, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows  # [N, seq_len]

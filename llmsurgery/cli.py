@@ -1,0 +1,272 @@
+"""The `llmsurgery` command line: parse, validate, call the library, print a summary."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from . import __version__
+from .console import err, out
+from .errors import GateFailed, UserError
+
+app = typer.Typer(
+    help="Model surgery and compression for causal language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+_state = {"debug": False}
+
+IO, LOAD, CALIB, EVAL = "Input / output", "Loading", "Calibration", "Evaluation"
+ModelArg = Annotated[str, typer.Argument(help="A model folder, a .gguf file, a built-in name (smollm2-135m, gemma3-270m) or a hub id.", show_default=False)]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel=LOAD)]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.", rich_help_panel=LOAD)]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run modeling code shipped with a model not written by llmsurgery.", rich_help_panel=LOAD)]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write the model to (must not exist).", rich_help_panel=IO, show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.", rich_help_panel=IO)]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.", rich_help_panel=IO)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"llmsurgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Bad input -> one line on stderr and exit 2; a failed gate -> exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if _state["debug"]:
+                traceback.print_exc()
+            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except GateFailed as exc:
+            err.print(f"[bold red]gate failed:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
+
+
+def print_metrics(rows: list[dict], model: str, baseline: str | None) -> None:
+    table = Table(title="Evaluation", show_lines=False)
+    for column in ("task", "metric", model):
+        table.add_column(column, justify="right" if column == model else "left")
+    if baseline:
+        for column in (f"{baseline} (baseline)", "diff", "ratio"):
+            table.add_column(column, justify="right")
+    for row in rows:
+        cells = [row["task"], row["metric"], _fmt(row["value"])]
+        if baseline:
+            cells += [_fmt(row.get("baseline")), _fmt(row.get("diff")), _fmt(row.get("ratio"))]
+        table.add_row(*cells)
+    out.print(table)
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        err.print(f"wrote {path}")
+
+
+@app.command("eval")
+@handles_errors
+def eval_cmd(
+    model: ModelArg,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: news_ppl, pydoc_ppl, news_cloze, or lm-eval names.", rich_help_panel=EVAL)] = "news_ppl,news_cloze",
+    baseline: Annotated[Optional[str], typer.Option(help="A second model scored side by side.", rich_help_panel=EVAL)] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N documents of each task.", rich_help_panel=EVAL)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="lm-eval batch size.", rich_help_panel=EVAL)] = 8,
+    load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="Quantize to int8 with bitsandbytes while loading.", rich_help_panel=LOAD)] = False,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Quantize to NF4 with bitsandbytes while loading.", rich_help_panel=LOAD)] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Score MODEL with lm-eval, offline built-in tasks included; with --baseline, side by side."""
+    from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
+    from .model_io import load_model
+
+    task_list = parse_tasks(tasks)
+    manager = check_tasks(task_list)
+    load = functools.partial(load_model, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
+                             load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    base_metrics = None
+    if baseline:
+        base_metrics = evaluate_model(load(baseline), task_list, limit=limit, batch_size=batch_size, manager=manager)
+    metrics = evaluate_model(load(model), task_list, limit=limit, batch_size=batch_size, manager=manager)
+    rows = compare(metrics, base_metrics)
+    print_metrics(rows, model, baseline)
+    write_json(json_path, {"model": model, "baseline": baseline, "tasks": task_list, "limit": limit, "results": rows})
+
+
+CalibOpt = Annotated[str, typer.Option("--calib", help="Calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD].", rich_help_panel=CALIB)]
+SamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Number of calibration windows.", rich_help_panel=CALIB)]
+SeqLenOpt = Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.", rich_help_panel=CALIB)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed choosing the calibration windows.", rich_help_panel=CALIB)]
+
+
+def _pydantic_error(exc) -> UserError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return UserError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}")
+
+
+@app.command()
+@handles_errors
+def prune(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write the pruned model to.", rich_help_panel=IO, show_default=False)] = None,
+    bi: Annotated[bool, typer.Option("--bi", help="Block-Influence layer removal (ShortGPT); the only method for now.")] = True,
+    remove: Annotated[Optional[int], typer.Option("--remove", help="Number of layers to remove.", show_default=False)] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of layers to remove, in (0, 1).", show_default=False)] = None,
+    metric: Annotated[str, typer.Option(help="bi (ShortGPT, per layer) or angular (Gromov et al., needs --block).")] = "bi",
+    block: Annotated[bool, typer.Option("--block", help="Remove one contiguous block of layers.")] = False,
+    scores_only: Annotated[bool, typer.Option("--scores-only", help="Print the layer scores; write no model.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Save the score chart as a PNG.", rich_help_panel=IO)] = None,
+    eval_tasks: Annotated[Optional[str], typer.Option("--eval", help="Score the pruned model on these tasks, the original as baseline.", rich_help_panel=EVAL)] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Documents per task for --eval.", rich_help_panel=EVAL)] = None,
+    calib: CalibOpt = "news",
+    calib_samples: SamplesOpt = 8,
+    calib_seq_len: SeqLenOpt = 512,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Remove the least influential decoder layers and write a standard checkpoint."""
+    import time
+
+    from pydantic import ValidationError
+
+    from .calibration import CalibConfig, calibration_batches
+    from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
+    from .model_io import check_output_free, load_model, pass_record, save_model
+    from .passes.block_influence import BlockInfluenceConfig, remove_layers_, score_layers
+    from .plotting import save_score_plot, score_table
+
+    if not bi:
+        raise UserError("only --bi (Block Influence) pruning exists for now")
+    if metric not in ("bi", "angular"):
+        raise UserError(f"unknown metric '{metric}'; choose bi or angular")
+    try:
+        cfg = BlockInfluenceConfig(remove=remove, ratio=ratio, metric=metric, block=block,
+                                   calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed))
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+    if output is None and not scores_only:
+        raise UserError("give --output DIR, or --scores-only to only print the scores")
+    if output is not None and not scores_only:
+        check_output_free(output, force)
+    tasks = parse_tasks(eval_tasks) if eval_tasks else None
+    manager = check_tasks(tasks) if tasks else None
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if output is not None and not scores_only:
+        check_output_free(output, force, loaded.folder)
+    n_layers = loaded.model.config.num_hidden_layers
+    cfg.n_remove(n_layers)
+    started = time.perf_counter()
+    batches = calibration_batches(loaded.tokenizer, cfg.calib)
+    scores, removed = score_layers(loaded.model, batches, cfg)
+    seconds = time.perf_counter() - started
+    label, index_label = ("angular distance", "block start") if metric == "angular" else ("block influence", "layer")
+    out.print(score_table(scores, [removed[0]] if metric == "angular" else removed, label, index_label))
+    out.print(f"layers to remove (0-based): {removed}  ({n_layers} -> {n_layers - len(removed)} layers)")
+    if plot is not None:
+        save_score_plot(plot, scores, [removed[0]] if metric == "angular" else removed, label, index_label)
+        err.print(f"wrote {plot}")
+    report = {"scores": scores, "score_kind": label, "removed_layers": removed, "layers_before": n_layers,
+              "layers_after": n_layers - len(removed), "calibration_tokens": int(batches.numel())}
+    payload: dict = {"model": model, "config": cfg.model_dump(), **report}
+    if not scores_only:
+        baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
+        remove_layers_(loaded.model, removed)
+        record = pass_record("block_influence", cfg.model_dump(), report, seconds, loaded.history)
+        if tasks:
+            rows = compare(evaluate_model(loaded, tasks, limit=eval_limit, manager=manager), baseline)
+            record["report"]["eval"] = rows
+            payload["eval"] = rows
+            print_metrics(rows, "pruned", model)
+        save_model(loaded, output, force=force, new_passes=[record])
+        out.print(f"saved the {n_layers - len(removed)}-layer model to {output}")
+    write_json(json_path, payload)
+
+
+@app.command()
+@handles_errors
+def convert(
+    model: ModelArg,
+    output: OutputOpt,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."""
+    from .model_io import check_output_free, load_model, save_model
+
+    check_output_free(output, force)
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    save_model(loaded, output, force=force)
+    out.print(f"saved {model} to {output}")
+
+
+@app.command()
+@handles_errors
+def inspect(model: ModelArg, json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """Architecture, shapes, parameters, bytes on disk, KV-cache bytes per token and surgery history."""
+    from .inspection import describe
+
+    info = describe(model)
+    if json_out:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return
+    table = Table(title=f"{model}", show_header=False)
+    for key, value in info.items():
+        if key != "history" and value is not None:
+            table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+    out.print(table)
+    passes = (info["history"] or {}).get("passes", [])
+    if info["history"]:
+        src = info["history"]["source"]
+        out.print(f"source: {src.get('id')} sha256={src.get('sha256', src.get('revision'))}")
+    for i, entry in enumerate(passes, 1):
+        out.print(f"  pass {i}: {entry['pass']} {entry['config']} ({entry['seconds']} s)")
+    if info["history"] and not passes:
+        out.print("  no passes (converted only)")
+
+
+def run() -> None:
+    app()

@@ -1,0 +1,29 @@
+"""Shared rich console: tables go to stdout, progress and status to stderr."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+out = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    with err.status(message):
+        yield
+    err.print(f"[green]✓[/green] {message}")
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """A rich progress bar on stderr over `items`."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        yield from progress.track(items, total=total, description=description)

@@ -1,0 +1,124 @@
+"""Text sources for calibration and evaluation.
+
+Built-in corpora ship inside packages, so they work offline:
+
+* ``news``: gensim's ``test_data/lee_background.cor`` (300 news articles, one per line).
+* ``pydoc``: CPython's ``pydoc_data.topics`` (the help topics, one document per topic, sorted).
+
+Each built-in corpus is split by document index: documents whose index is ``4 mod 5`` form the
+evaluation part (used by the ``news_*`` / ``pydoc_*`` lm-eval tasks), every other document the
+calibration part (used by passes). The two never overlap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+BUILTIN_CORPORA = ("news", "pydoc")
+EVAL_EVERY = 5  # every 5th document (index % 5 == 4) is held out for evaluation
+
+
+def _gensim_lee_path() -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the 'news' corpus needs gensim: pip install gensim")
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise UserError(f"gensim is installed but {path} is missing; reinstall gensim")
+    return path
+
+
+def _news_documents() -> list[str]:
+    text = _gensim_lee_path().read_text(encoding="utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _pydoc_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
+
+
+def builtin_documents(name: str) -> list[str]:
+    """All documents of a built-in corpus, in a fixed order."""
+    if name == "news":
+        return _news_documents()
+    if name == "pydoc":
+        return _pydoc_documents()
+    raise UserError(f"unknown built-in corpus '{name}'; built-in corpora: {', '.join(BUILTIN_CORPORA)}")
+
+
+def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
+    """(calibration part, evaluation part): disjoint by document index."""
+    calib = [d for i, d in enumerate(docs) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    held_out = [d for i, d in enumerate(docs) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    return calib, held_out
+
+
+def calibration_documents(name: str) -> list[str]:
+    return split_documents(builtin_documents(name))[0]
+
+
+def evaluation_documents(name: str) -> list[str]:
+    return split_documents(builtin_documents(name))[1]
+
+
+def _file_documents(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UserError(f"{path}:{lineno}: each line needs a string field 'text'")
+            docs.append(record["text"])
+        return docs
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [p.strip() for p in text.split("\n\n") if p.strip()]
+    raise UserError(f"calibration file {path} must end in .txt or .jsonl")
+
+
+def _hub_documents(spec: str) -> list[str]:
+    """``hf:NAME[@CONFIG]:SPLIT[:FIELD]`` through the datasets library (needs the internet)."""
+    parts = spec[len("hf:"):].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UserError(f"hub dataset spec '{spec}' must look like hf:NAME[@CONFIG]:SPLIT[:FIELD]")
+    name, _, config = parts[0].partition("@")
+    split, field = parts[1], parts[2] if len(parts) == 3 else "text"
+    try:
+        import datasets
+
+        data = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:  # noqa: BLE001 - network, missing dataset, bad split: one line for all
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"could not load hub dataset '{spec}' (offline?): {first}") from None
+    if field not in data.column_names:
+        raise UserError(f"hub dataset '{spec}' has no column '{field}'; columns: {', '.join(data.column_names)}")
+    return [t for t in data[field] if isinstance(t, str) and t.strip()]
+
+
+def source_documents(source: str) -> list[str]:
+    """Calibration documents for ``--calib``: a built-in name, a .txt/.jsonl file, or hf:..."""
+    if source in BUILTIN_CORPORA:
+        return calibration_documents(source)
+    if source.startswith("hf:"):
+        return _hub_documents(source)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"calibration source '{source}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}), "
+            "an existing .txt/.jsonl file, nor hf:NAME[@CONFIG]:SPLIT[:FIELD]"
+        )
+    docs = _file_documents(path)
+    if not docs:
+        raise UserError(f"calibration file {path} holds no text")
+    return docs

@@ -1,0 +1,101 @@
+"""Score in-memory models through lm-eval (`HFLM`), offline built-in tasks or standard ones."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from .builtin_tasks import BUILTIN_TASKS, task_dir
+from .console import status
+from .errors import UserError
+
+METRIC_SUFFIX = ",none"
+_SKIP_METRICS = ("_stderr", "alias", "samples", "sample_len")
+
+
+@dataclass(frozen=True)
+class Metric:
+    task: str
+    name: str
+    value: float
+    higher_is_better: bool | None
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks needs at least one task name")
+    return tasks
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+
+def _task_manager():
+    _quiet_libraries()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir()), verbosity="ERROR")
+
+
+def check_tasks(tasks: list[str]):
+    """A TaskManager that knows every task in `tasks`, or a UserError naming the unknown ones."""
+    manager = _task_manager()
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise UserError(
+            f"unknown task(s): {', '.join(unknown)}; built-in offline tasks: {', '.join(BUILTIN_TASKS)} "
+            "(or any lm-eval task name)"
+        )
+    return manager
+
+
+def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_size: int = 8, manager=None) -> list[Metric]:
+    """Run lm-eval on an already loaded model; returns one Metric per (task, metric)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    manager = manager or check_tasks(tasks)
+    model = loaded.model
+    lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
+    with status(f"Evaluating {loaded.source.spec} on {', '.join(tasks)}"):
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
+            bootstrap_iters=0, verbosity="ERROR",
+        )
+    return _metrics(results)
+
+
+def _metrics(results: dict) -> list[Metric]:
+    higher = results.get("higher_is_better", {})
+    found = []
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            name = key.removesuffix(METRIC_SUFFIX)
+            if any(s in key for s in _SKIP_METRICS) or not isinstance(value, (int, float)):
+                continue
+            found.append(Metric(task, name, float(value), higher.get(task, {}).get(name)))
+    return found
+
+
+def compare(model: list[Metric], baseline: list[Metric] | None) -> list[dict]:
+    """Rows of task, metric, value, and (with a baseline) its value, difference and ratio."""
+    base = {(m.task, m.name): m.value for m in baseline or []}
+    rows = []
+    for m in model:
+        row = {"task": m.task, "metric": m.name, "value": m.value, "higher_is_better": m.higher_is_better}
+        if (m.task, m.name) in base:
+            b = base[(m.task, m.name)]
+            row |= {"baseline": b, "diff": m.value - b, "ratio": m.value / b if b else math.nan}
+        rows.append(row)
+    return rows

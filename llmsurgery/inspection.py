@@ -1,0 +1,57 @@
+"""`llmsurgery inspect`: shapes, sizes and history of a model, read without loading its weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import check_folder, parameter_count
+from .model_io import HISTORY_FILE
+from .sources import local_folder, resolve_source
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """Bytes the K and V caches grow by per token with every layer keeping its full cache."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def describe(spec: str) -> dict:
+    """A JSON-ready description of a model folder, .gguf, built-in name or hub id."""
+    source = resolve_source(spec)
+    folder = local_folder(source)
+    if folder is None:
+        from .model_io import _hub_config
+
+        config, files, history = _hub_config(spec, trust_remote_code=False), [], None
+    else:
+        config, _, files = check_folder(folder)
+        history_path = Path(folder) / HISTORY_FILE
+        history = json.loads(history_path.read_text()) if history_path.is_file() else None
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    heads = config["num_attention_heads"]
+    layer_types = config.get("layer_types")
+    return {
+        "model": spec,
+        "folder": str(folder) if folder else None,
+        "architecture": config.get("model_type"),
+        "class": (config.get("architectures") or [None])[0],
+        "layers": config["num_hidden_layers"],
+        "hidden_size": config["hidden_size"],
+        "intermediate_size": config.get("intermediate_size"),
+        "attention_heads": heads,
+        "kv_heads": config.get("num_key_value_heads") or heads,
+        "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+        "vocab_size": config.get("vocab_size"),
+        "layer_types": ({t: layer_types.count(t) for t in sorted(set(layer_types))} if layer_types else None),
+        "sliding_window": config.get("sliding_window") if layer_types else None,
+        "parameters": parameter_count(files) if files else None,
+        "bytes_on_disk": sum(p.stat().st_size for p in files) if files else None,
+        "dtype": dtype,
+        "kv_cache_bytes_per_token": kv_bytes_per_token(config, _DTYPE_BYTES.get(dtype, 4)),
+        "history": history,
+    }

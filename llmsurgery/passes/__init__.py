@@ -1,0 +1,1 @@
+"""Surgery passes: each a frozen pydantic config plus functions over a loaded model."""
