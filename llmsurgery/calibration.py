@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .corpora import source_documents
+from .corpora import check_source, source_documents
 from .errors import UserError
 
 
@@ -18,6 +18,15 @@ class CalibConfig(BaseModel):
     samples: int = Field(8, gt=0)
     seq_len: int = Field(512, gt=1)
     seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        try:
+            check_source(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:

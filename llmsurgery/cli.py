@@ -174,7 +174,7 @@ def prune(
 
     from .calibration import CalibConfig, calibration_batches
     from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
-    from .model_io import check_output_free, load_model, pass_record, save_model
+    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
     from .passes.block_influence import BlockInfluenceConfig, remove_layers_, score_layers
     from .plotting import save_score_plot, score_table
 
@@ -189,15 +189,14 @@ def prune(
         raise _pydantic_error(exc) from None
     if output is None and not scores_only:
         raise UserError("give --output DIR, or --scores-only to only print the scores")
-    if output is not None and not scores_only:
-        check_output_free(output, force)
+    config, folder, _ = peek_config(model, trust_remote_code)
+    n_layers = config["num_hidden_layers"]
+    cfg.n_remove(n_layers)
+    if not scores_only:
+        check_output_free(output, force, folder)
     tasks = parse_tasks(eval_tasks) if eval_tasks else None
     manager = check_tasks(tasks) if tasks else None
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    if output is not None and not scores_only:
-        check_output_free(output, force, loaded.folder)
-    n_layers = loaded.model.config.num_hidden_layers
-    cfg.n_remove(n_layers)
     started = time.perf_counter()
     batches = calibration_batches(loaded.tokenizer, cfg.calib)
     scores, removed = score_layers(loaded.model, batches, cfg)

@@ -2,7 +2,8 @@
 
 Built-in corpora ship inside packages, so they work offline:
 
-* ``news``: gensim's ``test_data/lee_background.cor`` (300 news articles, one per line).
+* ``news``: gensim's ``test_data/lee_background.cor`` (300 news articles, one per line; repeated
+  articles are dropped, so no text sits on both sides of the split).
 * ``pydoc``: CPython's ``pydoc_data.topics`` (the help topics, one document per topic, sorted).
 
 Each built-in corpus is split by document index: documents whose index is ``4 mod 5`` form the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -44,18 +46,30 @@ def _pydoc_documents() -> list[str]:
 
 
 def builtin_documents(name: str) -> list[str]:
-    """All documents of a built-in corpus, in a fixed order."""
+    """All distinct documents of a built-in corpus, in a fixed order (the Lee corpus repeats some)."""
     if name == "news":
-        return _news_documents()
+        return list(dict.fromkeys(_news_documents()))
     if name == "pydoc":
-        return _pydoc_documents()
+        return list(dict.fromkeys(_pydoc_documents()))
     raise UserError(f"unknown built-in corpus '{name}'; built-in corpora: {', '.join(BUILTIN_CORPORA)}")
 
 
+def _long_sentences(doc: str) -> list[str]:
+    return [s.strip() for s in re.split(r"\.\s|\n\n", doc) if len(s.strip()) > 60]
+
+
 def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
-    """(calibration part, evaluation part): disjoint by document index."""
-    calib = [d for i, d in enumerate(docs) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    """(calibration part, evaluation part), split by document index.
+
+    Calibration documents that repeat any long sentence of the evaluation part are dropped
+    (pydoc topics quote each other; the Lee corpus holds near-duplicate articles).
+    """
     held_out = [d for i, d in enumerate(docs) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    held_sentences = [s for d in held_out for s in _long_sentences(d)]
+    calib = [
+        d for i, d in enumerate(docs)
+        if i % EVAL_EVERY != EVAL_EVERY - 1 and not any(s in d for s in held_sentences)
+    ]
     return calib, held_out
 
 
@@ -106,18 +120,26 @@ def _hub_documents(spec: str) -> list[str]:
     return [t for t in data[field] if isinstance(t, str) and t.strip()]
 
 
+def check_source(source: str) -> None:
+    """Fail early (before any model loads) on a calibration source that cannot work."""
+    if source in BUILTIN_CORPORA or (source.startswith("hf:") and len(source[3:].split(":")) in (2, 3)):
+        return
+    path = Path(source).expanduser()
+    if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+        raise UserError(
+            f"calibration source '{source}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}), "
+            "an existing .txt/.jsonl file, nor hf:NAME[@CONFIG]:SPLIT[:FIELD]"
+        )
+
+
 def source_documents(source: str) -> list[str]:
     """Calibration documents for ``--calib``: a built-in name, a .txt/.jsonl file, or hf:..."""
     if source in BUILTIN_CORPORA:
         return calibration_documents(source)
     if source.startswith("hf:"):
         return _hub_documents(source)
+    check_source(source)
     path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(
-            f"calibration source '{source}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}), "
-            "an existing .txt/.jsonl file, nor hf:NAME[@CONFIG]:SPLIT[:FIELD]"
-        )
     docs = _file_documents(path)
     if not docs:
         raise UserError(f"calibration file {path} holds no text")

@@ -43,7 +43,7 @@ def _task_manager():
     _quiet_libraries()
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(task_dir()), verbosity="ERROR")
+    return TaskManager(include_path=str(task_dir()))
 
 
 def check_tasks(tasks: list[str]):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import check_folder, parameter_count
-from .model_io import HISTORY_FILE
-from .sources import local_folder, resolve_source
+from .checkpoint import parameter_count
+from .model_io import HISTORY_FILE, peek_config
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -22,16 +21,9 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 
 def describe(spec: str) -> dict:
     """A JSON-ready description of a model folder, .gguf, built-in name or hub id."""
-    source = resolve_source(spec)
-    folder = local_folder(source)
-    if folder is None:
-        from .model_io import _hub_config
-
-        config, files, history = _hub_config(spec, trust_remote_code=False), [], None
-    else:
-        config, _, files = check_folder(folder)
-        history_path = Path(folder) / HISTORY_FILE
-        history = json.loads(history_path.read_text()) if history_path.is_file() else None
+    config, folder, files = peek_config(spec)
+    history_path = Path(folder) / HISTORY_FILE if folder else None
+    history = json.loads(history_path.read_text()) if history_path and history_path.is_file() else None
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     heads = config["num_attention_heads"]
     layer_types = config.get("layer_types")

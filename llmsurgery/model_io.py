@@ -108,6 +108,15 @@ def _hub_config(spec: str, trust_remote_code: bool) -> dict:
     return config.to_dict()
 
 
+def peek_config(spec: str, trust_remote_code: bool = False) -> tuple[dict, Path | None, list[Path]]:
+    """(config dict, local folder or None, weight files) of a model, checked, without loading weights."""
+    folder = local_folder(resolve_source(spec))
+    if folder is None:
+        return _hub_config(spec, trust_remote_code), None, []
+    config, _, weights = check_folder(folder)
+    return config, folder, weights
+
+
 def load_model(
     spec: str,
     *,
