@@ -1,0 +1,109 @@
+"""End-to-end checks on the real small models that packages ship (converted once per cache)."""
+
+import json
+import random
+import re
+import statistics
+
+import pytest
+import torch
+from helpers import logits_of, run_cli, stock_load
+
+from llmsurgery.builtin_tasks import task_dir
+from llmsurgery.corpora import evaluation_documents
+from llmsurgery.model_io import load_model
+from llmsurgery.passes.block_influence import remove_layers_
+
+pytestmark = pytest.mark.real
+PROMPT = "The prime minister said on Tuesday that the government"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@torch.no_grad()
+def token_ppl(model, tokenizer, docs, max_tokens=256):
+    nll, count = 0.0, 0
+    for doc in docs:
+        ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+        count += len(ids) - 1
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+@torch.no_grad()
+def test_eval_news_perplexity_matches_plain_transformers(smollm2, tmp_path):
+    result = run_cli("eval", "smollm2-135m", "--tasks", "news_ppl,news_cloze", "--limit", "20", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "word_perplexity" in result.output and "acc" in result.output
+    rows = {(r["task"], r["metric"]): r["value"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert all(v == v and abs(v) != float("inf") for v in rows.values())
+    assert 0.25 < rows[("news_cloze", "acc")] <= 1.0
+    # The same windows by hand: each document after the prefix token, summed log-likelihood per word.
+    docs = [json.loads(line)["text"] for line in (task_dir() / "news_eval.jsonl").read_text().splitlines()[:20]]
+    model, tok = smollm2.model, smollm2.tokenizer
+    ll, words = 0.0, 0
+    for doc in docs:
+        ids = [tok.bos_token_id] + tok(doc, add_special_tokens=False)["input_ids"]
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+        ll -= torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+        words += len(re.split(r"\s+", doc))
+    plain = float(torch.exp(torch.tensor(-ll / words)))
+    assert rows[("news_ppl", "word_perplexity")] == pytest.approx(plain, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_convert_then_stock_reload_gives_same_logits(name, tmp_path):
+    loaded = load_model(name)
+    ids = loaded.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    expected = logits_of(loaded.model, ids)
+    del loaded
+    result = run_cli("convert", name, "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(logits_of(stock_load(tmp_path / "out"), ids), expected, rtol=0, atol=0)
+
+
+def test_prune_smollm2_beats_naive_choices(smollm2, tmp_path):
+    out = tmp_path / "smol23"
+    result = run_cli("prune", "--bi", "smollm2-135m", "--remove", "7", "--output", out)
+    assert result.exit_code == 0, result.output
+    pruned = stock_load(out)
+    assert pruned.config.num_hidden_layers == 23
+    tok = smollm2.tokenizer
+    text = tok.decode(pruned.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=10, do_sample=False)[0])
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    docs = evaluation_documents("news")[:12]
+    removed = json.loads((out / "llmsurgery_history.json").read_text())["passes"][0]["report"]["removed_layers"]
+    ppl_bi = token_ppl(pruned, tok, docs)
+
+    def ppl_without(layers):
+        import copy
+
+        model = copy.deepcopy(smollm2.model)
+        remove_layers_(model, layers)
+        return token_ppl(model, tok, docs)
+
+    rng = random.Random(0)
+    random_median = statistics.median(ppl_without(sorted(rng.sample(range(30), 7))) for _ in range(3))
+    assert ppl_bi < random_median and ppl_bi < ppl_without(list(range(23, 30)))
+    assert ppl_bi == pytest.approx(ppl_without(removed), rel=1e-4)
+
+
+def test_prune_gemma3_keeps_attention_pattern(tmp_path):
+    out = tmp_path / "gemma14"
+    result = run_cli("prune", "--bi", "gemma3-270m", "--remove", "4", "--output", out, "--calib-samples", "4")
+    assert result.exit_code == 0, result.output
+    removed = json.loads((out / "llmsurgery_history.json").read_text())["passes"][0]["report"]["removed_layers"]
+    original_types = json.loads((load_model("gemma3-270m").folder / "config.json").read_text())["layer_types"]
+    model = stock_load(out)
+    assert model.config.layer_types == [t for i, t in enumerate(original_types) if i not in removed]
+    assert [layer.self_attn.is_sliding for layer in model.model.layers] == [t == "sliding_attention" for t in model.config.layer_types]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(PROMPT, return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 8
