@@ -268,4 +268,15 @@ def inspect(model: ModelArg, json_out: Annotated[bool, typer.Option("--json", he
 
 
 def run() -> None:
-    app()
+    """Console entry point: usage errors (unknown option, bad value) also get one line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        err.print("aborted")
+        code = 1
+    except Exception as exc:  # click's UsageError and friends (typer vendors click)
+        if not hasattr(exc, "format_message"):
+            raise
+        err.print(f"[bold red]error:[/bold red] {exc.format_message()}", highlight=False, soft_wrap=True)
+        code = getattr(exc, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) else 0)

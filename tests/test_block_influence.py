@@ -140,3 +140,14 @@ def test_scores_only_writes_nothing(tiny_models, tmp_path):
     assert result.exit_code == 0, result.output
     assert "layers to remove (0-based)" in result.output and "block influence" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_with_eval_compares_to_original(tiny_models, tmp_path):
+    import json
+
+    result = run_cli("prune", "--bi", tiny_models["qwen2"], "--remove", "1", "--output", tmp_path / "p", "--calib", "pydoc",
+                     "--calib-samples", "2", "--calib-seq-len", "32", "--eval", "pydoc_ppl", "--eval-limit", "2")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "p" / "llmsurgery_history.json").read_text())["passes"][0]["report"]["eval"]
+    ppl = next(r for r in rows if r["metric"] == "word_perplexity")
+    assert ppl["baseline"] > 1 and ppl["value"] > 1 and ppl["ratio"] == pytest.approx(ppl["value"] / ppl["baseline"])

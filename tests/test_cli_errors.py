@@ -106,3 +106,14 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("eval", "convert", "inspect", "prune"):
         assert command in result.output
+
+
+def test_usage_errors_are_one_line_too():
+    import subprocess
+    import sys
+
+    for args in (["prune", "--bi", "smollm2-135m", "--remove", "abc", "-o", "x"], ["evl"]):
+        proc = subprocess.run([sys.executable, "-c", "from llmsurgery.cli import run; run()", *args], capture_output=True, text=True)
+        assert proc.returncode == 2
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr

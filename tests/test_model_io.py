@@ -87,8 +87,10 @@ def test_dtype_and_device_choices(tiny_models):
         load_model(str(tiny_models["llama"]), dtype="int3")
 
 
-def test_8bit_loading_for_eval(tiny_models, tmp_path):
-    loaded = load_model(str(tiny_models["llama"]), load_in_8bit=True)
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_bitsandbytes_loading_for_eval(tiny_models, tmp_path, bits):
+    loaded = load_model(str(tiny_models["llama"]), **{f"load_in_{bits}": True})
+    assert loaded.quantized
     assert torch.isfinite(logits_of(loaded.model)).all()
     with pytest.raises(UserError, match="evaluation only"):
         save_model(loaded, tmp_path / "q")
