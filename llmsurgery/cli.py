@@ -215,7 +215,7 @@ def prune(
         remove_layers_(loaded.model, removed)
         record = pass_record("block_influence", cfg.model_dump(), report, seconds, loaded.history)
         if tasks:
-            rows = compare(evaluate_model(loaded, tasks, limit=eval_limit, manager=manager), baseline)
+            rows = compare(evaluate_model(loaded, tasks, limit=eval_limit, manager=manager, label="the pruned model"), baseline)
             record["report"]["eval"] = rows
             payload["eval"] = rows
             print_metrics(rows, "pruned", model)

@@ -59,7 +59,7 @@ def check_tasks(tasks: list[str]):
     return manager
 
 
-def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_size: int = 8, manager=None) -> list[Metric]:
+def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_size: int = 8, manager=None, label: str | None = None) -> list[Metric]:
     """Run lm-eval on an already loaded model; returns one Metric per (task, metric)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval
@@ -68,7 +68,7 @@ def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_
     manager = manager or check_tasks(tasks)
     model = loaded.model
     lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
-    with status(f"Evaluating {loaded.source.spec} on {', '.join(tasks)}"):
+    with status(f"Evaluating {label or loaded.source.spec} on {', '.join(tasks)}"):
         results = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
             bootstrap_iters=0, verbosity="ERROR",
