@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .checkpoint import parameter_count
 from .model_io import HISTORY_FILE, peek_config
+from .sources import SOURCE_FILE
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -22,8 +23,11 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 def describe(spec: str) -> dict:
     """A JSON-ready description of a model folder, .gguf, built-in name or hub id."""
     config, folder, files = peek_config(spec)
-    history_path = Path(folder) / HISTORY_FILE if folder else None
-    history = json.loads(history_path.read_text()) if history_path and history_path.is_file() else None
+    history = None
+    if folder is not None and (Path(folder) / HISTORY_FILE).is_file():
+        history = json.loads((Path(folder) / HISTORY_FILE).read_text())
+    elif folder is not None and (Path(folder) / SOURCE_FILE).is_file():  # a cached GGUF conversion
+        history = {"source": json.loads((Path(folder) / SOURCE_FILE).read_text()), "passes": []}
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     heads = config["num_attention_heads"]
     layer_types = config.get("layer_types")
