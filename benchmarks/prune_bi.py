@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import statistics
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -37,34 +35,16 @@ from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
 from llmsurgery.passes.block_influence import BlockInfluenceConfig, capture_residuals, remove_layers_, score_layers
+from llmsurgery.perplexity import document_windows, token_perplexity
 
-MAX_TOKENS = 1024
 TARGET_RATIO = 1.3
-
-
-def eval_windows(tokenizer, docs: list[str]) -> list[torch.Tensor]:
-    """One window per document: BOS (if any) + its tokens, at most MAX_TOKENS long. Each [1, T]."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [(bos + tokenizer(doc, add_special_tokens=False)["input_ids"])[:MAX_TOKENS] for doc in docs]
-    return [torch.tensor([w], dtype=torch.long) for w in ids if len(w) > 1]
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
-    """exp(total NLL / total predicted tokens) over all windows."""
-    nll, count = 0.0, 0
-    for ids in windows:
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [T-1, V]
-        nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
 
 
 def pruned_ppl(model: torch.nn.Module, layers: list[int], windows: list[torch.Tensor]) -> float:
     """Perplexity of a deep copy of `model` with `layers` removed."""
     variant = copy.deepcopy(model)
     remove_layers_(variant, layers)
-    ppl = perplexity(variant, windows)
+    ppl = token_perplexity(variant, windows)
     del variant
     return ppl
 
@@ -95,7 +75,7 @@ def measure(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
     n_layers = len(decoder_layers(model))
-    windows = eval_windows(tok, evaluation_documents("news"))
+    windows = document_windows(tok, evaluation_documents("news"))
     batches = calibration_batches(tok, CalibConfig(source="news", samples=8, seq_len=512, seed=args.seed))
     scores, bi_layers = score_layers(model, batches, BlockInfluenceConfig(remove=args.remove))
     rng = random.Random(args.seed)
@@ -107,7 +87,7 @@ def measure(args: argparse.Namespace) -> dict:
         "eval_docs": len(windows), "eval_tokens": sum(w.shape[1] - 1 for w in windows),
         "bi_scores": scores, "bi_layers": bi_layers, "random_layers": draws, "last_layers": last,
         "ppl": {
-            "dense": perplexity(model, windows),
+            "dense": token_perplexity(model, windows),
             "bi": pruned_ppl(model, bi_layers, windows),
             "random_median": statistics.median(random_ppl),
             "random": random_ppl,

@@ -224,6 +224,80 @@ def prune(
     write_json(json_path, payload)
 
 
+def _parse_split(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--split wants two numbers A,B (multipliers of --sparsity), got '{text}'") from None
+    return a, b
+
+
+@app.command("rotate-sparsify")
+@handles_errors
+def rotate_sparsify(
+    model: ModelArg,
+    sparsity: Annotated[float, typer.Option(help="Target sparsity S in [0, 1).", show_default=False)],
+    output: OutputOpt,
+    method: Annotated[str, typer.Option(help="larosa (rotated Top-K) or magnitude (Top-K without rotation).")] = "larosa",
+    split: Annotated[str, typer.Option(help="A,B: q/k/v+gate/up inputs at A*S, o_proj/down_proj inputs at B*S.")] = "0.8,1.2",
+    damp: Annotated[float, typer.Option(help="Covariance damping, a fraction of the mean eigenvalue.")] = 0.01,
+    eval_tasks: Annotated[Optional[str], typer.Option("--eval", help="Score the sparse model on these tasks, the original as baseline.", rich_help_panel=EVAL)] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Documents per task for --eval.", rich_help_panel=EVAL)] = None,
+    calib: CalibOpt = "news",
+    calib_samples: SamplesOpt = 8,
+    calib_seq_len: SeqLenOpt = 512,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."""
+    import time
+
+    from pydantic import ValidationError
+
+    from .calibration import CalibConfig, calibration_batches
+    from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
+    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
+    from .modeling import modeling_llmsurgery_sparse
+    from .passes.larosa import RotateSparsifyConfig, check_foldable, rotate_sparsify_
+
+    if method not in ("larosa", "magnitude"):
+        raise UserError(f"unknown method '{method}'; choose larosa or magnitude")
+    try:
+        cfg = RotateSparsifyConfig(sparsity=sparsity, method=method, split=_parse_split(split), damp=damp,
+                                   calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed))
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+    config, folder, _ = peek_config(model, trust_remote_code)
+    check_foldable(config.get("model_type"))
+    if config.get("auto_map"):
+        raise UserError(f"{model} already carries its own modeling code; rotate-sparsify starts from a standard checkpoint")
+    check_output_free(output, force, folder)
+    tasks = parse_tasks(eval_tasks) if eval_tasks else None
+    manager = check_tasks(tasks) if tasks else None
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
+    started = time.perf_counter()
+    batches = calibration_batches(loaded.tokenizer, cfg.calib) if method == "larosa" else None
+    report = rotate_sparsify_(loaded.model, batches, cfg)
+    record = pass_record("rotate_sparsify", cfg.model_dump(), report, time.perf_counter() - started, loaded.history)
+    table = Table(title=f"rotate-sparsify ({method})", show_header=False)
+    for key in ("sparsity_in", "sparsity_out", "effective_sparsity", "rotated", "calibration_tokens"):
+        if key in report:
+            table.add_row(key.replace("_", " "), _fmt(report[key]) if isinstance(report[key], float) else str(report[key]))
+    out.print(table)
+    if tasks:
+        rows = compare(evaluate_model(loaded, tasks, limit=eval_limit, manager=manager, label="the sparse model"), baseline)
+        record["report"]["eval"] = rows
+        print_metrics(rows, "sparse", model)
+    save_model(loaded, output, force=force, new_passes=[record], extra_files=[Path(modeling_llmsurgery_sparse.__file__)])
+    out.print(f"saved the sparse model to {output} (load with trust_remote_code=True)")
+    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+
+
 @app.command()
 @handles_errors
 def convert(

@@ -213,8 +213,9 @@ def _model_card(history: dict, config: dict) -> str:
     return "\n".join(lines)
 
 
-def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passes: list[dict] | None = None) -> Path:
-    """Write weights, config, tokenizer, history, pass settings and card to `out`, atomically."""
+def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passes: list[dict] | None = None,
+               extra_files: list[Path] | None = None) -> Path:
+    """Write weights, config, tokenizer, history, pass settings, card and `extra_files` to `out`, atomically."""
     if loaded.quantized:
         raise UserError("a model loaded in 8-bit or 4-bit is for evaluation only; load it unquantized to save")
     out = out.expanduser()
@@ -235,6 +236,8 @@ def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passe
             (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
             (tmp / RECIPE_FILE).write_text(json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2))
             (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
+            for path in extra_files or []:  # e.g. modeling code that the config's auto_map names
+                shutil.copyfile(path, tmp / path.name)
         if out.exists():
             out.replace(trash)
         tmp.replace(out)

@@ -1,0 +1,209 @@
+"""LaRoSA: layerwise orthogonal rotations + per-token Top-K activation sparsity (arXiv 2507.01299).
+
+Per decoder layer l, Q_l holds the eigenvectors (descending eigenvalues, float64 ``eigh`` with damping)
+of the calibration covariance of the layer's normed attention input ``x / rms(x)``. The rotations
+are folded into the weights (the deployable form):
+
+* each RMSNorm scale is fused into the linears that read it, so the norm is scale-free and commutes
+  with Q_l;
+* the residual stream inside layer l is carried in the basis Q_l: q/k/v and gate/up read rotated
+  inputs (``W Q_l``), o_proj and down_proj write rotated outputs (``Q_l^T W``);
+* a ``rotation_adapter`` ``Q_{l-1}^T Q_l`` moves the stream between layers; the embedding absorbs
+  Q_0, the (untied) LM head absorbs the final norm scale and Q_{L-1}^T.
+
+At run time (``modeling/modeling_llmsurgery_sparse.py``) the normed inputs of q/k/v and gate/up keep
+their largest ``1 - s_in`` entries in the rotated basis; the inputs of o_proj and down_proj (not
+rotated: GQA mixes heads, silu(g)*u does not commute) keep their largest ``1 - s_out`` by
+magnitude. Selection is on ``(x / rms) Q`` (folded form), not on ``(gamma x / rms) Q`` as the
+released code's simulation does. ``method=magnitude`` folds the norms but uses Q = I (TEAL-style
+baseline). Exact at sparsity 0 (up to float32 rounding); lossy above.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..arch import ArchSpec, arch_for, decoder_layers, get_submodule
+from ..calibration import CalibConfig
+from ..console import track
+from ..errors import UserError
+from ..modeling.modeling_llmsurgery_sparse import SPARSE_CLASSES, add_rotation_adapters_, install_sparsity_hooks_
+
+FOLDABLE = tuple(SPARSE_CLASSES)
+
+
+class RotateSparsifyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["rotate_sparsify"] = "rotate_sparsify"
+    sparsity: float = Field(ge=0, lt=1, description="target sparsity S")
+    method: Literal["larosa", "magnitude"] = "larosa"
+    split: tuple[float, float] = Field((0.8, 1.2), description="S multipliers for the q/k/v+gate/up inputs and the o_proj/down_proj inputs")
+    damp: float = Field(0.01, ge=0, description="damping, as a fraction of the mean eigenvalue")
+    calib: CalibConfig = CalibConfig()
+
+    @model_validator(mode="after")
+    def _valid_split(self):
+        a, b = self.split
+        if a < 0 or b < 0 or a * self.sparsity >= 1 or b * self.sparsity >= 1:
+            raise ValueError(f"split {a},{b} at sparsity {self.sparsity} gives input sparsities outside [0, 1)")
+        return self
+
+    @property
+    def sparsity_in(self) -> float:
+        return round(self.split[0] * self.sparsity, 6)
+
+    @property
+    def sparsity_out(self) -> float:
+        return round(self.split[1] * self.sparsity, 6)
+
+
+def check_foldable(model_type: str) -> None:
+    if model_type not in FOLDABLE:
+        raise UserError(
+            f"rotate-sparsify cannot fold rotations into '{model_type}' models (gemma3 normalises attention and MLP "
+            f"outputs before the residual add, which does not commute with a rotation); supported: {', '.join(FOLDABLE)}"
+        )
+
+
+@torch.no_grad()
+def normed_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, sum over calibration tokens of n^T n with n = x / rms(x) (no norm scale), float64 [D, D]."""
+    spec = arch_for(model)
+    layers = decoder_layers(model)
+    covs = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for _ in layers]
+    eps = model.config.rms_norm_eps
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(module, args, i=i):
+            x = args[0].double().flatten(0, -2)  # x: [B*T, D]
+            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            covs[i] += (n.T @ n).cpu()
+        handles.append(get_submodule(layer, spec.attn_norm).register_forward_pre_hook(hook))
+    base = get_submodule(model, spec.layers.rpartition(".")[0])
+    device = next(model.parameters()).device
+    try:
+        for window in track(batches, "Collecting covariances", total=len(batches)):
+            base(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return covs
+
+
+def principal_rotation(cov: torch.Tensor, damp: float) -> torch.Tensor:
+    """Eigenvectors of the damped covariance, by descending eigenvalue (float64 [D, D], orthogonal)."""
+    cov = cov.double()
+    cov = cov + damp * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    values, vectors = torch.linalg.eigh(cov)
+    return vectors[:, values.argsort(descending=True)]
+
+
+def _set_weight_(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    linear.weight.data = weight.to(linear.weight.dtype).contiguous()
+    if bias is not None:
+        linear.bias.data = bias.to(linear.bias.dtype).contiguous()
+
+
+def fuse_norm_into_linears_(norm: nn.Module, linears: list[nn.Linear], offset: float = 0.0) -> None:
+    """Scale the inputs of `linears` by the norm's (offset + gamma); the norm becomes scale-free."""
+    scale = offset + norm.weight.double()
+    for linear in linears:
+        _set_weight_(linear, linear.weight.double() * scale)
+    norm.weight.data.fill_(1.0 - offset)
+
+
+def rotate_input_(linear: nn.Linear, q: torch.Tensor) -> None:
+    """y = (x Q) W'^T equals x W^T: W' = W Q."""
+    _set_weight_(linear, linear.weight.double() @ q)
+
+
+def rotate_output_(linear: nn.Linear, q: torch.Tensor) -> None:
+    """y' = y Q: W' = Q^T W, b' = b Q."""
+    bias = linear.bias.double() @ q if linear.bias is not None else None
+    _set_weight_(linear, q.T @ linear.weight.double(), bias)
+
+
+def _untie_lm_head_(model: nn.Module, spec: ArchSpec) -> nn.Linear:
+    head = get_submodule(model, spec.lm_head)
+    embed = get_submodule(model, spec.embed)
+    if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = None
+    return head
+
+
+@torch.no_grad()
+def fold_rotations_(model: nn.Module, rotations: list[torch.Tensor] | None) -> None:
+    """Fuse norm scales and fold per-layer rotations into the weights (rotations=None: norms only)."""
+    spec = arch_for(model)
+    layers = decoder_layers(model)
+    head = _untie_lm_head_(model, spec)
+    fuse_norm_into_linears_(get_submodule(model, spec.final_norm), [head], spec.norm_weight_offset)
+    for i, layer in enumerate(layers):
+        # Step 1: norm scales into the linears that read the normed stream.
+        readers_attn = [get_submodule(layer, p) for p in (spec.q_proj, spec.k_proj, spec.v_proj)]
+        readers_mlp = [get_submodule(layer, p) for p in (spec.gate_proj, spec.up_proj)]
+        fuse_norm_into_linears_(get_submodule(layer, spec.attn_norm), readers_attn, spec.norm_weight_offset)
+        fuse_norm_into_linears_(get_submodule(layer, spec.mlp_norm), readers_mlp, spec.norm_weight_offset)
+        if rotations is None:
+            continue
+        q = rotations[i]  # [D, D]
+        # Step 2: readers take inputs in basis Q_l, writers emit outputs in basis Q_l.
+        for linear in readers_attn + readers_mlp:
+            rotate_input_(linear, q)
+        for path in (spec.o_proj, spec.down_proj):
+            rotate_output_(get_submodule(layer, path), q)
+        # Step 3: the adapter moves the incoming stream (basis Q_{l-1}, or Q_0 from the embedding).
+        previous = rotations[i - 1] if i else q
+        layer.rotation_adapter.data = (previous.T @ q).to(layer.rotation_adapter.dtype)
+    if rotations is not None:
+        embed = get_submodule(model, spec.embed)
+        embed.weight.data = (embed.weight.double() @ rotations[0]).to(embed.weight.dtype)
+        rotate_input_(head, rotations[-1])
+
+
+def effective_sparsity(model: nn.Module, cfg: RotateSparsifyConfig) -> float:
+    """Model-level sparsity: each input's sparsity weighted by the parameters it feeds."""
+    spec = arch_for(model)
+    weighted = total = 0
+    for layer in decoder_layers(model):
+        for paths, s in (((spec.q_proj, spec.k_proj, spec.v_proj, spec.gate_proj, spec.up_proj), cfg.sparsity_in),
+                         ((spec.o_proj, spec.down_proj), cfg.sparsity_out)):
+            n = sum(get_submodule(layer, p).weight.numel() for p in paths)
+            weighted += s * n
+            total += n
+    return weighted / total
+
+
+def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: RotateSparsifyConfig) -> dict:
+    """Fold (rotations +) norms into `model`, make it a sparse model in place; returns the report."""
+    check_foldable(model.config.model_type)
+    report: dict = {}
+    rotations = None
+    if cfg.method == "larosa":
+        covs = normed_input_covariances(model, batches)
+        rotations = [principal_rotation(c, cfg.damp) for c in covs]
+        add_rotation_adapters_(model)
+        tokens = int(batches.numel())
+        report["explained_top_half"] = [
+            float(torch.linalg.eigvalsh(c).flip(0)[: c.shape[0] // 2].sum() / c.trace()) for c in covs
+        ]
+        report["calibration_tokens"] = tokens
+    fold_rotations_(model, rotations)
+    config = model.config
+    config.sparsity_in, config.sparsity_out = cfg.sparsity_in, cfg.sparsity_out
+    config.rotated = rotations is not None
+    class_name = SPARSE_CLASSES[config.model_type]
+    config.architectures = [class_name]
+    config.auto_map = {"AutoModelForCausalLM": f"modeling_llmsurgery_sparse.{class_name}"}
+    install_sparsity_hooks_(model)
+    report |= {"sparsity_in": cfg.sparsity_in, "sparsity_out": cfg.sparsity_out,
+               "effective_sparsity": effective_sparsity(model, cfg), "rotated": config.rotated}
+    return report
