@@ -107,3 +107,34 @@ def test_prune_gemma3_keeps_attention_pattern(tmp_path):
     ids = tok(PROMPT, return_tensors="pt")
     generated = model.generate(**ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert generated.shape[1] == ids["input_ids"].shape[1] + 8
+
+
+def test_rotate_sparsify_smollm2_beats_magnitude(smollm2, tmp_path):
+    import copy
+
+    from llmsurgery.calibration import CalibConfig, calibration_batches
+    from llmsurgery.passes.larosa import RotateSparsifyConfig, rotate_sparsify_
+    from llmsurgery.perplexity import document_windows, token_perplexity
+
+    windows = document_windows(smollm2.tokenizer, evaluation_documents("news")[:8], max_tokens=256)
+    calib = CalibConfig(source="news", samples=8, seq_len=512)
+    batches = calibration_batches(smollm2.tokenizer, calib)
+    ppl = {}
+    for s in (0.25, 0.5):
+        for method in ("magnitude", "larosa"):
+            model = copy.deepcopy(smollm2.model)
+            rotate_sparsify_(model, batches, RotateSparsifyConfig(sparsity=s, method=method, split=(1.0, 0.0), calib=calib))
+            ppl[method, s] = token_perplexity(model, windows)
+    dense = token_perplexity(smollm2.model, windows)
+    assert dense < ppl["larosa", 0.25] < ppl["larosa", 0.5]
+    assert ppl["larosa", 0.5] < 0.9 * ppl["magnitude", 0.5] and ppl["larosa", 0.25] < ppl["magnitude", 0.25]
+
+    out = tmp_path / "sparse40"
+    result = run_cli("rotate-sparsify", "smollm2-135m", "--sparsity", "0.4", "--output", out)
+    assert result.exit_code == 0, result.output
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    tok = smollm2.tokenizer
+    text = tok.decode(model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0])
+    assert text.startswith(PROMPT) and len(text.split()) > len(PROMPT.split()) + 3
