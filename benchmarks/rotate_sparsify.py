@@ -3,7 +3,8 @@
 For one model (default smollm2-135m): token-level perplexity on held-out news articles (the
 evaluation part of the built-in ``news`` corpus, one window per article) of the dense model, and of
 ``rotate_sparsify_`` with ``method=magnitude`` and ``method=larosa`` at each sparsity, for the split
-given (``1,0`` = only q/k/v and gate/up inputs sparsified, as in METHODS.md's figures).
+given (``1,0`` = only q/k/v and gate/up inputs sparsified, as in METHODS.md's figures), calibrated
+on 40 x 512 news tokens (the command's default).
 
     python benchmarks/rotate_sparsify.py [--model smollm2-135m] [--sparsity 0.25,0.4,0.5] [--split 1,0] [--docs 20] [--json FILE]
 """
@@ -28,7 +29,7 @@ from llmsurgery.perplexity import document_windows, token_perplexity
 def measure(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model)
     windows = document_windows(loaded.tokenizer, evaluation_documents("news")[: args.docs], max_tokens=args.max_tokens)
-    calib = CalibConfig(source="news", samples=args.calib_samples, seq_len=512, seed=0)
+    calib = CalibConfig(source="news", samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0)
     batches = calibration_batches(loaded.tokenizer, calib)
     split = tuple(float(v) for v in args.split.split(","))
     rows = {"dense": token_perplexity(loaded.model, windows)}
@@ -47,7 +48,8 @@ def main() -> None:
     parser.add_argument("--split", default="1,0")
     parser.add_argument("--docs", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-samples", type=int, default=40)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = measure(args)
