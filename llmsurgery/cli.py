@@ -135,6 +135,26 @@ CalibOpt = Annotated[str, typer.Option("--calib", help="Calibration text: news, 
 SamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Number of calibration windows.", rich_help_panel=CALIB)]
 SeqLenOpt = Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.", rich_help_panel=CALIB)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed choosing the calibration windows.", rich_help_panel=CALIB)]
+EvalTasksOpt = Annotated[Optional[str], typer.Option("--eval", help="Score the transformed model on these tasks, the original as baseline.", rich_help_panel=EVAL)]
+EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Documents per task for --eval.", rich_help_panel=EVAL)]
+
+
+def _eval_plan(eval_tasks: str | None):
+    """(tasks, task manager) for --eval, checked before any model loads; (None, None) without it."""
+    from .evaluate import check_tasks, parse_tasks
+
+    tasks = parse_tasks(eval_tasks) if eval_tasks else None
+    return tasks, (check_tasks(tasks) if tasks else None)
+
+
+def _eval_after_pass(loaded, plan, limit: int | None, baseline, column: str, original: str) -> list[dict]:
+    """Score the transformed in-memory model, print it beside the baseline, return the rows."""
+    from .evaluate import compare, evaluate_model
+
+    tasks, manager = plan
+    rows = compare(evaluate_model(loaded, tasks, limit=limit, manager=manager, label=f"the {column} model"), baseline)
+    print_metrics(rows, column, original)
+    return rows
 
 
 def _pydantic_error(exc) -> UserError:
@@ -155,8 +175,8 @@ def prune(
     block: Annotated[bool, typer.Option("--block", help="Remove one contiguous block of layers.")] = False,
     scores_only: Annotated[bool, typer.Option("--scores-only", help="Print the layer scores; write no model.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Save the score chart as a PNG.", rich_help_panel=IO)] = None,
-    eval_tasks: Annotated[Optional[str], typer.Option("--eval", help="Score the pruned model on these tasks, the original as baseline.", rich_help_panel=EVAL)] = None,
-    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Documents per task for --eval.", rich_help_panel=EVAL)] = None,
+    eval_tasks: EvalTasksOpt = None,
+    eval_limit: EvalLimitOpt = None,
     calib: CalibOpt = "news",
     calib_samples: SamplesOpt = 8,
     calib_seq_len: SeqLenOpt = 512,
@@ -173,7 +193,7 @@ def prune(
     from pydantic import ValidationError
 
     from .calibration import CalibConfig, calibration_batches
-    from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
+    from .evaluate import evaluate_model
     from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
     from .passes.block_influence import BlockInfluenceConfig, remove_layers_, score_layers
     from .plotting import save_score_plot, score_table
@@ -194,8 +214,8 @@ def prune(
     cfg.n_remove(n_layers)
     if not scores_only:
         check_output_free(output, force, folder)
-    tasks = parse_tasks(eval_tasks) if eval_tasks else None
-    manager = check_tasks(tasks) if tasks else None
+    plan = _eval_plan(eval_tasks)
+    tasks, manager = plan
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     started = time.perf_counter()
     batches = calibration_batches(loaded.tokenizer, cfg.calib)
@@ -215,10 +235,9 @@ def prune(
         remove_layers_(loaded.model, removed)
         record = pass_record("block_influence", cfg.model_dump(), report, seconds, loaded.history)
         if tasks:
-            rows = compare(evaluate_model(loaded, tasks, limit=eval_limit, manager=manager, label="the pruned model"), baseline)
+            rows = _eval_after_pass(loaded, plan, eval_limit, baseline, "pruned", model)
             record["report"]["eval"] = rows
             payload["eval"] = rows
-            print_metrics(rows, "pruned", model)
         save_model(loaded, output, force=force, new_passes=[record])
         out.print(f"saved the {n_layers - len(removed)}-layer model to {output}")
     write_json(json_path, payload)
@@ -241,8 +260,8 @@ def rotate_sparsify(
     method: Annotated[str, typer.Option(help="larosa (rotated Top-K) or magnitude (Top-K without rotation).")] = "larosa",
     split: Annotated[str, typer.Option(help="A,B: q/k/v+gate/up inputs at A*S, o_proj/down_proj inputs at B*S.")] = "0.8,1.2",
     damp: Annotated[float, typer.Option(help="Covariance damping, a fraction of the mean eigenvalue.")] = 0.01,
-    eval_tasks: Annotated[Optional[str], typer.Option("--eval", help="Score the sparse model on these tasks, the original as baseline.", rich_help_panel=EVAL)] = None,
-    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Documents per task for --eval.", rich_help_panel=EVAL)] = None,
+    eval_tasks: EvalTasksOpt = None,
+    eval_limit: EvalLimitOpt = None,
     calib: CalibOpt = "news",
     calib_samples: SamplesOpt = 40,  # 40 x 512 measured better than the paper's 10 x 2048 here (README)
     calib_seq_len: SeqLenOpt = 512,
@@ -259,7 +278,7 @@ def rotate_sparsify(
     from pydantic import ValidationError
 
     from .calibration import CalibConfig, calibration_batches
-    from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
+    from .evaluate import evaluate_model
     from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
     from .modeling import modeling_llmsurgery_sparse
     from .passes.larosa import RotateSparsifyConfig, check_foldable, rotate_sparsify_
@@ -276,8 +295,8 @@ def rotate_sparsify(
     if config.get("auto_map"):
         raise UserError(f"{model} already carries its own modeling code; rotate-sparsify starts from a standard checkpoint")
     check_output_free(output, force, folder)
-    tasks = parse_tasks(eval_tasks) if eval_tasks else None
-    manager = check_tasks(tasks) if tasks else None
+    plan = _eval_plan(eval_tasks)
+    tasks, manager = plan
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
     started = time.perf_counter()
@@ -290,9 +309,7 @@ def rotate_sparsify(
             table.add_row(key.replace("_", " "), _fmt(report[key]) if isinstance(report[key], float) else str(report[key]))
     out.print(table)
     if tasks:
-        rows = compare(evaluate_model(loaded, tasks, limit=eval_limit, manager=manager, label="the sparse model"), baseline)
-        record["report"]["eval"] = rows
-        print_metrics(rows, "sparse", model)
+        record["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, "sparse", model)
     save_model(loaded, output, force=force, new_passes=[record], extra_files=[Path(modeling_llmsurgery_sparse.__file__)])
     out.print(f"saved the sparse model to {output} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})

@@ -108,13 +108,17 @@ def _hub_config(spec: str, trust_remote_code: bool) -> dict:
     return config.to_dict()
 
 
-def peek_config(spec: str, trust_remote_code: bool = False) -> tuple[dict, Path | None, list[Path]]:
-    """(config dict, local folder or None, weight files) of a model, checked, without loading weights."""
-    folder = local_folder(resolve_source(spec))
+def _checked_config(source: Source, trust_remote_code: bool) -> tuple[dict, Path | None, list[Path]]:
+    folder = local_folder(source)
     if folder is None:
-        return _hub_config(spec, trust_remote_code), None, []
+        return _hub_config(source.spec, trust_remote_code), None, []
     config, _, weights = check_folder(folder)
     return config, folder, weights
+
+
+def peek_config(spec: str, trust_remote_code: bool = False) -> tuple[dict, Path | None, list[Path]]:
+    """(config dict, local folder or None, weight files) of a model, checked, without loading weights."""
+    return _checked_config(resolve_source(spec), trust_remote_code)
 
 
 def load_model(
@@ -132,17 +136,13 @@ def load_model(
     torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
     quant = _quantization_config(load_in_8bit, load_in_4bit)
     source = resolve_source(spec)
-    folder = local_folder(source)
+    config, folder, weights = _checked_config(source, trust_remote_code)
+    history = _source_record(source, folder, weights, config)
     if folder is not None:
-        config, _, weights = check_folder(folder)
-        history = _source_record(source, folder, weights, config)
         # Models written by llmsurgery with their own modeling code load without the flag.
         trust_remote_code = trust_remote_code or ("auto_map" in config and (folder / HISTORY_FILE).is_file())
         if "auto_map" in config and not trust_remote_code:
             raise UserError(f"{spec} carries its own modeling code; pass --trust-remote-code to run it")
-    else:
-        config = _hub_config(spec, trust_remote_code)
-        history = _source_record(source, None, [], config)
     where = str(folder) if folder is not None else spec
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if quant is not None:

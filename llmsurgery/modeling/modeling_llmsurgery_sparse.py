@@ -62,34 +62,29 @@ def install_sparsity_hooks_(model: nn.Module) -> list:
 
 
 class _SparseMixin:
-    def _setup_sparsity(self) -> None:
-        if getattr(self.config, "rotated", False):
+    """Put first in the bases: builds the wrapped causal LM, then adds adapters and hooks."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "rotated", False):
             add_rotation_adapters_(self)
         install_sparsity_hooks_(self)
 
 
-class SparseLlamaForCausalLM(LlamaForCausalLM, _SparseMixin):
-    def __init__(self, config):
-        super().__init__(config)
-        self._setup_sparsity()
+class SparseLlamaForCausalLM(_SparseMixin, LlamaForCausalLM):
+    pass
 
 
-class SparseMistralForCausalLM(MistralForCausalLM, _SparseMixin):
-    def __init__(self, config):
-        super().__init__(config)
-        self._setup_sparsity()
+class SparseMistralForCausalLM(_SparseMixin, MistralForCausalLM):
+    pass
 
 
-class SparseQwen2ForCausalLM(Qwen2ForCausalLM, _SparseMixin):
-    def __init__(self, config):
-        super().__init__(config)
-        self._setup_sparsity()
+class SparseQwen2ForCausalLM(_SparseMixin, Qwen2ForCausalLM):
+    pass
 
 
-class SparseQwen3ForCausalLM(Qwen3ForCausalLM, _SparseMixin):
-    def __init__(self, config):
-        super().__init__(config)
-        self._setup_sparsity()
+class SparseQwen3ForCausalLM(_SparseMixin, Qwen3ForCausalLM):
+    pass
 
 
 SPARSE_CLASSES = {
