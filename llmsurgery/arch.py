@@ -36,21 +36,24 @@ class ArchSpec:
     # Norms applied to a sub-block's output before it joins the residual (gemma3).
     attn_out_norm: str | None = None
     mlp_out_norm: str | None = None
+    # Per-head RMSNorm on q and k before RoPE (qwen3, gemma3).
+    qk_norm: bool = False
     # RMSNorm stores w but scales by (1 + w) (gemma family).
     norm_weight_offset: float = 0.0
     # Config entries holding one value per decoder layer; kept in step when layers go.
-    per_layer_config_lists: tuple[str, ...] = ("layer_types",)
+    per_layer_config_lists: tuple[str, ...] = ("layer_types", "attention_layout")
 
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
-ARCHITECTURES: dict[str, ArchSpec] = {name: ArchSpec(model_type=name) for name in _LLAMA_LIKE}
+ARCHITECTURES: dict[str, ArchSpec] = {name: ArchSpec(model_type=name, qk_norm=name == "qwen3") for name in _LLAMA_LIKE}
 ARCHITECTURES["gemma3_text"] = ArchSpec(
     model_type="gemma3_text",
     mlp_norm="pre_feedforward_layernorm",
     attn_out_norm="post_attention_layernorm",
     mlp_out_norm="post_feedforward_layernorm",
     norm_weight_offset=1.0,
+    qk_norm=True,
 )
 
 SUPPORTED = ", ".join(sorted(ARCHITECTURES))

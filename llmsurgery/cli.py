@@ -280,7 +280,7 @@ def rotate_sparsify(
     from .calibration import CalibConfig, calibration_batches
     from .evaluate import evaluate_model
     from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
-    from .modeling import modeling_llmsurgery_sparse
+    from .modeling import uses_surgery_modeling
     from .passes.larosa import RotateSparsifyConfig, check_foldable, rotate_sparsify_
 
     if method not in ("larosa", "magnitude"):
@@ -292,8 +292,8 @@ def rotate_sparsify(
         raise _pydantic_error(exc) from None
     config, folder, _ = peek_config(model, trust_remote_code)
     check_foldable(config.get("model_type"))
-    if config.get("auto_map"):
-        raise UserError(f"{model} already carries its own modeling code; rotate-sparsify starts from a standard checkpoint")
+    if config.get("auto_map") and (not uses_surgery_modeling(config) or config.get("sparsity_in") is not None):
+        raise UserError(f"{model} is already sparse or carries foreign modeling code; rotate-sparsify needs a dense model")
     check_output_free(output, force, folder)
     plan = _eval_plan(eval_tasks)
     tasks, manager = plan
@@ -310,9 +310,115 @@ def rotate_sparsify(
     out.print(table)
     if tasks:
         record["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, "sparse", model)
-    save_model(loaded, output, force=force, new_passes=[record], extra_files=[Path(modeling_llmsurgery_sparse.__file__)])
+    save_model(loaded, output, force=force, new_passes=[record])
     out.print(f"saved the sparse model to {output} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+
+
+def _parse_pairs(text: str) -> tuple[str, ...]:
+    pairs = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in pairs if p not in ("vo", "qk")]
+    if unknown or not pairs:
+        raise UserError(f"--pairs takes vo and/or qk (comma-separated), got '{text}'")
+    return pairs
+
+
+def absorb_table(report: dict) -> Table:
+    """Per layer: V and Q-K widths kept per KV head, attention parameters, and the spectrum's spread."""
+    table = Table(title="absorb-decompose (per layer; widths per KV head)")
+    for column in ("layer", "v kept", "v dropped", "qk kept", "attention params", "after", "σ_min/σ_max"):
+        table.add_column(column, justify="right")
+    for row in report["layers"]:
+        dropped = sum(row["v_before"]) - sum(row["v_after"])
+        spreads = [s[-1] / s[0] for s in row["spectra"] if s and s[0] > 0]
+        table.add_row(str(row["layer"]), ",".join(map(str, row["v_after"])), str(dropped), ",".join(map(str, row["qk_after"])),
+                      f"{row['params_before']:,}", f"{row['params_after']:,}", f"{min(spreads):.2e}" if spreads else "-")
+    before, after = report["attention_params_before"], report["attention_params_after"]
+    table.add_row("all", "", "", "", f"{before:,}", f"{after:,} (-{100 * report['attention_reduction']:.1f}%)", "", style="bold")
+    return table
+
+
+@app.command()
+@handles_errors
+def absorb(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write the model to.", rich_help_panel=IO, show_default=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Drop directions below T x the head's largest singular value.", show_default=False)] = None,
+    keep_ratio: Annotated[Optional[float], typer.Option(help="Keep this fraction of every KV head's directions.", show_default=False)] = None,
+    rank: Annotated[Optional[int], typer.Option(help="Keep at most r directions per KV head (qk: r dims).", show_default=False)] = None,
+    pairs: Annotated[str, typer.Option(help="vo (exact absorb-decompose) and/or qk (drops RoPE frequency pairs: lossy).")] = "vo",
+    criterion: Annotated[str, typer.Option(help="whitened (calibration-aware SVD), weight (CLOVER's weight-only SVD) or norm (vanilla dim dropping).")] = "whitened",
+    damp: Annotated[float, typer.Option(help="Covariance damping, a fraction of its mean diagonal.")] = 0.01,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-layer table; write no model.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Save the singular-value spectra as a PNG.", rich_help_panel=IO)] = None,
+    eval_tasks: EvalTasksOpt = None,
+    eval_limit: EvalLimitOpt = None,
+    calib: CalibOpt = "news",
+    calib_samples: SamplesOpt = 16,
+    calib_seq_len: SeqLenOpt = 512,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Absorb-Decompose (CLOVER): re-factor attention V-O pairs by SVD and drop their weakest directions.
+
+    Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless).
+    """
+    import time
+
+    from pydantic import ValidationError
+
+    from .calibration import CalibConfig, calibration_batches
+    from .evaluate import evaluate_model
+    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
+    from .modeling import uses_surgery_modeling
+    from .passes.absorb_decompose import AbsorbConfig, absorb_decompose_, check_absorbable, v_input_covariances
+    from .plotting import save_spectra_plot
+
+    if criterion not in ("whitened", "weight", "norm"):
+        raise UserError(f"unknown criterion '{criterion}'; choose whitened, weight or norm")
+    try:
+        cfg = AbsorbConfig(threshold=threshold, keep_ratio=keep_ratio, rank=rank, pairs=_parse_pairs(pairs), criterion=criterion,
+                           damp=damp, calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed))
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+    if output is None and not dry_run:
+        raise UserError("give --output DIR, or --dry-run to only print the plan")
+    config, folder, _ = peek_config(model, trust_remote_code)
+    check_absorbable(config.get("model_type"), cfg)
+    if config.get("auto_map") and not uses_surgery_modeling(config):
+        raise UserError(f"{model} carries foreign modeling code; absorb works on standard or llmsurgery checkpoints")
+    if not dry_run:
+        check_output_free(output, force, folder)
+    plan = _eval_plan(eval_tasks)
+    tasks, manager = plan
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks and not dry_run else None
+    started = time.perf_counter()
+    covs = None
+    if cfg.needs_calibration:
+        batches = calibration_batches(loaded.tokenizer, cfg.calib)
+        covs = v_input_covariances(loaded.model, batches)
+    report = absorb_decompose_(loaded.model, covs, cfg, apply=not dry_run)
+    if cfg.needs_calibration:
+        report["calibration_tokens"] = int(batches.numel())
+    seconds = time.perf_counter() - started
+    out.print(absorb_table(report))
+    if report["lossy_qk"]:
+        out.print("[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting")
+    if plot is not None:
+        save_spectra_plot(plot, report["layers"], f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
+        err.print(f"wrote {plot}")
+    if not dry_run:
+        record = pass_record("absorb", cfg.model_dump(), report, seconds, loaded.history)
+        if tasks:
+            record["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, "absorbed", model)
+        save_model(loaded, output, force=force, new_passes=[record])
+        out.print(f"saved the absorbed model to {output} (load with trust_remote_code=True)")
+    write_json(json_path, {"model": model, "config": cfg.model_dump(), **report})
 
 
 @app.command()

@@ -7,17 +7,22 @@ from pathlib import Path
 
 from .checkpoint import parameter_count
 from .model_io import HISTORY_FILE, peek_config
+from .modeling.modeling_llmsurgery import qk_widths
 from .sources import SOURCE_FILE
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
-    """Bytes the K and V caches grow by per token with every layer keeping its full cache."""
+    """Bytes the K and V caches grow by per token, every layer keeping its full cache (absorbed widths counted)."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    layouts = config.get("attention_layout")
+    if not layouts:
+        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    widths = sum(sum(layout["v"]) + sum(qk_widths(layout, head_dim)) for layout in layouts)
+    return widths * dtype_bytes
 
 
 def describe(spec: str) -> dict:

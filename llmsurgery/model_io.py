@@ -213,6 +213,19 @@ def _model_card(history: dict, config: dict) -> str:
     return "\n".join(lines)
 
 
+def _remote_code_files(config: dict, folder: Path | None) -> list[Path]:
+    """The modeling files config.json's auto_map names: llmsurgery's own from the package, others from the input."""
+    from .modeling import REMOTE_CODE, REMOTE_MODULE
+
+    files = []
+    for module in sorted({str(v).split(".")[0] for v in (config.get("auto_map") or {}).values()}):
+        if module == REMOTE_MODULE:
+            files.append(REMOTE_CODE)
+        elif folder is not None and (folder / f"{module}.py").is_file():
+            files.append(folder / f"{module}.py")
+    return files
+
+
 def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passes: list[dict] | None = None,
                extra_files: list[Path] | None = None) -> Path:
     """Write weights, config, tokenizer, history, pass settings, card and `extra_files` to `out`, atomically."""
@@ -236,7 +249,7 @@ def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passe
             (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
             (tmp / RECIPE_FILE).write_text(json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2))
             (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
-            for path in extra_files or []:  # e.g. modeling code that the config's auto_map names
+            for path in _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []):
                 shutil.copyfile(path, tmp / path.name)
         if out.exists():
             out.replace(trash)

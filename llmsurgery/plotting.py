@@ -39,3 +39,29 @@ def save_score_plot(path: Path, scores: list[float], chosen: list[int], label: s
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def save_spectra_plot(path: Path, layers: list[dict], title: str) -> None:
+    """Per layer, each KV head's singular values (normalised to its largest), the kept ones solid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(6, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), squeeze=False, sharey=True)
+    for ax, row in zip(axes.flat, layers):
+        for spectrum, kept in zip(row["spectra"], row["v_after"]):
+            top = max(spectrum[0], 1e-30)
+            values = [max(v / top, 1e-8) for v in spectrum]
+            ax.semilogy(range(kept), values[:kept], lw=1)
+            ax.semilogy(range(kept - 1, len(values)), values[kept - 1:], lw=1, ls=":", color="gray")
+        ax.set_title(f"layer {row['layer']}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

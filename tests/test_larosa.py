@@ -8,7 +8,7 @@ from helpers import PROMPT, logits_of, run_cli
 from llmsurgery.arch import arch_for, decoder_layers, get_submodule
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
-from llmsurgery.modeling.modeling_llmsurgery_sparse import keep_top_k
+from llmsurgery.modeling.modeling_llmsurgery import keep_top_k
 from llmsurgery.passes.larosa import RotateSparsifyConfig, normed_input_covariances, principal_rotation, rotate_sparsify_
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
@@ -109,7 +109,7 @@ def test_cli_writes_a_model_that_loads_with_remote_code(tiny_models, tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sparsity_in"] == pytest.approx(0.32) and report["sparsity_out"] == pytest.approx(0.48)
     assert 0.32 < report["effective_sparsity"] < 0.48
-    assert (out / "modeling_llmsurgery_sparse.py").is_file()
+    assert (out / "modeling_llmsurgery.py").is_file()
     sparse = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     in_memory = load_model(str(out))  # llmsurgery trusts its own models without the flag
     torch.testing.assert_close(logits_of(sparse), logits_of(in_memory.model))

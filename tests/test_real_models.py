@@ -138,3 +138,38 @@ def test_rotate_sparsify_smollm2_beats_magnitude(smollm2, tmp_path):
     tok = smollm2.tokenizer
     text = tok.decode(model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0])
     assert text.startswith(PROMPT) and len(text.split()) > len(PROMPT.split()) + 3
+
+
+def test_absorb_smollm2_beats_vanilla_and_runs_everywhere(smollm2, tmp_path):
+    import copy
+
+    from llmsurgery.calibration import CalibConfig, calibration_batches
+    from llmsurgery.passes.absorb_decompose import AbsorbConfig, absorb_decompose_, v_input_covariances
+    from llmsurgery.perplexity import document_windows, token_perplexity
+
+    windows = document_windows(smollm2.tokenizer, evaluation_documents("news")[:8], max_tokens=256)
+    calib = CalibConfig(source="news", samples=8, seq_len=512)
+    covs = v_input_covariances(smollm2.model, calibration_batches(smollm2.tokenizer, calib))
+    dense = token_perplexity(smollm2.model, windows)
+    ppl = {}
+    for keep in (0.875, 0.75):
+        for criterion in ("whitened", "norm"):
+            model = copy.deepcopy(smollm2.model)
+            absorb_decompose_(model, covs, AbsorbConfig(criterion=criterion, keep_ratio=keep, calib=calib))
+            ppl[criterion, keep] = token_perplexity(model, windows)
+    assert dense < ppl["whitened", 0.875] < ppl["whitened", 0.75]
+    assert ppl["whitened", 0.875] < 0.5 * ppl["norm", 0.875] and ppl["whitened", 0.75] < 0.5 * ppl["norm", 0.75]
+
+    out = tmp_path / "absorbed"
+    result = run_cli("absorb", "smollm2-135m", "--keep-ratio", "0.875", "--output", out, "--calib-samples", "8")
+    assert result.exit_code == 0, result.output
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    tok = smollm2.tokenizer
+    text = tok.decode(model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0])
+    assert text.startswith(PROMPT) and len(text.split()) > len(PROMPT.split()) + 3
+    result = run_cli("eval", out, "--tasks", "news_ppl", "--limit", "5")
+    assert result.exit_code == 0 and "word_perplexity" in result.output, result.output
+    info = json.loads(run_cli("inspect", out, "--json").output)
+    assert info["kv_cache_bytes_per_token"] == 30 * 4 * (3 * 64 + 3 * 56)  # K full, V at 56 of 64 dims per KV head

@@ -11,7 +11,7 @@ are folded into the weights (the deployable form):
 * a ``rotation_adapter`` ``Q_{l-1}^T Q_l`` moves the stream between layers; the embedding absorbs
   Q_0, the (untied) LM head absorbs the final norm scale and Q_{L-1}^T.
 
-At run time (``modeling/modeling_llmsurgery_sparse.py``) the normed inputs of q/k/v and gate/up keep
+At run time (``modeling/modeling_llmsurgery.py``) the normed inputs of q/k/v and gate/up keep
 their largest ``1 - s_in`` entries in the rotated basis; the inputs of o_proj and down_proj (not
 rotated: GQA mixes heads, silu(g)*u does not commute) keep their largest ``1 - s_out`` by
 magnitude. Selection is on ``(x / rms) Q`` (folded form), not on ``(gamma x / rms) Q`` as the
@@ -31,9 +31,10 @@ from ..arch import ArchSpec, arch_for, decoder_layers, get_submodule
 from ..calibration import CalibConfig
 from ..console import track
 from ..errors import UserError
-from ..modeling.modeling_llmsurgery_sparse import SPARSE_CLASSES, add_rotation_adapters_, install_sparsity_hooks_
+from ..modeling import use_surgery_modeling_
+from ..modeling.modeling_llmsurgery import add_rotation_adapters_, install_sparsity_hooks_
 
-FOLDABLE = tuple(SPARSE_CLASSES)
+FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class RotateSparsifyConfig(BaseModel):
@@ -200,9 +201,7 @@ def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: Rotate
     config = model.config
     config.sparsity_in, config.sparsity_out = cfg.sparsity_in, cfg.sparsity_out
     config.rotated = rotations is not None
-    class_name = SPARSE_CLASSES[config.model_type]
-    config.architectures = [class_name]
-    config.auto_map = {"AutoModelForCausalLM": f"modeling_llmsurgery_sparse.{class_name}"}
+    use_surgery_modeling_(config)
     install_sparsity_hooks_(model)
     report |= {"sparsity_in": cfg.sparsity_in, "sparsity_out": cfg.sparsity_out,
                "effective_sparsity": effective_sparsity(model, cfg), "rotated": config.rotated}
