@@ -52,7 +52,7 @@ def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     if n_windows < cfg.samples:
         raise UserError(
             f"calibration source '{cfg.source}' has {len(stream)} tokens: only {n_windows} windows of "
-            f"{cfg.seq_len} tokens, fewer than --calib-samples {cfg.samples}"
+            f"{cfg.seq_len} tokens, fewer than the {cfg.samples} asked for"
         )
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = torch.randperm(n_windows, generator=gen)[: cfg.samples].sort().values * body

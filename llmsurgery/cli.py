@@ -163,6 +163,46 @@ def _pydantic_error(exc) -> UserError:
     return UserError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}")
 
 
+def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, dtype: str, device: str, trust_remote_code: bool,
+               eval_tasks: str | None, eval_limit: int | None, column: str, summary: Callable[[dict], None], dry_run: bool = False) -> dict:
+    """What every transforming command shares: check, load, (baseline), apply the pass, summary, (eval), save."""
+    import time
+
+    from .evaluate import evaluate_model
+    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
+    from .pipeline import PASSES
+
+    spec = PASSES[name]
+    config, folder, _ = peek_config(model, trust_remote_code)
+    if spec.check is not None:
+        spec.check(cfg, config)
+    if not dry_run:
+        check_output_free(output, force, folder)
+    plan = _eval_plan(None if dry_run else eval_tasks)
+    tasks, manager = plan
+    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
+    started = time.perf_counter()
+    report = spec.apply(loaded, cfg, dry_run=True) if dry_run else spec.apply(loaded, cfg)
+    record = pass_record(spec.record_name, cfg.model_dump(), report, time.perf_counter() - started, loaded.history)
+    summary(report)
+    if not dry_run:
+        if tasks:
+            record["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, column, model)
+        save_model(loaded, output, force=force, new_passes=[record])
+    return record
+
+
+def _config(build: Callable):
+    """Build a pass config from command options; a validation error becomes one line."""
+    from pydantic import ValidationError
+
+    try:
+        return build()
+    except ValidationError as exc:
+        raise _pydantic_error(exc) from None
+
+
 @app.command()
 @handles_errors
 def prune(
@@ -188,59 +228,34 @@ def prune(
     json_path: JsonOpt = None,
 ) -> None:
     """Remove the least influential decoder layers and write a standard checkpoint."""
-    import time
-
-    from pydantic import ValidationError
-
-    from .calibration import CalibConfig, calibration_batches
-    from .evaluate import evaluate_model
-    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
-    from .passes.block_influence import BlockInfluenceConfig, remove_layers_, score_layers
+    from .calibration import CalibConfig
+    from .passes.block_influence import BlockInfluenceConfig
     from .plotting import save_score_plot, score_table
 
     if not bi:
         raise UserError("only --bi (Block Influence) pruning exists for now")
     if metric not in ("bi", "angular"):
         raise UserError(f"unknown metric '{metric}'; choose bi or angular")
-    try:
-        cfg = BlockInfluenceConfig(remove=remove, ratio=ratio, metric=metric, block=block,
-                                   calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed))
-    except ValidationError as exc:
-        raise _pydantic_error(exc) from None
+    cfg = _config(lambda: BlockInfluenceConfig(remove=remove, ratio=ratio, metric=metric, block=block,
+                                               calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed)))
     if output is None and not scores_only:
         raise UserError("give --output DIR, or --scores-only to only print the scores")
-    config, folder, _ = peek_config(model, trust_remote_code)
-    n_layers = config["num_hidden_layers"]
-    cfg.n_remove(n_layers)
-    if not scores_only:
-        check_output_free(output, force, folder)
-    plan = _eval_plan(eval_tasks)
-    tasks, manager = plan
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    started = time.perf_counter()
-    batches = calibration_batches(loaded.tokenizer, cfg.calib)
-    scores, removed = score_layers(loaded.model, batches, cfg)
-    seconds = time.perf_counter() - started
     label, index_label = ("angular distance", "block start") if metric == "angular" else ("block influence", "layer")
-    out.print(score_table(scores, [removed[0]] if metric == "angular" else removed, label, index_label))
-    out.print(f"layers to remove (0-based): {removed}  ({n_layers} -> {n_layers - len(removed)} layers)")
-    if plot is not None:
-        save_score_plot(plot, scores, [removed[0]] if metric == "angular" else removed, label, index_label)
-        err.print(f"wrote {plot}")
-    report = {"scores": scores, "score_kind": label, "removed_layers": removed, "layers_before": n_layers,
-              "layers_after": n_layers - len(removed), "calibration_tokens": int(batches.numel())}
-    payload: dict = {"model": model, "config": cfg.model_dump(), **report}
+
+    def summary(report: dict) -> None:
+        scores, removed = report["scores"], report["removed_layers"]
+        chosen = [removed[0]] if metric == "angular" else removed
+        out.print(score_table(scores, chosen, label, index_label))
+        out.print(f"layers to remove (0-based): {removed}  ({report['layers_before']} -> {report['layers_after']} layers)")
+        if plot is not None:
+            save_score_plot(plot, scores, chosen, label, index_label)
+            err.print(f"wrote {plot}")
+
+    record = _transform("prune-bi", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="pruned", summary=summary, dry_run=scores_only)
     if not scores_only:
-        baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
-        remove_layers_(loaded.model, removed)
-        record = pass_record("block_influence", cfg.model_dump(), report, seconds, loaded.history)
-        if tasks:
-            rows = _eval_after_pass(loaded, plan, eval_limit, baseline, "pruned", model)
-            record["report"]["eval"] = rows
-            payload["eval"] = rows
-        save_model(loaded, output, force=force, new_passes=[record])
-        out.print(f"saved the {n_layers - len(removed)}-layer model to {output}")
-    write_json(json_path, payload)
+        out.print(f"saved the {record['report']['layers_after']}-layer model to {output}")
+    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"], "score_kind": label})
 
 
 def _parse_split(text: str) -> tuple[float, float]:
@@ -273,44 +288,23 @@ def rotate_sparsify(
     json_path: JsonOpt = None,
 ) -> None:
     """LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."""
-    import time
-
-    from pydantic import ValidationError
-
-    from .calibration import CalibConfig, calibration_batches
-    from .evaluate import evaluate_model
-    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
-    from .modeling import uses_surgery_modeling
-    from .passes.larosa import RotateSparsifyConfig, check_foldable, rotate_sparsify_
+    from .calibration import CalibConfig
+    from .passes.larosa import RotateSparsifyConfig
 
     if method not in ("larosa", "magnitude"):
         raise UserError(f"unknown method '{method}'; choose larosa or magnitude")
-    try:
-        cfg = RotateSparsifyConfig(sparsity=sparsity, method=method, split=_parse_split(split), damp=damp,
-                                   calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed))
-    except ValidationError as exc:
-        raise _pydantic_error(exc) from None
-    config, folder, _ = peek_config(model, trust_remote_code)
-    check_foldable(config.get("model_type"))
-    if config.get("auto_map") and (not uses_surgery_modeling(config) or config.get("sparsity_in") is not None):
-        raise UserError(f"{model} is already sparse or carries foreign modeling code; rotate-sparsify needs a dense model")
-    check_output_free(output, force, folder)
-    plan = _eval_plan(eval_tasks)
-    tasks, manager = plan
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
-    started = time.perf_counter()
-    batches = calibration_batches(loaded.tokenizer, cfg.calib) if method == "larosa" else None
-    report = rotate_sparsify_(loaded.model, batches, cfg)
-    record = pass_record("rotate_sparsify", cfg.model_dump(), report, time.perf_counter() - started, loaded.history)
-    table = Table(title=f"rotate-sparsify ({method})", show_header=False)
-    for key in ("sparsity_in", "sparsity_out", "effective_sparsity", "rotated", "calibration_tokens"):
-        if key in report:
-            table.add_row(key.replace("_", " "), _fmt(report[key]) if isinstance(report[key], float) else str(report[key]))
-    out.print(table)
-    if tasks:
-        record["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, "sparse", model)
-    save_model(loaded, output, force=force, new_passes=[record])
+    cfg = _config(lambda: RotateSparsifyConfig(sparsity=sparsity, method=method, split=_parse_split(split), damp=damp,
+                                               calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed)))
+
+    def summary(report: dict) -> None:
+        table = Table(title=f"rotate-sparsify ({method})", show_header=False)
+        for key in ("sparsity_in", "sparsity_out", "effective_sparsity", "rotated", "calibration_tokens"):
+            if key in report:
+                table.add_row(key.replace("_", " "), _fmt(report[key]) if isinstance(report[key], float) else str(report[key]))
+        out.print(table)
+
+    record = _transform("rotate-sparsify", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="sparse", summary=summary)
     out.print(f"saved the sparse model to {output} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
 
@@ -367,58 +361,140 @@ def absorb(
 
     Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless).
     """
-    import time
-
-    from pydantic import ValidationError
-
-    from .calibration import CalibConfig, calibration_batches
-    from .evaluate import evaluate_model
-    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
-    from .modeling import uses_surgery_modeling
-    from .passes.absorb_decompose import AbsorbConfig, absorb_decompose_, check_absorbable, v_input_covariances
+    from .calibration import CalibConfig
+    from .passes.absorb_decompose import AbsorbConfig
     from .plotting import save_spectra_plot
 
     if criterion not in ("whitened", "weight", "norm"):
         raise UserError(f"unknown criterion '{criterion}'; choose whitened, weight or norm")
-    try:
-        cfg = AbsorbConfig(threshold=threshold, keep_ratio=keep_ratio, rank=rank, pairs=_parse_pairs(pairs), criterion=criterion,
-                           damp=damp, calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed))
-    except ValidationError as exc:
-        raise _pydantic_error(exc) from None
+    cfg = _config(lambda: AbsorbConfig(threshold=threshold, keep_ratio=keep_ratio, rank=rank, pairs=_parse_pairs(pairs), criterion=criterion,
+                                       damp=damp, calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed)))
     if output is None and not dry_run:
         raise UserError("give --output DIR, or --dry-run to only print the plan")
-    config, folder, _ = peek_config(model, trust_remote_code)
-    check_absorbable(config.get("model_type"), cfg)
-    if config.get("auto_map") and not uses_surgery_modeling(config):
-        raise UserError(f"{model} carries foreign modeling code; absorb works on standard or llmsurgery checkpoints")
+
+    def summary(report: dict) -> None:
+        out.print(absorb_table(report))
+        if report["lossy_qk"]:
+            out.print("[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting")
+        if plot is not None:
+            save_spectra_plot(plot, report["layers"], f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
+            err.print(f"wrote {plot}")
+
+    record = _transform("absorb", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="absorbed", summary=summary, dry_run=dry_run)
     if not dry_run:
-        check_output_free(output, force, folder)
-    plan = _eval_plan(eval_tasks)
-    tasks, manager = plan
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks and not dry_run else None
-    started = time.perf_counter()
-    covs = None
-    if cfg.needs_calibration:
-        batches = calibration_batches(loaded.tokenizer, cfg.calib)
-        covs = v_input_covariances(loaded.model, batches)
-    report = absorb_decompose_(loaded.model, covs, cfg, apply=not dry_run)
-    if cfg.needs_calibration:
-        report["calibration_tokens"] = int(batches.numel())
-    seconds = time.perf_counter() - started
-    out.print(absorb_table(report))
-    if report["lossy_qk"]:
-        out.print("[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting")
-    if plot is not None:
-        save_spectra_plot(plot, report["layers"], f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
-        err.print(f"wrote {plot}")
-    if not dry_run:
-        record = pass_record("absorb", cfg.model_dump(), report, seconds, loaded.history)
-        if tasks:
-            record["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, "absorbed", model)
-        save_model(loaded, output, force=force, new_passes=[record])
         out.print(f"saved the absorbed model to {output} (load with trust_remote_code=True)")
-    write_json(json_path, {"model": model, "config": cfg.model_dump(), **report})
+    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+
+
+@app.command("kv-compress")
+@handles_errors
+def kv_compress(
+    model: ModelArg,
+    budget: Annotated[float, typer.Option(help="Cached K+V dims to keep, a fraction in (0, 1] of the original.", show_default=False)],
+    output: OutputOpt,
+    train: Annotated[bool, typer.Option("--train/--no-train", help="Matryoshka-train the projections (else PCA only).")] = True,
+    uniform: Annotated[bool, typer.Option("--uniform", help="One rank for every head instead of the greedy search.")] = False,
+    train_steps: Annotated[int, typer.Option(min=1, help="Training steps (batch of --batch-size windows each).")] = 200,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the projections and means.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 2,
+    rank_step: Annotated[Optional[int], typer.Option(min=1, help="Rank granularity (default head_dim / 8).", show_default=False)] = None,
+    v_init: Annotated[str, typer.Option(help="pca (the paper) or vo (whitened V-O absorb-decompose basis).")] = "pca",
+    train_samples: Annotated[int, typer.Option(min=1, help="Training windows (cycled through).", rich_help_panel=CALIB)] = 200,
+    train_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per training window.", rich_help_panel=CALIB)] = 256,
+    search_samples: Annotated[int, typer.Option(min=1, help="Windows scoring the rank search.", rich_help_panel=CALIB)] = 1,
+    search_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per search window.", rich_help_panel=CALIB)] = 256,
+    eval_tasks: EvalTasksOpt = None,
+    eval_limit: EvalLimitOpt = None,
+    calib: CalibOpt = "news",
+    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="Windows for the PCA statistics.", rich_help_panel=CALIB)] = 16,
+    calib_seq_len: SeqLenOpt = 512,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."""
+    from .calibration import CalibConfig
+    from .passes.matryoshka_kv import KVCompressConfig
+
+    if v_init not in ("pca", "vo"):
+        raise UserError(f"unknown --v-init '{v_init}'; choose pca or vo")
+    cfg = _config(lambda: KVCompressConfig(
+        budget=budget, train=train, uniform=uniform, train_steps=train_steps, lr=lr, batch_size=batch_size, rank_step=rank_step,
+        v_init=v_init, seed=seed, calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed),
+        train_calib=CalibConfig(source=calib, samples=train_samples, seq_len=train_seq_len, seed=seed + 1),
+        search_calib=CalibConfig(source=calib, samples=search_samples, seq_len=search_seq_len, seed=seed + 2)))
+
+    def summary(report: dict) -> None:
+        table = Table(title="kv-compress (MatryoshkaKV)", show_header=False)
+        table.add_row("budget asked / reached", f"{cfg.budget:.4g} / {report['budget_reached']:.4g}")
+        table.add_row("keys / values share", f"{report['keys_share']:.3f} / {report['values_share']:.3f}")
+        table.add_row("ranks", "uniform" if uniform else "greedy search on output KL")
+        if "loss_curve" in report:
+            curve = report["loss_curve"]
+            table.add_row("training loss, first / last 10 steps", f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
+        out.print(table)
+
+    record = _transform("kv-compress", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="compressed", summary=summary)
+    out.print(f"saved the KV-compressed model to {output} (load with trust_remote_code=True)")
+    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+
+
+recipe_app = typer.Typer(help="Validate recipes and print their JSON schema.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: KEY=VALUE (e.g. eval.limit=5, passes[1].sparsity=0.3).")]
+
+
+@app.command("run")
+@handles_errors
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/ and `llmsurgery recipe schema`).", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (overrides the recipe's).", rich_help_panel=IO, show_default=False)] = None,
+    overrides: SetOpt = None,
+    force: ForceOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Run a recipe: its passes in order, then its evaluation; exit 1 if a quality gate fails."""
+    from .recipe import run_recipe
+
+    results = run_recipe(recipe, output, overrides or [], force)
+    out.print(f"saved {' -> '.join(results['passes'])} to {results['output']}")
+    if "eval" in results:
+        print_metrics(results["eval"], "transformed", "original" if any("baseline" in r for r in results["eval"]) else None)
+        for name, gate in results["gates"].items():
+            failed = [f for f in results["failed_gates"] if f.startswith(name + ":")]
+            out.print(f"gate {name} {gate}: " + ("[bold red]FAILED[/bold red] " + "; ".join(failed) if failed else "[green]passed[/green]"))
+    write_json(json_path, results)
+    if results.get("failed_gates"):
+        raise GateFailed("; ".join(results["failed_gates"]))
+
+
+@recipe_app.command("validate")
+@handles_errors
+def recipe_validate(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe.", show_default=False)],
+    overrides: SetOpt = None,
+) -> None:
+    """Check a recipe (keys, types, ranges, pass compatibility, tasks, gates) without running it."""
+    from .recipe import check_recipe, read_recipe
+
+    parsed, _ = read_recipe(recipe, overrides or [])
+    check_recipe(parsed, None, False)
+    passes = ", ".join(p.pass_ for p in parsed.passes)
+    gates = len(parsed.eval.gates) if parsed.eval else 0
+    out.print(f"{recipe}: valid (version {parsed.version}; {parsed.model}: {passes}; {gates} gate(s))")
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe JSON schema (for editors)."""
+    from .recipe import Recipe
+
+    sys.stdout.write(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2) + "\n")
 
 
 @app.command()

@@ -27,3 +27,12 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=False) as progress:
         yield from progress.track(items, total=total, description=description)
+
+
+@contextmanager
+def stepper(description: str, total: int) -> Iterator:
+    """A progress bar with a live note (e.g. the loss): call `step(note)` once per step."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+    with Progress(*columns, console=err, transient=False) as progress:
+        task = progress.add_task(description, total=total, note="")
+        yield lambda note="": progress.update(task, advance=1, note=note)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .checkpoint import parameter_count
 from .model_io import HISTORY_FILE, peek_config
-from .modeling.modeling_llmsurgery import qk_widths
+from .modeling.modeling_llmsurgery import key_cache_widths
 from .sources import SOURCE_FILE
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -21,7 +21,7 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
     layouts = config.get("attention_layout")
     if not layouts:
         return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
-    widths = sum(sum(layout["v"]) + sum(qk_widths(layout, head_dim)) for layout in layouts)
+    widths = sum(sum(layout["v"]) + sum(key_cache_widths(layout, head_dim)) for layout in layouts)
     return widths * dtype_bytes
 
 
@@ -54,5 +54,7 @@ def describe(spec: str) -> dict:
         "bytes_on_disk": sum(p.stat().st_size for p in files) if files else None,
         "dtype": dtype,
         "kv_cache_bytes_per_token": kv_bytes_per_token(config, _DTYPE_BYTES.get(dtype, 4)),
+        "kv_cache_bytes_per_token_before_surgery": (kv_bytes_per_token({k: v for k, v in config.items() if k != "attention_layout"},
+                                                                        _DTYPE_BYTES.get(dtype, 4)) if config.get("attention_layout") else None),
         "history": history,
     }

@@ -227,7 +227,7 @@ def _remote_code_files(config: dict, folder: Path | None) -> list[Path]:
 
 
 def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passes: list[dict] | None = None,
-               extra_files: list[Path] | None = None) -> Path:
+               extra_files: list[Path] | None = None, recipe_yaml: str | None = None) -> Path:
     """Write weights, config, tokenizer, history, pass settings, card and `extra_files` to `out`, atomically."""
     if loaded.quantized:
         raise UserError("a model loaded in 8-bit or 4-bit is for evaluation only; load it unquantized to save")
@@ -249,6 +249,8 @@ def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passe
             (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
             (tmp / RECIPE_FILE).write_text(json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2))
             (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
+            if recipe_yaml is not None:  # the exact recipe `llmsurgery run` followed
+                (tmp / "llmsurgery_recipe.yaml").write_text(recipe_yaml)
             for path in _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []):
                 shutil.copyfile(path, tmp / path.name)
         if out.exists():

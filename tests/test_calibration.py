@@ -38,7 +38,7 @@ def test_same_options_same_batches(tokenizer):
 
 
 def test_too_many_samples_is_a_user_error(tokenizer):
-    with pytest.raises(UserError, match="fewer than --calib-samples"):
+    with pytest.raises(UserError, match="fewer than the"):
         calibration_batches(tokenizer, CalibConfig(source="pydoc", samples=100000, seq_len=512))
 
 

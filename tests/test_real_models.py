@@ -173,3 +173,45 @@ def test_absorb_smollm2_beats_vanilla_and_runs_everywhere(smollm2, tmp_path):
     assert result.exit_code == 0 and "word_perplexity" in result.output, result.output
     info = json.loads(run_cli("inspect", out, "--json").output)
     assert info["kv_cache_bytes_per_token"] == 30 * 4 * (3 * 64 + 3 * 56)  # K full, V at 56 of 64 dims per KV head
+
+
+def test_kv_compress_smollm2_training_helps_and_cache_shrinks(smollm2, tmp_path):
+    import copy
+
+    from llmsurgery.calibration import CalibConfig, calibration_batches
+    from llmsurgery.passes.matryoshka_kv import KVCompressConfig, MatryoshkaState, attach_, detach_, init_from_pca_, train_, uniform_ranks
+    from llmsurgery.perplexity import document_windows, token_perplexity
+
+    model, tok = copy.deepcopy(smollm2.model), smollm2.tokenizer
+    windows = document_windows(tok, evaluation_documents("news")[:8], max_tokens=256)
+    cfg = KVCompressConfig(budget=0.5, train_steps=20, calib=CalibConfig(samples=8, seq_len=512),
+                           train_calib=CalibConfig(samples=40, seq_len=256, seed=1))
+    state = MatryoshkaState(64, [[64] * 3 for _ in range(30)], 8)
+    saved = attach_(model, state)
+    init_from_pca_(model, state, calibration_batches(tok, cfg.calib), v_identity=False)
+
+    def ppl_at_half() -> float:
+        state.set_ranks(uniform_ranks(state, 0.5))
+        state.project = True
+        state.refresh_bases()
+        return token_perplexity(model, windows)
+
+    pca = ppl_at_half()
+    losses = train_(model, state, calibration_batches(tok, cfg.train_calib), cfg)
+    trained = ppl_at_half()
+    detach_(saved)
+    assert token_perplexity(smollm2.model, windows) < trained < 0.8 * pca, (trained, pca)
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+    out = tmp_path / "kv"
+    result = run_cli("kv-compress", "smollm2-135m", "--budget", "0.5", "--output", out, "--uniform", "--train-steps", "2",
+                     "--calib-samples", "4", "--train-samples", "4")
+    assert result.exit_code == 0, result.output
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    compressed = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    cache = DynamicCache(config=compressed.config)
+    text = tok.decode(compressed.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False, cache=cache)[0])
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    per_token = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 / cache.get_seq_length()
+    assert per_token == 0.5 * 30 * 2 * 3 * 64 * 4 == json.loads(run_cli("inspect", out, "--json").output)["kv_cache_bytes_per_token"]

@@ -75,6 +75,11 @@ def install_sparsity_hooks_(model: nn.Module) -> list:
 # ----------------------------------------------------------------------------- absorbed attention
 
 
+def key_cache_widths(layout: dict, head_dim: int) -> list[int]:
+    """Per KV head, the width of its cached keys (MatryoshkaKV projection, else the q/k width)."""
+    return list(layout["k"]) if layout.get("k") else qk_widths(layout, head_dim)
+
+
 def full_layout(config) -> dict:
     """The layout of an untouched attention layer: every KV head at head_dim, every frequency pair."""
     return {"v": [_head_dim(config)] * config.num_key_value_heads, "qk": None}
@@ -101,10 +106,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def reshape_attention_(attn: nn.Module, layout: dict, q=None, k=None, v=None, o=None) -> None:
+def reshape_attention_(attn: nn.Module, layout: dict, q=None, k=None, v=None, o=None, key_projection=None) -> None:
     """Give an attention module the widths of `layout` and the forward that runs them.
 
     q/k/v/o: optional (weight, bias) pairs to load; otherwise the old linear if its shape fits, else a fresh one.
+    key_projection: optional (basis [d, sum of key widths], mean [KV heads, d]) when layout has "k".
     """
     config, d = attn.config, attn.head_dim
     n_rep = attn.num_key_value_groups
@@ -116,17 +122,27 @@ def reshape_attention_(attn: nn.Module, layout: dict, q=None, k=None, v=None, o=
               "o_proj": (sum(ow), hidden, o)}
     for name, (fan_in, fan_out, given) in shapes.items():
         old = getattr(attn, name)
-        if given is None and old.weight.shape == (fan_out, fan_in):
+        bias = old.bias is not None or bool(layout.get(f"{name[0]}_bias"))
+        if given is None and old.weight.shape == (fan_out, fan_in) and (old.bias is not None) == bias:
             continue
-        new = nn.Linear(fan_in, fan_out, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        new = nn.Linear(fan_in, fan_out, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
         if given is not None:
-            weight, bias = given
+            weight, given_bias = given
             new.weight.data = weight.to(old.weight.dtype).contiguous()
-            if bias is not None:
-                new.bias.data = bias.to(old.weight.dtype).contiguous()
+            if bias:
+                new.bias.data = (given_bias if given_bias is not None else torch.zeros(fan_out)).to(old.weight.dtype).contiguous()
         new.weight.requires_grad_(old.weight.requires_grad)
         setattr(attn, name, new)
-    attn.attention_layout = {"v": vw, "qk": [list(p) for p in layout["qk"]] if layout.get("qk") else None}
+    attn.attention_layout = {key: value for key, value in layout.items()}
+    attn.attention_layout["qk"] = [list(p) for p in layout["qk"]] if layout.get("qk") else None
+    if layout.get("k"):
+        like = attn.q_proj.weight
+        basis = torch.zeros(d, sum(layout["k"]), dtype=like.dtype, device=like.device)
+        mean = torch.zeros(len(layout["k"]), d, dtype=like.dtype, device=like.device)
+        if key_projection is not None:
+            basis, mean = (t.to(like.dtype).to(like.device).contiguous() for t in key_projection)
+        attn.key_basis = nn.Parameter(basis, requires_grad=False)
+        attn.key_mean = nn.Parameter(mean, requires_grad=False)
     attn._rope_index = {}
     attn.forward = types.MethodType(absorbed_attention_forward, attn)
 
@@ -142,7 +158,7 @@ def _rope_index(attn: nn.Module, group: int, device) -> torch.Tensor | None:
 
 
 def absorbed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """Attention with per-KV-head q/k and v widths; the cache holds [B, 1, T, sum of widths] per layer."""
+    """Attention with per-KV-head q/k, key-cache and v widths; the cache holds [B, 1, T, sum of widths] per layer."""
     cache = cache if cache is not None else kwargs.pop("past_key_values", None)
     kwargs.pop("past_key_values", None)
     batch, length = hidden_states.shape[:-1]
@@ -161,9 +177,14 @@ def absorbed_attention_forward(self, hidden_states, position_embeddings=None, at
         index = _rope_index(self, g, cos.device)
         c, s = (cos, sin) if index is None else (cos[..., index], sin[..., index])
         c, s = c.unsqueeze(1), s.unsqueeze(1)
-        q_groups.append(_rope(qg.transpose(1, 2), c, s))  # [B, n_rep, T, width]
-        k_groups.append(_rope(kg.transpose(1, 2), c, s))  # [B, 1, T, width]
-    keys = torch.cat(k_groups, dim=-1)  # [B, 1, T, sum kw]
+        qg, kg = _rope(qg.transpose(1, 2), c, s), _rope(kg.transpose(1, 2), c, s)  # [B, n_rep, T, w], [B, 1, T, w]
+        if layout.get("k"):  # MatryoshkaKV: post-RoPE keys and queries in the key basis, keys centred
+            basis = self.key_basis[:, sum(layout["k"][:g]) : sum(layout["k"][: g + 1])]  # [d, r_k]
+            qg, kg = qg @ basis, (kg - self.key_mean[g]) @ basis
+        q_groups.append(qg)
+        k_groups.append(kg)
+    keys = torch.cat(k_groups, dim=-1)  # [B, 1, T, sum of key widths]
+    kw = layout.get("k") or kw
     if cache is not None:
         keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)

@@ -77,7 +77,10 @@ class AbsorbConfig(BaseModel):
         return self.threshold is None and self.keep_ratio is None and self.rank is None
 
 
-def check_absorbable(model_type: str, cfg: AbsorbConfig) -> None:
+def check_absorbable(model_type: str, cfg: AbsorbConfig, config: dict | None = None) -> None:
+    kv_compressed = any(layout.get("k") for layout in (config or {}).get("attention_layout") or [])
+    if "qk" in cfg.pairs and kv_compressed:
+        raise UserError("qk pairs cannot be dropped after kv-compress (keys are cached in a learned basis); use --pairs vo")
     if "qk" in cfg.pairs and arch_for_model_type(model_type).qk_norm:
         raise UserError(f"'{model_type}' normalises q and k per head (RMSNorm over head_dim), so frequency pairs cannot "
                         "be dropped from q_proj/k_proj; use --pairs vo")
@@ -278,14 +281,14 @@ def absorb_decompose_(model: nn.Module, covs: list[torch.Tensor] | None, cfg: Ab
 
     v_widths: per layer and KV head, V widths to keep instead of the knob's (to compare criteria at equal widths).
     """
-    check_absorbable(model.config.model_type, cfg)
+    check_absorbable(model.config.model_type, cfg, model.config.to_dict())
     spec = arch_for(model)
     layouts = getattr(model.config, "attention_layout", None) or [full_layout(model.config)] * len(decoder_layers(model))
     rows, new_layouts = [], []
     for i, layer in enumerate(track(decoder_layers(model), "Absorb-decompose", total=len(layouts))):
         attn = get_submodule(layer, spec.attn)
         layout = getattr(attn, "attention_layout", None) or layouts[i]
-        plan = LayerPlan(layout={"v": list(layout["v"]), "qk": layout.get("qk")})
+        plan = LayerPlan(layout=dict(layout, v=list(layout["v"])))
         cov = covs[i] if covs is not None else None
         if "vo" in cfg.pairs:
             plan_vo(attn, layout, cov, cfg, plan, None if v_widths is None else v_widths[i])

@@ -1,0 +1,425 @@
+"""MatryoshkaKV (arXiv 2410.14731): trainable orthogonal projections that shrink the cached keys and values.
+
+Per decoder layer and KV head g (GQA: one basis per KV head, shared by the query heads that read it):
+orthogonal U^K (d x d) and U^V (w x w) with means mu^K, mu^V. The cache stores the first r columns:
+``k~ = (k - mu^K) U^K_r`` (keys after RoPE; queries use the same basis, ``q~ = q U^K_r``; the dropped
+``q . mu^K`` is constant per query and cancels in the softmax) and ``v~ = (v - mu^V) U^V_r``, folded
+into v_proj (bias ``(b - mu^V) U^V_r``); the output ``(a v~) U^V_r^T + mu^V`` is folded into o_proj
+(columns ``W_O U^V_r``, bias ``W_O mu^V``). At full rank this is exact (the attention weights sum to one).
+
+1. Init: PCA per (layer, KV head) of post-RoPE keys and of values on calibration text (centred
+   covariance, float64 ``eigh``, descending, first column flipped if det < 0 so the Cayley map reaches
+   it). ``v_init="vo"`` instead re-factors V-O exactly with the whitened absorb-decompose first and
+   starts U^V at the identity (its columns are then ordered by output contribution).
+2. Train (model frozen): ``U = U_init cayley(X)``, ``cayley(X) = (I - A/2)^-1 (I + A/2)``, ``A = X - X^T``,
+   X from zero; each step samples r^K, r^V per (layer, head) from {s, 2s, ..., d} (nested prefixes);
+   loss ``0.25 KL(original || compressed) + 0.75 LM``; AdamW, cosine schedule.
+3. Ranks: greedy search (lower by s the (layer, head, K-or-V) rank whose decrement raises the output
+   KL least, a batch of decrements per round) until ``sum(r^K + r^V) / (2 L G d) <= budget``; or uniform.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward as _eager
+
+from ..arch import arch_for, decoder_layers, get_submodule, layers_from
+from ..calibration import CalibConfig
+from ..console import stepper, track
+from ..errors import UserError
+from ..modeling import use_surgery_modeling_
+from ..modeling.modeling_llmsurgery import _rope, full_layout, reshape_attention_
+
+
+class KVCompressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["kv_compress"] = "kv_compress"
+    budget: float = Field(gt=0, le=1, description="cached K+V dims kept, as a fraction of the original")
+    train: bool = True
+    uniform: bool = False
+    train_steps: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(2, ge=1)
+    rank_step: int | None = Field(None, ge=1, description="rank granularity (default head_dim / 8)")
+    v_init: Literal["pca", "vo"] = "pca"
+    seed: int = 0
+    calib: CalibConfig = CalibConfig(samples=16, seq_len=512)  # PCA statistics
+    train_calib: CalibConfig = CalibConfig(samples=200, seq_len=256, seed=1)  # the news calibration part holds 232 such windows
+    search_calib: CalibConfig = CalibConfig(samples=1, seq_len=256, seed=2)
+
+
+def check_compressible(config: dict) -> None:
+    for layout in config.get("attention_layout") or []:
+        if layout.get("k"):
+            raise UserError("this model's KV cache is already compressed by kv-compress")
+        if layout.get("qk"):
+            raise UserError("kv-compress needs full q/k heads; this model had Q-K frequency pairs dropped by absorb")
+
+
+def cayley(x: torch.Tensor) -> torch.Tensor:
+    """(I - A/2)^-1 (I + A/2) with A = X - X^T: orthogonal with det +1, identity at X = 0."""
+    a = x - x.transpose(-1, -2)
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    return torch.linalg.solve(eye - a / 2, eye + a / 2)
+
+
+def principal_basis(second_moment: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of the centred covariance, descending, det +1 (float64)."""
+    cov = second_moment - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh(cov)
+    vectors = vectors[:, values.argsort(descending=True)]
+    if torch.linalg.det(vectors) < 0:
+        vectors[:, 0] = -vectors[:, 0]
+    return vectors
+
+
+class MatryoshkaState(nn.Module):
+    """Per (layer, KV head): initial bases, trainable X and means, current ranks; drives the patched attention."""
+
+    def __init__(self, head_dim: int, v_widths: list[list[int]], step: int):
+        super().__init__()
+        self.d, self.v_widths, self.step = head_dim, v_widths, step
+        self.groups = len(v_widths[0])
+        n = len(v_widths) * self.groups
+        widths = [w for layer in v_widths for w in layer]
+        self.x_k = nn.ParameterList([nn.Parameter(torch.zeros(head_dim, head_dim)) for _ in range(n)])
+        self.x_v = nn.ParameterList([nn.Parameter(torch.zeros(w, w)) for w in widths])
+        self.mu_k = nn.ParameterList([nn.Parameter(torch.zeros(head_dim)) for _ in range(n)])
+        self.mu_v = nn.ParameterList([nn.Parameter(torch.zeros(w)) for w in widths])
+        self.init_k = [torch.eye(head_dim) for _ in range(n)]
+        self.init_v = [torch.eye(w) for w in widths]
+        self.rank_k = [[head_dim] * self.groups for _ in v_widths]
+        self.rank_v = [list(layer) for layer in v_widths]
+        self.project = False
+        self.stats: dict | None = None
+        self._bases: dict = {}
+
+    def max_rank(self, layer: int, group: int, kind: str) -> int:
+        return self.d if kind == "k" else self.v_widths[layer][group]
+
+    def ranks(self) -> dict:
+        return {"k": [list(r) for r in self.rank_k], "v": [list(r) for r in self.rank_v]}
+
+    def set_ranks(self, ranks: dict) -> None:
+        self.rank_k, self.rank_v = [list(r) for r in ranks["k"]], [list(r) for r in ranks["v"]]
+
+    def refresh_bases(self) -> None:
+        """U = U_init cayley(X) for every head (keeps the graph when grad is enabled)."""
+        self._bases = {i: (self.init_k[i] @ cayley(self.x_k[i]), self.init_v[i] @ cayley(self.x_v[i])) for i in range(len(self.x_k))}
+
+    def bases(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        u_k, u_v = self._bases[layer * self.groups + group]
+        return u_k[:, : self.rank_k[layer][group]], u_v[:, : self.rank_v[layer][group]]
+
+    def sample_ranks_(self, generator: torch.Generator) -> None:
+        """Nested-prefix training: every (layer, head, K/V) rank drawn from {s, 2s, ..., max}."""
+        for layer in range(len(self.v_widths)):
+            for g in range(self.groups):
+                for kind, table in (("k", self.rank_k), ("v", self.rank_v)):
+                    options = rank_options(self.max_rank(layer, g, kind), self.step)
+                    table[layer][g] = options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    def budget(self) -> float:
+        used = sum(map(sum, self.rank_k)) + sum(map(sum, self.rank_v))
+        return used / (2 * len(self.v_widths) * self.groups * self.d)
+
+
+def rank_options(top: int, step: int) -> list[int]:
+    return sorted({min(top, step * i) for i in range(1, math.ceil(top / step) + 1)})
+
+
+def projected_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """Attention with the MatryoshkaKV projections of `self._mkv` applied (no cache; training and search)."""
+    kwargs.pop("past_key_values", None)
+    state, layer = self._mkv
+    batch, length = hidden_states.shape[:-1]
+    d, n_rep = self.head_dim, self.num_key_value_groups
+    queries = self.q_proj(hidden_states).view(batch, length, -1, d)
+    keys = self.k_proj(hidden_states).view(batch, length, -1, d)
+    if hasattr(self, "q_norm"):
+        queries, keys = self.q_norm(queries), self.k_norm(keys)
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    queries, keys = _rope(queries.transpose(1, 2), cos, sin), _rope(keys.transpose(1, 2), cos, sin)  # [B, H, T, d], [B, G, T, d]
+    values = self.v_proj(hidden_states).split(state.v_widths[layer], dim=-1)  # G x [B, T, w]
+    if state.stats is not None:
+        _accumulate(state.stats, layer, keys, values)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager)
+    extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
+    outputs = []
+    for g, value in enumerate(values):
+        qg, kg, vg = queries[:, g * n_rep : (g + 1) * n_rep], keys[:, g : g + 1], value.unsqueeze(1)
+        if state.project:
+            u_k, u_v = state.bases(layer, g)  # [d, r_k], [w, r_v]
+            i = layer * state.groups + g
+            qg, kg, vg = qg @ u_k, (kg - state.mu_k[i]) @ u_k, (vg - state.mu_v[i]) @ u_v
+        out, _ = attend(self, qg, kg, vg, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)  # [B, T, n_rep, r_v]
+        if state.project:
+            out = out @ u_v.T + state.mu_v[i]
+        outputs.append(out.reshape(batch, length, -1))
+    return self.o_proj(torch.cat(outputs, dim=-1)), None
+
+
+def _accumulate(stats: dict, layer: int, keys: torch.Tensor, values: tuple) -> None:
+    for g, value in enumerate(values):
+        for kind, x in (("k", keys[:, g].reshape(-1, keys.shape[-1])), ("v", value.reshape(-1, value.shape[-1]))):
+            x = x.detach().double().cpu()  # [N, d]
+            entry = stats.setdefault((layer, g, kind), [0, 0.0, 0.0])
+            entry[0] += x.shape[0]
+            entry[1] = entry[1] + x.sum(0)
+            entry[2] = entry[2] + x.T @ x
+
+
+def attach_(model: nn.Module, state: MatryoshkaState) -> list:
+    """Patch every attention module to run through `state`; returns what `detach_` needs to undo it."""
+    spec, saved = arch_for(model), []
+    for i, layer in enumerate(decoder_layers(model)):
+        attn = get_submodule(layer, spec.attn)
+        saved.append((attn, attn.__dict__.get("forward")))
+        attn._mkv = (state, i)
+        attn.forward = types.MethodType(projected_attention_forward, attn)
+    return saved
+
+
+def detach_(saved: list) -> None:
+    for attn, forward in saved:
+        del attn._mkv
+        if forward is None:
+            del attn.forward
+        else:
+            attn.forward = forward
+
+
+def _run(model: nn.Module, windows: torch.Tensor, description: str | None = None) -> None:
+    device = next(model.parameters()).device
+    items = track(windows, description, total=len(windows)) if description else windows
+    for window in items:
+        model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+
+
+@torch.no_grad()
+def init_from_pca_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, v_identity: bool) -> None:
+    """Means and PCA bases of post-RoPE keys and of values per (layer, KV head)."""
+    state.stats, state.project = {}, False
+    _run(model, windows, "Collecting key/value statistics")
+    stats, state.stats = state.stats, None
+    device = state.x_k[0].device
+    for (layer, g, kind), (count, total, second) in stats.items():
+        i = layer * state.groups + g
+        mean = total / count
+        basis = principal_basis(second / count, mean)
+        if kind == "k":
+            state.init_k[i], state.mu_k[i].data = basis.float().to(device), mean.float().to(device)
+        else:
+            state.init_v[i] = (torch.eye(len(mean)) if v_identity else basis.float()).to(device)
+            state.mu_v[i].data = mean.float().to(device)
+
+
+def _kl(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(-1)
+    return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
+
+
+def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompressConfig) -> list[float]:
+    """Matryoshka distillation of the projections and means only; returns the loss per step."""
+    device = next(model.parameters()).device
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
+    warmup = max(1, cfg.train_steps // 10)
+    def lr_factor(s: int) -> float:  # linear warm-up, cosine decay
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.train_steps) / cfg.train_steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    try:
+        with stepper("Training projections", cfg.train_steps) as step:
+            for s in range(cfg.train_steps):
+                start = (s * cfg.batch_size) % len(windows)
+                batch = windows[torch.arange(start, start + cfg.batch_size) % len(windows)].to(device)  # [b, T]
+                with torch.no_grad():
+                    state.project = False
+                    teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+                state.project = True
+                state.sample_ranks_(generator)
+                state.refresh_bases()
+                logits = model(input_ids=batch, use_cache=False).logits
+                lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+                loss = 0.25 * _kl(teacher, logits) + 0.75 * lm
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(round(loss.item(), 5))
+                step(f"loss {loss.item():.4f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        state._bases = {}
+    return losses
+
+
+def uniform_ranks(state: MatryoshkaState, budget: float) -> dict:
+    """The same rank r (a multiple of the step, at most the budget) for every K and V head."""
+    r = max(state.step, int(budget * state.d / state.step) * state.step)
+    layers = range(len(state.v_widths))
+    return {"k": [[min(r, state.d)] * state.groups for _ in layers],
+            "v": [[min(r, w) for w in state.v_widths[layer]] for layer in layers]}
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, windows: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per window, the hidden states entering every decoder layer ([1, T, D] each)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
+    try:
+        result = []
+        for window in windows:
+            captured.clear()
+            model(input_ids=window.unsqueeze(0), use_cache=False, logits_to_keep=1)
+            result.append(list(captured))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+@torch.no_grad()
+def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 6) -> dict[float, dict]:
+    """Greedy rank search on output KL to the original model; the ranks reached at each budget (descending path).
+
+    Each round scores every possible decrement (a candidate in layer l reruns only layers l.. from the
+    stored layer inputs, KL over the second half of each window) and applies the best batch of them.
+    """
+    windows = windows.to(next(model.parameters()).device)
+    keep = max(1, windows.shape[1] // 2)
+    state.project = False
+    teacher = [model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1) for w in windows]
+    state.project = True
+    state.refresh_bases()
+    state.set_ranks({"k": [[state.d] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]})
+    total = 2 * len(state.v_widths) * state.groups * state.d
+    lowest = min(budgets)
+    chunk = max(1, math.ceil((state.budget() - lowest) * total / state.step / rounds))
+    found: dict[float, dict] = {}
+    tables = {"k": state.rank_k, "v": state.rank_v}
+
+    def error_from(layer: int, inputs: list[list[torch.Tensor]]) -> float:
+        with layers_from(model, layer):
+            return sum(float(_kl(t, model(inputs_embeds=x[layer], use_cache=False, logits_to_keep=keep).logits)) for t, x in zip(teacher, inputs))
+
+    with stepper("Searching ranks", rounds + 1) as step:
+        while True:
+            for b in sorted(budgets, reverse=True):
+                if b not in found and state.budget() <= b + 1e-9:
+                    found[b] = state.ranks()
+            if len(found) == len(budgets):
+                break
+            candidates = [(kind, layer, g) for kind, table in tables.items() for layer, row in enumerate(table)
+                          for g, r in enumerate(row) if r > state.step]
+            if not candidates:
+                raise UserError(f"budget {lowest} is below one rank step per head")
+            inputs = layer_inputs(model, windows)
+            scored = []
+            for kind, layer, g in candidates:
+                tables[kind][layer][g] -= state.step
+                scored.append((error_from(layer, inputs), kind, layer, g))
+                tables[kind][layer][g] += state.step
+            next_target = max(b for b in budgets if b not in found)  # never step past a budget asked for
+            needed = math.ceil((state.budget() - next_target) * total / state.step - 1e-9)
+            for _, kind, layer, g in sorted(scored)[: min(chunk, needed)]:
+                tables[kind][layer][g] -= state.step
+            step(f"budget {state.budget():.3f}")
+    state._bases = {}
+    return found
+
+
+@torch.no_grad()
+def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
+    """Write the truncated projections into v_proj/o_proj and the key basis; the model becomes a standard-loadable one."""
+    state.set_ranks(ranks)
+    state.refresh_bases()
+    spec = arch_for(model)
+    layouts = []
+    for layer_index, layer in enumerate(decoder_layers(model)):
+        attn = get_submodule(layer, spec.attn)
+        n_rep, widths = attn.num_key_value_groups, state.v_widths[layer_index]
+        wv = attn.v_proj.weight.double()
+        bv = attn.v_proj.bias.double() if attn.v_proj.bias is not None else torch.zeros(wv.shape[0], dtype=torch.float64)
+        wo = attn.o_proj.weight.double()
+        bo = attn.o_proj.bias.double() if attn.o_proj.bias is not None else torch.zeros(wo.shape[0], dtype=torch.float64)
+        v_rows, v_bias, o_cols, bases, means = [], [], [], [], []
+        row = col = 0
+        for g, w in enumerate(widths):
+            u_k, u_v = (u.double() for u in state.bases(layer_index, g))  # [d, r_k], [w, r_v]
+            i = layer_index * state.groups + g
+            mu_v = state.mu_v[i].double()
+            v_rows.append(u_v.T @ wv[row : row + w])  # [r_v, D]
+            v_bias.append(u_v.T @ (bv[row : row + w] - mu_v))
+            row += w
+            for _ in range(n_rep):
+                slice_o = wo[:, col : col + w]  # [D, w]
+                o_cols.append(slice_o @ u_v)
+                bo = bo + slice_o @ mu_v
+                col += w
+            bases.append(u_k)
+            means.append(state.mu_k[i].double())
+        layout = dict(getattr(attn, "attention_layout", None) or full_layout(model.config))
+        layout |= {"v": list(ranks["v"][layer_index]), "k": list(ranks["k"][layer_index]), "v_bias": True, "o_bias": True}
+        reshape_attention_(attn, layout, v=(torch.cat(v_rows), torch.cat(v_bias)), o=(torch.cat(o_cols, dim=1), bo),
+                           key_projection=(torch.cat(bases, dim=1), torch.stack(means)))
+        layouts.append(attn.attention_layout)
+    model.config.attention_layout = layouts
+    use_surgery_modeling_(model.config)
+    state._bases = {}
+
+
+def kv_compress_(model: nn.Module, cfg: KVCompressConfig, batches: dict[str, torch.Tensor]) -> dict:
+    """The whole pass in place: init, optional training, ranks for the budget, folding. Returns the report.
+
+    batches: "pca", "train" and "search" token windows ([N, T] each).
+    """
+    config = model.config
+    check_compressible(config.to_dict())
+    spec = arch_for(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    step = cfg.rank_step or max(1, head_dim // 8)
+    if step > head_dim:
+        raise UserError(f"rank step {step} is larger than head_dim {head_dim}")
+    report: dict = {"rank_step": step, "head_dim": head_dim}
+    if cfg.v_init == "vo":
+        from .absorb_decompose import AbsorbConfig, absorb_decompose_, v_input_covariances
+
+        absorb_decompose_(model, v_input_covariances(model, batches["pca"]), AbsorbConfig(calib=cfg.calib))
+    layers = decoder_layers(model)
+    v_widths = [list((getattr(get_submodule(layer, spec.attn), "attention_layout", None) or full_layout(config))["v"]) for layer in layers]
+    state = MatryoshkaState(head_dim, v_widths, step).to(next(model.parameters()).device)
+    saved = attach_(model, state)
+    try:
+        init_from_pca_(model, state, batches["pca"], v_identity=cfg.v_init == "vo")
+        if cfg.train:
+            report["loss_curve"] = train_(model, state, batches["train"], cfg)
+            report["train_tokens"] = cfg.train_steps * cfg.batch_size * batches["train"].shape[1]
+        ranks = uniform_ranks(state, cfg.budget) if cfg.uniform else search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
+    finally:
+        detach_(saved)
+    fold_(model, state, ranks)
+    state.set_ranks(ranks)
+    report |= {"ranks_k": ranks["k"], "ranks_v": ranks["v"], "budget": cfg.budget, "budget_reached": round(state.budget(), 6),
+               "keys_share": round(sum(map(sum, ranks["k"])) / (len(layers) * state.groups * head_dim), 6),
+               "values_share": round(sum(map(sum, ranks["v"])) / (len(layers) * state.groups * head_dim), 6)}
+    return report

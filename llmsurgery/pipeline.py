@@ -1,0 +1,205 @@
+"""The passes a recipe can name: their options (spelled as on the command line) and how each runs.
+
+A pass slots in by adding one `PassSpec` to `PASSES`; the recipe schema and the runner read it from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .calibration import CalibConfig, calibration_batches
+from .errors import UserError
+
+
+class PassOptions(BaseModel):
+    """Options every pass takes: the calibration overrides (recipe-level `calibration` fills the rest)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True)
+
+    calib: str | None = Field(None, description="calibration source (default: the recipe's)")
+    calib_samples: int | None = Field(None, alias="calib-samples", gt=0)
+    calib_seq_len: int | None = Field(None, alias="calib-seq-len", gt=1)
+    seed: int | None = None
+
+    def calib_config(self, recipe_calib: dict, default: CalibConfig) -> CalibConfig:
+        values = default.model_dump() | {k: v for k, v in recipe_calib.items() if v is not None}
+        mine = {"source": self.calib, "samples": self.calib_samples, "seq_len": self.calib_seq_len, "seed": self.seed}
+        return CalibConfig(**(values | {k: v for k, v in mine.items() if v is not None}))
+
+
+class PruneBiOptions(PassOptions):
+    pass_: Literal["prune-bi"] = Field(alias="pass")
+    remove: int | None = None
+    ratio: float | None = None
+    metric: Literal["bi", "angular"] = "bi"
+    block: bool = False
+
+
+class RotateSparsifyOptions(PassOptions):
+    pass_: Literal["rotate-sparsify"] = Field(alias="pass")
+    sparsity: float
+    method: Literal["larosa", "magnitude"] = "larosa"
+    split: tuple[float, float] = (0.8, 1.2)
+    damp: float = 0.01
+
+
+class AbsorbOptions(PassOptions):
+    pass_: Literal["absorb"] = Field(alias="pass")
+    threshold: float | None = None
+    keep_ratio: float | None = Field(None, alias="keep-ratio")
+    rank: int | None = None
+    pairs: list[Literal["vo", "qk"]] = ["vo"]
+    criterion: Literal["whitened", "weight", "norm"] = "whitened"
+    damp: float = 0.01
+
+
+class KVCompressOptions(PassOptions):
+    pass_: Literal["kv-compress"] = Field(alias="pass")
+    budget: float
+    train: bool = True
+    uniform: bool = False
+    train_steps: int = Field(200, alias="train-steps")
+    lr: float = 1e-3
+    batch_size: int = Field(2, alias="batch-size")
+    rank_step: int | None = Field(None, alias="rank-step")
+    v_init: Literal["pca", "vo"] = Field("pca", alias="v-init")
+    train_samples: int = Field(200, alias="train-samples", gt=0)
+    train_seq_len: int = Field(256, alias="train-seq-len", gt=1)
+    search_samples: int = Field(1, alias="search-samples", gt=0)
+    search_seq_len: int = Field(256, alias="search-seq-len", gt=1)
+
+
+# ----------------------------------------------------------------------------- per-pass config + apply
+
+
+def _prune_check(cfg, config: dict) -> None:
+    cfg.n_remove(config["num_hidden_layers"])
+
+
+def _prune_config(o: PruneBiOptions, calib: dict):
+    from .passes.block_influence import BlockInfluenceConfig
+
+    return BlockInfluenceConfig(remove=o.remove, ratio=o.ratio, metric=o.metric, block=o.block,
+                                calib=o.calib_config(calib, BlockInfluenceConfig.model_fields["calib"].default))
+
+
+def _prune_apply(loaded, cfg, dry_run: bool = False) -> dict:
+    from .arch import decoder_layers
+    from .passes.block_influence import remove_layers_, score_layers
+
+    batches = calibration_batches(loaded.tokenizer, cfg.calib)
+    n_layers = len(decoder_layers(loaded.model))
+    scores, removed = score_layers(loaded.model, batches, cfg)
+    if not dry_run:
+        remove_layers_(loaded.model, removed)
+    return {"scores": scores, "score_kind": "angular distance" if cfg.metric == "angular" else "block influence", "removed_layers": removed,
+            "layers_before": n_layers, "layers_after": n_layers - len(removed), "calibration_tokens": int(batches.numel())}
+
+
+def _rotate_config(o: RotateSparsifyOptions, calib: dict):
+    from .passes.larosa import RotateSparsifyConfig
+
+    return RotateSparsifyConfig(sparsity=o.sparsity, method=o.method, split=o.split, damp=o.damp,
+                                calib=o.calib_config(calib, RotateSparsifyConfig.model_fields["calib"].default))
+
+
+def _rotate_apply(loaded, cfg) -> dict:
+    from .passes.larosa import rotate_sparsify_
+
+    batches = calibration_batches(loaded.tokenizer, cfg.calib) if cfg.method == "larosa" else None
+    return rotate_sparsify_(loaded.model, batches, cfg)
+
+
+def _absorb_config(o: AbsorbOptions, calib: dict):
+    from .passes.absorb_decompose import AbsorbConfig
+
+    return AbsorbConfig(threshold=o.threshold, keep_ratio=o.keep_ratio, rank=o.rank, pairs=tuple(o.pairs), criterion=o.criterion,
+                        damp=o.damp, calib=o.calib_config(calib, AbsorbConfig.model_fields["calib"].default))
+
+
+def _absorb_apply(loaded, cfg, dry_run: bool = False) -> dict:
+    from .passes.absorb_decompose import absorb_decompose_, v_input_covariances
+
+    batches = calibration_batches(loaded.tokenizer, cfg.calib) if cfg.needs_calibration else None
+    report = absorb_decompose_(loaded.model, None if batches is None else v_input_covariances(loaded.model, batches), cfg, apply=not dry_run)
+    if batches is not None:
+        report["calibration_tokens"] = int(batches.numel())
+    return report
+
+
+def _kv_config(o: KVCompressOptions, calib: dict):
+    from .passes.matryoshka_kv import KVCompressConfig
+
+    pca = o.calib_config(calib, KVCompressConfig.model_fields["calib"].default)
+    return KVCompressConfig(
+        budget=o.budget, train=o.train, uniform=o.uniform, train_steps=o.train_steps, lr=o.lr, batch_size=o.batch_size,
+        rank_step=o.rank_step, v_init=o.v_init, seed=pca.seed, calib=pca,
+        train_calib=CalibConfig(source=pca.source, samples=o.train_samples, seq_len=o.train_seq_len, seed=pca.seed + 1),
+        search_calib=CalibConfig(source=pca.source, samples=o.search_samples, seq_len=o.search_seq_len, seed=pca.seed + 2))
+
+
+def _kv_apply(loaded, cfg) -> dict:
+    from .passes.matryoshka_kv import kv_compress_
+
+    tok = loaded.tokenizer
+    batches = {"pca": calibration_batches(tok, cfg.calib), "train": calibration_batches(tok, cfg.train_calib) if cfg.train else None,
+               "search": calibration_batches(tok, cfg.search_calib) if not cfg.uniform else None}
+    return kv_compress_(loaded.model, cfg, batches)
+
+
+def _rotate_check(cfg, config: dict) -> None:
+    from .modeling import uses_surgery_modeling
+    from .passes.larosa import check_foldable
+
+    check_foldable(config.get("model_type"))
+    if config.get("sparsity_in") is not None or (config.get("auto_map") and not uses_surgery_modeling(config)):
+        raise UserError("rotate-sparsify needs a dense model (this one is already sparse or carries foreign code)")
+
+
+def _absorb_check(cfg, config: dict) -> None:
+    from .passes.absorb_decompose import check_absorbable
+
+    check_absorbable(config.get("model_type"), cfg, config)
+
+
+def _kv_check(cfg, config: dict) -> None:
+    from .passes.matryoshka_kv import check_compressible
+
+    check_compressible(config)
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One pass as recipes see it: options (CLI names), config builder, in-place apply, history name."""
+
+    options: type[PassOptions]
+    build: Callable[[Any, dict], BaseModel]
+    apply: Callable[[Any, BaseModel], dict]
+    record_name: str
+    check: Callable[[BaseModel, dict], None] | None = None
+
+
+PASSES: dict[str, PassSpec] = {
+    "prune-bi": PassSpec(PruneBiOptions, _prune_config, _prune_apply, "block_influence", _prune_check),
+    "rotate-sparsify": PassSpec(RotateSparsifyOptions, _rotate_config, _rotate_apply, "rotate_sparsify", _rotate_check),
+    "absorb": PassSpec(AbsorbOptions, _absorb_config, _absorb_apply, "absorb", _absorb_check),
+    "kv-compress": PassSpec(KVCompressOptions, _kv_config, _kv_apply, "kv_compress", _kv_check),
+}
+
+_FIELD_TO_OPTION = {"keep_ratio": "keep-ratio", "train_steps": "train-steps", "batch_size": "batch-size", "rank_step": "rank-step",
+                    "v_init": "v-init", "samples": "calib-samples", "seq_len": "calib-seq-len", "source": "calib"}
+
+
+def build_pass_config(index: int, options: PassOptions, calib: dict) -> BaseModel:
+    """The pass's own validated config, errors located as `passes[i].option: message`."""
+    spec = PASSES[options.pass_]
+    try:
+        return spec.build(options, calib)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(_FIELD_TO_OPTION.get(str(p), str(p)) for p in first["loc"] if p != "calib")
+        where = f"passes[{index}]" + (f".{field}" if field else "")
+        raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None

@@ -1,0 +1,253 @@
+"""YAML recipes: a model, calibration, an ordered list of passes, an output folder and quality gates.
+
+`load_recipe` validates everything that can be checked without loading weights (unknown keys, types,
+ranges, pass compatibility, task names, gates) and reports the first problem with its location
+(`passes[1].sparsity: ...`). `run_recipe` executes it; gates decide the exit code.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+from .pipeline import PASSES, AbsorbOptions, KVCompressOptions, PruneBiOptions, RotateSparsifyOptions, build_pass_config
+
+RECIPE_VERSION = 1
+RECIPE_FILE = "llmsurgery_recipe.yaml"
+
+PassEntry = Annotated[Union[PruneBiOptions, RotateSparsifyOptions, AbsorbOptions, KVCompressOptions], Field(discriminator="pass_")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+
+class Calibration(_Strict):
+    source: str | None = Field(None, description="news, pydoc, a .txt/.jsonl file or hf:NAME[@CONFIG]:SPLIT[:FIELD]")
+    samples: int | None = Field(None, gt=0)
+    seq_len: int | None = Field(None, alias="seq-len", gt=1)
+    seed: int | None = None
+
+
+class Gate(_Strict):
+    """Bounds on one metric: absolute (max/min) or relative to the baseline (ratio = value / baseline)."""
+
+    max: float | None = None
+    min: float | None = None
+    max_ratio: float | None = Field(None, gt=0)
+    min_ratio: float | None = Field(None, gt=0)
+    min_recovery: float | None = Field(None, gt=0, description="value / baseline must be at least this (higher-is-better metrics)")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if all(v is None for v in self.model_dump().values()):
+            raise ValueError("a gate needs at least one of max, min, max_ratio, min_ratio, min_recovery")
+        return self
+
+    @property
+    def relative(self) -> bool:
+        return any(v is not None for v in (self.max_ratio, self.min_ratio, self.min_recovery))
+
+
+class EvalBlock(_Strict):
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, alias="batch-size", gt=0)
+    baseline: bool = Field(True, description="score the source model in the same run")
+    load_in_8bit: bool = Field(False, alias="load-in-8bit")
+    load_in_4bit: bool = Field(False, alias="load-in-4bit")
+    gates: dict[str, Gate] = {}
+
+    @field_validator("gates")
+    @classmethod
+    def _gate_names(cls, gates):
+        for name in gates:
+            if not re.fullmatch(r"[\w\-]+\.[\w\-,]+", name):
+                raise ValueError(f"gate '{name}' must be named TASK.METRIC (e.g. news_ppl.word_perplexity)")
+        return gates
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("choose one of load-in-8bit and load-in-4bit")
+        for name, gate in self.gates.items():
+            if name.split(".")[0] not in self.tasks:
+                raise ValueError(f"gate '{name}' names a task that is not in eval.tasks")
+            if gate.relative and not self.baseline:
+                raise ValueError(f"gate '{name}' compares with the baseline: set baseline: true")
+        return self
+
+
+class Recipe(_Strict):
+    version: Literal[1] = Field(description="recipe format version")
+    model: str = Field(description="a model folder, .gguf, built-in name or hub id")
+    output: str | None = Field(None, description="folder to write the transformed model to")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = Field(False, alias="trust-remote-code")
+    calibration: Calibration = Calibration()
+    passes: list[PassEntry] = Field(min_length=1)
+    eval: EvalBlock | None = None
+
+
+def _location(loc: tuple) -> str:
+    parts: list[str] = []
+    for i, p in enumerate(loc):
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        elif i > 0 and loc[0] == "passes" and i == 2 and p in PASSES:
+            continue  # the discriminator tag pydantic adds
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set a.b[2].c=value` (value read as YAML) on the raw recipe."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set wants KEY=VALUE, got '{item}'")
+        tokens = [int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"[^.\[\]]+|\[\d+\]", key)]
+        target = data
+        for depth, token in enumerate(tokens[:-1]):
+            try:
+                target = target[token] if isinstance(token, int) else target.setdefault(token, {})
+            except (IndexError, KeyError, TypeError, AttributeError):
+                raise UserError(f"--set {key}: no such place in the recipe ({_location(tuple(tokens[: depth + 1]))})") from None
+        try:
+            target[tokens[-1]] = yaml.safe_load(raw)
+        except (IndexError, TypeError) as exc:
+            raise UserError(f"--set {key}: no such place in the recipe ({exc})") from None
+    return data
+
+
+def parse_recipe(data, where: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: a recipe is a YAML mapping (version, model, passes, ...)")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = _location(first["loc"])
+        raise UserError(f"{where}: {loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}") from None
+
+
+def read_recipe(path: Path, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
+    """(validated recipe, raw data with overrides applied) from a YAML file."""
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    data = apply_overrides(data or {}, overrides or [])
+    return parse_recipe(data, str(path)), data
+
+
+def pass_configs(recipe: Recipe) -> list[BaseModel]:
+    calib = recipe.calibration.model_dump()
+    calib = {"source": calib["source"], "samples": calib["samples"], "seq_len": calib["seq_len"], "seed": calib["seed"]}
+    return [build_pass_config(i, options, calib) for i, options in enumerate(recipe.passes)]
+
+
+def check_recipe(recipe: Recipe, output: Path | None, force: bool):
+    """Everything checkable before loading weights; returns (pass configs, input folder, task manager)."""
+    from .evaluate import check_tasks
+    from .model_io import check_output_free, peek_config
+
+    configs = pass_configs(recipe)
+    config, folder, _ = peek_config(recipe.model, recipe.trust_remote_code)
+    for i, (options, cfg) in enumerate(zip(recipe.passes, configs)):
+        check = PASSES[options.pass_].check
+        if check is not None:
+            try:
+                check(cfg, config)
+            except UserError as exc:
+                raise UserError(f"passes[{i}] ({options.pass_}): {exc}") from None
+    manager = check_tasks(recipe.eval.tasks) if recipe.eval else None
+    if output is not None:
+        check_output_free(output, force, folder)
+    return configs, folder, manager
+
+
+def recipe_text(data: dict, model_path: str | None) -> str:
+    """The recipe as run (overrides applied, a local model path made absolute), for the output folder."""
+    data = copy.deepcopy(data)
+    data.pop("output", None)
+    if model_path is not None:
+        data["model"] = model_path
+    return "# Written by llmsurgery: `llmsurgery run THIS_FILE --output DIR` reproduces the model next to it.\n" + yaml.safe_dump(
+        data, sort_keys=False)
+
+
+def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
+    """One message per violated bound, naming the metric, the bound and by how much."""
+    values = {f"{r['task']}.{r['metric']}": r for r in rows}
+    failures = []
+    for name, gate in gates.items():
+        row = values.get(name)
+        if row is None:
+            failures.append(f"{name}: no such metric in the results ({', '.join(sorted(values))})")
+            continue
+        value, ratio = row["value"], row.get("ratio")
+        checks = [("max", value, gate.max, lambda v, b: v <= b), ("min", value, gate.min, lambda v, b: v >= b),
+                  ("max_ratio", ratio, gate.max_ratio, lambda v, b: v <= b), ("min_ratio", ratio, gate.min_ratio, lambda v, b: v >= b),
+                  ("min_recovery", ratio, gate.min_recovery, lambda v, b: v >= b)]
+        for bound_name, actual, bound, ok in checks:
+            if bound is not None and (actual is None or not ok(actual, bound)):
+                what = "ratio to baseline" if "ratio" in bound_name or "recovery" in bound_name else "value"
+                failures.append(f"{name}: {what} {actual:.4g} vs {bound_name} {bound:g} (off by {abs(actual - bound):.4g})")
+    return failures
+
+
+def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
+    """Run a recipe end to end; returns the results, raises GateFailed when a gate fails."""
+    import time
+
+    from .evaluate import compare, evaluate_model
+    from .model_io import load_model, pass_record, save_model
+    from .sources import resolve_source
+
+    recipe, data = read_recipe(path, overrides)
+    output = output or (Path(recipe.output) if recipe.output else None)
+    if output is None:
+        raise UserError(f"{path}: give an output folder (output: in the recipe, or --output)")
+    configs, folder, manager = check_recipe(recipe, output, force)
+    load = {"dtype": recipe.dtype, "device": recipe.device, "trust_remote_code": recipe.trust_remote_code}
+    loaded = load_model(recipe.model, **load)
+    ev = recipe.eval
+    quantized = bool(ev and (ev.load_in_8bit or ev.load_in_4bit))
+    quant = {"load_in_8bit": ev.load_in_8bit, "load_in_4bit": ev.load_in_4bit} if quantized else {}
+    scoring = {"limit": ev.limit, "batch_size": ev.batch_size, "manager": manager} if ev else {}
+    baseline = None
+    if ev and ev.baseline:
+        source = load_model(recipe.model, **load, **quant) if quantized else loaded
+        baseline = evaluate_model(source, ev.tasks, label="the original model", **scoring)
+        del source
+    records = []
+    for options, cfg in zip(recipe.passes, configs):
+        spec = PASSES[options.pass_]
+        started = time.perf_counter()
+        report = spec.apply(loaded, cfg)
+        records.append(pass_record(spec.record_name, cfg.model_dump(), report, time.perf_counter() - started, loaded.history))
+    source = resolve_source(recipe.model)
+    model_path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
+    save_model(loaded, output, force=force, new_passes=records, recipe_yaml=recipe_text(data, model_path))
+    results: dict = {"recipe": str(path), "output": str(output), "passes": [r["pass"] for r in records]}
+    if ev:
+        target = load_model(str(output), **load, **quant) if quantized else loaded
+        rows = compare(evaluate_model(target, ev.tasks, label="the transformed model", **scoring), baseline)
+        failures = gate_failures(rows, ev.gates)
+        results |= {"eval": rows, "gates": {name: gate.model_dump(exclude_none=True) for name, gate in ev.gates.items()},
+                    "failed_gates": failures}
+    return results

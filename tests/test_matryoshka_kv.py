@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+from helpers import PROMPT, logits_of, run_cli
+
+from llmsurgery.calibration import CalibConfig, calibration_batches
+from llmsurgery.model_io import load_model, save_model
+from llmsurgery.passes.matryoshka_kv import KVCompressConfig, cayley, kv_compress_, principal_basis
+
+PCA = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
+TRAIN = CalibConfig(source="pydoc", samples=6, seq_len=32, seed=1)
+SEARCH = CalibConfig(source="pydoc", samples=1, seq_len=32, seed=2)
+CALIB_ARGS = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48", "--train-samples", "6", "--train-seq-len", "32",
+              "--search-samples", "1", "--search-seq-len", "32")
+
+
+def _compressed(folder, **knobs):
+    loaded = load_model(str(folder))
+    cfg = KVCompressConfig(calib=PCA, train_calib=TRAIN, search_calib=SEARCH, **knobs)
+    tok = loaded.tokenizer
+    batches = {"pca": calibration_batches(tok, PCA), "train": calibration_batches(tok, TRAIN), "search": calibration_batches(tok, SEARCH)}
+    report = kv_compress_(loaded.model, cfg, batches)
+    return loaded, report
+
+
+def _kl(p_logits, q_logits) -> float:
+    p = p_logits.log_softmax(-1)
+    return float((p.exp() * (p - q_logits.log_softmax(-1))).sum(-1).mean())
+
+
+def test_cayley_is_orthogonal_and_pca_basis_is_proper():
+    x = torch.randn(8, 8, dtype=torch.float64)
+    u = cayley(x)
+    torch.testing.assert_close(u.T @ u, torch.eye(8, dtype=torch.float64))
+    assert torch.det(u) > 0
+    data = torch.randn(300, 8, dtype=torch.float64) * torch.linspace(3, 0.1, 8) + 2
+    mean = data.mean(0)
+    basis = principal_basis(data.T @ data / 300, mean)
+    assert torch.det(basis) > 0
+    variances = ((data - mean) @ basis).var(0)
+    assert (variances[:-1] >= variances[1:]).all()
+
+
+@pytest.mark.parametrize("v_init", ["pca", "vo"])
+def test_full_budget_reproduces_logits_before_and_after_training(tiny_model, v_init, tmp_path):
+    expected = logits_of(load_model(str(tiny_model)).model)
+    for train in (False, True):
+        loaded, report = _compressed(tiny_model, budget=1.0, train=train, train_steps=3, uniform=True, v_init=v_init)
+        assert report["budget_reached"] == 1.0
+        # float64 folding of float32 weights; trained U stays orthogonal: observed max |diff| ~1e-6
+        torch.testing.assert_close(logits_of(loaded.model), expected, rtol=0, atol=2e-4)
+    save_model(loaded, tmp_path / "full", new_passes=[])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full", trust_remote_code=True, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits_of(model), expected, rtol=0, atol=2e-4)
+    with torch.no_grad():
+        cached = model.generate(PROMPT[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True)
+        uncached = model.generate(PROMPT[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_error_grows_as_the_budget_shrinks(tiny_models):
+    expected = logits_of(load_model(str(tiny_models["llama"])).model)
+    kls = [_kl(expected, logits_of(_compressed(tiny_models["llama"], budget=b, train=False, uniform=True)[0].model))
+           for b in (0.75, 0.5, 0.25)]
+    assert 0 < kls[0] < kls[1] < kls[2], kls
+
+
+def test_training_lowers_the_loss_and_search_meets_the_budget(tiny_models):
+    loaded, report = _compressed(tiny_models["qwen2"], budget=0.5, train=True, train_steps=24, lr=1e-2, batch_size=2)
+    curve = report["loss_curve"]
+    assert len(curve) == 24 and sum(curve[-6:]) < sum(curve[:6])
+    assert report["budget_reached"] <= 0.5
+    widths = [k + v for ks, vs in zip(report["ranks_k"], report["ranks_v"]) for k, v in zip(ks, vs)]
+    assert len(set(widths)) > 1  # the search allocates unevenly
+    assert all(r % report["rank_step"] == 0 for row in report["ranks_k"] + report["ranks_v"] for r in row)
+
+
+def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from llmsurgery.inspection import describe
+
+    out = tmp_path / "kv"
+    result = run_cli("kv-compress", tiny_models["llama"], "--budget", "0.5", "--output", out, "--train-steps", "4", *CALIB_ARGS)
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "llmsurgery_history.json").read_text())["passes"][-1]
+    assert history["pass"] == "kv_compress" and len(history["report"]["loss_curve"]) == 4
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.generate(PROMPT[:, :6], max_new_tokens=6, do_sample=False, pad_token_id=0, cache=cache)
+    tokens = cache.get_seq_length()
+    cached = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 // tokens
+    full = describe(str(tiny_models["llama"]))["kv_cache_bytes_per_token"]
+    info = describe(str(out))
+    assert cached == info["kv_cache_bytes_per_token"] and info["kv_cache_bytes_per_token_before_surgery"] == full
+    assert cached == round(full * history["report"]["budget_reached"]) and history["report"]["budget_reached"] <= 0.5
+    assert run_cli("eval", out, "--tasks", "pydoc_ppl", "--limit", "2").exit_code == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--budget", "0"), "budget"),
+    (("--budget", "1.5"), "budget"),
+    (("--budget", "0.5", "--v-init", "svd"), "v-init"),
+    (("--budget", "0.5", "--rank-step", "0"), "rank-step"),
+])
+def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):
+    result = run_cli("kv-compress", tiny_models["llama"], "--output", tmp_path / "o", *args)
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "o").exists()
+
+
+def test_running_a_suffix_of_layers_from_stored_inputs_matches_the_full_model(tiny_model):
+    from llmsurgery.arch import decoder_layers, layers_from
+    from llmsurgery.passes.matryoshka_kv import layer_inputs
+
+    model = load_model(str(tiny_model)).model
+    with torch.no_grad():
+        full = model(input_ids=PROMPT, use_cache=False, logits_to_keep=8).logits
+        inputs = layer_inputs(model, PROMPT)
+        for start in (1, 4):
+            with layers_from(model, start):
+                part = model(inputs_embeds=inputs[0][start], use_cache=False, logits_to_keep=8).logits
+            torch.testing.assert_close(part, full, rtol=0, atol=1e-5)
+    assert len(decoder_layers(model)) == 6
