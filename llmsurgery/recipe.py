@@ -115,7 +115,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set wants KEY=VALUE, got '{item}'")
-        tokens = [int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"[^.\[\]]+|\[\d+\]", key)]
+        tokens = _join_dotted_keys(data, [int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"[^.\[\]]+|\[\d+\]", key)])
         target = data
         for depth, token in enumerate(tokens[:-1]):
             try:
@@ -127,6 +127,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         except (IndexError, TypeError) as exc:
             raise UserError(f"--set {key}: no such place in the recipe ({exc})") from None
     return data
+
+
+def _join_dotted_keys(data, tokens: list) -> list:
+    """Gate names hold a dot (news_ppl.word_perplexity): rejoin tokens that name an existing key."""
+    joined, target, i = [], data, 0
+    while i < len(tokens):
+        step = 1
+        if isinstance(target, dict):
+            for j in range(len(tokens), i + 1, -1):
+                name = ".".join(str(t) for t in tokens[i:j])
+                if all(isinstance(t, str) for t in tokens[i:j]) and name in target:
+                    step = j - i
+                    break
+        token = ".".join(str(t) for t in tokens[i : i + step]) if step > 1 else tokens[i]
+        joined.append(token)
+        try:
+            target = target[token]
+        except (KeyError, IndexError, TypeError):
+            target = None
+        i += step
+    return joined
 
 
 def parse_recipe(data, where: str = "recipe") -> Recipe:

@@ -69,6 +69,9 @@ def test_set_overrides_and_bad_set_paths(tiny_models, tmp_path):
     assert bad.exit_code == 2 and "no such place" in bad.output
     typo = run_cli("recipe", "validate", path, "--set", "passes[1].rnak=2")
     assert typo.exit_code == 2 and "passes[1].rnak" in typo.output
+    gated = _write(tmp_path, _tiny_recipe(tiny_models["llama"], eval={"tasks": ["pydoc_ppl"], "gates": {"pydoc_ppl.word_perplexity": {"max": 5}}}))
+    dotted = run_cli("recipe", "validate", gated, "--set", "eval.gates.pydoc_ppl.word_perplexity.max=-1", "--set", "eval.gates.pydoc_ppl.word_perplexity.mx=1")
+    assert dotted.exit_code == 2 and "eval.gates.pydoc_ppl.word_perplexity.mx" in dotted.output, dotted.output
 
 
 def test_failing_gate_exits_1_and_says_which_and_by_how_much(tiny_models, tmp_path):
@@ -98,8 +101,7 @@ SMALL = {  # every shipped recipe, shrunk to CI size with --set (the recipes the
     "prune-bi": ["eval.limit=3"],
     "rotate-sparsify": ["eval.limit=3", "calibration.samples=8"],
     "absorb": ["eval.limit=3", "calibration.samples=4"],
-    "kv-compress": ["eval.limit=3", "calibration.samples=4", "passes[0].train-steps=2", "passes[0].train-samples=4", "passes[0].uniform=true",
-                    "eval.gates.news_ppl.word_perplexity.max_ratio=20"],  # 2 training steps: PCA-level quality
+    "kv-compress": ["eval.limit=3", "calibration.samples=4", "passes[0].train-steps=2", "passes[0].train-samples=4", "passes[0].uniform=true"],
     "pipeline": ["eval.limit=3", "calibration.samples=4"],
 }
 
@@ -107,9 +109,14 @@ SMALL = {  # every shipped recipe, shrunk to CI size with --set (the recipes the
 @pytest.mark.real
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_runs_on_the_real_model(recipe, tmp_path):
+    """End to end at CI size. Three documents decide nothing about quality (a cloze gate moves in steps of 1/3),
+    so a gate may pass or fail here; what must hold is that every gate was evaluated against a real baseline."""
     sets = [arg for item in SMALL[recipe.stem] for arg in ("--set", item)]
     result = run_cli("run", recipe, "--output", tmp_path / "out", *sets, "--json", tmp_path / "r.json")
-    assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "r.json").read_text())
-    assert results["failed_gates"] == [] and all("baseline" in row for row in results["eval"])
-    assert (tmp_path / "out" / "llmsurgery_recipe.yaml").is_file()
+    assert result.exit_code == (1 if results["failed_gates"] else 0), result.output
+    gates = yaml.safe_load(recipe.read_text())["eval"]["gates"]
+    assert set(results["gates"]) == set(gates) and all(f.split(":")[0] in gates for f in results["failed_gates"])
+    assert all("baseline" in row and row["value"] == row["value"] for row in results["eval"])
+    saved = yaml.safe_load((tmp_path / "out" / "llmsurgery_recipe.yaml").read_text())
+    assert [p["pass"] for p in saved["passes"]] == [p["pass"] for p in yaml.safe_load(recipe.read_text())["passes"]]
