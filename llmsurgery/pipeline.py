@@ -1,6 +1,7 @@
 """The passes a recipe can name: their options (spelled as on the command line) and how each runs.
 
-A pass slots in by adding one `PassSpec` to `PASSES`; the recipe schema and the runner read it from there.
+A pass slots in with one `PassSpec` in `PASSES` (and its options class in `recipe.PassEntry`); the recipe
+runner and the pass commands read everything else from there.
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
 
 
 def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
-    """Run a recipe end to end; returns the results, raises GateFailed when a gate fails."""
+    """Run a recipe end to end; returns the results, failed gates listed under "failed_gates" (the CLI exits 1 on them)."""
     import time
 
     from .evaluate import compare, evaluate_model
