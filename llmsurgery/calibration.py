@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .arch import arch_for, get_submodule
+from .console import track
 from .corpora import check_source, source_documents
 from .errors import UserError
 
@@ -60,3 +65,22 @@ def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     if bos is not None:
         windows = torch.cat([torch.full((cfg.samples, 1), bos, dtype=torch.long), windows], dim=1)
     return windows  # [N, seq_len]
+
+
+@torch.no_grad()
+def observe_inputs(model: nn.Module, batches: torch.Tensor, modules: list[nn.Module],
+                   on_input: Callable[[int, torch.Tensor], None], description: str) -> None:
+    """Run the base model (no LM head) over each window; `on_input(i, x)` sees the first input of `modules[i]`.
+
+    The hooks are removed afterwards, also when a window fails. With no modules, this only runs the
+    windows (for passes whose patched modules collect statistics themselves).
+    """
+    handles = [module.register_forward_pre_hook(lambda _m, args, i=i: on_input(i, args[0])) for i, module in enumerate(modules)]
+    base = get_submodule(model, arch_for(model).layers.rpartition(".")[0])
+    device = next(model.parameters()).device
+    try:
+        for window in track(batches, description, total=len(batches)):
+            base(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()

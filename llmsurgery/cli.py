@@ -13,7 +13,7 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.table import Table
 
-from . import __version__
+from . import __version__, defaults
 from .console import err, out
 from .errors import GateFailed, UserError
 
@@ -131,6 +131,7 @@ def eval_cmd(
     write_json(json_path, {"model": model, "baseline": baseline, "tasks": task_list, "limit": limit, "results": rows})
 
 
+HEAL = "Healing (with --heal)"
 CalibOpt = Annotated[str, typer.Option("--calib", help="Calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD].", rich_help_panel=CALIB)]
 SamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Number of calibration windows.", rich_help_panel=CALIB)]
 SeqLenOpt = Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.", rich_help_panel=CALIB)]
@@ -164,33 +165,49 @@ def _pydantic_error(exc) -> UserError:
 
 
 def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, dtype: str, device: str, trust_remote_code: bool,
-               eval_tasks: str | None, eval_limit: int | None, column: str, summary: Callable[[dict], None], dry_run: bool = False) -> dict:
-    """What every transforming command shares: check, load, (baseline), apply the pass, summary, (eval), save."""
+               eval_tasks: str | None, eval_limit: int | None, column: str, summary: Callable[[dict], None], dry_run: bool = False,
+               then: tuple = ()) -> list[dict]:
+    """What every transforming command shares: check, load, (baseline), apply the pass(es), summary, (eval), save.
+
+    then: further (pass name, config, summary) to run after the first before saving (prune --heal). Returns the records.
+    """
     import time
 
     from .evaluate import evaluate_model
     from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
     from .pipeline import PASSES
 
-    spec = PASSES[name]
+    steps = [(name, cfg, summary), *then]
     config, folder, _ = peek_config(model, trust_remote_code)
-    if spec.check is not None:
-        spec.check(cfg, config)
+    for step_name, step_cfg, _ in steps:
+        if PASSES[step_name].check is not None:
+            PASSES[step_name].check(step_cfg, config)
     if not dry_run:
         check_output_free(output, force, folder)
     plan = _eval_plan(None if dry_run else eval_tasks)
     tasks, manager = plan
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
-    started = time.perf_counter()
-    report = spec.apply(loaded, cfg, dry_run=True) if dry_run else spec.apply(loaded, cfg)
-    record = pass_record(spec.record_name, cfg.model_dump(), report, time.perf_counter() - started, loaded.history)
-    summary(report)
+    if any(step_name == "heal" and not step_cfg.teacher for step_name, step_cfg, _ in then):
+        from .passes.heal import shared_copy
+
+        loaded.original = shared_copy(loaded.model)  # the teacher, sharing the weights
+    for step_name, step_cfg, step_summary in steps:
+        spec = PASSES[step_name]
+        started = time.perf_counter()
+        report = spec.apply(loaded, step_cfg, dry_run=True) if dry_run else spec.apply(loaded, step_cfg)
+        so_far = {"passes": [*loaded.history.get("passes", []), *loaded.pending]}
+        loaded.pending.append(pass_record(spec.record_name, step_cfg.model_dump(), report, time.perf_counter() - started, so_far))
+        step_summary(report)
+        if dry_run:
+            break
+    loaded.original = None
+    records = loaded.pending
     if not dry_run:
         if tasks:
-            record["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, column, model)
-        save_model(loaded, output, force=force, new_passes=[record])
-    return record
+            records[-1]["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, column, model)
+        save_model(loaded, output, force=force, new_passes=records)
+    return records
 
 
 def _config(build: Callable):
@@ -215,6 +232,10 @@ def prune(
     block: Annotated[bool, typer.Option("--block", help="Remove one contiguous block of layers.")] = False,
     scores_only: Annotated[bool, typer.Option("--scores-only", help="Print the layer scores; write no model.")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="Save the score chart as a PNG.", rich_help_panel=IO)] = None,
+    heal: Annotated[bool, typer.Option("--heal", help="Then heal: distil the pruned model towards the original (see `llmsurgery heal`).", rich_help_panel=HEAL)] = False,
+    heal_steps: Annotated[int, typer.Option(min=1, help="Healing steps.", rich_help_panel=HEAL)] = defaults.HEAL_STEPS,
+    heal_lr: Annotated[float, typer.Option(help="Peak healing learning rate.", rich_help_panel=HEAL)] = defaults.HEAL_LR,
+    heal_train: Annotated[str, typer.Option(help="What healing trains (see `llmsurgery heal --help`).", rich_help_panel=HEAL)] = ",".join(defaults.HEAL_TRAIN),
     eval_tasks: EvalTasksOpt = None,
     eval_limit: EvalLimitOpt = None,
     calib: CalibOpt = "news",
@@ -227,7 +248,7 @@ def prune(
     trust_remote_code: TrustOpt = False,
     json_path: JsonOpt = None,
 ) -> None:
-    """Remove the least influential decoder layers and write a standard checkpoint."""
+    """Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."""
     from .calibration import CalibConfig
     from .passes.block_influence import BlockInfluenceConfig
     from .plotting import save_score_plot, score_table
@@ -251,11 +272,82 @@ def prune(
             save_score_plot(plot, scores, chosen, label, index_label)
             err.print(f"wrote {plot}")
 
-    record = _transform("prune-bi", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="pruned", summary=summary, dry_run=scores_only)
+    then = ()
+    if heal and not scores_only:
+        heal_cfg = _heal_config(steps=heal_steps, lr=heal_lr, train=heal_train, calib=calib, seed=seed)
+        then = (("heal", heal_cfg, _heal_summary),)
+    records = _transform("prune-bi", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="healed" if then else "pruned", summary=summary,
+                         dry_run=scores_only, then=then)
+    record = records[0]
     if not scores_only:
-        out.print(f"saved the {record['report']['layers_after']}-layer model to {output}")
-    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"], "score_kind": label})
+        out.print(f"saved the {record['report']['layers_after']}-layer {'healed ' if then else ''}model to {output}")
+    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"], "score_kind": label,
+                           **({"heal": records[1]["report"]} if then else {})})
+
+
+def _heal_config(*, steps: int, lr: float, train: str, calib: str, seed: int, teacher: str | None = None,
+                 removed: str | None = None, batch_size: int = defaults.HEAL_BATCH_SIZE,
+                 samples: int = defaults.HEAL_WINDOWS[0], seq_len: int = defaults.HEAL_WINDOWS[1]):
+    from .calibration import CalibConfig
+    from .passes.heal import HealConfig
+
+    layers = None
+    if removed is not None:
+        try:
+            layers = tuple(int(v) for v in removed.split(",") if v.strip())
+        except ValueError:
+            raise UserError(f"--removed takes 0-based layer numbers, comma-separated, got '{removed}'") from None
+    return _config(lambda: HealConfig(steps=steps, lr=lr, batch_size=batch_size, train=tuple(t.strip() for t in train.split(",") if t.strip()),
+                                      teacher=teacher, removed=layers, seed=seed,
+                                      calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed + 3)))
+
+
+def _heal_summary(report: dict) -> None:
+    table = Table(title="heal (distillation towards the teacher)", show_header=False)
+    table.add_row("teacher", str(report["teacher"]))
+    table.add_row("removed layers (teacher numbering)", ", ".join(map(str, report["removed_layers"])) or "none")
+    table.add_row("trained", f"{report['trained_parameter_count']:,} parameters in {len(report['trained_modules'])} modules")
+    table.add_row("steps / tokens", f"{report['steps']} / {report['tokens']:,}")
+    curve = report["loss_curve"]
+    table.add_row("KL, first / last 10 steps", f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
+    table.add_row("held-out KL before / after", f"{report['held_out_kl_before']:.4f} / {report['held_out_kl_after']:.4f}"
+                  + ("" if report["kept"] else "  (worse: the old weights were kept)"))
+    out.print(table)
+
+
+@app.command()
+@handles_errors
+def heal(
+    model: Annotated[str, typer.Argument(help="The pruned model (folder, .gguf, built-in name or hub id).", show_default=False)],
+    output: OutputOpt,
+    teacher: Annotated[Optional[str], typer.Option(help="The original model to distil from (default: the source in the model's history).",
+                                                   show_default=False)] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (a batch of --batch-size windows each).")] = defaults.HEAL_STEPS,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (10% linear warm-up, cosine decay).")] = defaults.HEAL_LR,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per step.")] = defaults.HEAL_BATCH_SIZE,
+    train: Annotated[str, typer.Option(help="What trains, comma-separated: norms, mlp-near-gaps, layers-near-gaps, all-mlp, all.")] = ",".join(defaults.HEAL_TRAIN),
+    removed: Annotated[Optional[str], typer.Option(help="The teacher's layers the student lacks, 0-based (default: from the history, "
+                                                        "else by matching weights).", show_default=False)] = None,
+    eval_tasks: EvalTasksOpt = None,
+    eval_limit: EvalLimitOpt = None,
+    calib: CalibOpt = "news",
+    calib_samples: SamplesOpt = defaults.HEAL_WINDOWS[0],
+    calib_seq_len: SeqLenOpt = defaults.HEAL_WINDOWS[1],
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    trust_remote_code: TrustOpt = False,
+    json_path: JsonOpt = None,
+) -> None:
+    """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a standard checkpoint."""
+    cfg = _heal_config(steps=steps, lr=lr, train=train, calib=calib, seed=seed, teacher=teacher, removed=removed,
+                       batch_size=batch_size, samples=calib_samples, seq_len=calib_seq_len)
+    record, = _transform("heal", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="healed", summary=_heal_summary)
+    out.print(f"saved the healed model to {output}")
+    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
 
 
 def _parse_split(text: str) -> tuple[float, float]:
@@ -303,7 +395,7 @@ def rotate_sparsify(
                 table.add_row(key.replace("_", " "), _fmt(report[key]) if isinstance(report[key], float) else str(report[key]))
         out.print(table)
 
-    record = _transform("rotate-sparsify", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+    record, = _transform("rotate-sparsify", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="sparse", summary=summary)
     out.print(f"saved the sparse model to {output} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
@@ -380,7 +472,7 @@ def absorb(
             save_spectra_plot(plot, report["layers"], f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
             err.print(f"wrote {plot}")
 
-    record = _transform("absorb", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+    record, = _transform("absorb", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="absorbed", summary=summary, dry_run=dry_run)
     if not dry_run:
         out.print(f"saved the absorbed model to {output} (load with trust_remote_code=True)")
@@ -394,21 +486,21 @@ def kv_compress(
     budget: Annotated[float, typer.Option(help="Cached K+V dims to keep, a fraction in (0, 1] of the original.", show_default=False)],
     output: OutputOpt,
     train: Annotated[bool, typer.Option("--train/--no-train", help="Matryoshka-train the projections (else PCA only).")] = True,
-    uniform: Annotated[bool, typer.Option("--uniform", help="One rank for every head instead of the greedy search.")] = False,
-    train_steps: Annotated[int, typer.Option(min=1, help="Training steps (batch of --batch-size windows each).")] = 200,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate of the projections and means.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 2,
+    uniform: Annotated[bool, typer.Option("--uniform", help="One rank for every head instead of the rank search.")] = False,
+    train_steps: Annotated[int, typer.Option(min=1, help="Training steps (batch of --batch-size windows each).")] = defaults.KV_TRAIN_STEPS,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the projections and means.")] = defaults.KV_LR,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = defaults.KV_BATCH_SIZE,
     rank_step: Annotated[Optional[int], typer.Option(min=1, help="Rank granularity (default head_dim / 8).", show_default=False)] = None,
     v_init: Annotated[str, typer.Option(help="pca (the paper) or vo (whitened V-O absorb-decompose basis).")] = "pca",
-    train_samples: Annotated[int, typer.Option(min=1, help="Training windows (cycled through).", rich_help_panel=CALIB)] = 200,
-    train_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per training window.", rich_help_panel=CALIB)] = 256,
-    search_samples: Annotated[int, typer.Option(min=1, help="Windows scoring the rank search.", rich_help_panel=CALIB)] = 1,
-    search_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per search window.", rich_help_panel=CALIB)] = 256,
+    train_samples: Annotated[int, typer.Option(min=1, help="Training windows (cycled through).", rich_help_panel=CALIB)] = defaults.KV_TRAIN_WINDOWS[0],
+    train_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per training window.", rich_help_panel=CALIB)] = defaults.KV_TRAIN_WINDOWS[1],
+    search_samples: Annotated[int, typer.Option(min=1, help="Windows scoring the rank search.", rich_help_panel=CALIB)] = defaults.KV_SEARCH_WINDOWS[0],
+    search_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per search window.", rich_help_panel=CALIB)] = defaults.KV_SEARCH_WINDOWS[1],
     eval_tasks: EvalTasksOpt = None,
     eval_limit: EvalLimitOpt = None,
     calib: CalibOpt = "news",
-    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="Windows for the PCA statistics.", rich_help_panel=CALIB)] = 16,
-    calib_seq_len: SeqLenOpt = 512,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="Windows for the PCA statistics.", rich_help_panel=CALIB)] = defaults.KV_PCA_WINDOWS[0],
+    calib_seq_len: SeqLenOpt = defaults.KV_PCA_WINDOWS[1],
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     dtype: DtypeOpt = "float32",
@@ -432,13 +524,13 @@ def kv_compress(
         table = Table(title="kv-compress (MatryoshkaKV)", show_header=False)
         table.add_row("budget asked / reached", f"{cfg.budget:.4g} / {report['budget_reached']:.4g}")
         table.add_row("keys / values share", f"{report['keys_share']:.3f} / {report['values_share']:.3f}")
-        table.add_row("ranks", "uniform" if uniform else "greedy search on output KL")
+        table.add_row("ranks", "uniform" if uniform else "searched on output KL (from uniform)")
         if "loss_curve" in report:
             curve = report["loss_curve"]
             table.add_row("training loss, first / last 10 steps", f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
         out.print(table)
 
-    record = _transform("kv-compress", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+    record, = _transform("kv-compress", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="compressed", summary=summary)
     out.print(f"saved the KV-compressed model to {output} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})

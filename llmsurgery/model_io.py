@@ -33,6 +33,8 @@ class LoadedModel:
     folder: Path | None
     history: dict = field(default_factory=dict)
     quantized: bool = False
+    original: Any = None  # the model as loaded, sharing its tensors (see heal.shared_copy), when a heal follows
+    pending: list = field(default_factory=list)  # history entries of passes run on it in this process, not saved yet
 
 
 def library_versions() -> dict[str, str]:
@@ -260,4 +262,5 @@ def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passe
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(trash, ignore_errors=True)
     loaded.history = history
+    loaded.pending = []
     return out

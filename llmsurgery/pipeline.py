@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import defaults
 from .calibration import CalibConfig, calibration_batches
 from .errors import UserError
 
@@ -62,15 +63,25 @@ class KVCompressOptions(PassOptions):
     budget: float
     train: bool = True
     uniform: bool = False
-    train_steps: int = Field(200, alias="train-steps")
-    lr: float = 1e-3
-    batch_size: int = Field(2, alias="batch-size")
+    train_steps: int = Field(defaults.KV_TRAIN_STEPS, alias="train-steps")
+    lr: float = defaults.KV_LR
+    batch_size: int = Field(defaults.KV_BATCH_SIZE, alias="batch-size")
     rank_step: int | None = Field(None, alias="rank-step")
     v_init: Literal["pca", "vo"] = Field("pca", alias="v-init")
-    train_samples: int = Field(200, alias="train-samples", gt=0)
-    train_seq_len: int = Field(256, alias="train-seq-len", gt=1)
-    search_samples: int = Field(1, alias="search-samples", gt=0)
-    search_seq_len: int = Field(256, alias="search-seq-len", gt=1)
+    train_samples: int = Field(defaults.KV_TRAIN_WINDOWS[0], alias="train-samples", gt=0)
+    train_seq_len: int = Field(defaults.KV_TRAIN_WINDOWS[1], alias="train-seq-len", gt=1)
+    search_samples: int = Field(defaults.KV_SEARCH_WINDOWS[0], alias="search-samples", gt=0)
+    search_seq_len: int = Field(defaults.KV_SEARCH_WINDOWS[1], alias="search-seq-len", gt=1)
+
+
+class HealOptions(PassOptions):
+    pass_: Literal["heal"] = Field(alias="pass")
+    teacher: str | None = Field(None, description="the model to distil from (default: the recipe's input model)")
+    steps: int = Field(defaults.HEAL_STEPS, gt=0)
+    lr: float = Field(defaults.HEAL_LR, gt=0)
+    batch_size: int = Field(defaults.HEAL_BATCH_SIZE, alias="batch-size", gt=0)
+    train: list[str] = list(defaults.HEAL_TRAIN)
+    removed: list[int] | None = None
 
 
 # ----------------------------------------------------------------------------- per-pass config + apply
@@ -151,6 +162,26 @@ def _kv_apply(loaded, cfg) -> dict:
     return kv_compress_(loaded.model, cfg, batches)
 
 
+def _heal_config(o: HealOptions, calib: dict):
+    from .passes.heal import HealConfig
+
+    return HealConfig(teacher=o.teacher, steps=o.steps, lr=o.lr, batch_size=o.batch_size, train=tuple(o.train),
+                      removed=tuple(o.removed) if o.removed is not None else None, seed=o.seed or 0,
+                      calib=o.calib_config(calib, HealConfig.model_fields["calib"].default))
+
+
+def _heal_apply(loaded, cfg) -> dict:
+    from .passes.heal import heal_loaded_
+
+    return heal_loaded_(loaded, cfg, loaded.pending)
+
+
+def _heal_check(cfg, config: dict) -> None:
+    from .arch import arch_for_model_type
+
+    arch_for_model_type(config.get("model_type"))
+
+
 def _rotate_check(cfg, config: dict) -> None:
     from .modeling import uses_surgery_modeling
     from .passes.larosa import check_foldable
@@ -188,6 +219,7 @@ PASSES: dict[str, PassSpec] = {
     "rotate-sparsify": PassSpec(RotateSparsifyOptions, _rotate_config, _rotate_apply, "rotate_sparsify", _rotate_check),
     "absorb": PassSpec(AbsorbOptions, _absorb_config, _absorb_apply, "absorb", _absorb_check),
     "kv-compress": PassSpec(KVCompressOptions, _kv_config, _kv_apply, "kv_compress", _kv_check),
+    "heal": PassSpec(HealOptions, _heal_config, _heal_apply, "heal", _heal_check),
 }
 
 _FIELD_TO_OPTION = {"keep_ratio": "keep-ratio", "train_steps": "train-steps", "batch_size": "batch-size", "rank_step": "rank-step",

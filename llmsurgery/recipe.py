@@ -16,12 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .pipeline import PASSES, AbsorbOptions, KVCompressOptions, PruneBiOptions, RotateSparsifyOptions, build_pass_config
+from .pipeline import PASSES, AbsorbOptions, HealOptions, KVCompressOptions, PruneBiOptions, RotateSparsifyOptions, build_pass_config
 
 RECIPE_VERSION = 1
 RECIPE_FILE = "llmsurgery_recipe.yaml"
 
-PassEntry = Annotated[Union[PruneBiOptions, RotateSparsifyOptions, AbsorbOptions, KVCompressOptions], Field(discriminator="pass_")]
+PassEntry = Annotated[Union[PruneBiOptions, RotateSparsifyOptions, AbsorbOptions, KVCompressOptions, HealOptions], Field(discriminator="pass_")]
 
 
 class _Strict(BaseModel):
@@ -187,6 +187,11 @@ def check_recipe(recipe: Recipe, output: Path | None, force: bool):
     from .model_io import check_output_free, peek_config
 
     configs = pass_configs(recipe)
+    for i, options in enumerate(recipe.passes):
+        earlier = {o.pass_ for o in recipe.passes[:i]}
+        if options.pass_ == "heal" and options.teacher is None and earlier - {"prune-bi"}:
+            raise UserError(f"passes[{i}] (heal): without a teacher it distils towards the input model, so only prune-bi "
+                            f"may come before it (here: {', '.join(sorted(earlier - {'prune-bi'}))})")
     config, folder, _ = peek_config(recipe.model, recipe.trust_remote_code)
     for i, (options, cfg) in enumerate(zip(recipe.passes, configs)):
         check = PASSES[options.pass_].check
@@ -255,12 +260,18 @@ def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | No
         source = load_model(recipe.model, **load, **quant) if quantized else loaded
         baseline = evaluate_model(source, ev.tasks, label="the original model", **scoring)
         del source
-    records = []
+    if any(o.pass_ == "heal" and o.teacher is None for o in recipe.passes):
+        from .passes.heal import shared_copy
+
+        loaded.original = shared_copy(loaded.model)  # the teacher, sharing the weights
+    records = loaded.pending
     for options, cfg in zip(recipe.passes, configs):
         spec = PASSES[options.pass_]
         started = time.perf_counter()
         report = spec.apply(loaded, cfg)
-        records.append(pass_record(spec.record_name, cfg.model_dump(), report, time.perf_counter() - started, loaded.history))
+        so_far = {"passes": [*loaded.history.get("passes", []), *records]}
+        records.append(pass_record(spec.record_name, cfg.model_dump(), report, time.perf_counter() - started, so_far))
+    loaded.original = None
     source = resolve_source(recipe.model)
     model_path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
     save_model(loaded, output, force=force, new_passes=records, recipe_yaml=recipe_text(data, model_path))

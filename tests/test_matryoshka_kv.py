@@ -78,6 +78,31 @@ def test_training_lowers_the_loss_and_search_meets_the_budget(tiny_models):
     assert all(r % report["rank_step"] == 0 for row in report["ranks_k"] + report["ranks_v"] for r in row)
 
 
+def test_search_beats_uniform_ranks_on_held_out_search_windows(tiny_models):
+    from llmsurgery.passes.matryoshka_kv import MatryoshkaState, _total_kl, attach_, detach_, init_from_pca_, search_ranks, uniform_ranks
+
+    loaded = load_model(str(tiny_models["llama"]))
+    model, tok = loaded.model, loaded.tokenizer
+    with torch.no_grad():  # make the heads unequal, as in trained models: the first KV head's values matter most
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[:16] *= 6
+    windows = calibration_batches(tok, CalibConfig(source="pydoc", samples=3, seq_len=48, seed=5))
+    state = MatryoshkaState(16, [[16, 16]] * 6, 2)
+    saved = attach_(model, state)
+    init_from_pca_(model, state, calibration_batches(tok, PCA), v_identity=False)
+    found = search_ranks(model, state, windows, [0.5])
+    with torch.no_grad():
+        state.project = False
+        teacher = [model(input_ids=w.unsqueeze(0), logits_to_keep=24).logits.float().log_softmax(-1) for w in windows[1:]]
+        state.project = True
+        scores = {}
+        for name, ranks in (("uniform", uniform_ranks(state, 0.5)), ("searched", found[0.5])):
+            state.set_ranks(ranks)
+            scores[name] = (_total_kl(model, state, windows[1:], teacher, 24), state.budget())
+    detach_(saved)
+    assert scores["searched"][1] <= 0.5 and scores["searched"][0] < scores["uniform"][0], scores
+
+
 def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, DynamicCache
 

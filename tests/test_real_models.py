@@ -215,3 +215,23 @@ def test_kv_compress_smollm2_training_helps_and_cache_shrinks(smollm2, tmp_path)
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
     per_token = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 / cache.get_seq_length()
     assert per_token == 0.5 * 30 * 2 * 3 * 64 * 4 == json.loads(run_cli("inspect", out, "--json").output)["kv_cache_bytes_per_token"]
+
+
+def test_prune_heal_smollm2_in_one_go(tmp_path):
+    """prune --bi --heal end to end at CI size: the teacher is the original held in memory; the output is stock."""
+    out = tmp_path / "healed"
+    result = run_cli("prune", "--bi", "smollm2-135m", "--remove", "7", "--output", out, "--heal", "--heal-steps", "12",
+                     "--json", tmp_path / "r.json", "--calib-samples", "2")
+    assert result.exit_code == 0, result.output
+    heal = json.loads((tmp_path / "r.json").read_text())["heal"]
+    passes = json.loads((out / "llmsurgery_history.json").read_text())["passes"]
+    assert [p["pass"] for p in passes] == ["block_influence", "heal"]
+    assert heal["removed_layers"] == sorted(passes[0]["report"]["removed_layers"]) and heal["teacher"] == "the input model"
+    assert heal["kept"] and heal["held_out_kl_after"] < heal["held_out_kl_before"]
+    assert len(heal["trained_modules"]) > 4 and heal["trained_parameter_count"] > 1_000_000
+    model = stock_load(out)
+    tok = load_model(str(out)).tokenizer
+    assert len(model.model.layers) == 23
+    with torch.no_grad():
+        ids = model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert ids.shape[1] > 8

@@ -103,6 +103,7 @@ SMALL = {  # every shipped recipe, shrunk to CI size with --set (the recipes the
     "absorb": ["eval.limit=3", "calibration.samples=4"],
     "kv-compress": ["eval.limit=3", "calibration.samples=4", "passes[0].train-steps=2", "passes[0].train-samples=4", "passes[0].uniform=true"],
     "pipeline": ["eval.limit=3", "calibration.samples=4"],
+    "prune-heal": ["eval.limit=3", "calibration.samples=4", "passes[1].steps=3", "passes[1].calib-samples=8"],
 }
 
 

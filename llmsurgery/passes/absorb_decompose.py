@@ -32,7 +32,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..arch import arch_for, arch_for_model_type, decoder_layers, get_submodule
-from ..calibration import CalibConfig
+from ..calibration import CalibConfig, observe_inputs
 from ..console import track
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
@@ -106,27 +106,19 @@ def kept_count(scores: torch.Tensor, current: int, cfg: AbsorbConfig, per: int =
 @torch.no_grad()
 def v_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, the mean of [x, 1]^T [x, 1] over calibration tokens of the v_proj input x, float64 [D+1, D+1]."""
-    spec = arch_for(model)
     layers = decoder_layers(model)
     size = model.config.hidden_size + 1
     sums = [torch.zeros(size, size, dtype=torch.float64) for _ in layers]
     counts = [0] * len(layers)
-    handles = []
-    for i, layer in enumerate(layers):
-        def hook(module, args, i=i):
-            x = args[0].double().flatten(0, -2)  # x: [B*T, D]
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [B*T, D+1]
-            sums[i] += (x.T @ x).cpu()
-            counts[i] += x.shape[0]
-        handles.append(get_submodule(layer, spec.v_proj).register_forward_pre_hook(hook))
-    base = get_submodule(model, spec.layers.rpartition(".")[0])
-    device = next(model.parameters()).device
-    try:
-        for window in track(batches, "Collecting covariances", total=len(batches)):
-            base(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def accumulate(i: int, x: torch.Tensor) -> None:
+        x = x.double().flatten(0, -2)  # x: [B*T, D]
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [B*T, D+1]
+        sums[i] += (x.T @ x).cpu()
+        counts[i] += x.shape[0]
+
+    v_projs = [get_submodule(layer, arch_for(model).v_proj) for layer in layers]
+    observe_inputs(model, batches, v_projs, accumulate, "Collecting covariances")
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 

@@ -28,8 +28,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..arch import ArchSpec, arch_for, decoder_layers, get_submodule
-from ..calibration import CalibConfig
-from ..console import track
+from ..calibration import CalibConfig, observe_inputs
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import add_rotation_adapters_, install_sparsity_hooks_
@@ -74,25 +73,17 @@ def check_foldable(model_type: str) -> None:
 @torch.no_grad()
 def normed_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, sum over calibration tokens of n^T n with n = x / rms(x) (no norm scale), float64 [D, D]."""
-    spec = arch_for(model)
     layers = decoder_layers(model)
     covs = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for _ in layers]
     eps = model.config.rms_norm_eps
-    handles = []
-    for i, layer in enumerate(layers):
-        def hook(module, args, i=i):
-            x = args[0].double().flatten(0, -2)  # x: [B*T, D]
-            n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-            covs[i] += (n.T @ n).cpu()
-        handles.append(get_submodule(layer, spec.attn_norm).register_forward_pre_hook(hook))
-    base = get_submodule(model, spec.layers.rpartition(".")[0])
-    device = next(model.parameters()).device
-    try:
-        for window in track(batches, "Collecting covariances", total=len(batches)):
-            base(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def accumulate(i: int, x: torch.Tensor) -> None:
+        x = x.double().flatten(0, -2)  # x: [B*T, D]
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        covs[i] += (n.T @ n).cpu()
+
+    norms = [get_submodule(layer, arch_for(model).attn_norm) for layer in layers]
+    observe_inputs(model, batches, norms, accumulate, "Collecting covariances")
     return covs
 
 

@@ -14,8 +14,10 @@ into v_proj (bias ``(b - mu^V) U^V_r``); the output ``(a v~) U^V_r^T + mu^V`` is
 2. Train (model frozen): ``U = U_init cayley(X)``, ``cayley(X) = (I - A/2)^-1 (I + A/2)``, ``A = X - X^T``,
    X from zero; each step samples r^K, r^V per (layer, head) from {s, 2s, ..., d} (nested prefixes);
    loss ``0.25 KL(original || compressed) + 0.75 LM``; AdamW, cosine schedule.
-3. Ranks: greedy search (lower by s the (layer, head, K-or-V) rank whose decrement raises the output
-   KL least, a batch of decrements per round) until ``sum(r^K + r^V) / (2 L G d) <= budget``; or uniform.
+3. Ranks: uniform ranks for the budget (``sum(r^K + r^V) / (2 L G d) <= budget``), then rank steps moved
+   between heads on output KL (`search_ranks`); or uniform only. The paper lowers ranks greedily from
+   full, one step at a time; on this CPU that costs hours, and a batched version of it overfitted the
+   few search tokens it could afford (measured: README).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward as _eager
 
+from .. import defaults
 from ..arch import arch_for, decoder_layers, get_submodule, layers_from
-from ..calibration import CalibConfig
-from ..console import stepper, track
+from ..calibration import CalibConfig, observe_inputs
+from ..console import stepper
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import _rope, full_layout, reshape_attention_
@@ -46,15 +49,15 @@ class KVCompressConfig(BaseModel):
     budget: float = Field(gt=0, le=1, description="cached K+V dims kept, as a fraction of the original")
     train: bool = True
     uniform: bool = False
-    train_steps: int = Field(200, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(2, ge=1)
+    train_steps: int = Field(defaults.KV_TRAIN_STEPS, ge=1)
+    lr: float = Field(defaults.KV_LR, gt=0)
+    batch_size: int = Field(defaults.KV_BATCH_SIZE, ge=1)
     rank_step: int | None = Field(None, ge=1, description="rank granularity (default head_dim / 8)")
     v_init: Literal["pca", "vo"] = "pca"
     seed: int = 0
-    calib: CalibConfig = CalibConfig(samples=16, seq_len=512)  # PCA statistics
-    train_calib: CalibConfig = CalibConfig(samples=200, seq_len=256, seed=1)  # the news calibration part holds 232 such windows
-    search_calib: CalibConfig = CalibConfig(samples=1, seq_len=256, seed=2)
+    calib: CalibConfig = CalibConfig(samples=defaults.KV_PCA_WINDOWS[0], seq_len=defaults.KV_PCA_WINDOWS[1])  # PCA statistics
+    train_calib: CalibConfig = CalibConfig(samples=defaults.KV_TRAIN_WINDOWS[0], seq_len=defaults.KV_TRAIN_WINDOWS[1], seed=1)
+    search_calib: CalibConfig = CalibConfig(samples=defaults.KV_SEARCH_WINDOWS[0], seq_len=defaults.KV_SEARCH_WINDOWS[1], seed=2)
 
 
 def check_compressible(config: dict) -> None:
@@ -198,18 +201,11 @@ def detach_(saved: list) -> None:
             attn.forward = forward
 
 
-def _run(model: nn.Module, windows: torch.Tensor, description: str | None = None) -> None:
-    device = next(model.parameters()).device
-    items = track(windows, description, total=len(windows)) if description else windows
-    for window in items:
-        model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-
-
 @torch.no_grad()
 def init_from_pca_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, v_identity: bool) -> None:
     """Means and PCA bases of post-RoPE keys and of values per (layer, KV head)."""
     state.stats, state.project = {}, False
-    _run(model, windows, "Collecting key/value statistics")
+    observe_inputs(model, windows, [], lambda i, x: None, "Collecting key/value statistics")
     stats, state.stats = state.stats, None
     device = state.x_k[0].device
     for (layer, g, kind), (count, total, second) in stats.items():
@@ -298,54 +294,98 @@ def layer_inputs(model: nn.Module, windows: torch.Tensor) -> list[list[torch.Ten
     return result
 
 
-@torch.no_grad()
-def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 6) -> dict[float, dict]:
-    """Greedy rank search on output KL to the original model; the ranks reached at each budget (descending path).
+def _total_kl(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int) -> float:
+    state.refresh_bases()
+    return sum(float(_kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits)) for t, w in zip(teacher, windows))
 
-    Each round scores every possible decrement (a candidate in layer l reruns only layers l.. from the
-    stored layer inputs, KL over the second half of each window) and applies the best batch of them.
+
+@torch.no_grad()
+def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 3) -> dict[float, dict]:
+    """Ranks for each budget: uniform ranks improved by moving rank steps between heads on output KL.
+
+    windows[0] profiles: with the current ranks as context, every (layer, KV head, K or V) is scored at one
+    step less and one step more (a candidate reruns only the layers from its own; KL over the second half of
+    the window). Unused budget goes to the best gains, then steps move from the cheapest losses to the best
+    gains while the gain is larger. A round's moves are kept only if they lower the KL on windows[1:] (held
+    out from profiling; all windows when there is one), halving the moves until they do; at most `rounds`.
     """
     windows = windows.to(next(model.parameters()).device)
+    profile, check = windows[:1], (windows[1:] if len(windows) > 1 else windows)
     keep = max(1, windows.shape[1] // 2)
     state.project = False
     teacher = [model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1) for w in windows]
     state.project = True
-    state.refresh_bases()
-    state.set_ranks({"k": [[state.d] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]})
     total = 2 * len(state.v_widths) * state.groups * state.d
-    lowest = min(budgets)
-    chunk = max(1, math.ceil((state.budget() - lowest) * total / state.step / rounds))
     found: dict[float, dict] = {}
-    tables = {"k": state.rank_k, "v": state.rank_v}
+    with stepper("Searching ranks", len(budgets) * rounds) as step:
+        for b in sorted(budgets, reverse=True):
+            state.set_ranks(uniform_ranks(state, b))
+            current = _total_kl(model, state, check, teacher[-len(check):], keep)
+            for _ in range(rounds):
+                spare = math.floor((b - state.budget()) * total / state.step + 1e-6)
+                groups = _profile_moves(model, state, profile, teacher[:1], keep, spare)
+                applied = 0
+                while groups:
+                    saved = state.ranks()
+                    for kind, layer, g, delta in (move for group in groups for move in group):
+                        getattr(state, f"rank_{kind}")[layer][g] += delta * state.step
+                    new = _total_kl(model, state, check, teacher[-len(check):], keep)
+                    if new < current:
+                        current, applied = new, len(groups)
+                        break
+                    state.set_ranks(saved)
+                    groups = groups[: len(groups) // 2]
+                step(f"budget {b:g}: KL {current:.4f}")
+                if not applied:
+                    break
+            found[b] = state.ranks()
+    state._bases = {}
+    return found
 
-    def error_from(layer: int, inputs: list[list[torch.Tensor]]) -> float:
+
+def _profile_moves(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int,
+                   spare: int) -> list[list[tuple[str, int, int, int]]]:
+    """Groups of rank-step moves (kind, layer, group, +1/-1) that the one-step profile says lower the KL, best first.
+
+    First `spare` single steps up (unused budget), then pairs (one step up, one down) that keep the budget.
+    """
+    state.refresh_bases()
+    inputs = layer_inputs(model, windows)
+
+    def error_from(layer: int) -> float:
         with layers_from(model, layer):
             return sum(float(_kl(t, model(inputs_embeds=x[layer], use_cache=False, logits_to_keep=keep).logits)) for t, x in zip(teacher, inputs))
 
-    with stepper("Searching ranks", rounds + 1) as step:
-        while True:
-            for b in sorted(budgets, reverse=True):
-                if b not in found and state.budget() <= b + 1e-9:
-                    found[b] = state.ranks()
-            if len(found) == len(budgets):
-                break
-            candidates = [(kind, layer, g) for kind, table in tables.items() for layer, row in enumerate(table)
-                          for g, r in enumerate(row) if r > state.step]
-            if not candidates:
-                raise UserError(f"budget {lowest} is below one rank step per head")
-            inputs = layer_inputs(model, windows)
-            scored = []
-            for kind, layer, g in candidates:
-                tables[kind][layer][g] -= state.step
-                scored.append((error_from(layer, inputs), kind, layer, g))
-                tables[kind][layer][g] += state.step
-            next_target = max(b for b in budgets if b not in found)  # never step past a budget asked for
-            needed = math.ceil((state.budget() - next_target) * total / state.step - 1e-9)
-            for _, kind, layer, g in sorted(scored)[: min(chunk, needed)]:
-                tables[kind][layer][g] -= state.step
-            step(f"budget {state.budget():.3f}")
-    state._bases = {}
-    return found
+    losses, gains = [], []
+    for layer in range(len(state.v_widths)):
+        base = error_from(layer)
+        for kind in ("k", "v"):
+            table = getattr(state, f"rank_{kind}")
+            for g in range(state.groups):
+                r, options = table[layer][g], rank_options(state.max_rank(layer, g, kind), state.step)
+                if r - state.step in options:
+                    table[layer][g] = r - state.step
+                    losses.append((error_from(layer) - base, kind, layer, g))
+                if r + state.step in options:
+                    table[layer][g] = r + state.step
+                    gains.append((base - error_from(layer), kind, layer, g))
+                table[layer][g] = r
+    gains.sort(reverse=True)
+    losses.sort()
+    groups = [[(kind, layer, g, 1)] for gain, kind, layer, g in gains[:spare] if gain > 0]
+    raised = {group[0][:3] for group in groups}
+    losses = [x for x in losses if x[1:] not in raised]
+    lowered: set = set()
+    for gain, *up in gains[len(groups):]:
+        if tuple(up) in lowered:
+            continue
+        losses = [x for x in losses if tuple(x[1:]) != tuple(up)]
+        if not losses or gain <= losses[0][0]:
+            break
+        loss, *down = losses.pop(0)
+        lowered.add(tuple(down))
+        groups.append([(*up, 1), (*down, -1)])
+    return groups
 
 
 @torch.no_grad()

@@ -1,0 +1,17 @@
+"""Default knobs of the trained passes, in one light module: pass configs, recipe options and CLI read them here.
+
+Windows are (count, tokens each). The figures these defaults reach are in the README.
+"""
+
+KV_TRAIN_STEPS = 200
+KV_LR = 1e-3
+KV_BATCH_SIZE = 2
+KV_PCA_WINDOWS = (16, 512)
+KV_TRAIN_WINDOWS = (200, 256)  # the news calibration part holds 232 windows of 256 tokens
+KV_SEARCH_WINDOWS = (3, 256)  # the first profiles the rank moves, the others accept or reject them
+
+HEAL_STEPS = 200
+HEAL_LR = 3e-4
+HEAL_BATCH_SIZE = 2
+HEAL_TRAIN = ("norms", "mlp-near-gaps")
+HEAL_WINDOWS = (200, 256)
