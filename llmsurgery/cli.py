@@ -171,11 +171,9 @@ def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, 
 
     then: further (pass name, config, summary) to run after the first before saving (prune --heal). Returns the records.
     """
-    import time
-
     from .evaluate import evaluate_model
-    from .model_io import check_output_free, load_model, pass_record, peek_config, save_model
-    from .pipeline import PASSES
+    from .model_io import check_output_free, load_model, peek_config, save_model
+    from .pipeline import PASSES, run_passes
 
     steps = [(name, cfg, summary), *then]
     config, folder, _ = peek_config(model, trust_remote_code)
@@ -188,21 +186,8 @@ def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, 
     tasks, manager = plan
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
-    if any(step_name == "heal" and not step_cfg.teacher for step_name, step_cfg, _ in then):
-        from .passes.heal import shared_copy
-
-        loaded.original = shared_copy(loaded.model)  # the teacher, sharing the weights
-    for step_name, step_cfg, step_summary in steps:
-        spec = PASSES[step_name]
-        started = time.perf_counter()
-        report = spec.apply(loaded, step_cfg, dry_run=True) if dry_run else spec.apply(loaded, step_cfg)
-        so_far = {"passes": [*loaded.history.get("passes", []), *loaded.pending]}
-        loaded.pending.append(pass_record(spec.record_name, step_cfg.model_dump(), report, time.perf_counter() - started, so_far))
-        step_summary(report)
-        if dry_run:
-            break
-    loaded.original = None
-    records = loaded.pending
+    records = run_passes(loaded, [(step_name, step_cfg) for step_name, step_cfg, _ in steps], dry_run=dry_run,
+                         on_report=lambda i, report: steps[i][2](report))
     if not dry_run:
         if tasks:
             records[-1]["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, column, model)

@@ -222,6 +222,39 @@ PASSES: dict[str, PassSpec] = {
     "heal": PassSpec(HealOptions, _heal_config, _heal_apply, "heal", _heal_check),
 }
 
+def run_passes(loaded, steps: list[tuple[str, BaseModel]], *, dry_run: bool = False,
+               on_report: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Apply passes in order, appending each history record to `loaded.pending`; returns those records.
+
+    A heal after other passes with no teacher of its own distils towards the model as loaded: a second
+    module tree over the same tensors (`heal.shared_copy`), made before the first pass and dropped after
+    the last. A heal that comes first finds its teacher itself (`heal.heal_loaded_`).
+    dry_run: only the first pass, told not to change the model (prune --scores-only, absorb --dry-run).
+    """
+    import time
+
+    from .model_io import pass_record
+
+    if any(name == "heal" and not cfg.teacher and i > 0 for i, (name, cfg) in enumerate(steps)):
+        from .passes.heal import shared_copy
+
+        loaded.original = shared_copy(loaded.model)
+    try:
+        for i, (name, cfg) in enumerate(steps):
+            spec = PASSES[name]
+            started = time.perf_counter()
+            report = spec.apply(loaded, cfg, dry_run=True) if dry_run else spec.apply(loaded, cfg)
+            so_far = {"passes": [*loaded.history.get("passes", []), *loaded.pending]}
+            loaded.pending.append(pass_record(spec.record_name, cfg.model_dump(), report, time.perf_counter() - started, so_far))
+            if on_report is not None:
+                on_report(i, report)
+            if dry_run:
+                break
+    finally:
+        loaded.original = None
+    return loaded.pending
+
+
 _FIELD_TO_OPTION = {"keep_ratio": "keep-ratio", "train_steps": "train-steps", "batch_size": "batch-size", "rank_step": "rank-step",
                     "v_init": "v-init", "samples": "calib-samples", "seq_len": "calib-seq-len", "source": "calib"}
 

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .pipeline import PASSES, AbsorbOptions, HealOptions, KVCompressOptions, PruneBiOptions, RotateSparsifyOptions, build_pass_config
+from .pipeline import PASSES, AbsorbOptions, HealOptions, KVCompressOptions, PruneBiOptions, RotateSparsifyOptions, build_pass_config, run_passes
 
 RECIPE_VERSION = 1
 RECIPE_FILE = "llmsurgery_recipe.yaml"
@@ -238,10 +238,8 @@ def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
 
 def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run a recipe end to end; returns the results, failed gates listed under "failed_gates" (the CLI exits 1 on them)."""
-    import time
-
     from .evaluate import compare, evaluate_model
-    from .model_io import load_model, pass_record, save_model
+    from .model_io import load_model, save_model
     from .sources import resolve_source
 
     recipe, data = read_recipe(path, overrides)
@@ -260,18 +258,7 @@ def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | No
         source = load_model(recipe.model, **load, **quant) if quantized else loaded
         baseline = evaluate_model(source, ev.tasks, label="the original model", **scoring)
         del source
-    if any(o.pass_ == "heal" and o.teacher is None for o in recipe.passes):
-        from .passes.heal import shared_copy
-
-        loaded.original = shared_copy(loaded.model)  # the teacher, sharing the weights
-    records = loaded.pending
-    for options, cfg in zip(recipe.passes, configs):
-        spec = PASSES[options.pass_]
-        started = time.perf_counter()
-        report = spec.apply(loaded, cfg)
-        so_far = {"passes": [*loaded.history.get("passes", []), *records]}
-        records.append(pass_record(spec.record_name, cfg.model_dump(), report, time.perf_counter() - started, so_far))
-    loaded.original = None
+    records = run_passes(loaded, [(options.pass_, cfg) for options, cfg in zip(recipe.passes, configs)])
     source = resolve_source(recipe.model)
     model_path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
     save_model(loaded, output, force=force, new_passes=records, recipe_yaml=recipe_text(data, model_path))

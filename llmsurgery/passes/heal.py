@@ -13,7 +13,6 @@ KL before and after; if healing made it worse, the trained tensors go back to th
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import torch
@@ -26,6 +25,7 @@ from ..arch import arch_for, decoder_layers, get_submodule
 from ..calibration import CalibConfig
 from ..console import stepper
 from ..errors import UserError
+from ..training import cycled_batch, warmup_cosine
 
 TRAIN_CHOICES = ("norms", "mlp-near-gaps", "layers-near-gaps", "all-mlp", "all")
 VALIDATION_WINDOWS = 4
@@ -156,19 +156,13 @@ def heal_(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Ten
     before = {name: p.detach().clone() for name, p in trained.items()}
     kl_before = _held_out_kl(student, teacher_logits, held_out)
     optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, cfg.steps // 10)
-
-    def lr_factor(s: int) -> float:  # linear warm-up, cosine decay to zero
-        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = warmup_cosine(optimizer, cfg.steps)
     device = next(student.parameters()).device
     losses: list[float] = []
     try:
         with stepper("Healing", cfg.steps) as step:
             for s in range(cfg.steps):
-                start = (s * cfg.batch_size) % len(train_windows)
-                batch = train_windows[torch.arange(start, start + cfg.batch_size) % len(train_windows)].to(device)
+                batch = cycled_batch(train_windows, s, cfg.batch_size).to(device)
                 with torch.no_grad():
                     target = teacher_logits(batch)
                 loss = _kl(target, student(input_ids=batch, use_cache=False).logits)

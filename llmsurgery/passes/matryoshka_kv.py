@@ -40,6 +40,7 @@ from ..console import stepper
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import _rope, full_layout, reshape_attention_
+from ..training import cycled_batch, warmup_cosine
 
 
 class KVCompressConfig(BaseModel):
@@ -231,18 +232,13 @@ def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg:
     for p in frozen:
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, cfg.train_steps // 10)
-    def lr_factor(s: int) -> float:  # linear warm-up, cosine decay
-        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.train_steps) / cfg.train_steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = warmup_cosine(optimizer, cfg.train_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     try:
         with stepper("Training projections", cfg.train_steps) as step:
             for s in range(cfg.train_steps):
-                start = (s * cfg.batch_size) % len(windows)
-                batch = windows[torch.arange(start, start + cfg.batch_size) % len(windows)].to(device)  # [b, T]
+                batch = cycled_batch(windows, s, cfg.batch_size).to(device)  # [b, T]
                 with torch.no_grad():
                     state.project = False
                     teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
