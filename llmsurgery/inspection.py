@@ -56,5 +56,17 @@ def describe(spec: str) -> dict:
         "kv_cache_bytes_per_token": kv_bytes_per_token(config, _DTYPE_BYTES.get(dtype, 4)),
         "kv_cache_bytes_per_token_before_surgery": (kv_bytes_per_token({k: v for k, v in config.items() if k != "attention_layout"},
                                                                         _DTYPE_BYTES.get(dtype, 4)) if config.get("attention_layout") else None),
+        "sparse_decode": _sparse_decode_path(config),
         "history": history,
     }
+
+
+def _sparse_decode_path(config: dict) -> str | None:
+    """For Top-K sparse models: which one-token decode path this machine runs (compiled kernel or fallback)."""
+    if not config.get("sparsity_in") and not config.get("sparsity_out"):
+        return None
+    from .modeling.llmsurgery_sparse_kernel import kernel_status
+
+    if config.get("sparse_decode") is False:
+        return "off (sparse_decode is false in config.json): dense products on masked inputs"
+    return kernel_status()

@@ -217,12 +217,12 @@ def _model_card(history: dict, config: dict) -> str:
 
 def _remote_code_files(config: dict, folder: Path | None) -> list[Path]:
     """The modeling files config.json's auto_map names: llmsurgery's own from the package, others from the input."""
-    from .modeling import REMOTE_CODE, REMOTE_MODULE
+    from .modeling import REMOTE_FILES, REMOTE_MODULE
 
     files = []
     for module in sorted({str(v).split(".")[0] for v in (config.get("auto_map") or {}).values()}):
         if module == REMOTE_MODULE:
-            files.append(REMOTE_CODE)
+            files.extend(REMOTE_FILES)
         elif folder is not None and (folder / f"{module}.py").is_file():
             files.append(folder / f"{module}.py")
     return files

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One cache for the whole run (and later runs): converted built-in models, rendered task data.
 os.environ.setdefault("LLMSURGERY_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "llmsurgery"))
+# The sparse decode kernel is compiled afresh for a fresh checkout (tests/test_sparse_decode.py).
+os.environ.setdefault("LLMSURGERY_KERNEL_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "kernels"))
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 

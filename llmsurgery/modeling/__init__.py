@@ -6,6 +6,8 @@ from pathlib import Path
 
 REMOTE_CODE = Path(__file__).with_name("modeling_llmsurgery.py")
 REMOTE_MODULE = REMOTE_CODE.stem
+# Every file the run-time code needs next to the weights (the modeling file imports the kernel module).
+REMOTE_FILES = (REMOTE_CODE, Path(__file__).with_name("llmsurgery_sparse_kernel.py"))
 
 
 def use_surgery_modeling_(config) -> None:

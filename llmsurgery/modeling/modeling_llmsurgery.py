@@ -13,6 +13,9 @@ features on from config.json:
   its own with ``rotation_adapter`` when rotated, (2) keeps the ``1 - sparsity_in`` largest-magnitude
   entries of the normed input to q/k/v and to gate/up, (3) the ``1 - sparsity_out`` largest of the
   inputs to o_proj and down_proj, every token. Change them with ``from_pretrained`` keyword arguments.
+  Decoding one token at a time on CPU, the Top-K and the products after it run in the fused sparse
+  kernel of ``llmsurgery_sparse_kernel.py`` (compiled on first use; PyTorch fallback without a
+  compiler), reading only the kept weight rows; ``sparse_decode=False`` keeps the dense path.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch.nn as nn
 from transformers import Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .llmsurgery_sparse_kernel import load_kernel
 
 # ----------------------------------------------------------------------------- Top-K sparsity
 
@@ -45,8 +50,111 @@ def add_rotation_adapters_(model: nn.Module) -> None:
             layer.register_parameter("rotation_adapter", nn.Parameter(torch.eye(size), requires_grad=False))
 
 
+# Tokens x kept share: the sparse path runs when it reads at most this share of the weight bytes dense reads.
+SPARSE_MAX_READ = 0.8
+
+
+class SparseGroup:
+    """Linear layers of one decoder layer that read the same Top-K-masked input: q|k|v, gate|up, o, or down.
+
+    Calls that read few weight bytes sparse (one token, on CPU, no autograd) run the fused kernel once over
+    one input-major weight [in, sum of outputs] and hand each member its slice. Building that weight turns the
+    members' weights into views of it, so the dense path (prefill, GPU, training) shares the same memory.
+    """
+
+    def __init__(self, parent: nn.Module, names: tuple[str, ...], config, sparsity_key: str):
+        self.parent, self.names, self.config, self.sparsity_key = parent, names, config, sparsity_key
+        self.fused: torch.Tensor | None = None
+        self._pointers: list[int] = []
+        self._input: torch.Tensor | None = None
+        self._taken: torch.Tensor | None = None
+        self._outputs: tuple = ()
+        self.kernel_calls = 0
+        for slot, name in enumerate(names):
+            linear = getattr(parent, name)
+            if type(linear) is nn.Linear:
+                linear.__class__ = SparseLinear
+                linear._sparse_group, linear._sparse_slot = self, slot
+                linear._register_state_dict_hook(_contiguous_weights)
+
+    def members(self) -> list[nn.Module]:
+        return [self.parent._modules[name] for name in self.names]
+
+    def sparsity(self) -> float:
+        return float(self.config.__dict__.get(self.sparsity_key) or 0)  # plain dict reads: this runs several times a layer
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether this input goes through the sparse kernel (which then also does the Top-K)."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        s = self.sparsity()
+        if s <= 0 or (x.numel() // x.shape[-1]) * (1 - s) > SPARSE_MAX_READ or self.config.__dict__.get("sparse_decode") is False:
+            return False
+        for m in self.members():
+            weight = m._parameters.get("weight") if type(m) is SparseLinear and m._sparse_group is self else None
+            if weight is None or weight.dtype != x.dtype or weight.device.type != "cpu":
+                return False
+            if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+                return False
+        if load_kernel() is None:
+            return False
+        self._taken = x  # the members asked next about this very tensor need not check again
+        return True
+
+    def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        if self._input is not x:
+            self._input, self._outputs = x, self._compute(x)
+        return self._outputs[slot]
+
+    def _weight_in(self) -> torch.Tensor:
+        members = self.members()
+        if self.fused is None or self._pointers != [m.weight.data_ptr() for m in members]:
+            fused = torch.cat([m.weight.detach() for m in members]).t().contiguous()  # [in, sum of outputs]
+            at = 0
+            for m in members:
+                rows = m.weight.shape[0]
+                m.weight.data = fused[:, at : at + rows].t()
+                at += rows
+            self.fused, self._pointers = fused, [m.weight.data_ptr() for m in members]
+        return self.fused
+
+    def _compute(self, x: torch.Tensor) -> tuple:
+        weight, members, kernel = self._weight_in(), self.members(), load_kernel()
+        self.kernel_calls += 1
+        n = x.shape[-1]
+        keep = n - int(round(self.sparsity() * n))
+        y = torch.stack([kernel.top_k_gemv(row, keep, weight) for row in x.reshape(-1, n)])  # float32 [tokens, outputs]
+        if any(m.bias is not None for m in members):
+            y += torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.out_features) for m in members])
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y.split([m.out_features for m in members], dim=-1)
+
+
+def _contiguous_weights(module, state_dict, prefix, local_metadata):
+    """Saved weights are standalone [out, in] tensors, not views into a group's input-major weight."""
+    key = prefix + "weight"
+    if key in state_dict and not state_dict[key].is_contiguous():
+        state_dict[key] = state_dict[key].contiguous()
+
+
+class SparseLinear(nn.Linear):
+    """nn.Linear whose calls go through its SparseGroup's kernel when the group takes the input."""
+
+    _sparse_group: SparseGroup
+    _sparse_slot: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self._sparse_group
+        if group._taken is x or group.takes(x):  # the hook or a sibling already said yes for this very input
+            return group.output(x, self._sparse_slot)
+        return super().forward(x)
+
+
 def install_sparsity_hooks_(model: nn.Module) -> list:
-    """Adapters and Top-K on the four inputs of every decoder layer, reading the config at call time."""
+    """Adapters and Top-K on the four inputs of every decoder layer, reading the config at call time.
+
+    Inputs that a SparseGroup takes pass unmasked: its kernel does the Top-K itself.
+    """
     config, handles = model.config, []
 
     def adapter_hook(layer, args, kwargs):
@@ -57,18 +165,19 @@ def install_sparsity_hooks_(model: nn.Module) -> list:
         kwargs["hidden_states"] = kwargs["hidden_states"] @ layer.rotation_adapter.to(kwargs["hidden_states"].dtype)
         return args, kwargs
 
-    def topk_output(module, args, output):  # normed input of q/k/v or gate/up
-        return keep_top_k(output, config.sparsity_in)
+    def topk_output(group: SparseGroup):  # normed input of q/k/v or gate/up
+        return lambda module, args, output: output if group.takes(output) else keep_top_k(output, config.sparsity_in)
 
-    def topk_input(module, args):  # input of o_proj or down_proj
-        return (keep_top_k(args[0], config.sparsity_out), *args[1:])
+    def topk_input(group: SparseGroup):  # input of o_proj or down_proj
+        return lambda module, args: args if group.takes(args[0]) else (keep_top_k(args[0], config.sparsity_out), *args[1:])
 
     for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
         handles.append(layer.register_forward_pre_hook(adapter_hook, with_kwargs=True))
-        handles.append(layer.input_layernorm.register_forward_hook(topk_output))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(topk_output))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(topk_input))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(topk_input))
+        handles.append(layer.input_layernorm.register_forward_hook(topk_output(SparseGroup(attn, ("q_proj", "k_proj", "v_proj"), config, "sparsity_in"))))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(topk_output(SparseGroup(mlp, ("gate_proj", "up_proj"), config, "sparsity_in"))))
+        handles.append(attn.o_proj.register_forward_pre_hook(topk_input(SparseGroup(attn, ("o_proj",), config, "sparsity_out"))))
+        handles.append(mlp.down_proj.register_forward_pre_hook(topk_input(SparseGroup(mlp, ("down_proj",), config, "sparsity_out"))))
     return handles
 
 
