@@ -73,9 +73,10 @@ def gemv_rows(rounds: int) -> list[dict]:
     return rows
 
 
-def _decoder(model, prompt: torch.Tensor, tokens: int):
-    """A callable that prefills `prompt` (untimed) and returns a timed greedy decode of `tokens` tokens."""
+def _decoder(model, prompt: torch.Tensor, tokens: int, sparse_decode: bool = True):
+    """A callable that prefills `prompt` (untimed) and returns the seconds of a greedy decode of `tokens` tokens."""
     def run() -> float:
+        model.config.sparse_decode = sparse_decode
         with torch.no_grad():
             out = model(prompt, use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -87,20 +88,11 @@ def _decoder(model, prompt: torch.Tensor, tokens: int):
     return run
 
 
-def _sparse_flag(model, on: bool):
-    def set_and_run(run):
-        def call():
-            model.config.sparse_decode = on
-            return run()
-        return call
-    return set_and_run
-
-
 def decode_row(name: str, dense, sparse, prompt: torch.Tensor, tokens: int, rounds: int) -> dict:
     """tokens/s of dense original, sparse model on the kernel, sparse model on its dense masked path."""
     runs = {"dense original": _decoder(dense, prompt, tokens),
-            "sparse, kernel": _sparse_flag(sparse, True)(_decoder(sparse, prompt, tokens)),
-            "sparse, dense path": _sparse_flag(sparse, False)(_decoder(sparse, prompt, tokens))}
+            "sparse, kernel": _decoder(sparse, prompt, tokens),
+            "sparse, dense path": _decoder(sparse, prompt, tokens, sparse_decode=False)}
     seconds: dict = {k: [] for k in runs}
     for r in range(rounds + 1):
         for k, run in runs.items():

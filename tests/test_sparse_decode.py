@@ -62,6 +62,8 @@ def test_kernel_rejects_mismatched_inputs(kernel):
         kernel.top_k_gemv(torch.randn(4), 2, torch.randn(4, 3).to(torch.bfloat16))
     with pytest.raises(ValueError):
         kernel.top_k_gemv(torch.randn(5), 2, torch.randn(4, 3))
+    with pytest.raises(ValueError):  # a short index buffer is refused before the kernel could write past it
+        kernel.top_k_gemv(torch.randn(4), 3, torch.randn(4, 3), indices=torch.empty(2, dtype=torch.int32))
 
 
 def _sparse_model(tiny_models, arch, method, sparsity=0.4):

@@ -182,13 +182,17 @@ def _cpu_flags() -> str:
         return platform.processor() + platform.machine()
 
 
+def _library_name(flags: list[str]) -> str:
+    return "sparse_gemv" + "".join(f.replace("=", "").replace("-", "_") for f in flags) + ".so"
+
+
 def _build(compiler: str) -> tuple[Path, str]:
     """Compile SOURCE (cached) and return the library path and the flags that worked."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
     key = hashlib.sha256("\0".join((SOURCE, compiler, version, _cpu_flags())).encode()).hexdigest()[:16]
     folder = _cache_dir() / key
     for flags in _FLAG_SETS:
-        lib = folder / f"sparse_gemv{''.join(f.replace('=', '').replace('-', '_') for f in flags)}.so"
+        lib = folder / _library_name(flags)
         if lib.exists():
             return lib, " ".join(flags)
     folder.mkdir(parents=True, exist_ok=True)
@@ -197,7 +201,7 @@ def _build(compiler: str) -> tuple[Path, str]:
         src = Path(tmp) / "sparse_gemv.cpp"
         src.write_text(SOURCE)
         for flags in _FLAG_SETS:
-            lib = folder / f"sparse_gemv{''.join(f.replace('=', '').replace('-', '_') for f in flags)}.so"
+            lib = folder / _library_name(flags)
             built = Path(tmp) / lib.name
             cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", *flags, str(src), "-o", str(built)]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -222,20 +226,23 @@ class SparseKernel:
         self.path, self.flags, self.compiler = path, flags, compiler
         self.openmp = bool(self.lib.llmsurgery_openmp())
 
-    def top_k_gemv(self, x: torch.Tensor, keep: int, weight_in: torch.Tensor, out: torch.Tensor | None = None,
-                   indices: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 [out] = x[kept] @ weight_in[kept] for the `keep` largest |x|. x: [in]; weight_in: [in, out] rows contiguous."""
+    def top_k_gemv(self, x: torch.Tensor, keep: int, weight_in: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [out] = x[kept] @ weight_in[kept] for the `keep` largest |x|. x: [in]; weight_in: [in, out] rows contiguous.
+
+        indices: optional int32 buffer of min(keep, in) entries that receives the kept input channels, ascending.
+        """
         if x.dtype != weight_in.dtype or x.dtype not in _DTYPES:
             raise TypeError(f"sparse kernel takes float32 or bfloat16 x and weights of one dtype, got {x.dtype}/{weight_in.dtype}")
         n, cols = weight_in.shape
-        if x.numel() != n or weight_in.stride(1) != 1 or x.device.type != "cpu":
+        if x.numel() != n or weight_in.stride(1) != 1 or x.device.type != "cpu" or weight_in.device.type != "cpu":
             raise ValueError("sparse kernel needs a CPU vector of the weight's input size and rows of contiguous columns")
+        keep = max(0, min(int(keep), n))
+        if indices is not None and (indices.dtype != torch.int32 or not indices.is_contiguous() or indices.numel() != keep):
+            raise ValueError(f"the index buffer must be a contiguous int32 tensor of {keep} entries")
         x = x.contiguous()
-        out = torch.empty(cols, dtype=torch.float32) if out is None else out
-        kept = self._fn(x.data_ptr(), n, int(keep), weight_in.data_ptr(), weight_in.stride(0), cols, _DTYPES[x.dtype],
-                        out.data_ptr(), torch.get_num_threads(), indices.data_ptr() if indices is not None else None)
-        if indices is not None and kept != indices.numel():
-            raise ValueError(f"kept {kept} rows, index buffer holds {indices.numel()}")
+        out = torch.empty(cols, dtype=torch.float32)
+        self._fn(x.data_ptr(), n, keep, weight_in.data_ptr(), weight_in.stride(0), cols, _DTYPES[x.dtype],
+                 out.data_ptr(), torch.get_num_threads(), indices.data_ptr() if indices is not None else None)
         return out
 
     def describe(self) -> str:
