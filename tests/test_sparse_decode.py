@@ -28,7 +28,7 @@ def kernel():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fan_in,fan_out", [(64, 96), (301, 70), (700, 2100)])
+@pytest.mark.parametrize("fan_in,fan_out", [(64, 96), (301, 70), (700, 2100), (300, 9000)])  # the last: several column tiles a thread
 @pytest.mark.parametrize("sparsity", [0.0, 0.4, 0.9])
 def test_kernel_equals_dense_product_on_its_top_k_mask(kernel, dtype, fan_in, fan_out, sparsity):
     torch.manual_seed(fan_in + fan_out)
@@ -57,6 +57,14 @@ def test_kernel_breaks_ties_towards_the_lowest_index(kernel):
     assert indices.tolist() == [1, 2, 4]
 
 
+def test_kernel_ranks_nan_largest_like_torch(kernel):
+    x = torch.tensor([0.5, float("nan"), -3.0, 1.0])
+    indices = torch.empty(2, dtype=torch.int32)
+    y = kernel.top_k_gemv(x, 2, torch.eye(4), indices=indices)
+    assert indices.tolist() == sorted(x.abs().topk(2).indices.tolist()) == [1, 2]
+    assert y.isnan().all()  # as in the dense product: 0 * NaN is NaN
+
+
 def test_kernel_rejects_mismatched_inputs(kernel):
     with pytest.raises(TypeError):
         kernel.top_k_gemv(torch.randn(4), 2, torch.randn(4, 3).to(torch.bfloat16))
@@ -78,16 +86,18 @@ def _kernel_calls(model) -> int:
 
 
 @torch.no_grad()
-def _decode_logits(model, sparse: bool, steps: int = 3) -> torch.Tensor:
-    """Prefill PROMPT, then decode `steps` tokens one at a time; the logits of every step, stacked."""
-    model.config.sparse_decode = sparse
+def _decode_logits(model, sparse: bool | None, steps: int = 3) -> torch.Tensor:
+    """Prefill PROMPT, then decode `steps` tokens one at a time (sparse_decode set unless None); every step's logits."""
+    if sparse is not None:
+        model.config.sparse_decode = sparse
     out = model(PROMPT, use_cache=True)
     cache, token, logits = out.past_key_values, PROMPT[:, -1:], []
     for _ in range(steps):
         out = model(token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         logits.append(out.logits.double())
-    model.config.sparse_decode = True
+    if sparse is not None:
+        model.config.sparse_decode = True
     return torch.cat(logits)
 
 
@@ -115,25 +125,54 @@ def test_bfloat16_model_decodes_through_the_kernel(kernel, tiny_models):
     assert (sparse - exact).abs().max() <= 1.5 * (dense - exact).abs().max()
 
 
+def test_a_deep_copy_decodes_on_its_own_weights(kernel, tiny_models):
+    import copy
+
+    model = _sparse_model(tiny_models, "llama", "magnitude")
+    expected = _decode_logits(model, sparse=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    assert not torch.allclose(_decode_logits(twin, sparse=True), expected)
+    torch.testing.assert_close(_decode_logits(model, sparse=True), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_decode_logits(twin, sparse=True), _decode_logits(twin, sparse=False), rtol=0, atol=1e-5)
+
+
 def test_training_and_prefill_keep_the_dense_path(kernel, tiny_models):
     model = _sparse_model(tiny_models, "qwen2", "larosa")
+    with torch.inference_mode():  # a first decode under inference_mode builds the fused weights as ordinary tensors
+        model(PROMPT[:, :1])
+    assert _kernel_calls(model) == 4 * model.config.num_hidden_layers
     with torch.no_grad():
         model(PROMPT)
     for p in model.parameters():
         p.requires_grad_(True)
     model(PROMPT[:, :1]).logits.sum().backward()  # autograd needs the dense products
-    assert _kernel_calls(model) == 0
+    assert _kernel_calls(model) == 4 * model.config.num_hidden_layers
     assert model.model.layers[0].mlp.down_proj.weight.grad is not None
 
 
 def test_saved_model_decodes_sparse_and_saves_again(kernel, tiny_models, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     out = tmp_path / "sparse"
     result = run_cli("rotate-sparsify", tiny_models["llama"], "--sparsity", "0.4", "--output", out, "--calib", "pydoc",
                      "--calib-samples", "3", "--calib-seq-len", "48")
     assert result.exit_code == 0, result.output
     assert (out / "llmsurgery_sparse_kernel.py").is_file()
+    forced_dense = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, sparse_decode=False)
+    _decode_logits(forced_dense, sparse=None)
+    assert _kernel_calls(forced_dense) == 0
+    quantized = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert type(quantized.model.layers[0].mlp.gate_proj).__name__ == "Linear8bitLt"  # quantizers still see nn.Linear
+    assert torch.isfinite(_decode_logits(quantized, sparse=True)).all() and _kernel_calls(quantized) == 0
+    masked = {}
+    for s_out in (0.0, 0.9):  # the Top-K on o_proj/down_proj inputs follows the quantized replacements
+        q = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, sparsity_in=0.0, sparsity_out=s_out,
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        masked[s_out] = _decode_logits(q, sparse=None, steps=1)
+    assert (masked[0.9] - masked[0.0]).abs().max() > 1e-3
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # the copies next to the weights
     dense = _decode_logits(model, sparse=False)
     torch.testing.assert_close(_decode_logits(model, sparse=True), dense, rtol=0, atol=1e-5)

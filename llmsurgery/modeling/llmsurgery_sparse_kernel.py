@@ -45,6 +45,9 @@ static inline float bf16(uint16_t v) {
     return f;
 }
 
+// |v|, with NaN ranked largest as torch.topk does.
+static inline float magnitude(float v) { return std::isnan(v) ? INFINITY : std::fabs(v); }
+
 // The k largest |x| (ties: lowest index first), ascending indices, with their values.
 static int select_top_k(const float* x, int n, int k, int* idx, float* xs) {
     if (k >= n) {
@@ -53,14 +56,14 @@ static int select_top_k(const float* x, int n, int k, int* idx, float* xs) {
     }
     if (k <= 0) return 0;
     std::vector<float> mag(n);
-    for (int i = 0; i < n; ++i) mag[i] = std::fabs(x[i]);
+    for (int i = 0; i < n; ++i) mag[i] = magnitude(x[i]);
     std::nth_element(mag.begin(), mag.begin() + (n - k), mag.end());
     const float t = mag[n - k];
     int above = 0;
-    for (int i = 0; i < n; ++i) above += std::fabs(x[i]) > t;
+    for (int i = 0; i < n; ++i) above += magnitude(x[i]) > t;
     int ties = k - above, m = 0;
     for (int i = 0; i < n && m < k; ++i) {
-        const float a = std::fabs(x[i]);
+        const float a = magnitude(x[i]);
         if (a > t || (a == t && ties > 0)) {
             if (!(a > t)) --ties;
             idx[m] = i; xs[m] = x[i]; ++m;
@@ -241,8 +244,10 @@ class SparseKernel:
             raise ValueError(f"the index buffer must be a contiguous int32 tensor of {keep} entries")
         x = x.contiguous()
         out = torch.empty(cols, dtype=torch.float32)
-        self._fn(x.data_ptr(), n, keep, weight_in.data_ptr(), weight_in.stride(0), cols, _DTYPES[x.dtype],
-                 out.data_ptr(), torch.get_num_threads(), indices.data_ptr() if indices is not None else None)
+        kept = self._fn(x.data_ptr(), n, keep, weight_in.data_ptr(), weight_in.stride(0), cols, _DTYPES[x.dtype],
+                        out.data_ptr(), torch.get_num_threads(), indices.data_ptr() if indices is not None else None)
+        if kept != keep:
+            raise RuntimeError(f"sparse kernel kept {kept} of {n} inputs, asked for {keep}")
         return out
 
     def describe(self) -> str:

@@ -20,6 +20,7 @@ features on from config.json:
 
 from __future__ import annotations
 
+import copy
 import types
 
 import torch
@@ -60,22 +61,31 @@ class SparseGroup:
     Calls that read few weight bytes sparse (one token, on CPU, no autograd) run the fused kernel once over
     one input-major weight [in, sum of outputs] and hand each member its slice. Building that weight turns the
     members' weights into views of it, so the dense path (prefill, GPU, training) shares the same memory.
+    The members stay plain nn.Linear (their forward is patched per instance), so quantizers still replace them;
+    a replaced member takes the group back to the dense path.
     """
 
     def __init__(self, parent: nn.Module, names: tuple[str, ...], config, sparsity_key: str):
         self.parent, self.names, self.config, self.sparsity_key = parent, names, config, sparsity_key
         self.fused: torch.Tensor | None = None
         self._pointers: list[int] = []
-        self._input: torch.Tensor | None = None
+        self._cache: tuple | None = None  # (input, outputs), one tuple so that threads never mix the two
         self._taken: torch.Tensor | None = None
-        self._outputs: tuple = ()
         self.kernel_calls = 0
         for slot, name in enumerate(names):
             linear = getattr(parent, name)
             if type(linear) is nn.Linear:
-                linear.__class__ = SparseLinear
                 linear._sparse_group, linear._sparse_slot = self, slot
+                linear.forward = types.MethodType(_sparse_linear_forward, linear)
                 linear._register_state_dict_hook(_contiguous_weights)
+
+    def __deepcopy__(self, memo):
+        """Copies keep no caches: the copy builds its own input-major weight from its own members."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.parent, new.config = copy.deepcopy(self.parent, memo), copy.deepcopy(self.config, memo)
+        new.fused, new._pointers, new._cache, new._taken = None, [], None, None
+        return new
 
     def members(self) -> list[nn.Module]:
         return [self.parent._modules[name] for name in self.names]
@@ -86,14 +96,14 @@ class SparseGroup:
     def takes(self, x: torch.Tensor) -> bool:
         """Whether this input goes through the sparse kernel (which then also does the Top-K)."""
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-            return False
+            return self._release()
         s = self.sparsity()
         if s <= 0 or (x.numel() // x.shape[-1]) * (1 - s) > SPARSE_MAX_READ or self.config.__dict__.get("sparse_decode") is False:
             return False
         for m in self.members():
-            weight = m._parameters.get("weight") if type(m) is SparseLinear and m._sparse_group is self else None
+            weight = m._parameters.get("weight") if m.__dict__.get("_sparse_group") is self else None
             if weight is None or weight.dtype != x.dtype or weight.device.type != "cpu":
-                return False
+                return self._release()
             if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                 return False
         if load_kernel() is None:
@@ -101,20 +111,28 @@ class SparseGroup:
         self._taken = x  # the members asked next about this very tensor need not check again
         return True
 
+    def _release(self) -> bool:
+        """Drop the input-major weight once the members no longer live in it (moved, cast, replaced). False."""
+        if self.fused is not None and self._pointers != [m.weight.data_ptr() if hasattr(m, "weight") else None for m in self.members()]:
+            self.fused, self._pointers = None, []
+        return False
+
     def output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        if self._input is not x:
-            self._input, self._outputs = x, self._compute(x)
-        return self._outputs[slot]
+        cache = self._cache
+        if cache is None or cache[0] is not x:
+            cache = self._cache = (x, self._compute(x))
+        return cache[1][slot]
 
     def _weight_in(self) -> torch.Tensor:
         members = self.members()
         if self.fused is None or self._pointers != [m.weight.data_ptr() for m in members]:
-            fused = torch.cat([m.weight.detach() for m in members]).t().contiguous()  # [in, sum of outputs]
-            at = 0
-            for m in members:
-                rows = m.weight.shape[0]
-                m.weight.data = fused[:, at : at + rows].t()
-                at += rows
+            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, so that training still works later
+                fused = torch.cat([m.weight.detach() for m in members]).t().contiguous()  # [in, sum of outputs]
+                at = 0
+                for m in members:
+                    rows = m.weight.shape[0]
+                    m.weight.data = fused[:, at : at + rows].t()
+                    at += rows
             self.fused, self._pointers = fused, [m.weight.data_ptr() for m in members]
         return self.fused
 
@@ -137,48 +155,63 @@ def _contiguous_weights(module, state_dict, prefix, local_metadata):
         state_dict[key] = state_dict[key].contiguous()
 
 
-class SparseLinear(nn.Linear):
-    """nn.Linear whose calls go through its SparseGroup's kernel when the group takes the input."""
-
-    _sparse_group: SparseGroup
-    _sparse_slot: int
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self._sparse_group
-        if group._taken is x or group.takes(x):  # the hook or a sibling already said yes for this very input
-            return group.output(x, self._sparse_slot)
-        return super().forward(x)
+def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A group member's forward: its slice of the group's kernel output when the group takes x, else nn.Linear's."""
+    group = self._sparse_group
+    if group._taken is x or group.takes(x):  # the hook or a sibling already said yes for this very tensor
+        return group.output(x, self._sparse_slot)
+    return nn.Linear.forward(self, x)
 
 
-def install_sparsity_hooks_(model: nn.Module) -> list:
+def _adapt_and_rehook(layer, args, kwargs):
+    """Decoder-layer pre-hook: hook the Top-K onto o_proj/down_proj if a quantizer replaced them; rotate the stream in."""
+    for group in layer._sparse_input_groups:
+        _hook_input_top_k(group)
+    if not hasattr(layer, "rotation_adapter"):
+        return None
+    if args:
+        return (args[0] @ layer.rotation_adapter.to(args[0].dtype), *args[1:]), kwargs
+    kwargs["hidden_states"] = kwargs["hidden_states"] @ layer.rotation_adapter.to(kwargs["hidden_states"].dtype)
+    return args, kwargs
+
+
+def _mask_output(norm, args, output):
+    """Norm forward hook: Top-K of the normed input of q/k/v or gate/up, unless the group's kernel does it."""
+    group = norm._sparse_feeds
+    return output if group.takes(output) else keep_top_k(output, group.sparsity())
+
+
+def _mask_input(linear, args):
+    """o_proj/down_proj forward pre-hook: Top-K of their input, unless the group's kernel does it."""
+    group = linear._sparse_input_group
+    return args if group.takes(args[0]) else (keep_top_k(args[0], group.sparsity()), *args[1:])
+
+
+def _hook_input_top_k(group: SparseGroup) -> None:
+    linear = group.members()[0]
+    if "_sparse_input_group" not in linear.__dict__:
+        linear._sparse_input_group = group
+        linear.register_forward_pre_hook(_mask_input)
+
+
+def install_sparsity_hooks_(model: nn.Module) -> None:
     """Adapters and Top-K on the four inputs of every decoder layer, reading the config at call time.
 
-    Inputs that a SparseGroup takes pass unmasked: its kernel does the Top-K itself.
+    Inputs that a SparseGroup takes pass unmasked: its kernel does the Top-K itself. The hooks find their
+    group through the module they sit on, so a deep copy of the model masks with its own config.
     """
-    config, handles = model.config, []
-
-    def adapter_hook(layer, args, kwargs):
-        if not hasattr(layer, "rotation_adapter"):
-            return None
-        if args:
-            return (args[0] @ layer.rotation_adapter.to(args[0].dtype), *args[1:]), kwargs
-        kwargs["hidden_states"] = kwargs["hidden_states"] @ layer.rotation_adapter.to(kwargs["hidden_states"].dtype)
-        return args, kwargs
-
-    def topk_output(group: SparseGroup):  # normed input of q/k/v or gate/up
-        return lambda module, args, output: output if group.takes(output) else keep_top_k(output, config.sparsity_in)
-
-    def topk_input(group: SparseGroup):  # input of o_proj or down_proj
-        return lambda module, args: args if group.takes(args[0]) else (keep_top_k(args[0], config.sparsity_out), *args[1:])
-
+    config = model.config
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        handles.append(layer.register_forward_pre_hook(adapter_hook, with_kwargs=True))
-        handles.append(layer.input_layernorm.register_forward_hook(topk_output(SparseGroup(attn, ("q_proj", "k_proj", "v_proj"), config, "sparsity_in"))))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(topk_output(SparseGroup(mlp, ("gate_proj", "up_proj"), config, "sparsity_in"))))
-        handles.append(attn.o_proj.register_forward_pre_hook(topk_input(SparseGroup(attn, ("o_proj",), config, "sparsity_out"))))
-        handles.append(mlp.down_proj.register_forward_pre_hook(topk_input(SparseGroup(mlp, ("down_proj",), config, "sparsity_out"))))
-    return handles
+        layer.input_layernorm._sparse_feeds = SparseGroup(attn, ("q_proj", "k_proj", "v_proj"), config, "sparsity_in")
+        layer.post_attention_layernorm._sparse_feeds = SparseGroup(mlp, ("gate_proj", "up_proj"), config, "sparsity_in")
+        layer._sparse_input_groups = (SparseGroup(attn, ("o_proj",), config, "sparsity_out"),
+                                      SparseGroup(mlp, ("down_proj",), config, "sparsity_out"))
+        layer.register_forward_pre_hook(_adapt_and_rehook, with_kwargs=True)
+        layer.input_layernorm.register_forward_hook(_mask_output)
+        layer.post_attention_layernorm.register_forward_hook(_mask_output)
+        for group in layer._sparse_input_groups:
+            _hook_input_top_k(group)
 
 
 # ----------------------------------------------------------------------------- absorbed attention

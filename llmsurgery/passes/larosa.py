@@ -192,6 +192,7 @@ def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: Rotate
     config = model.config
     config.sparsity_in, config.sparsity_out = cfg.sparsity_in, cfg.sparsity_out
     config.rotated = rotations is not None
+    config.sparse_decode = True  # one-token CPU decoding through the sparse kernel; from_pretrained(..., sparse_decode=False) turns it off
     use_surgery_modeling_(config)
     install_sparsity_hooks_(model)
     report |= {"sparsity_in": cfg.sparsity_in, "sparsity_out": cfg.sparsity_out,
