@@ -36,6 +36,7 @@ from rich.table import Table
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.llmsurgery_sparse_kernel import kernel_status, load_kernel
+from llmsurgery.modeling.modeling_llmsurgery import sparse_kernel_calls
 from llmsurgery.passes.larosa import RotateSparsifyConfig, rotate_sparsify_
 
 SPARSITY = 0.4
@@ -101,11 +102,9 @@ def decode_row(name: str, dense, sparse, prompt: torch.Tensor, tokens: int, roun
                 seconds[k].append(elapsed)
     sparse.config.sparse_decode = True
     tps = {k: tokens / statistics.median(v) for k, v in seconds.items()}
-    groups = {id(m._sparse_group): m._sparse_group for m in sparse.modules() if hasattr(m, "_sparse_group")}
-    calls = sum(g.kernel_calls for g in groups.values())
     return {"model": name, **{f"{k} tok/s": v for k, v in tps.items()},
             "speedup": tps["sparse, kernel"] / tps["dense original"],
-            "masked dense vs original": tps["sparse, dense path"] / tps["dense original"], "kernel calls": calls}
+            "masked dense vs original": tps["sparse, dense path"] / tps["dense original"], "kernel calls": sparse_kernel_calls(sparse)}
 
 
 def smollm2_row(args) -> dict:
@@ -138,8 +137,7 @@ def llama7b_shaped_row(args) -> dict:
 
 def prefill_row(dense, sparse, prompt: torch.Tensor, rounds: int) -> dict:
     """A 64-token prefill: the sparse model chooses its dense path by itself (no kernel call); time vs the original."""
-    groups = {id(m._sparse_group): m._sparse_group for m in sparse.modules() if hasattr(m, "_sparse_group")}
-    before = sum(g.kernel_calls for g in groups.values())
+    before = sparse_kernel_calls(sparse)
 
     def prefill(model):
         with torch.no_grad():
@@ -147,7 +145,7 @@ def prefill_row(dense, sparse, prompt: torch.Tensor, rounds: int) -> dict:
 
     t = _interleaved({"dense": lambda: prefill(dense), "sparse": lambda: prefill(sparse)}, rounds)
     return {"prefill_tokens": prompt.shape[1], "prefill_ratio": t["dense"] / t["sparse"],
-            "prefill_kernel_calls": sum(g.kernel_calls for g in groups.values()) - before}
+            "prefill_kernel_calls": sparse_kernel_calls(sparse) - before}
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from helpers import PROMPT, run_cli
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.llmsurgery_sparse_kernel import load_kernel
+from llmsurgery.modeling.modeling_llmsurgery import sparse_kernel_calls
 from llmsurgery.passes.larosa import RotateSparsifyConfig, rotate_sparsify_
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
@@ -80,11 +81,6 @@ def _sparse_model(tiny_models, arch, method, sparsity=0.4):
     return loaded.model
 
 
-def _kernel_calls(model) -> int:
-    groups = {id(m._sparse_group): m._sparse_group for m in model.modules() if hasattr(m, "_sparse_group")}
-    return sum(g.kernel_calls for g in groups.values())
-
-
 @torch.no_grad()
 def _decode_logits(model, sparse: bool | None, steps: int = 3) -> torch.Tensor:
     """Prefill PROMPT, then decode `steps` tokens one at a time (sparse_decode set unless None); every step's logits."""
@@ -106,10 +102,10 @@ def _decode_logits(model, sparse: bool | None, steps: int = 3) -> torch.Tensor:
 def test_sparse_decode_gives_the_dense_path_logits(kernel, tiny_models, arch, method):
     model = _sparse_model(tiny_models, arch, method)
     dense = _decode_logits(model, sparse=False)
-    assert _kernel_calls(model) == 0
+    assert sparse_kernel_calls(model) == 0
     sparse = _decode_logits(model, sparse=True)
     layers = model.config.num_hidden_layers
-    assert _kernel_calls(model) == 3 * 4 * layers  # one call per group (q|k|v, o, gate|up, down) and step; prefill stays dense
+    assert sparse_kernel_calls(model) == 3 * 4 * layers  # one call per group (q|k|v, o, gate|up, down) and step; prefill stays dense
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-5)
     assert not torch.equal(sparse, _decode_logits(_sparse_model(tiny_models, arch, method, sparsity=0.0), sparse=True))
 
@@ -120,7 +116,7 @@ def test_bfloat16_model_decodes_through_the_kernel(kernel, tiny_models):
     model = model.to(torch.bfloat16)
     dense = _decode_logits(model, sparse=False, steps=1)
     sparse = _decode_logits(model, sparse=True, steps=1)
-    assert _kernel_calls(model) == 4 * model.config.num_hidden_layers
+    assert sparse_kernel_calls(model) == 4 * model.config.num_hidden_layers
     # Both bfloat16 paths round differently; the kernel (float32 accumulation) strays no further from float32.
     assert (sparse - exact).abs().max() <= 1.5 * (dense - exact).abs().max()
 
@@ -143,13 +139,13 @@ def test_training_and_prefill_keep_the_dense_path(kernel, tiny_models):
     model = _sparse_model(tiny_models, "qwen2", "larosa")
     with torch.inference_mode():  # a first decode under inference_mode builds the fused weights as ordinary tensors
         model(PROMPT[:, :1])
-    assert _kernel_calls(model) == 4 * model.config.num_hidden_layers
+    assert sparse_kernel_calls(model) == 4 * model.config.num_hidden_layers
     with torch.no_grad():
         model(PROMPT)
     for p in model.parameters():
         p.requires_grad_(True)
     model(PROMPT[:, :1]).logits.sum().backward()  # autograd needs the dense products
-    assert _kernel_calls(model) == 4 * model.config.num_hidden_layers
+    assert sparse_kernel_calls(model) == 4 * model.config.num_hidden_layers
     assert model.model.layers[0].mlp.down_proj.weight.grad is not None
 
 
@@ -163,10 +159,10 @@ def test_saved_model_decodes_sparse_and_saves_again(kernel, tiny_models, tmp_pat
     assert (out / "llmsurgery_sparse_kernel.py").is_file()
     forced_dense = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, sparse_decode=False)
     _decode_logits(forced_dense, sparse=None)
-    assert _kernel_calls(forced_dense) == 0
+    assert sparse_kernel_calls(forced_dense) == 0
     quantized = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     assert type(quantized.model.layers[0].mlp.gate_proj).__name__ == "Linear8bitLt"  # quantizers still see nn.Linear
-    assert torch.isfinite(_decode_logits(quantized, sparse=True)).all() and _kernel_calls(quantized) == 0
+    assert torch.isfinite(_decode_logits(quantized, sparse=True)).all() and sparse_kernel_calls(quantized) == 0
     masked = {}
     for s_out in (0.0, 0.9):  # the Top-K on o_proj/down_proj inputs follows the quantized replacements
         q = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, sparsity_in=0.0, sparsity_out=s_out,
@@ -176,7 +172,7 @@ def test_saved_model_decodes_sparse_and_saves_again(kernel, tiny_models, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # the copies next to the weights
     dense = _decode_logits(model, sparse=False)
     torch.testing.assert_close(_decode_logits(model, sparse=True), dense, rtol=0, atol=1e-5)
-    assert _kernel_calls(model) > 0
+    assert sparse_kernel_calls(model) > 0
     model.save_pretrained(tmp_path / "again")  # weights are views of the fused input-major ones now
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)
     torch.testing.assert_close(_decode_logits(again, sparse=False), dense, rtol=0, atol=0)

@@ -148,6 +148,12 @@ class SparseGroup:
         return y.split([m.out_features for m in members], dim=-1)
 
 
+def sparse_kernel_calls(model: nn.Module) -> int:
+    """How many kernel calls the model's SparseGroups have made (each group counted once)."""
+    groups = {id(m._sparse_group): m._sparse_group for m in model.modules() if "_sparse_group" in m.__dict__}
+    return sum(g.kernel_calls for g in groups.values())
+
+
 def _contiguous_weights(module, state_dict, prefix, local_metadata):
     """Saved weights are standalone [out, in] tensors, not views into a group's input-major weight."""
     key = prefix + "weight"
