@@ -4,7 +4,7 @@ For one model (default smollm2-135m): token-level perplexity on held-out news ar
 evaluation part of the built-in ``news`` corpus, one window per article) at each KV budget, for
 PCA-initialised projections and for the same projections after Matryoshka training (the command's
 defaults: 200 steps of 2 x 256 news tokens, lr 1e-3), each with uniform ranks and with the rank
-search (3 x 256 tokens of output KL; for PCA-only with --search-pca). The projections run unfolded here (the same maths that
+search (20 x 256 tokens of output KL; for PCA-only with --search-pca). The projections run unfolded here (the same maths that
 ``fold_`` writes into the weights, tested exact). Prints the training time and a table.
 
     python benchmarks/kv_compress.py [--model smollm2-135m] [--budgets 0.75,0.5,0.375] [--train-steps 200] [--docs 20] [--v-init pca] [--state FILE]

@@ -6,8 +6,6 @@ An architecture that is not listed here gets a clear error instead of a guess.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -87,20 +85,3 @@ def set_decoder_layers_(model: nn.Module, layers: nn.ModuleList) -> None:
     """Replace the decoder-layer list in place (used by layer removal)."""
     parent_path, _, name = arch_for(model).layers.rpartition(".")
     setattr(get_submodule(model, parent_path) if parent_path else model, name, layers)
-
-
-@contextmanager
-def layers_from(model: nn.Module, start: int) -> Iterator[None]:
-    """Temporarily run only decoder layers start.. (feed their input as `inputs_embeds`); config lists follow."""
-    spec, layers, config = arch_for(model), decoder_layers(model), model.config
-    saved = {key: getattr(config, key, None) for key in spec.per_layer_config_lists}
-    set_decoder_layers_(model, nn.ModuleList(list(layers)[start:]))
-    for key, values in saved.items():
-        if isinstance(values, list) and len(values) == len(layers):
-            setattr(config, key, values[start:])
-    try:
-        yield
-    finally:
-        set_decoder_layers_(model, layers)
-        for key, values in saved.items():
-            setattr(config, key, values)

@@ -137,16 +137,63 @@ def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "o").exists()
 
 
-def test_running_a_suffix_of_layers_from_stored_inputs_matches_the_full_model(tiny_model):
-    from llmsurgery.arch import decoder_layers, layers_from
-    from llmsurgery.passes.matryoshka_kv import layer_inputs
+def test_step_gates_reproduce_the_ranks_and_their_gradients_are_the_kl_slope(tiny_models):
+    """The search's first-order profile: gates at the current ranks give the truncated model exactly, and
+    the estimate for each step is minus the KL's derivative along its gate (checked by central differences)."""
+    from llmsurgery.passes.matryoshka_kv import (
+        MatryoshkaState,
+        _step_gradients,
+        _total_kl,
+        attach_,
+        detach_,
+        init_from_pca_,
+        rank_options,
+        uniform_ranks,
+    )
 
-    model = load_model(str(tiny_model)).model
+    loaded = load_model(str(tiny_models["qwen2"]))
+    model, tok = loaded.model, loaded.tokenizer
+    model.double()
+    windows = calibration_batches(tok, CalibConfig(source="pydoc", samples=2, seq_len=40, seed=5))
+    state = MatryoshkaState(16, [[16, 16]] * 6, 4).double()
+    saved = attach_(model, state)
+    init_from_pca_(model, state, calibration_batches(tok, PCA), v_identity=False)
+    state.init_k, state.init_v = [u.double() for u in state.init_k], [u.double() for u in state.init_v]
     with torch.no_grad():
-        full = model(input_ids=PROMPT, use_cache=False, logits_to_keep=8).logits
-        inputs = layer_inputs(model, PROMPT)
-        for start in (1, 4):
-            with layers_from(model, start):
-                part = model(inputs_embeds=inputs[0][start], use_cache=False, logits_to_keep=8).logits
-            torch.testing.assert_close(part, full, rtol=0, atol=1e-5)
-    assert len(decoder_layers(model)) == 6
+        state.project = False
+        teacher = [model(input_ids=w.unsqueeze(0), logits_to_keep=20).logits.double().log_softmax(-1) for w in windows]
+        state.project = True
+    ranks = uniform_ranks(state, 0.5)
+    ranks["k"][2][1], ranks["v"][4][0] = 4, 12
+    state.set_ranks(ranks)
+    gains, losses = _step_gradients(model, state, windows, teacher, 20)
+    assert state.ranks() == ranks and state.gates is None and all(p.requires_grad for p in model.parameters())
+    assert len(gains) == 2 * 6 * 2 and len(losses) == len(gains) - 1  # K of layer 2, head 1 sits at the lowest rank
+
+    def kl_with_gates(kind=None, layer=None, g=None, step=None, value=None) -> float:
+        gates = {}
+        for k, table in (("k", ranks["k"]), ("v", ranks["v"])):
+            for i, row in enumerate(table):
+                for j, r in enumerate(row):
+                    gates[k, i, j] = (torch.arange(len(rank_options(16, 4))) < r // 4).double()
+        if kind:
+            gates[kind, layer, g][step] = value
+        state.set_ranks({"k": [[16, 16]] * 6, "v": [[16, 16]] * 6})
+        state.gates = gates
+        try:
+            with torch.no_grad():
+                return _total_kl(model, state, windows, teacher, 20)
+        finally:
+            state.gates = None
+            state.set_ranks(ranks)
+
+    with torch.no_grad():
+        assert kl_with_gates() == pytest.approx(_total_kl(model, state, windows, teacher, 20), rel=1e-10)
+    eps = 1e-3
+    for direction, (estimate, kind, layer, g) in (("up", gains[0]), ("up", gains[-1]), ("down", losses[0]), ("down", losses[-1])):
+        on = ranks[kind][layer][g] // 4  # steps kept; up opens step `on` (gate 0), down closes step `on - 1` (gate 1)
+        step, at = (on, 0.0) if direction == "up" else (on - 1, 1.0)
+        slope = (kl_with_gates(kind, layer, g, step, at + eps) - kl_with_gates(kind, layer, g, step, at - eps)) / (2 * eps)
+        assert estimate == pytest.approx(-slope, rel=1e-3)  # attention softmax runs in float32
+    assert gains[0][0] > gains[-1][0] and losses[0][0] < losses[-1][0]
+    detach_(saved)

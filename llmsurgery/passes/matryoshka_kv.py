@@ -15,9 +15,10 @@ into v_proj (bias ``(b - mu^V) U^V_r``); the output ``(a v~) U^V_r^T + mu^V`` is
    X from zero; each step samples r^K, r^V per (layer, head) from {s, 2s, ..., d} (nested prefixes);
    loss ``0.25 KL(original || compressed) + 0.75 LM``; AdamW, cosine schedule.
 3. Ranks: uniform ranks for the budget (``sum(r^K + r^V) / (2 L G d) <= budget``), then rank steps moved
-   between heads on output KL (`search_ranks`); or uniform only. The paper lowers ranks greedily from
-   full, one step at a time; on this CPU that costs hours, and a batched version of it overfitted the
-   few search tokens it could afford (measured: README).
+   between heads on output KL (`search_ranks`, scored to first order through per-step gates and kept only
+   when the exact KL on held-out windows falls); or uniform only. The paper lowers ranks greedily from
+   full, one step at a time; on this CPU that costs hours, and the exact one-window versions tried here
+   fitted the few search tokens they could afford (measured: README).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward as _eager
 
 from .. import defaults
-from ..arch import arch_for, decoder_layers, get_submodule, layers_from
+from ..arch import arch_for, decoder_layers, get_submodule
 from ..calibration import CalibConfig, observe_inputs
 from ..console import stepper
 from ..errors import UserError
@@ -105,6 +106,7 @@ class MatryoshkaState(nn.Module):
         self.rank_v = [list(layer) for layer in v_widths]
         self.project = False
         self.stats: dict | None = None
+        self.gates: dict | None = None
         self._bases: dict = {}
 
     def max_rank(self, layer: int, group: int, kind: str) -> int:
@@ -123,6 +125,10 @@ class MatryoshkaState(nn.Module):
     def bases(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         u_k, u_v = self._bases[layer * self.groups + group]
         return u_k[:, : self.rank_k[layer][group]], u_v[:, : self.rank_v[layer][group]]
+
+    def gate_columns(self, layer: int, group: int, kind: str) -> torch.Tensor:
+        """Per basis column, the gate of the rank step holding it."""
+        return self.gates[kind, layer, group].repeat_interleave(self.step)[: self.max_rank(layer, group, kind)]
 
     def sample_ranks_(self, generator: torch.Generator) -> None:
         """Nested-prefix training: every (layer, head, K/V) rank drawn from {s, 2s, ..., max}."""
@@ -165,6 +171,8 @@ def projected_attention_forward(self, hidden_states, position_embeddings=None, a
             u_k, u_v = state.bases(layer, g)  # [d, r_k], [w, r_v]
             i = layer * state.groups + g
             qg, kg, vg = qg @ u_k, (kg - state.mu_k[i]) @ u_k, (vg - state.mu_v[i]) @ u_v
+            if state.gates is not None:  # the search's rank-step gates (`_step_gradients`)
+                kg, vg = kg * state.gate_columns(layer, g, "k"), vg * state.gate_columns(layer, g, "v")
         out, _ = attend(self, qg, kg, vg, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)  # [B, T, n_rep, r_v]
         if state.project:
             out = out @ u_v.T + state.mu_v[i]
@@ -221,7 +229,7 @@ def init_from_pca_(model: nn.Module, state: MatryoshkaState, windows: torch.Tens
 
 
 def _kl(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    logp = logits.float().log_softmax(-1)
+    logp = logits.to(teacher_logp.dtype).log_softmax(-1)
     return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
 
 
@@ -269,44 +277,25 @@ def uniform_ranks(state: MatryoshkaState, budget: float) -> dict:
             "v": [[min(r, w) for w in state.v_widths[layer]] for layer in layers]}
 
 
-@torch.no_grad()
-def layer_inputs(model: nn.Module, windows: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Per window, the hidden states entering every decoder layer ([1, T, D] each)."""
-    captured: list[torch.Tensor] = []
-
-    def hook(module, args, kwargs):
-        captured.append(args[0] if args else kwargs["hidden_states"])
-
-    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in decoder_layers(model)]
-    try:
-        result = []
-        for window in windows:
-            captured.clear()
-            model(input_ids=window.unsqueeze(0), use_cache=False, logits_to_keep=1)
-            result.append(list(captured))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return result
-
-
 def _total_kl(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int) -> float:
     state.refresh_bases()
     return sum(float(_kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits)) for t, w in zip(teacher, windows))
 
 
 @torch.no_grad()
-def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 3) -> dict[float, dict]:
+def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 4) -> dict[float, dict]:
     """Ranks for each budget: uniform ranks improved by moving rank steps between heads on output KL.
 
-    windows[0] profiles: with the current ranks as context, every (layer, KV head, K or V) is scored at one
-    step less and one step more (a candidate reruns only the layers from its own; KL over the second half of
-    the window). Unused budget goes to the best gains, then steps move from the cheapest losses to the best
-    gains while the gain is larger. A round's moves are kept only if they lower the KL on windows[1:] (held
-    out from profiling; all windows when there is one), halving the moves until they do; at most `rounds`.
+    The first three quarters of the windows profile (at least one), the rest check (all windows when
+    there is one). Each round scores every (layer, KV head, K or V) one step lower and one step higher at
+    the current ranks, to first order (`_step_gradients`); unused budget goes to the best gains, then steps
+    move from the cheapest losses to the best gains while the gain is larger. A round's moves are kept only
+    if they lower the exact KL (second half of each window) on the check windows, halving the moves until
+    they do; at most `rounds`.
     """
     windows = windows.to(next(model.parameters()).device)
-    profile, check = windows[:1], (windows[1:] if len(windows) > 1 else windows)
+    split = max(1, (3 * len(windows)) // 4) if len(windows) > 1 else 1
+    profile, check = windows[:split], (windows[split:] if len(windows) > 1 else windows)
     keep = max(1, windows.shape[1] // 2)
     state.project = False
     teacher = [model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1) for w in windows]
@@ -319,7 +308,7 @@ def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor
             current = _total_kl(model, state, check, teacher[-len(check):], keep)
             for _ in range(rounds):
                 spare = math.floor((b - state.budget()) * total / state.step + 1e-6)
-                groups = _profile_moves(model, state, profile, teacher[:1], keep, spare)
+                groups = _moves(*_step_gradients(model, state, profile, teacher[: len(profile)], keep), spare)
                 applied = 0
                 while groups:
                     saved = state.ranks()
@@ -339,35 +328,53 @@ def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor
     return found
 
 
-def _profile_moves(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int,
-                   spare: int) -> list[list[tuple[str, int, int, int]]]:
-    """Groups of rank-step moves (kind, layer, group, +1/-1) that the one-step profile says lower the KL, best first.
+def _step_gradients(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor],
+                    keep: int) -> tuple[list, list]:
+    """First-order KL change of one rank step less and one more for every (layer, KV head, K or V).
 
-    First `spare` single steps up (unused budget), then pairs (one step up, one down) that keep the budget.
+    Every step of every basis gets a gate on its coordinates (1 inside the current rank, 0 outside); one
+    backward pass per window gives dKL/dgate, so a step down costs about -grad of the last kept step and a
+    step up gains about -grad of the next one. This scores all 4 L G candidates on many windows for the
+    price of one forward and backward each (exact one-window scoring reran the layers per candidate and
+    fitted its window). Returns (gains, losses) as sorted (estimate, kind, layer, group) lists.
     """
-    state.refresh_bases()
-    inputs = layer_inputs(model, windows)
+    ranks, gates = state.ranks(), {}
+    for kind, table in (("k", state.rank_k), ("v", state.rank_v)):
+        for layer, row in enumerate(table):
+            for g, r in enumerate(row):
+                options = rank_options(state.max_rank(layer, g, kind), state.step)
+                gates[kind, layer, g] = torch.zeros(len(options), device=state.x_k[0].device)
+                gates[kind, layer, g][: options.index(r) + 1] = 1
+                gates[kind, layer, g].requires_grad_(True)
+    params = [p for p in [*model.parameters(), *state.parameters()] if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    state.set_ranks({"k": [[state.d] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]})
+    state.gates = gates
+    try:
+        with torch.enable_grad():
+            state.refresh_bases()
+            for t, w in zip(teacher, windows):
+                _kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits).backward()
+    finally:
+        state.gates, state._bases = None, {}
+        state.set_ranks(ranks)
+        for p in params:
+            p.requires_grad_(True)
+    gains, losses = [], []
+    for (kind, layer, g), gate in gates.items():
+        on = int(gate.detach().sum())
+        grad = gate.grad if gate.grad is not None else torch.zeros_like(gate)
+        if on > 1:
+            losses.append((-float(grad[on - 1]), kind, layer, g))
+        if on < len(gate):
+            gains.append((-float(grad[on]), kind, layer, g))
+    return sorted(gains, reverse=True), sorted(losses)
 
-    def error_from(layer: int) -> float:
-        with layers_from(model, layer):
-            return sum(float(_kl(t, model(inputs_embeds=x[layer], use_cache=False, logits_to_keep=keep).logits)) for t, x in zip(teacher, inputs))
 
-    losses, gains = [], []
-    for layer in range(len(state.v_widths)):
-        base = error_from(layer)
-        for kind in ("k", "v"):
-            table = getattr(state, f"rank_{kind}")
-            for g in range(state.groups):
-                r, options = table[layer][g], rank_options(state.max_rank(layer, g, kind), state.step)
-                if r - state.step in options:
-                    table[layer][g] = r - state.step
-                    losses.append((error_from(layer) - base, kind, layer, g))
-                if r + state.step in options:
-                    table[layer][g] = r + state.step
-                    gains.append((base - error_from(layer), kind, layer, g))
-                table[layer][g] = r
-    gains.sort(reverse=True)
-    losses.sort()
+def _moves(gains: list, losses: list, spare: int) -> list[list[tuple[str, int, int, int]]]:
+    """Groups of rank-step moves (kind, layer, group, +1/-1), best first: first `spare` single steps up
+    (unused budget), then pairs (one step up, one down) that keep the budget while the gain beats the loss."""
     groups = [[(kind, layer, g, 1)] for gain, kind, layer, g in gains[:spare] if gain > 0]
     raised = {group[0][:3] for group in groups}
     losses = [x for x in losses if x[1:] not in raised]
