@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -228,6 +230,19 @@ def init_from_pca_(model: nn.Module, state: MatryoshkaState, windows: torch.Tens
             state.mu_v[i].data = mean.float().to(device)
 
 
+@contextmanager
+def _frozen(params) -> Iterator[None]:
+    """Stop gradients to the parameters that take them; restore exactly those afterwards."""
+    frozen = [p for p in params if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def _kl(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     logp = logits.to(teacher_logp.dtype).log_softmax(-1)
     return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
@@ -236,15 +251,12 @@ def _kl(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompressConfig) -> list[float]:
     """Matryoshka distillation of the projections and means only; returns the loss per step."""
     device = next(model.parameters()).device
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, cfg.train_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     try:
-        with stepper("Training projections", cfg.train_steps) as step:
+        with _frozen(model.parameters()), stepper("Training projections", cfg.train_steps) as step:
             for s in range(cfg.train_steps):
                 batch = cycled_batch(windows, s, cfg.batch_size).to(device)  # [b, T]
                 with torch.no_grad():
@@ -263,8 +275,6 @@ def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg:
                 losses.append(round(loss.item(), 5))
                 step(f"loss {loss.item():.4f}")
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         state._bases = {}
     return losses
 
@@ -294,7 +304,7 @@ def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor
     they do; at most `rounds`.
     """
     windows = windows.to(next(model.parameters()).device)
-    split = max(1, (3 * len(windows)) // 4) if len(windows) > 1 else 1
+    split = max(1, 3 * len(windows) // 4)
     profile, check = windows[:split], (windows[split:] if len(windows) > 1 else windows)
     keep = max(1, windows.shape[1] // 2)
     state.project = False
@@ -346,21 +356,16 @@ def _step_gradients(model: nn.Module, state: MatryoshkaState, windows: torch.Ten
                 gates[kind, layer, g] = torch.zeros(len(options), device=state.x_k[0].device)
                 gates[kind, layer, g][: options.index(r) + 1] = 1
                 gates[kind, layer, g].requires_grad_(True)
-    params = [p for p in [*model.parameters(), *state.parameters()] if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
     state.set_ranks({"k": [[state.d] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]})
     state.gates = gates
     try:
-        with torch.enable_grad():
+        with _frozen([*model.parameters(), *state.parameters()]), torch.enable_grad():
             state.refresh_bases()
             for t, w in zip(teacher, windows):
                 _kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits).backward()
     finally:
         state.gates, state._bases = None, {}
         state.set_ranks(ranks)
-        for p in params:
-            p.requires_grad_(True)
     gains, losses = [], []
     for (kind, layer, g), gate in gates.items():
         on = int(gate.detach().sum())
