@@ -17,7 +17,7 @@ from .errors import UserError
 class CalibConfig(BaseModel):
     """What `--calib`, `--calib-samples`, `--calib-seq-len` and `--seed` describe."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     source: str = "news"
     samples: int = Field(8, gt=0)
@@ -44,6 +44,27 @@ def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_window_count(tokenizer, cfg: CalibConfig, stream: torch.Tensor) -> int:
+    """The window body length (tokens after BOS), or a UserError when the stream holds fewer windows than asked."""
+    body = cfg.seq_len - (1 if tokenizer.bos_token_id is not None else 0)
+    n_windows = len(stream) // body
+    if n_windows < cfg.samples:
+        raise UserError(
+            f"calibration source '{cfg.source}' has {len(stream)} tokens: only {n_windows} windows of "
+            f"{cfg.seq_len} tokens, fewer than the {cfg.samples} asked for"
+        )
+    return body
+
+
+def check_calibration_sizes(tokenizer, configs: list[CalibConfig]) -> None:
+    """Before any model loads: every source holds the windows asked of it (each source tokenized once)."""
+    streams: dict[str, torch.Tensor] = {}
+    for cfg in configs:
+        if cfg.source not in streams:
+            streams[cfg.source] = token_stream(tokenizer, source_documents(cfg.source))
+        check_window_count(tokenizer, cfg, streams[cfg.source])
+
+
 def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     """`cfg.samples` non-overlapping windows of `cfg.seq_len` tokens, chosen by `cfg.seed`.
 
@@ -52,13 +73,8 @@ def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     """
     stream = token_stream(tokenizer, source_documents(cfg.source))
     bos = tokenizer.bos_token_id
-    body = cfg.seq_len - (1 if bos is not None else 0)
+    body = check_window_count(tokenizer, cfg, stream)
     n_windows = len(stream) // body
-    if n_windows < cfg.samples:
-        raise UserError(
-            f"calibration source '{cfg.source}' has {len(stream)} tokens: only {n_windows} windows of "
-            f"{cfg.seq_len} tokens, fewer than the {cfg.samples} asked for"
-        )
     gen = torch.Generator().manual_seed(cfg.seed)
     starts = torch.randperm(n_windows, generator=gen)[: cfg.samples].sort().values * body
     windows = torch.stack([stream[s : s + body] for s in starts.tolist()])  # [N, body]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, defaults
@@ -50,24 +54,42 @@ def main(
     _state["debug"] = debug
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def _fail(prefix: str, message: str, code: int) -> typer.Exit:
+    if _state["debug"]:
+        traceback.print_exc()
+    err.print(f"[bold red]{prefix}:[/bold red] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
 def handles_errors(fn: Callable) -> Callable:
-    """Bad input -> one line on stderr and exit 2; a failed gate -> exit 1."""
+    """Bad input -> one line on stderr and exit 2; a failed gate -> exit 1; a kill (SIGINT, SIGTERM) -> exit 130.
+
+    An OSError (a full disk, a permission) is the machine's answer to the user's input: exit 2 as well. Anything
+    else is a bug: one line and exit 1; `--debug` shows the traceback of every one of them.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            if _state["debug"]:
-                traceback.print_exc()
-            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise _fail("error", str(exc), 2) from None
         except GateFailed as exc:
-            err.print(f"[bold red]gate failed:[/bold red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise _fail("gate failed", str(exc), 1) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            raise _fail("error", f"{exc.strerror or exc}{where}", 2) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - never a traceback on the user's terminal
+            raise _fail("error", f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback", 1) from None
 
     return wrapper
 
@@ -99,6 +121,14 @@ def write_json(path: Path | None, payload: dict) -> None:
         err.print(f"wrote {path}")
 
 
+def check_files(**paths: Path | None) -> None:
+    """Files a command will write at the end (--json, --plot), checked before any work."""
+    from .model_io import check_file_target
+
+    for option, path in paths.items():
+        check_file_target(path, f"--{option}")
+
+
 @app.command("eval")
 @handles_errors
 def eval_cmd(
@@ -115,11 +145,14 @@ def eval_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Score MODEL with lm-eval, offline built-in tasks included; with --baseline, side by side."""
+    check_files(json=json_path)
     from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
-    from .model_io import load_model
+    from .model_io import load_model, peek_config
 
     task_list = parse_tasks(tasks)
     manager = check_tasks(task_list)
+    for spec in (model, baseline) if baseline else (model,):  # both checked before either is scored
+        peek_config(spec, trust_remote_code)
     load = functools.partial(load_model, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
                              load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     base_metrics = None
@@ -158,10 +191,20 @@ def _eval_after_pass(loaded, plan, limit: int | None, baseline, column: str, ori
     return rows
 
 
+_CALIB_OPTIONS = {"source": "calib", "samples": "calib-samples", "seq_len": "calib-seq-len", "seed": "seed"}
+
+
 def _pydantic_error(exc) -> UserError:
+    """A config's first validation error, located by the option's command-line name (`--split: ...`)."""
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return UserError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}")
+    names = [str(p) for p in first["loc"] if isinstance(p, str)]
+    option = None
+    if len(names) >= 2 and names[0].endswith("calib"):
+        prefix = names[0].removesuffix("calib").removesuffix("_")
+        option = f"{prefix}-{_CALIB_OPTIONS.get(names[1], names[1]).removeprefix('calib-')}" if prefix else _CALIB_OPTIONS.get(names[1], names[1])
+    elif names:
+        option = names[0].replace("_", "-")
+    return UserError(f"{'--' + option + ': ' if option else ''}{first['msg'].removeprefix('Value error, ')}")
 
 
 def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, dtype: str, device: str, trust_remote_code: bool,
@@ -173,13 +216,11 @@ def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, 
     """
     from .evaluate import evaluate_model
     from .model_io import check_output_free, load_model, peek_config, save_model
-    from .pipeline import PASSES, run_passes
+    from .pipeline import check_passes, run_passes
 
     steps = [(name, cfg, summary), *then]
     config, folder, _ = peek_config(model, trust_remote_code)
-    for step_name, step_cfg, _ in steps:
-        if PASSES[step_name].check is not None:
-            PASSES[step_name].check(step_cfg, config)
+    check_passes([(step_name, step_cfg) for step_name, step_cfg, _ in steps], config, folder, trust_remote_code)
     if not dry_run:
         check_output_free(output, force, folder)
     plan = _eval_plan(None if dry_run else eval_tasks)
@@ -234,6 +275,7 @@ def prune(
     json_path: JsonOpt = None,
 ) -> None:
     """Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."""
+    check_files(json=json_path, plot=plot)
     from .calibration import CalibConfig
     from .passes.block_influence import BlockInfluenceConfig
     from .plotting import save_score_plot, score_table
@@ -327,6 +369,7 @@ def heal(
     json_path: JsonOpt = None,
 ) -> None:
     """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a standard checkpoint."""
+    check_files(json=json_path)
     cfg = _heal_config(steps=steps, lr=lr, train=train, calib=calib, seed=seed, teacher=teacher, removed=removed,
                        batch_size=batch_size, samples=calib_samples, seq_len=calib_seq_len)
     record, = _transform("heal", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
@@ -365,6 +408,7 @@ def rotate_sparsify(
     json_path: JsonOpt = None,
 ) -> None:
     """LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."""
+    check_files(json=json_path)
     from .calibration import CalibConfig
     from .passes.larosa import RotateSparsifyConfig
 
@@ -438,6 +482,7 @@ def absorb(
 
     Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless).
     """
+    check_files(json=json_path, plot=plot)
     from .calibration import CalibConfig
     from .passes.absorb_decompose import AbsorbConfig
     from .plotting import save_spectra_plot
@@ -494,6 +539,7 @@ def kv_compress(
     json_path: JsonOpt = None,
 ) -> None:
     """MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."""
+    check_files(json=json_path)
     from .calibration import CalibConfig
     from .passes.matryoshka_kv import KVCompressConfig
 
@@ -536,6 +582,7 @@ def run_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Run a recipe: its passes in order, then its evaluation; exit 1 if a quality gate fails."""
+    check_files(json=json_path)
     from .recipe import run_recipe
 
     results = run_recipe(recipe, output, overrides or [], force)
@@ -554,13 +601,18 @@ def run_cmd(
 @handles_errors
 def recipe_validate(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (overrides the recipe's), as for `run`.",
+                                                   rich_help_panel=IO, show_default=False)] = None,
     overrides: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="As for `run`: an existing output folder would be replaced.", rich_help_panel=IO)] = False,
 ) -> None:
-    """Check a recipe (keys, types, ranges, pass compatibility, tasks, gates) without running it."""
-    from .recipe import check_recipe, read_recipe
+    """Check a recipe without running it: everything `run` with the same arguments would refuse before working.
 
-    parsed, _ = read_recipe(recipe, overrides or [])
-    check_recipe(parsed, None, False)
+    Keys, types, ranges, pass compatibility, the model's files, calibration sources, tasks, gate metrics, device, output.
+    """
+    from .recipe import prepare_recipe
+
+    parsed, *_ = prepare_recipe(recipe, output, overrides or [], force, need_output=False)
     passes = ", ".join(p.pass_ for p in parsed.passes)
     gates = len(parsed.eval.gates) if parsed.eval else 0
     out.print(f"{recipe}: valid (version {parsed.version}; {parsed.model}: {passes}; {gates} gate(s))")
@@ -584,9 +636,9 @@ def convert(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."""
-    from .model_io import check_output_free, load_model, save_model
+    from .model_io import check_output_free, load_model, peek_config, save_model
 
-    check_output_free(output, force)
+    check_output_free(output, force, peek_config(model, trust_remote_code)[1])
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     save_model(loaded, output, force=force)
     out.print(f"saved {model} to {output}")
@@ -617,16 +669,41 @@ def inspect(model: ModelArg, json_out: Annotated[bool, typer.Option("--json", he
         out.print("  no passes (converted only)")
 
 
+def _interrupt(signum, frame) -> None:
+    """SIGTERM and SIGHUP end a run the way Ctrl-C does: the temporary output is removed, nothing is written."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+    raise KeyboardInterrupt
+
+
+def _quiet_third_parties() -> None:
+    """llmsurgery draws its own progress; the libraries' bars, tables and warnings stay off the terminal."""
+    for key, value in (("TQDM_DISABLE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+    if "--debug" not in sys.argv:
+        warnings.simplefilter("ignore")
+
+
 def run() -> None:
     """Console entry point: usage errors (unknown option, bad value) also get one line and exit 2."""
+    _quiet_third_parties()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
         err.print("aborted")
         code = 1
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        code = 130
     except Exception as exc:  # click's UsageError and friends (typer vendors click)
-        if not hasattr(exc, "format_message"):
-            raise
-        err.print(f"[bold red]error:[/bold red] {exc.format_message()}", highlight=False, soft_wrap=True)
-        code = getattr(exc, "exit_code", 2)
+        if "--debug" in sys.argv:
+            traceback.print_exc()
+        if hasattr(exc, "format_message"):
+            message, code = exc.format_message(), getattr(exc, "exit_code", 2)
+        else:
+            message, code = f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback", 1
+        err.print(f"[bold red]error:[/bold red] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)

@@ -36,3 +36,16 @@ def stepper(description: str, total: int) -> Iterator:
     with Progress(*columns, console=err, transient=False) as progress:
         task = progress.add_task(description, total=total, note="")
         yield lambda note="": progress.update(task, advance=1, note=note)
+
+
+@contextmanager
+def quiet_transformers():
+    """Keep transformers' own tables and warnings (LOAD REPORT, ...) off the user's terminal; errors still raise."""
+    from transformers import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)

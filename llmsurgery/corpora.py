@@ -13,6 +13,7 @@ calibration part (used by passes). The two never overlap.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -81,10 +82,29 @@ def evaluation_documents(name: str) -> list[str]:
     return split_documents(builtin_documents(name))[1]
 
 
+def _read_text_file(path: Path) -> str:
+    """A calibration file's text, refused when it is not text: binary, not UTF-8, or control characters."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read calibration file {path}: {exc.strerror}") from None
+    if b"\x00" in raw:
+        raise UserError(f"calibration file {path} is binary, not text (it holds NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"calibration file {path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\n\r\t\f")
+    if controls > max(2, len(text) // 100):
+        raise UserError(f"calibration file {path} does not look like text ({controls} control characters)")
+    return text
+
+
 def _file_documents(path: Path) -> list[str]:
+    text = _read_text_file(path)
     if path.suffix == ".jsonl":
         docs = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -94,11 +114,25 @@ def _file_documents(path: Path) -> list[str]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UserError(f"{path}:{lineno}: each line needs a string field 'text'")
             docs.append(record["text"])
-        return docs
-    if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return [p.strip() for p in text.split("\n\n") if p.strip()]
-    raise UserError(f"calibration file {path} must end in .txt or .jsonl")
+    elif path.suffix == ".txt":
+        docs = [p.strip() for p in text.split("\n\n")]
+    else:
+        raise UserError(f"calibration file {path} must end in .txt or .jsonl")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise UserError(f"calibration file {path} holds no text")
+    return docs
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_file_documents(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    return tuple(_file_documents(Path(path)))
+
+
+def file_documents(path: Path) -> list[str]:
+    """The documents of a .txt/.jsonl calibration file, checked once per version of the file."""
+    stat = path.stat()
+    return list(_checked_file_documents(str(path), stat.st_mtime_ns, stat.st_size))
 
 
 def _hub_documents(spec: str) -> list[str]:
@@ -130,6 +164,7 @@ def check_source(source: str) -> None:
             f"calibration source '{source}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}), "
             "an existing .txt/.jsonl file, nor hf:NAME[@CONFIG]:SPLIT[:FIELD]"
         )
+    file_documents(path)  # readable text with at least one document
 
 
 def source_documents(source: str) -> list[str]:
@@ -139,8 +174,4 @@ def source_documents(source: str) -> list[str]:
     if source.startswith("hf:"):
         return _hub_documents(source)
     check_source(source)
-    path = Path(source).expanduser()
-    docs = _file_documents(path)
-    if not docs:
-        raise UserError(f"calibration file {path} holds no text")
-    return docs
+    return file_documents(Path(source).expanduser())

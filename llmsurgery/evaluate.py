@@ -59,13 +59,40 @@ def check_tasks(tasks: list[str]):
     return manager
 
 
+# The metrics lm-eval reports for a task that lists none of its own, by output type.
+_DEFAULT_METRICS = {"loglikelihood": ("perplexity", "acc"), "multiple_choice": ("acc", "acc_norm"),
+                    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"), "generate_until": ("exact_match",)}
+
+
+def reported_metrics(manager, task: str) -> list[str] | None:
+    """The metric names a task reports, read from its config without building it; None when that cannot be told (groups)."""
+    entry = getattr(manager, "task_index", {}).get(task)
+    cfg = getattr(entry, "cfg", None)
+    if not isinstance(cfg, dict) or "include" in cfg:
+        return None
+    if cfg.get("metric_list"):
+        return [m["metric"] for m in cfg["metric_list"] if isinstance(m, dict) and isinstance(m.get("metric"), str)] or None
+    return list(_DEFAULT_METRICS.get(cfg.get("output_type"), ())) or None
+
+
+def check_gate_metrics(manager, gates: dict) -> None:
+    """A gate on a metric its task does not report is refused before any work (it could only fail at the end)."""
+    for name in gates:
+        task, _, metric = name.partition(".")
+        known = reported_metrics(manager, task)
+        if known is not None and metric.split(",")[0] not in known:
+            raise UserError(f"eval.gates.{name}: task {task} reports {', '.join(known)}, not {metric}")
+
+
 def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_size: int = 8, manager=None, label: str | None = None) -> list[Metric]:
     """Run lm-eval on an already loaded model; returns one Metric per (task, metric)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
 
     manager = manager or check_tasks(tasks)
+    lm_eval.evaluator.get_git_commit_hash = lambda: None  # it shells out to git, which prints "fatal: not a git repository"
     model = loaded.model
     lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
     with status(f"Evaluating {label or loaded.source.spec} on {', '.join(tasks)}"):

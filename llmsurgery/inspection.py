@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .checkpoint import parameter_count
-from .model_io import HISTORY_FILE, peek_config
+from .model_io import peek_config, read_history, read_json_record
+from .modeling import foreign_code
 from .modeling.modeling_llmsurgery import key_cache_widths
 from .sources import SOURCE_FILE
 
@@ -27,12 +27,10 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 
 def describe(spec: str) -> dict:
     """A JSON-ready description of a model folder, .gguf, built-in name or hub id."""
-    config, folder, files = peek_config(spec)
-    history = None
-    if folder is not None and (Path(folder) / HISTORY_FILE).is_file():
-        history = json.loads((Path(folder) / HISTORY_FILE).read_text())
-    elif folder is not None and (Path(folder) / SOURCE_FILE).is_file():  # a cached GGUF conversion
-        history = {"source": json.loads((Path(folder) / SOURCE_FILE).read_text()), "passes": []}
+    config, folder, files = peek_config(spec, read_only=True)
+    history = read_history(Path(folder)) if folder is not None else None
+    if history is None and folder is not None and (Path(folder) / SOURCE_FILE).is_file():  # a cached GGUF conversion
+        history = {"source": read_json_record(Path(folder) / SOURCE_FILE, ("id",)), "passes": []}
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     heads = config["num_attention_heads"]
     layer_types = config.get("layer_types")
@@ -57,8 +55,19 @@ def describe(spec: str) -> dict:
         "kv_cache_bytes_per_token_before_surgery": (kv_bytes_per_token({k: v for k, v in config.items() if k != "attention_layout"},
                                                                         _DTYPE_BYTES.get(dtype, 4)) if config.get("attention_layout") else None),
         "sparse_decode": _sparse_decode_path(config),
+        "modeling_code": _modeling_code(config, folder),
         "history": history,
     }
+
+
+def _modeling_code(config: dict, folder) -> str | None:
+    """Whose code a load runs: none of its own (stock transformers), llmsurgery's as installed, or the folder's."""
+    if not config.get("auto_map"):
+        return None
+    if folder is None:
+        return "the hub repository's own (needs --trust-remote-code)"
+    why = foreign_code(config, Path(folder))
+    return "llmsurgery's, as installed (no flag needed)" if why is None else f"the folder's own: it {why} (needs --trust-remote-code)"
 
 
 def _sparse_decode_path(config: dict) -> str | None:

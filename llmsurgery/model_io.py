@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_folder
-from .console import status
+from .atomic import replacing_folder
+from .checkpoint import check_folder, read_config
+from .console import quiet_transformers, status
 from .errors import UserError
 from .sources import SOURCE_FILE, Source, local_folder, resolve_source, sha256_files
 
 HISTORY_FILE = "llmsurgery_history.json"
-RECIPE_FILE = "llmsurgery_recipe.json"
+PASSES_FILE = "llmsurgery_recipe.json"  # the settings of the passes that made the folder
 HISTORY_FORMAT = "llmsurgery-history/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")
@@ -65,12 +66,34 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def read_json_record(path: Path, keys: tuple[str, ...]) -> dict:
+    """A JSON object written by llmsurgery (history, source record), checked for `keys`; corrupt means bad input."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise UserError(f"{path} is corrupt (not readable JSON); remove it or restore it") from None
+    if not isinstance(record, dict) or any(k not in record for k in keys):
+        raise UserError(f"{path} is corrupt (it should be an object with {', '.join(keys)}); remove it or restore it")
+    if "passes" in keys and not (isinstance(record["passes"], list) and isinstance(record["source"], dict) and all(
+            isinstance(p, dict) and isinstance(p.get("pass"), str) and isinstance(p.get("config"), dict)
+            and isinstance(p.get("seconds"), (int, float)) for p in record["passes"])):
+        raise UserError(f"{path} is corrupt (source should be an object, passes a list of records with pass, config, seconds)")
+    return record
+
+
+def read_history(folder: Path) -> dict | None:
+    """The surgery history of a folder written by llmsurgery (None when it has none). It records; it never grants trust."""
+    path = folder / HISTORY_FILE
+    return read_json_record(path, ("source", "passes")) if path.is_file() else None
+
+
 def _source_record(source: Source, folder: Path | None, weights: list[Path], config: dict) -> dict:
     """The id and content hash of the model as loaded, from its history if it has one."""
-    if folder is not None and (folder / HISTORY_FILE).is_file():
-        return json.loads((folder / HISTORY_FILE).read_text())
+    history = read_history(folder) if folder is not None else None
+    if history is not None:
+        return history
     if folder is not None and (folder / SOURCE_FILE).is_file():
-        source_info = json.loads((folder / SOURCE_FILE).read_text())
+        source_info = read_json_record(folder / SOURCE_FILE, ("id",))
     elif folder is not None:
         source_info = {"id": str(folder.resolve()), "kind": "folder", "sha256": sha256_files(weights)}
     else:
@@ -110,17 +133,53 @@ def _hub_config(spec: str, trust_remote_code: bool) -> dict:
     return config.to_dict()
 
 
-def _checked_config(source: Source, trust_remote_code: bool) -> tuple[dict, Path | None, list[Path]]:
+@dataclass(frozen=True)
+class CheckedModel:
+    """A model checked without loading its weights: config, folder (None for a hub id), weight files, loading class."""
+
+    config: dict
+    folder: Path | None
+    weights: list[Path]
+    own_class: Any = None  # llmsurgery's installed class, for folders written by llmsurgery (see modeling.foreign_code)
+
+
+def _checked(source: Source, trust_remote_code: bool, read_only: bool = False) -> CheckedModel:
+    from .modeling import foreign_code, surgery_class
+
     folder = local_folder(source)
     if folder is None:
-        return _hub_config(source.spec, trust_remote_code), None, []
-    config, _, weights = check_folder(folder)
-    return config, folder, weights
+        return CheckedModel(_hub_config(source.spec, trust_remote_code), None, [])
+    config = read_config(folder)
+    own = None
+    if config.get("auto_map"):
+        from .arch import arch_for_model_type
+
+        arch_for_model_type(config.get("model_type"))
+        why = foreign_code(config, folder)
+        if why is None:
+            own = surgery_class(config)
+        elif not (trust_remote_code or read_only):
+            raise UserError(f"{source.spec} {why}; it runs only with --trust-remote-code")
+    config, _, weights = check_folder(folder, own)
+    return CheckedModel(config, folder, weights, own)
 
 
-def peek_config(spec: str, trust_remote_code: bool = False) -> tuple[dict, Path | None, list[Path]]:
-    """(config dict, local folder or None, weight files) of a model, checked, without loading weights."""
-    return _checked_config(resolve_source(spec), trust_remote_code)
+def peek_config(spec: str, trust_remote_code: bool = False, read_only: bool = False) -> tuple[dict, Path | None, list[Path]]:
+    """(config dict, local folder or None, weight files) of a model, checked, without loading weights.
+
+    read_only: only files are read (inspect), so a folder with foreign modeling code is described, not refused.
+    """
+    checked = _checked(resolve_source(spec), trust_remote_code, read_only)
+    return checked.config, checked.folder, checked.weights
+
+
+def _check_loading_info(spec: str, info: dict) -> None:
+    """What transformers reports after loading: any weight it had to invent or drop is bad input."""
+    for key, what in (("missing_keys", "is missing"), ("unexpected_keys", "is unexpected"), ("mismatched_keys", "has the wrong shape")):
+        names = sorted(info.get(key) or [])
+        if names:
+            name = names[0][0] if isinstance(names[0], tuple) else names[0]
+            raise UserError(f"could not load {spec}: tensor '{name}' {what} ({len(names)} such)")
 
 
 def load_model(
@@ -138,34 +197,61 @@ def load_model(
     torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
     quant = _quantization_config(load_in_8bit, load_in_4bit)
     source = resolve_source(spec)
-    config, folder, weights = _checked_config(source, trust_remote_code)
-    history = _source_record(source, folder, weights, config)
-    if folder is not None:
-        # Models written by llmsurgery with their own modeling code load without the flag.
-        trust_remote_code = trust_remote_code or ("auto_map" in config and (folder / HISTORY_FILE).is_file())
-        if "auto_map" in config and not trust_remote_code:
-            raise UserError(f"{spec} carries its own modeling code; pass --trust-remote-code to run it")
+    checked = _checked(source, trust_remote_code)
+    config, folder = checked.config, checked.folder
+    history = _source_record(source, folder, checked.weights, config)
     where = str(folder) if folder is not None else spec
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True}
+    if checked.own_class is None:
+        kwargs["trust_remote_code"] = trust_remote_code
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = device
+    loader = checked.own_class or AutoModelForCausalLM
     try:
-        with status(f"Loading {spec} ({dtype}, {device})"):
-            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        with status(f"Loading {spec} ({dtype}, {device})"), quiet_transformers():
+            model, info = loader.from_pretrained(where, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken checkpoint is bad input, not a crash
         raise UserError(f"could not load {spec}: {_first_line(exc)}") from None
+    _check_loading_info(spec, info)
     if quant is None:
         model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, source, folder, history, quantized=quant is not None)
 
 
+def check_writable_parent(path: Path, what: str) -> None:
+    """The folder `path` would be written in exists or can be made: its nearest existing ancestor is a writable folder."""
+    ancestor = path.expanduser().absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {ancestor} is not writable")
+
+
+def check_file_target(path: Path | None, what: str) -> None:
+    """A file the command will write (--json, --plot): refused before any work if it cannot be written."""
+    if path is None:
+        return
+    path = path.expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"{what} {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{what} {path} is not writable")
+
+
 def check_output_free(out: Path, force: bool, loaded_from: Path | None = None) -> None:
-    """Refuse an existing output (without --force) and any output inside or equal to the input."""
+    """Refuse an existing output (without --force), any output inside or equal to the input, and unwritable places."""
+    out = out.expanduser()
+    if not str(out).strip() or out.name in ("", ".", ".."):
+        raise UserError(f"output '{out}' is not a folder name")
     if loaded_from is not None:
         src, dst = loaded_from.resolve(), out.resolve()
         if dst == src or src in dst.parents or dst in src.parents:
@@ -174,6 +260,7 @@ def check_output_free(out: Path, force: bool, loaded_from: Path | None = None) -
         raise UserError(f"output {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
+    check_writable_parent(out, "output")
 
 
 def pass_record(name: str, config: dict, report: dict, seconds: float, input_history: dict) -> dict:
@@ -237,30 +324,19 @@ def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passe
     check_output_free(out, force, loaded.folder)
     history = dict(loaded.history)
     history["passes"] = list(history.get("passes", [])) + list(new_passes or [])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    trash = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with status(f"Saving to {out}"):
-            config = loaded.model.config
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            loaded.model.save_pretrained(tmp, max_shard_size="2GB")
-            loaded.tokenizer.save_pretrained(tmp)
-            (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
-            (tmp / RECIPE_FILE).write_text(json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2))
-            (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
-            if recipe_yaml is not None:  # the exact recipe `llmsurgery run` followed
-                (tmp / "llmsurgery_recipe.yaml").write_text(recipe_yaml)
-            for path in _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []):
-                shutil.copyfile(path, tmp / path.name)
-        if out.exists():
-            out.replace(trash)
-        tmp.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(trash, ignore_errors=True)
+    with status(f"Saving to {out}"), replacing_folder(out) as tmp:
+        config = loaded.model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        loaded.model.save_pretrained(tmp, max_shard_size="2GB")
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+        (tmp / PASSES_FILE).write_text(json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2))
+        (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
+        if recipe_yaml is not None:  # the exact recipe `llmsurgery run` followed
+            (tmp / "llmsurgery_recipe.yaml").write_text(recipe_yaml)
+        for path in _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []):
+            shutil.copyfile(path, tmp / path.name)
     loaded.history = history
     loaded.pending = []
     return out

@@ -19,7 +19,7 @@ from .errors import UserError
 class PassOptions(BaseModel):
     """Options every pass takes: the calibration overrides (recipe-level `calibration` fills the rest)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, frozen=True, allow_inf_nan=False)
 
     calib: str | None = Field(None, description="calibration source (default: the recipe's)")
     calib_samples: int | None = Field(None, alias="calib-samples", gt=0)
@@ -87,7 +87,7 @@ class HealOptions(PassOptions):
 # ----------------------------------------------------------------------------- per-pass config + apply
 
 
-def _prune_check(cfg, config: dict) -> None:
+def _prune_check(cfg, config: dict, folder, first: bool) -> None:
     cfg.n_remove(config["num_hidden_layers"])
 
 
@@ -176,13 +176,40 @@ def _heal_apply(loaded, cfg) -> dict:
     return heal_loaded_(loaded, cfg, loaded.pending)
 
 
-def _heal_check(cfg, config: dict) -> None:
+def _heal_check(cfg, config: dict, folder, first: bool) -> None:
+    """The teacher (given, or the history's source when heal comes first) is checked here, before any work."""
     from .arch import arch_for_model_type
+    from .model_io import peek_config, read_history
 
     arch_for_model_type(config.get("model_type"))
+    teacher = cfg.teacher
+    if teacher is None and first:
+        history = read_history(folder) if folder is not None else None
+        if not history or not history["passes"]:
+            raise UserError("give --teacher (the model before pruning): this model has no llmsurgery history naming its source")
+        teacher = history["source"].get("id")
+    if teacher is None:
+        return
+    try:
+        teacher_config, _, _ = peek_config(str(teacher))
+    except UserError as exc:
+        raise UserError(f"teacher {teacher}: {exc}") from None
+    if teacher_config.get("model_type") != config.get("model_type"):
+        raise UserError(f"the teacher is {teacher_config.get('model_type')}, the student {config.get('model_type')}")
+    if teacher_config.get("vocab_size") != config.get("vocab_size"):
+        raise UserError(f"the teacher's vocabulary ({teacher_config.get('vocab_size')}) differs from the student's ({config.get('vocab_size')})")
+    n_teacher = teacher_config["num_hidden_layers"]
+    if cfg.removed is not None:
+        if len(set(cfg.removed)) != len(cfg.removed) or any(not 0 <= i < n_teacher for i in cfg.removed):
+            raise UserError(f"--removed should name distinct layers of the teacher's {n_teacher} (0 to {n_teacher - 1})")
+        if first and config["num_hidden_layers"] + len(cfg.removed) != n_teacher:
+            raise UserError(f"the teacher has {n_teacher} layers, the student {config['num_hidden_layers']}: "
+                            f"removing {sorted(cfg.removed)} does not match")
+    elif first and config["num_hidden_layers"] > n_teacher:
+        raise UserError(f"the student has more layers ({config['num_hidden_layers']}) than the teacher ({n_teacher})")
 
 
-def _rotate_check(cfg, config: dict) -> None:
+def _rotate_check(cfg, config: dict, folder, first: bool) -> None:
     from .modeling import uses_surgery_modeling
     from .passes.larosa import check_foldable
 
@@ -191,16 +218,29 @@ def _rotate_check(cfg, config: dict) -> None:
         raise UserError("rotate-sparsify needs a dense model (this one is already sparse or carries foreign code)")
 
 
-def _absorb_check(cfg, config: dict) -> None:
+def _absorb_check(cfg, config: dict, folder, first: bool) -> None:
     from .passes.absorb_decompose import check_absorbable
 
     check_absorbable(config.get("model_type"), cfg, config)
 
 
-def _kv_check(cfg, config: dict) -> None:
+def _kv_check(cfg, config: dict, folder, first: bool) -> None:
     from .passes.matryoshka_kv import check_compressible
 
     check_compressible(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if cfg.rank_step is not None and cfg.rank_step > head_dim:
+        raise UserError(f"rank step {cfg.rank_step} is larger than head_dim {head_dim}")
+
+
+def _kv_calibration(cfg) -> list[CalibConfig]:
+    return [cfg.calib] + ([cfg.train_calib] if cfg.train else []) + ([cfg.search_calib] if not cfg.uniform else [])
+
+
+def _heal_calibration(cfg) -> list[CalibConfig]:
+    from .passes.heal import VALIDATION_WINDOWS
+
+    return [cfg.calib.model_copy(update={"samples": cfg.calib.samples + VALIDATION_WINDOWS})]
 
 
 @dataclass(frozen=True)
@@ -211,16 +251,51 @@ class PassSpec:
     build: Callable[[Any, dict], BaseModel]
     apply: Callable[[Any, BaseModel], dict]
     record_name: str
-    check: Callable[[BaseModel, dict], None] | None = None
+    # Everything checkable from config.json before loading: (config, model config dict, folder or None, first pass?).
+    check: Callable[[BaseModel, dict, Any, bool], None] | None = None
+    # The calibration windows the pass will draw with this config (none: it needs no data).
+    calibration: Callable[[BaseModel], list[CalibConfig]] = lambda cfg: [cfg.calib]
 
 
 PASSES: dict[str, PassSpec] = {
     "prune-bi": PassSpec(PruneBiOptions, _prune_config, _prune_apply, "block_influence", _prune_check),
-    "rotate-sparsify": PassSpec(RotateSparsifyOptions, _rotate_config, _rotate_apply, "rotate_sparsify", _rotate_check),
-    "absorb": PassSpec(AbsorbOptions, _absorb_config, _absorb_apply, "absorb", _absorb_check),
-    "kv-compress": PassSpec(KVCompressOptions, _kv_config, _kv_apply, "kv_compress", _kv_check),
-    "heal": PassSpec(HealOptions, _heal_config, _heal_apply, "heal", _heal_check),
+    "rotate-sparsify": PassSpec(RotateSparsifyOptions, _rotate_config, _rotate_apply, "rotate_sparsify", _rotate_check,
+                                lambda cfg: [cfg.calib] if cfg.method == "larosa" else []),
+    "absorb": PassSpec(AbsorbOptions, _absorb_config, _absorb_apply, "absorb", _absorb_check,
+                       lambda cfg: [cfg.calib] if cfg.needs_calibration else []),
+    "kv-compress": PassSpec(KVCompressOptions, _kv_config, _kv_apply, "kv_compress", _kv_check, _kv_calibration),
+    "heal": PassSpec(HealOptions, _heal_config, _heal_apply, "heal", _heal_check, _heal_calibration),
 }
+
+
+def check_passes(steps: list[tuple[str, BaseModel]], config: dict, folder, trust_remote_code: bool, where=lambda i, name: "") -> None:
+    """Everything about the passes that can be told before loading weights: each pass's own check, then the calibration."""
+    for i, (name, cfg) in enumerate(steps):
+        if PASSES[name].check is not None:
+            try:
+                PASSES[name].check(cfg, config, folder, i == 0)
+            except UserError as exc:
+                raise UserError(f"{where(i, name)}{exc}") from None
+    check_calibration(folder, steps, trust_remote_code)
+
+
+def check_calibration(folder, steps: list[tuple[str, BaseModel]], trust_remote_code: bool) -> None:
+    """Every calibration source holds the windows the passes will ask of it, counted with the model's own tokenizer."""
+    from .calibration import check_calibration_sizes
+
+    needs = [c for name, cfg in steps for c in PASSES[name].calibration(cfg)]
+    if folder is None or not needs:
+        return
+    from transformers import AutoTokenizer
+
+    from .console import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot load is bad input
+        raise UserError(f"could not load the tokenizer of {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    check_calibration_sizes(tokenizer, needs)
 
 def run_passes(loaded, steps: list[tuple[str, BaseModel]], *, dry_run: bool = False,
                on_report: Callable[[int, dict], None] | None = None) -> list[dict]:

@@ -25,7 +25,7 @@ PassEntry = Annotated[Union[PruneBiOptions, RotateSparsifyOptions, AbsorbOptions
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+    model_config = ConfigDict(extra="forbid", populate_by_name=False, allow_inf_nan=False)
 
 
 class Calibration(_Strict):
@@ -108,24 +108,61 @@ def _location(loc: tuple) -> str:
     return ".".join(parts)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping", mark)
+        seen.add(key) if isinstance(key, (str, int, float, bool)) else None
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str, where: str):
+    """YAML as data, duplicate keys refused, errors as one located line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+
+
+_KEY_TOKEN = re.compile(r"[^.\[\]]+|\[\d+\]")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """`--set a.b[2].c=value` (value read as YAML) on the raw recipe."""
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise UserError(f"--set wants KEY=VALUE, got '{item}'")
-        tokens = _join_dotted_keys(data, [int(t[1:-1]) if t.startswith("[") else t for t in re.findall(r"[^.\[\]]+|\[\d+\]", key)])
+        if _KEY_TOKEN.sub("", key).strip(".") or key.startswith(("[", ".")) or ".." in key:
+            raise UserError(f"--set {key}: KEY is a dotted path into the recipe, e.g. eval.limit or passes[1].sparsity")
+        value = load_yaml(raw, f"--set {key}")
+        tokens = _join_dotted_keys(data, [int(t[1:-1]) if t.startswith("[") else t for t in _KEY_TOKEN.findall(key)])
         target = data
         for depth, token in enumerate(tokens[:-1]):
             try:
                 target = target[token] if isinstance(token, int) else target.setdefault(token, {})
             except (IndexError, KeyError, TypeError, AttributeError):
                 raise UserError(f"--set {key}: no such place in the recipe ({_location(tuple(tokens[: depth + 1]))})") from None
+        if isinstance(tokens[-1], int) != isinstance(target, list):
+            raise UserError(f"--set {key}: no such place in the recipe ({_location(tuple(tokens))})")
         try:
-            target[tokens[-1]] = yaml.safe_load(raw)
-        except (IndexError, TypeError) as exc:
-            raise UserError(f"--set {key}: no such place in the recipe ({exc})") from None
+            target[tokens[-1]] = value
+        except (IndexError, TypeError):
+            raise UserError(f"--set {key}: no such place in the recipe ({_location(tuple(tokens))})") from None
     return data
 
 
@@ -150,9 +187,27 @@ def _join_dotted_keys(data, tokens: list) -> list:
     return joined
 
 
+def _check_pass_tags(passes, where: str) -> None:
+    """Name the `pass:` key and the pass names, instead of pydantic's discriminator jargon."""
+    if not isinstance(passes, list):
+        return
+    names = ", ".join(PASSES)
+    for i, entry in enumerate(passes):
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: passes[{i}]: each pass is a mapping starting with `pass:` (one of {names})")
+        if "pass" not in entry:
+            hint = ""
+            if len(entry) == 1 and next(iter(entry)) in PASSES:
+                hint = f"; write `- pass: {next(iter(entry))}` with its options beside it"
+            raise UserError(f"{where}: passes[{i}]: no `pass:` key naming the pass (one of {names}){hint}")
+        if entry["pass"] not in PASSES:
+            raise UserError(f"{where}: passes[{i}].pass: unknown pass '{entry['pass']}'; choose one of {names}")
+
+
 def parse_recipe(data, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"{where}: a recipe is a YAML mapping (version, model, passes, ...)")
+    _check_pass_tags(data.get("passes"), where)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -164,13 +219,16 @@ def parse_recipe(data, where: str = "recipe") -> Recipe:
 def read_recipe(path: Path, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
     """(validated recipe, raw data with overrides applied) from a YAML file."""
     if not path.is_file():
-        raise UserError(f"recipe {path} does not exist")
+        raise UserError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"recipe {path} is not a text file (not UTF-8)") from None
+    if "\x00" in text:
+        raise UserError(f"recipe {path} is not a text file (it holds NUL bytes)")
+    data = load_yaml(text, str(path))
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping (version, model, passes, ...)")
     data = apply_overrides(data or {}, overrides or [])
     return parse_recipe(data, str(path)), data
 
@@ -183,8 +241,9 @@ def pass_configs(recipe: Recipe) -> list[BaseModel]:
 
 def check_recipe(recipe: Recipe, output: Path | None, force: bool):
     """Everything checkable before loading weights; returns (pass configs, input folder, task manager)."""
-    from .evaluate import check_tasks
-    from .model_io import check_output_free, peek_config
+    from .evaluate import check_gate_metrics, check_tasks
+    from .model_io import check_output_free, peek_config, resolve_device
+    from .pipeline import check_passes
 
     configs = pass_configs(recipe)
     for i, options in enumerate(recipe.passes):
@@ -192,15 +251,16 @@ def check_recipe(recipe: Recipe, output: Path | None, force: bool):
         if options.pass_ == "heal" and options.teacher is None and earlier - {"prune-bi"}:
             raise UserError(f"passes[{i}] (heal): without a teacher it distils towards the input model, so only prune-bi "
                             f"may come before it (here: {', '.join(sorted(earlier - {'prune-bi'}))})")
+    try:
+        resolve_device(recipe.device)
+    except UserError as exc:
+        raise UserError(f"device: {exc}") from None
     config, folder, _ = peek_config(recipe.model, recipe.trust_remote_code)
-    for i, (options, cfg) in enumerate(zip(recipe.passes, configs)):
-        check = PASSES[options.pass_].check
-        if check is not None:
-            try:
-                check(cfg, config)
-            except UserError as exc:
-                raise UserError(f"passes[{i}] ({options.pass_}): {exc}") from None
+    check_passes([(o.pass_, cfg) for o, cfg in zip(recipe.passes, configs)], config, folder, recipe.trust_remote_code,
+                 where=lambda i, name: f"passes[{i}] ({name}): ")
     manager = check_tasks(recipe.eval.tasks) if recipe.eval else None
+    if recipe.eval:
+        check_gate_metrics(manager, recipe.eval.gates)
     if output is not None:
         check_output_free(output, force, folder)
     return configs, folder, manager
@@ -236,17 +296,28 @@ def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
     return failures
 
 
+def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
+                   need_output: bool = True):
+    """Read and check a recipe as `run` will run it: (recipe, raw data, output, pass configs, task manager).
+
+    `recipe validate` calls this too, so it refuses exactly what `run` would refuse before any work (an output
+    folder that is not known yet, to be given with `run --output`, is all it lets pass: need_output=False).
+    """
+    recipe, data = read_recipe(path, overrides)
+    output = output or (Path(recipe.output) if recipe.output else None)
+    if output is None and need_output:
+        raise UserError(f"{path}: give an output folder (output: in the recipe, or --output)")
+    configs, _, manager = check_recipe(recipe, output, force)
+    return recipe, data, output, configs, manager
+
+
 def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run a recipe end to end; returns the results, failed gates listed under "failed_gates" (the CLI exits 1 on them)."""
     from .evaluate import compare, evaluate_model
     from .model_io import load_model, save_model
     from .sources import resolve_source
 
-    recipe, data = read_recipe(path, overrides)
-    output = output or (Path(recipe.output) if recipe.output else None)
-    if output is None:
-        raise UserError(f"{path}: give an output folder (output: in the recipe, or --output)")
-    configs, folder, manager = check_recipe(recipe, output, force)
+    recipe, data, output, configs, manager = prepare_recipe(path, output, overrides, force)
     load = {"dtype": recipe.dtype, "device": recipe.device, "trust_remote_code": recipe.trust_remote_code}
     loaded = load_model(recipe.model, **load)
     ev = recipe.eval

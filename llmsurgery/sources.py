@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -106,17 +105,17 @@ def _convert_gguf(gguf: Path, target: Path, source_id: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .arch import arch_for_model_type
-    from .console import status
+    from .atomic import replacing_folder
+    from .console import quiet_transformers, status
 
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # noqa: BLE001 - any parse failure of a user file is bad input
         raise UserError(f"could not read GGUF {gguf}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     arch_for_model_type(config.model_type)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with status(f"Converting {gguf.name} to safetensors (once; cached in {target.parent})"):
+        with status(f"Converting {gguf.name} to safetensors (once; cached in {target.parent})"), quiet_transformers(), \
+                replacing_folder(target) as tmp:
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             drop_gguf_quantization_(model)
@@ -124,9 +123,10 @@ def _convert_gguf(gguf: Path, target: Path, source_id: str) -> None:
             tokenizer.save_pretrained(tmp)
             record = {"id": source_id, "kind": "gguf", "file": gguf.name, "sha256": sha256_files([gguf])}
             (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
-        tmp.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a GGUF transformers cannot convert is bad input
+        raise UserError(f"could not convert GGUF {gguf}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
 def drop_gguf_quantization_(model) -> None:

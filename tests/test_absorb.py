@@ -158,7 +158,7 @@ def test_cli_dry_run_writes_nothing_and_absorb_composes_with_prune(tiny_models, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--keep-ratio", "0"), "keep_ratio"),
+    (("--keep-ratio", "0"), "--keep-ratio"),
     (("--keep-ratio", "0.5", "--rank", "4"), "one of"),
     (("--threshold", "2"), "threshold"),
     (("--pairs", "vo,xx"), "pairs"),

@@ -42,7 +42,7 @@ EXACT_RTOL = 1e-5  # singular values below this fraction of the largest count as
 
 
 class AbsorbConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["absorb"] = "absorb"
     threshold: float | None = Field(None, gt=0, lt=1, description="drop directions below T x the head's largest singular value")

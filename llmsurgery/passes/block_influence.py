@@ -30,7 +30,7 @@ from ..errors import UserError
 
 
 class BlockInfluenceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["block_influence"] = "block_influence"
     remove: int | None = Field(None, gt=0, description="number of layers to remove")

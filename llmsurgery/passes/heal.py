@@ -32,7 +32,7 @@ VALIDATION_WINDOWS = 4
 
 
 class HealConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["heal"] = "heal"
     steps: int = Field(defaults.HEAL_STEPS, ge=1, description="optimizer steps")

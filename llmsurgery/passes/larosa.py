@@ -37,7 +37,7 @@ FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class RotateSparsifyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["rotate_sparsify"] = "rotate_sparsify"
     sparsity: float = Field(ge=0, lt=1, description="target sparsity S")

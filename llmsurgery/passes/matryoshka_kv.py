@@ -47,7 +47,7 @@ from ..training import cycled_batch, warmup_cosine
 
 
 class KVCompressConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["kv_compress"] = "kv_compress"
     budget: float = Field(gt=0, le=1, description="cached K+V dims kept, as a fraction of the original")

@@ -1,0 +1,424 @@
+"""Bad input on every command: exit 2, one `error:` line naming the problem, no traceback, nothing written, inputs untouched.
+
+One table, CASES: (command, arguments, words expected in the line). Arguments name fixtures in braces ({model},
+{out}, ...), built once in `places`. `test_every_command_is_in_the_table` fails when a command has no case, so a
+new command cannot skip this file. Each case runs the real entry point (`llmsurgery.cli.run`) in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import folder_digest
+from safetensors.torch import load_file, save_file
+
+from llmsurgery.modeling import REMOTE_CODE
+
+TINY = ["--calib-samples", "2", "--calib-seq-len", "32"]
+MARKER = "FOREIGN_CODE_RAN"  # a file the foreign modeling code writes when it is imported
+
+CASES = [
+    # ---------------------------------------------------------------- the model argument, on every command
+    ("inspect", ["{missing}"], "no such file or folder"),
+    ("inspect", ["{a_file}"], "not a .gguf"),
+    ("inspect", ["{empty_dir}"], "no config.json"),
+    ("inspect", ["{config_not_json}"], "not valid JSON"),
+    ("inspect", ["{config_binary}"], "not valid JSON"),
+    ("inspect", ["{config_list}"], "JSON object"),
+    ("inspect", ["{no_heads}"], "num_attention_heads should be a positive integer"),
+    ("inspect", ["{zero_heads}"], "num_attention_heads should be a positive integer"),
+    ("inspect", ["{bad_kv_heads}"], "not a multiple of num_key_value_heads"),
+    ("inspect", ["{unsupported}"], "unsupported architecture 'gpt2'"),
+    ("inspect", ["{truncated}"], "truncated"),
+    ("inspect", ["{garbage}"], "corrupt"),
+    ("inspect", ["{weights_dir}"], "is not a file"),
+    ("inspect", ["{no_offsets}"], "data_offsets"),
+    ("inspect", ["{bad_dtype}"], "unknown dtype"),
+    ("inspect", ["{missing_tensor}"], "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
+    ("inspect", ["{extra_tensor}"], "unexpected tensor 'model.layers.0.mlp.extra.weight'"),
+    ("inspect", ["{wrong_shape}"], "tensor 'model.layers.2.self_attn.k_proj.weight' has shape"),
+    ("inspect", ["{more_layers}"], "tensor 'model.layers.6."),
+    ("inspect", ["{fewer_layers}"], "unexpected tensor 'model.layers.5."),
+    ("inspect", ["{wider_config}"], "has shape"),
+    ("inspect", ["{shard_missing}"], "missing shard"),
+    ("inspect", ["{shard_misplaced}"], "does not hold it"),
+    ("inspect", ["{corrupt_history}"], "llmsurgery_history.json is corrupt"),
+    ("convert", ["{missing_tensor}", "-o", "{out}"], "is missing"),
+    ("convert", ["{foreign}", "-o", "{out}"], "--trust-remote-code"),
+    ("convert", ["{model}", "-o", "{model}"], "overwrite the input"),
+    ("convert", ["{model}", "-o", "{a_file}/out"], "is a file, not a folder"),
+    ("convert", ["{model}", "-o", "{existing}"], "already exists"),
+    ("convert", ["{model}", "-o", "{out}", "--dtype", "int3"], "unknown dtype"),
+    ("eval", ["{missing_tensor}", "--tasks", "news_ppl", "--limit", "1"], "is missing"),
+    ("eval", ["{model}", "--tasks", "news_ppl,no_such_task_xyz"], "unknown task(s): no_such_task_xyz"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--baseline", "{missing}"], "no such file or folder"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--json", "{missing}/r.json"], "does not exist"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--json", "{empty_dir}"], "is a folder"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--load-in-8bit", "--load-in-4bit"], "choose one of"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--limit", "0"], "--limit"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--device", "cuda"], "CUDA"),
+    # ---------------------------------------------------------------- prune
+    ("prune", ["--bi", "{foreign}", "-o", "{out}", "--remove", "1", *TINY], "--trust-remote-code"),
+    ("prune", ["--bi", "{forged}", "-o", "{out}", "--remove", "1", *TINY], "--trust-remote-code"),
+    ("prune", ["--bi", "{tampered}", "-o", "{out}", "--remove", "1", *TINY], "differs from the one this llmsurgery installs"),
+    ("prune", ["--bi", "{more_layers}", "-o", "{out}", "--remove", "1", *TINY], "is missing"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--ratio", "nan", *TINY], "--ratio: Input should be a finite number"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--ratio", "inf", *TINY], "finite"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "6", *TINY], "cannot remove 6 of 6 layers"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "abc"], "Invalid value for '--remove'"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib-samples", "0"], "--calib-samples"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{binary_txt}", *TINY], "binary"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{random_txt}", *TINY], "not UTF-8 text"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{empty_txt}", *TINY], "holds no text"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{bad_jsonl}", *TINY], "not valid JSON"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{a_file}", *TINY], "calibration source"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{short_txt}", *TINY], "fewer than the 2 asked for"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--plot", "{missing}/p.png", *TINY], "--plot"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{empty_dir}", *TINY], "--json"),
+    ("prune", ["--bi", "{model}", "-o", "{a_file}/x/y", "--remove", "1", *TINY], "is a file, not a folder"),
+    ("prune", ["--bi", "{model}", "-o", "{model}/sub", "--remove", "1", *TINY], "overwrite the input"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-steps", "0", *TINY], "--heal-steps"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-lr", "nan", *TINY], "finite"),
+    # ---------------------------------------------------------------- rotate-sparsify
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "nan,nan", *TINY], "--split: Input should be a finite"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "1", *TINY], "--split wants two numbers"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "a,b", *TINY], "--split wants two numbers"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.9", "-o", "{out}", "--split", "1,2", *TINY], "outside [0, 1)"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "nan", "-o", "{out}", *TINY], "finite"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "1", "-o", "{out}", *TINY], "less than 1"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--damp", "-1", *TINY], "--damp"),
+    ("rotate-sparsify", ["{foreign}", "--sparsity", "0.4", "-o", "{out}", *TINY], "--trust-remote-code"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--json", "{missing}/r.json", *TINY], "--json"),
+    # ---------------------------------------------------------------- absorb
+    ("absorb", ["{model}", "-o", "{out}", "--keep-ratio", "nan", *TINY], "finite"),
+    ("absorb", ["{model}", "-o", "{out}", "--keep-ratio", "1.5", *TINY], "--keep-ratio"),
+    ("absorb", ["{model}", "-o", "{out}", "--rank", "0", *TINY], "--rank"),
+    ("absorb", ["{model}", "-o", "{out}", "--pairs", "xx", *TINY], "--pairs"),
+    ("absorb", ["{model}", "-o", "{out}", "--plot", "{empty_dir}", *TINY], "--plot"),
+    ("absorb", ["{wrong_shape}", "-o", "{out}", *TINY], "has shape"),
+    # ---------------------------------------------------------------- kv-compress
+    ("kv-compress", ["{model}", "--budget", "0", "-o", "{out}", *TINY], "--budget"),
+    ("kv-compress", ["{model}", "--budget", "nan", "-o", "{out}", *TINY], "finite"),
+    ("kv-compress", ["{model}", "--budget", "1.5", "-o", "{out}", *TINY], "--budget"),
+    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--rank-step", "64", *TINY], "rank step 64 is larger than head_dim 16"),
+    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--lr", "inf", *TINY], "finite"),
+    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--v-init", "zz", *TINY], "--v-init"),
+    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--train-samples", "5000", *TINY], "fewer than the 5000 asked for"),
+    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--json", "{empty_dir}", *TINY], "--json"),
+    # ---------------------------------------------------------------- heal
+    ("heal", ["{model}", "-o", "{out}", *TINY], "give --teacher"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{missing}", *TINY], "teacher"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{missing_tensor}", *TINY], "is missing"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{unsupported}", *TINY], "unsupported architecture"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--removed", "x,y", *TINY], "--removed"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--removed", "9", *TINY], "--removed should name distinct layers"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--removed", "1", *TINY], "does not match"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--train", "nothing", *TINY], "train takes"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--lr", "nan", *TINY], "finite"),
+    # ---------------------------------------------------------------- run / recipe validate (same refusals)
+    ("run", ["{missing}"], "does not exist"),
+    ("run", ["{empty_dir}"], "is not a file"),
+    ("run", ["{recipe_binary}"], "not a text file"),
+    ("run", ["{recipe_not_yaml}"], "not valid YAML"),
+    ("run", ["{recipe_list}"], "YAML mapping"),
+    ("run", ["{recipe_duplicate}"], "appears twice"),
+    ("run", ["{recipe_no_pass_key}"], "no `pass:` key"),
+    ("run", ["{recipe_unknown_pass}"], "unknown pass 'prune-bo'"),
+    ("run", ["{recipe_typo}"], "passes[0].remvoe"),
+    ("run", ["{recipe_nan}"], "finite"),
+    ("run", ["{recipe_gate_metric}"], "reports word_perplexity, byte_perplexity, bits_per_byte"),
+    ("run", ["{recipe_gate_task}"], "not in eval.tasks"),
+    ("run", ["{recipe_device}"], "unknown device 'tpu'"),
+    ("run", ["{recipe_into_input}"], "overwrite the input"),
+    ("run", ["{recipe_calib}"], "binary"),
+    ("run", ["{recipe_ok}", "--set", "[0]=3"], "--set"),
+    ("run", ["{recipe_ok}", "--set", "eval.limit=[unclosed"], "not valid YAML"),
+    ("run", ["{recipe_ok}", "--set", "novalue"], "KEY=VALUE"),
+    ("run", ["{recipe_ok}", "--set", "passes[9].remove=1"], "no such place"),
+    ("run", ["{recipe_ok}", "--json", "{missing}/r.json"], "--json"),
+    ("recipe validate", ["{recipe_gate_metric}"], "reports word_perplexity"),
+    ("recipe validate", ["{recipe_duplicate}"], "appears twice"),
+    ("recipe validate", ["{recipe_no_pass_key}"], "no `pass:` key"),
+    ("recipe validate", ["{recipe_device}"], "unknown device"),
+    ("recipe validate", ["{recipe_into_input}"], "overwrite the input"),
+    ("recipe validate", ["{recipe_calib}"], "binary"),
+    ("recipe validate", ["{recipe_nan}"], "finite"),
+    ("recipe validate", ["{recipe_ok}", "--output", "{existing}"], "already exists"),
+    ("recipe validate", ["{recipe_binary}"], "not a text file"),
+    ("recipe schema", ["extra-argument"], "unexpected extra argument"),
+]
+
+
+def _safetensors_with_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header)`, keeping its data."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+def _variant(root: Path, src: Path, name: str, *, config=None, tensors=None) -> Path:
+    folder = root / name
+    shutil.copytree(src, folder)
+    if config is not None:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config(cfg) or cfg))
+    if tensors is not None:
+        state = load_file(folder / "model.safetensors")
+        tensors(state)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def _recipe(root: Path, name: str, text: str) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    root = tmp_path_factory.mktemp("bad")
+    src = tiny_models["llama"]
+    p: dict[str, Path] = {"model": src, "missing": root / "nope", "a_file": root / "a_file.bin"}
+    p["a_file"].write_bytes(b"not a model")
+    p["empty_dir"] = root / "empty_dir"
+    p["empty_dir"].mkdir()
+    p["existing"] = root / "existing"
+    p["existing"].mkdir()
+    (p["existing"] / "keep.txt").write_text("mine")
+    for name, body in (("config_not_json", "{not json"), ("config_list", "[1, 2]")):
+        p[name] = _variant(root, src, name)
+        (p[name] / "config.json").write_text(body)
+    p["config_binary"] = _variant(root, src, "config_binary")
+    (p["config_binary"] / "config.json").write_bytes(os.urandom(300))
+    p["no_heads"] = _variant(root, src, "no_heads", config=lambda c: c.pop("num_attention_heads") and None)
+    p["zero_heads"] = _variant(root, src, "zero_heads", config=lambda c: c.update(num_attention_heads=0))
+    p["bad_kv_heads"] = _variant(root, src, "bad_kv_heads", config=lambda c: c.update(num_key_value_heads=3))
+    p["unsupported"] = _variant(root, src, "unsupported", config=lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    p["more_layers"] = _variant(root, src, "more_layers", config=lambda c: c.update(num_hidden_layers=7))
+    p["fewer_layers"] = _variant(root, src, "fewer_layers", config=lambda c: c.update(num_hidden_layers=5))
+    p["wider_config"] = _variant(root, src, "wider_config", config=lambda c: c.update(intermediate_size=256))
+    p["truncated"] = _variant(root, src, "truncated")
+    weights = p["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    p["garbage"] = _variant(root, src, "garbage")
+    (p["garbage"] / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    p["weights_dir"] = _variant(root, src, "weights_dir")
+    (p["weights_dir"] / "model.safetensors").unlink()
+    (p["weights_dir"] / "model.safetensors").mkdir()
+    p["no_offsets"] = _variant(root, src, "no_offsets")
+    _safetensors_with_header(p["no_offsets"] / "model.safetensors", lambda h: h["model.norm.weight"].pop("data_offsets"))
+    p["bad_dtype"] = _variant(root, src, "bad_dtype")
+    _safetensors_with_header(p["bad_dtype"] / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype="F33"))
+    p["missing_tensor"] = _variant(root, src, "missing_tensor", tensors=lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    p["extra_tensor"] = _variant(root, src, "extra_tensor", tensors=lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
+    p["wrong_shape"] = _variant(root, src, "wrong_shape", tensors=lambda s: s.update(
+        {"model.layers.2.self_attn.k_proj.weight": s["model.layers.2.self_attn.k_proj.weight"][:16].clone()}))
+    for name in ("shard_missing", "shard_misplaced"):
+        folder = p[name] = _variant(root, src, name)
+        state = load_file(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()
+        keys = sorted(state)
+        halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+        for shard, names in halves.items():
+            save_file({k: state[k] for k in names}, folder / shard, metadata={"format": "pt"})
+        weight_map = {k: shard for shard, names in halves.items() for k in names}
+        if name == "shard_missing":
+            (folder / "model-00002-of-00002.safetensors").unlink()
+        else:
+            weight_map[keys[0]] = "model-00002-of-00002.safetensors"
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    p["corrupt_history"] = _variant(root, src, "corrupt_history")
+    (p["corrupt_history"] / "llmsurgery_history.json").write_text('{"source": 3}')
+    # Foreign modeling code: importing it leaves a marker file, so a test can tell whether it ran.
+    marker = root / MARKER
+    code = (f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+            "from transformers import LlamaForCausalLM\n\nclass XForCausalLM(LlamaForCausalLM):\n    pass\n")
+    p["foreign"] = _variant(root, src, "foreign", config=lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"}))
+    (p["foreign"] / "modeling_x.py").write_text(code)
+    p["forged"] = _variant(root, p["foreign"], "forged")
+    (p["forged"] / "llmsurgery_history.json").write_text(json.dumps(
+        {"format": "llmsurgery-history/1", "source": {"id": "x", "kind": "folder"}, "passes": []}))
+    p["tampered"] = _variant(root, src, "tampered", config=lambda c: c.update(
+        architectures=["LlmsurgeryLlamaForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_llmsurgery.LlmsurgeryLlamaForCausalLM"}))
+    for shipped in (REMOTE_CODE, REMOTE_CODE.with_name("llmsurgery_sparse_kernel.py")):
+        shutil.copyfile(shipped, p["tampered"] / shipped.name)
+    with (p["tampered"] / REMOTE_CODE.name).open("a") as handle:
+        handle.write(code.split("from transformers")[0])
+    # Calibration files that are not usable text.
+    p["binary_txt"] = root / "binary.txt"
+    p["binary_txt"].write_bytes(b"\x00\x01\x02" * 500)
+    p["random_txt"] = root / "random.txt"
+    p["random_txt"].write_bytes(bytes(range(128, 256)) * 40)  # 5,120 bytes that are not UTF-8
+    p["empty_txt"] = root / "empty.txt"
+    p["empty_txt"].write_text("\n\n  \n")
+    p["bad_jsonl"] = root / "bad.jsonl"
+    p["bad_jsonl"].write_text('{"text": "fine"}\n{oops\n')
+    p["short_txt"] = root / "short.txt"
+    p["short_txt"].write_text("A few words only.")
+    # Recipes.
+    head = f"version: 1\nmodel: {src}\noutput: {root / 'recipe_out'}\ncalibration: {{samples: 2, seq-len: 32}}\n"
+    prune = "passes:\n  - pass: prune-bi\n    remove: 1\n"
+    gate = "eval:\n  tasks: [news_ppl]\n  limit: 1\n  gates:\n    news_ppl.{}: {{max_ratio: 2}}\n"
+    p["recipe_ok"] = _recipe(root, "ok", head + prune)
+    p["recipe_binary"] = root / "binary.yaml"
+    p["recipe_binary"].write_bytes(os.urandom(400) + b"\x00")
+    p["recipe_not_yaml"] = _recipe(root, "not_yaml", "version: 1\nmodel: [unclosed\n")
+    p["recipe_list"] = _recipe(root, "list", "- 1\n- 2\n")
+    p["recipe_duplicate"] = _recipe(root, "duplicate", head + prune + "    remove: 2\n")
+    p["recipe_no_pass_key"] = _recipe(root, "no_pass_key", head + "passes:\n  - prune-bi: {remove: 2}\n")
+    p["recipe_unknown_pass"] = _recipe(root, "unknown_pass", head + "passes:\n  - pass: prune-bo\n    remove: 1\n")
+    p["recipe_typo"] = _recipe(root, "typo", head + "passes:\n  - pass: prune-bi\n    remvoe: 1\n")
+    p["recipe_nan"] = _recipe(root, "nan", head + "passes:\n  - pass: prune-bi\n    ratio: .nan\n")
+    p["recipe_gate_metric"] = _recipe(root, "gate_metric", head + prune + gate.format("acc"))
+    p["recipe_gate_task"] = _recipe(root, "gate_task", head + prune + gate.format("word_perplexity").replace("news_ppl.", "pydoc_ppl."))
+    p["recipe_device"] = _recipe(root, "device", head + "device: tpu\n" + prune)
+    p["recipe_into_input"] = _recipe(root, "into_input", head.replace(str(root / "recipe_out"), str(src)) + prune)
+    p["recipe_calib"] = _recipe(root, "calib", head.replace("{samples", f"{{source: {p['binary_txt']}, samples") + prune)
+    return p
+
+
+def _fill(args: list[str], places: dict[str, Path]) -> list[str]:
+    return [a.format(**{k: str(v) for k, v in places.items()}) for a in args]
+
+
+def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    from llmsurgery.cli import run
+
+    capsys.readouterr()
+    old = sys.argv
+    sys.argv = ["llmsurgery", *argv]
+    try:
+        run()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _inputs(places: dict[str, Path]) -> dict[str, dict[str, bytes]]:
+    return {name: folder_digest(path) for name, path in places.items() if path.is_dir()}
+
+
+@pytest.mark.parametrize("command,args,words", CASES, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_bad_input_is_one_line_and_exit_2(places, capsys, command, args, words):
+    out = places["missing"].parent / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    places = places | {"out": out}
+    before = _inputs(places)
+    code, stdout, stderr = _run_main([*command.split(), *_fill(args, places)], capsys)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("✓")]
+    assert code == 2, stderr or stdout
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert words in lines[0], lines[0]
+    assert "Traceback" not in stderr + stdout
+    assert not out.exists() and not (places["missing"].parent / "recipe_out").exists()
+    assert not [p for p in out.parent.rglob(".*tmp-*")], "a temporary folder was left behind"
+    assert not (out.parent / MARKER).exists(), "foreign modeling code ran"
+    assert _inputs(places) == before, "an input changed"
+    assert (places["existing"] / "keep.txt").read_text() == "mine"
+
+
+def test_every_command_is_in_the_table():
+    from llmsurgery.cli import app, recipe_app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    commands |= {f"recipe {c.name or c.callback.__name__}" for c in recipe_app.registered_commands}
+    covered = {command for command, _, _ in CASES}
+    assert commands - covered == set(), f"commands without a bad-input case: {sorted(commands - covered)}"
+
+
+def test_foreign_code_runs_only_with_the_flag(places, tmp_path, capsys):
+    """The forged history grants nothing; --trust-remote-code is what lets the folder's own code run."""
+    marker = places["missing"].parent / MARKER
+    code, _, stderr = _run_main(["convert", str(places["forged"]), "-o", str(tmp_path / "a")], capsys)
+    assert code == 2 and "--trust-remote-code" in stderr and not marker.exists()
+    code, _, stderr = _run_main(["convert", str(places["forged"]), "-o", str(tmp_path / "b"), "--trust-remote-code"], capsys)
+    assert code == 0, stderr
+    assert marker.exists()  # the flag, and only the flag, ran it
+    marker.unlink()
+    code, _, stderr = _run_main(["inspect", str(tmp_path / "b")], capsys)  # the output still carries foreign code ...
+    assert code == 0
+    code, _, stderr = _run_main(["convert", str(tmp_path / "b"), "-o", str(tmp_path / "c")], capsys)
+    assert code == 2 and "--trust-remote-code" in stderr and not marker.exists()  # ... so it needs the flag again
+
+
+def test_llmsurgery_outputs_load_without_the_flag_and_run_no_folder_code(tiny_models, tmp_path, capsys):
+    """A genuine absorb output loads with the installed classes; an edited copy of its modeling file is refused."""
+    out = tmp_path / "absorbed"
+    code, _, stderr = _run_main(["absorb", str(tiny_models["llama"]), "-o", str(out), "--criterion", "weight"], capsys)
+    assert code == 0, stderr
+    code, _, stderr = _run_main(["prune", "--bi", str(out), "-o", str(tmp_path / "pruned"), "--remove", "1", *TINY], capsys)
+    assert code == 0, stderr
+    with (out / "llmsurgery_sparse_kernel.py").open("a") as handle:
+        handle.write("\n# edited\n")
+    code, _, stderr = _run_main(["convert", str(out), "-o", str(tmp_path / "c")], capsys)
+    assert code == 2 and "llmsurgery_sparse_kernel.py that differs" in stderr
+
+
+def test_valid_sharded_checkpoint_passes_the_check(places, tmp_path, capsys):
+    folder = tmp_path / "sharded"
+    shutil.copytree(places["shard_misplaced"], folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = "model-00001-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, stdout, stderr = _run_main(["inspect", str(folder), "--json"], capsys)
+    assert code == 0, stderr
+    assert json.loads(stdout)["parameters"] > 0
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_kill_during_save_leaves_nothing(tiny_models, tmp_path, signame):
+    """The signal arrives after the weights are in the temporary folder: no output, no temporary folder, exit 130."""
+    out = tmp_path / "out"
+    script = (
+        "import os, signal, sys\n"
+        "from transformers import PreTrainedTokenizerBase\n"
+        f"PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: os.kill(os.getpid(), signal.{signame})\n"
+        "from llmsurgery.cli import run\n"
+        f"sys.argv = ['llmsurgery', 'convert', {str(tiny_models['qwen2'])!r}, '-o', {str(out)!r}]\n"
+        "run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted; nothing was written" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporary_folders_of_dead_runs_are_removed(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    stale = tmp_path / f".out.tmp-{_dead_pid()}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    mine = tmp_path / ".other.tmp-1"  # another target's, and pid 1 is alive: left alone
+    mine.mkdir()
+    code, _, stderr = _run_main(["convert", str(tiny_models["llama"]), "-o", str(out)], capsys)
+    assert code == 0, stderr
+    assert not stale.exists() and mine.exists() and (out / "config.json").is_file()
+
+
+def test_debug_shows_the_traceback(places, capsys):
+    code, _, stderr = _run_main(["--debug", "inspect", str(places["missing_tensor"])], capsys)
+    assert code == 2 and "Traceback" in stderr and "is missing" in stderr
