@@ -61,9 +61,10 @@ SUPPORTED = ", ".join(sorted(ARCHITECTURES))
 
 def arch_for_model_type(model_type: str | None) -> ArchSpec:
     """The spec for a config's `model_type`, or a UserError naming the supported ones."""
-    spec = ARCHITECTURES.get(model_type or "")
+    spec = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if spec is None:
-        raise UserError(f"unsupported architecture '{model_type}'; supported: {SUPPORTED}")
+        shown = model_type if isinstance(model_type, str) or model_type is None else repr(model_type)
+        raise UserError(f"unsupported architecture '{shown}'; supported: {SUPPORTED}")
     return spec
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from . import defaults
 from .arch import arch_for, get_submodule
 from .console import track
 from .corpora import check_source, source_documents
@@ -20,9 +21,9 @@ class CalibConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     source: str = "news"
-    samples: int = Field(8, gt=0)
-    seq_len: int = Field(512, gt=1)
-    seed: int = 0
+    samples: int = Field(8, gt=0, le=defaults.MAX_WINDOWS)
+    seq_len: int = Field(512, gt=1, le=defaults.MAX_SEQ_LEN)
+    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
 
     @field_validator("source")
     @classmethod

@@ -9,6 +9,7 @@ bad input, never a freshly initialised weight.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -237,6 +238,20 @@ def check_folder(folder: Path, model_class=None) -> tuple[dict, ArchSpec, list[P
     check_config_sizes(config, str(folder / "config.json"))
     files = weight_files(folder)
     if model_class is not None or not config.get("auto_map"):
+        found = checkpoint_shapes(files)
+        check_layer_count(found, config["num_hidden_layers"], spec, folder)  # before building: a config may claim millions
         expected, tied = expected_shapes(folder, model_class)
-        check_tensors(checkpoint_shapes(files), expected, tied, folder)
+        check_tensors(found, expected, tied, folder)
     return config, spec, files
+
+
+def check_layer_count(found: dict[str, tuple[int, ...]], n_layers: int, spec: ArchSpec, folder: Path) -> None:
+    """config.json's num_hidden_layers against the decoder layers the tensor names hold."""
+    pattern = re.compile(rf"^{re.escape(spec.layers)}\.(\d+)\.")
+    held = {int(m[1]) for name in found if (m := pattern.match(name))}
+    if held and held != set(range(n_layers)):
+        absent, extra = sorted(set(range(n_layers)) - held), sorted(held - set(range(n_layers)))
+        first = (f"unexpected tensor '{min(n for n in found if n.startswith(f'{spec.layers}.{extra[0]}.'))}'" if extra
+                 else f"tensors '{spec.layers}.{absent[0]}.*' are missing")
+        raise UserError(f"{folder}: {first}: config.json says {n_layers} decoder layers, the weights hold {len(held)} "
+                        f"(numbered {min(held)} to {max(held)})")

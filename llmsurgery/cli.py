@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import signal
@@ -135,8 +136,9 @@ def eval_cmd(
     model: ModelArg,
     tasks: Annotated[str, typer.Option(help="Comma-separated tasks: news_ppl, pydoc_ppl, news_cloze, or lm-eval names.", rich_help_panel=EVAL)] = "news_ppl,news_cloze",
     baseline: Annotated[Optional[str], typer.Option(help="A second model scored side by side.", rich_help_panel=EVAL)] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N documents of each task.", rich_help_panel=EVAL)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="lm-eval batch size.", rich_help_panel=EVAL)] = 8,
+    limit: Annotated[Optional[int], typer.Option(min=1, max=defaults.MAX_WINDOWS, help="Score only the first N documents of each task.",
+                                                 rich_help_panel=EVAL)] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=defaults.MAX_BATCH, help="lm-eval batch size.", rich_help_panel=EVAL)] = 8,
     load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="Quantize to int8 with bitsandbytes while loading.", rich_help_panel=LOAD)] = False,
     load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Quantize to NF4 with bitsandbytes while loading.", rich_help_panel=LOAD)] = False,
     dtype: DtypeOpt = "float32",
@@ -170,7 +172,7 @@ SamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Number 
 SeqLenOpt = Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.", rich_help_panel=CALIB)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed choosing the calibration windows.", rich_help_panel=CALIB)]
 EvalTasksOpt = Annotated[Optional[str], typer.Option("--eval", help="Score the transformed model on these tasks, the original as baseline.", rich_help_panel=EVAL)]
-EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Documents per task for --eval.", rich_help_panel=EVAL)]
+EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", min=1, max=defaults.MAX_WINDOWS, help="Documents per task for --eval.", rich_help_panel=EVAL)]
 
 
 def _eval_plan(eval_tasks: str | None):
@@ -612,7 +614,7 @@ def recipe_validate(
     """
     from .recipe import prepare_recipe
 
-    parsed, *_ = prepare_recipe(recipe, output, overrides or [], force, need_output=False)
+    parsed, *_ = prepare_recipe(recipe, output, overrides or [], force)
     passes = ", ".join(p.pass_ for p in parsed.passes)
     gates = len(parsed.eval.gates) if parsed.eval else 0
     out.print(f"{recipe}: valid (version {parsed.version}; {parsed.model}: {passes}; {gates} gate(s))")
@@ -683,6 +685,9 @@ def _quiet_third_parties() -> None:
         os.environ.setdefault(key, value)
     if "--debug" not in sys.argv:
         warnings.simplefilter("ignore")
+        # Libraries' log records (bitsandbytes, lm-eval, datasets) would reach stderr through logging's last-resort
+        # handler: a handler on the root logger stops that. llmsurgery itself speaks through its rich consoles.
+        logging.getLogger().addHandler(logging.NullHandler())
 
 
 def run() -> None:

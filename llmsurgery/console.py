@@ -41,11 +41,14 @@ def stepper(description: str, total: int) -> Iterator:
 @contextmanager
 def quiet_transformers():
     """Keep transformers' own tables and warnings (LOAD REPORT, ...) off the user's terminal; errors still raise."""
-    from transformers import logging
+    from transformers.utils import logging
 
-    verbosity = logging.get_verbosity()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

@@ -15,3 +15,11 @@ HEAL_LR = 3e-4
 HEAL_BATCH_SIZE = 2
 HEAL_TRAIN = ("norms", "mlp-near-gaps")
 HEAL_WINDOWS = (200, 256)
+
+# Upper bounds on the integer knobs: beyond them a value is a typo, not a plan (and would overflow torch's int64).
+MAX_SEED = 2**62  # seeds of the train/search/heal windows are offset from the one given
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_WINDOWS = 1_000_000
+MAX_SEQ_LEN = 1_048_576
+MAX_DIM = 65_536  # ranks, rank steps, layers

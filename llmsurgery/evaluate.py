@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .builtin_tasks import BUILTIN_TASKS, task_dir
@@ -84,6 +85,30 @@ def check_gate_metrics(manager, gates: dict) -> None:
             raise UserError(f"eval.gates.{name}: task {task} reports {', '.join(known)}, not {metric}")
 
 
+def _silent_tqdm(*args, **kwargs):
+    from tqdm import tqdm
+
+    kwargs["disable"] = True
+    return tqdm(*args, **kwargs)
+
+
+@contextmanager
+def _without_library_bars():
+    """lm-eval draws raw tqdm bars (with `disable` set explicitly, so TQDM_DISABLE cannot reach them) that would
+    interleave with llmsurgery's own status line: its modules see a disabled tqdm while a model is scored."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.models.huggingface")]
+    saved = [(module, module.tqdm) for module in modules if hasattr(module, "tqdm")]
+    for module, _ in saved:
+        module.tqdm = _silent_tqdm
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            module.tqdm = original
+
+
 def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_size: int = 8, manager=None, label: str | None = None) -> list[Metric]:
     """Run lm-eval on an already loaded model; returns one Metric per (task, metric)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -95,7 +120,7 @@ def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_
     lm_eval.evaluator.get_git_commit_hash = lambda: None  # it shells out to git, which prints "fatal: not a git repository"
     model = loaded.model
     lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
-    with status(f"Evaluating {label or loaded.source.spec} on {', '.join(tasks)}"):
+    with status(f"Evaluating {label or loaded.source.spec} on {', '.join(tasks)}"), _without_library_bars():
         results = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
             bootstrap_iters=0, verbosity="ERROR",

@@ -210,13 +210,15 @@ def load_model(
     loader = checked.own_class or AutoModelForCausalLM
     try:
         with status(f"Loading {spec} ({dtype}, {device})"), quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)  # first: it is cheap
             model, info = loader.from_pretrained(where, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken checkpoint is bad input, not a crash
         raise UserError(f"could not load {spec}: {_first_line(exc)}") from None
     _check_loading_info(spec, info)
+    if quant is None:
+        check_finite_weights(spec, model)
     if quant is None:
         model.to(device)
     model.eval()
@@ -245,6 +247,14 @@ def check_file_target(path: Path | None, what: str) -> None:
         raise UserError(f"{what} {path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{what} {path} is not writable")
+
+
+@torch.no_grad()
+def check_finite_weights(spec: str, model) -> None:
+    """NaN or inf in a weight is a corrupt checkpoint: every pass would turn it into garbage or a crash."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"could not load {spec}: tensor '{name}' holds NaN or infinite values (a corrupt checkpoint)")
 
 
 def check_output_free(out: Path, force: bool, loaded_from: Path | None = None) -> None:

@@ -7,6 +7,7 @@ runner and the pass commands read everything else from there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -87,7 +88,7 @@ class HealOptions(PassOptions):
 # ----------------------------------------------------------------------------- per-pass config + apply
 
 
-def _prune_check(cfg, config: dict, folder, first: bool) -> None:
+def _prune_check(cfg, config: dict, folder, earlier: list) -> None:
     cfg.n_remove(config["num_hidden_layers"])
 
 
@@ -176,24 +177,28 @@ def _heal_apply(loaded, cfg) -> dict:
     return heal_loaded_(loaded, cfg, loaded.pending)
 
 
-def _heal_check(cfg, config: dict, folder, first: bool) -> None:
-    """The teacher (given, or the history's source when heal comes first) is checked here, before any work."""
+def _heal_check(cfg, config: dict, folder, earlier: list) -> None:
+    """The teacher (given; the history's source when heal comes first; else the input) and the layer counts, before any work."""
     from .arch import arch_for_model_type
     from .model_io import peek_config, read_history
 
     arch_for_model_type(config.get("model_type"))
+    n_student = config["num_hidden_layers"] - sum(c.n_remove(config["num_hidden_layers"]) for name, c in earlier if name == "prune-bi")
     teacher = cfg.teacher
-    if teacher is None and first:
+    if teacher is None and not earlier:
         history = read_history(folder) if folder is not None else None
         if not history or not history["passes"]:
             raise UserError("give --teacher (the model before pruning): this model has no llmsurgery history naming its source")
         teacher = history["source"].get("id")
     if teacher is None:
-        return
-    try:
-        teacher_config, _, _ = peek_config(str(teacher))
-    except UserError as exc:
-        raise UserError(f"teacher {teacher}: {exc}") from None
+        teacher_config = config  # the input model, as loaded before the earlier passes
+    else:
+        try:
+            teacher_config, teacher_folder, _ = peek_config(str(teacher))
+        except UserError as exc:
+            raise UserError(f"teacher {teacher}: {exc}") from None
+        if not earlier and folder is not None and teacher_folder is not None and Path(teacher_folder).resolve() == Path(folder).resolve():
+            raise UserError(f"the teacher {teacher} is the model being healed; give the model before pruning")
     if teacher_config.get("model_type") != config.get("model_type"):
         raise UserError(f"the teacher is {teacher_config.get('model_type')}, the student {config.get('model_type')}")
     if teacher_config.get("vocab_size") != config.get("vocab_size"):
@@ -202,14 +207,13 @@ def _heal_check(cfg, config: dict, folder, first: bool) -> None:
     if cfg.removed is not None:
         if len(set(cfg.removed)) != len(cfg.removed) or any(not 0 <= i < n_teacher for i in cfg.removed):
             raise UserError(f"--removed should name distinct layers of the teacher's {n_teacher} (0 to {n_teacher - 1})")
-        if first and config["num_hidden_layers"] + len(cfg.removed) != n_teacher:
-            raise UserError(f"the teacher has {n_teacher} layers, the student {config['num_hidden_layers']}: "
-                            f"removing {sorted(cfg.removed)} does not match")
-    elif first and config["num_hidden_layers"] > n_teacher:
-        raise UserError(f"the student has more layers ({config['num_hidden_layers']}) than the teacher ({n_teacher})")
+        if n_student + len(cfg.removed) != n_teacher:
+            raise UserError(f"the teacher has {n_teacher} layers, the student {n_student}: removing {sorted(cfg.removed)} does not match")
+    elif n_student > n_teacher:
+        raise UserError(f"the student has more layers ({n_student}) than the teacher ({n_teacher})")
 
 
-def _rotate_check(cfg, config: dict, folder, first: bool) -> None:
+def _rotate_check(cfg, config: dict, folder, earlier: list) -> None:
     from .modeling import uses_surgery_modeling
     from .passes.larosa import check_foldable
 
@@ -218,19 +222,26 @@ def _rotate_check(cfg, config: dict, folder, first: bool) -> None:
         raise UserError("rotate-sparsify needs a dense model (this one is already sparse or carries foreign code)")
 
 
-def _absorb_check(cfg, config: dict, folder, first: bool) -> None:
+def _absorb_check(cfg, config: dict, folder, earlier: list) -> None:
     from .passes.absorb_decompose import check_absorbable
 
     check_absorbable(config.get("model_type"), cfg, config)
 
 
-def _kv_check(cfg, config: dict, folder, first: bool) -> None:
+def _kv_check(cfg, config: dict, folder, earlier: list) -> None:
     from .passes.matryoshka_kv import check_compressible
 
     check_compressible(config)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if cfg.rank_step is not None and cfg.rank_step > head_dim:
-        raise UserError(f"rank step {cfg.rank_step} is larger than head_dim {head_dim}")
+    step = cfg.rank_step or max(1, head_dim // 8)
+    if step > head_dim:
+        raise UserError(f"rank step {step} is larger than head_dim {head_dim}")
+    if head_dim % step:
+        divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+        raise UserError(f"--rank-step {step} does not divide head_dim {head_dim}; choose one of {', '.join(map(str, divisors))}")
+    if cfg.budget < step / head_dim:
+        raise UserError(f"--budget {cfg.budget:g} is below the smallest reachable, one rank step ({step} of {head_dim} dims) "
+                        f"per head: {step / head_dim:g}; lower --rank-step for smaller budgets")
 
 
 def _kv_calibration(cfg) -> list[CalibConfig]:
@@ -251,8 +262,8 @@ class PassSpec:
     build: Callable[[Any, dict], BaseModel]
     apply: Callable[[Any, BaseModel], dict]
     record_name: str
-    # Everything checkable from config.json before loading: (config, model config dict, folder or None, first pass?).
-    check: Callable[[BaseModel, dict, Any, bool], None] | None = None
+    # Everything checkable from config.json before loading: (config, model config dict, folder or None, the passes before).
+    check: Callable[[BaseModel, dict, Any, list], None] | None = None
     # The calibration windows the pass will draw with this config (none: it needs no data).
     calibration: Callable[[BaseModel], list[CalibConfig]] = lambda cfg: [cfg.calib]
 
@@ -273,7 +284,7 @@ def check_passes(steps: list[tuple[str, BaseModel]], config: dict, folder, trust
     for i, (name, cfg) in enumerate(steps):
         if PASSES[name].check is not None:
             try:
-                PASSES[name].check(cfg, config, folder, i == 0)
+                PASSES[name].check(cfg, config, folder, steps[:i])
             except UserError as exc:
                 raise UserError(f"{where(i, name)}{exc}") from None
     check_calibration(folder, steps, trust_remote_code)

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import defaults
 from .errors import UserError
 from .pipeline import PASSES, AbsorbOptions, HealOptions, KVCompressOptions, PruneBiOptions, RotateSparsifyOptions, build_pass_config, run_passes
 
@@ -57,8 +58,8 @@ class Gate(_Strict):
 
 class EvalBlock(_Strict):
     tasks: list[str] = Field(min_length=1)
-    limit: int | None = Field(None, gt=0)
-    batch_size: int = Field(8, alias="batch-size", gt=0)
+    limit: int | None = Field(None, gt=0, le=defaults.MAX_WINDOWS)
+    batch_size: int = Field(8, alias="batch-size", gt=0, le=defaults.MAX_BATCH)
     baseline: bool = Field(True, description="score the source model in the same run")
     load_in_8bit: bool = Field(False, alias="load-in-8bit")
     load_in_4bit: bool = Field(False, alias="load-in-4bit")
@@ -296,16 +297,14 @@ def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
     return failures
 
 
-def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
-                   need_output: bool = True):
+def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False):
     """Read and check a recipe as `run` will run it: (recipe, raw data, output, pass configs, task manager).
 
-    `recipe validate` calls this too, so it refuses exactly what `run` would refuse before any work (an output
-    folder that is not known yet, to be given with `run --output`, is all it lets pass: need_output=False).
+    `recipe validate` calls this too, so it refuses exactly what `run` would refuse before any work.
     """
     recipe, data = read_recipe(path, overrides)
     output = output or (Path(recipe.output) if recipe.output else None)
-    if output is None and need_output:
+    if output is None:
         raise UserError(f"{path}: give an output folder (output: in the recipe, or --output)")
     configs, _, manager = check_recipe(recipe, output, force)
     return recipe, data, output, configs, manager

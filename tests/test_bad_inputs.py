@@ -44,8 +44,9 @@ CASES = [
     ("inspect", ["{missing_tensor}"], "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
     ("inspect", ["{extra_tensor}"], "unexpected tensor 'model.layers.0.mlp.extra.weight'"),
     ("inspect", ["{wrong_shape}"], "tensor 'model.layers.2.self_attn.k_proj.weight' has shape"),
-    ("inspect", ["{more_layers}"], "tensor 'model.layers.6."),
+    ("inspect", ["{more_layers}"], "tensors 'model.layers.6.*' are missing: config.json says 7 decoder layers, the weights hold 6"),
     ("inspect", ["{fewer_layers}"], "unexpected tensor 'model.layers.5."),
+    ("inspect", ["{layer_gap}"], "tensors 'model.layers.2.*' are missing"),
     ("inspect", ["{wider_config}"], "has shape"),
     ("inspect", ["{shard_missing}"], "missing shard"),
     ("inspect", ["{shard_misplaced}"], "does not hold it"),
@@ -68,7 +69,7 @@ CASES = [
     ("prune", ["--bi", "{foreign}", "-o", "{out}", "--remove", "1", *TINY], "--trust-remote-code"),
     ("prune", ["--bi", "{forged}", "-o", "{out}", "--remove", "1", *TINY], "--trust-remote-code"),
     ("prune", ["--bi", "{tampered}", "-o", "{out}", "--remove", "1", *TINY], "differs from the one this llmsurgery installs"),
-    ("prune", ["--bi", "{more_layers}", "-o", "{out}", "--remove", "1", *TINY], "is missing"),
+    ("prune", ["--bi", "{more_layers}", "-o", "{out}", "--remove", "1", *TINY], "are missing"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--ratio", "nan", *TINY], "--ratio: Input should be a finite number"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--ratio", "inf", *TINY], "finite"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "6", *TINY], "cannot remove 6 of 6 layers"),
@@ -118,10 +119,10 @@ CASES = [
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{missing_tensor}", *TINY], "is missing"),
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{unsupported}", *TINY], "unsupported architecture"),
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--removed", "x,y", *TINY], "--removed"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--removed", "9", *TINY], "--removed should name distinct layers"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--removed", "1", *TINY], "does not match"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--train", "nothing", *TINY], "train takes"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--lr", "nan", *TINY], "finite"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--removed", "9", *TINY], "--removed should name distinct layers"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--removed", "1", *TINY], "does not match"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--train", "nothing", *TINY], "train takes"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--lr", "nan", *TINY], "finite"),
     # ---------------------------------------------------------------- run / recipe validate (same refusals)
     ("run", ["{missing}"], "does not exist"),
     ("run", ["{empty_dir}"], "is not a file"),
@@ -152,6 +153,22 @@ CASES = [
     ("recipe validate", ["{recipe_nan}"], "finite"),
     ("recipe validate", ["{recipe_ok}", "--output", "{existing}"], "already exists"),
     ("recipe validate", ["{recipe_binary}"], "not a text file"),
+    ("recipe validate", ["{recipe_no_output}"], "give an output folder"),
+    ("recipe validate", ["{recipe_heal_removed}"], "--removed should name distinct layers"),
+    ("run", ["{recipe_heal_removed}"], "--removed should name distinct layers"),
+    ("inspect", ["{config_type_list}"], "unsupported architecture"),
+    ("inspect", ["{million_layers}"], "config.json says 1000000 decoder layers, the weights hold 6"),
+    ("convert", ["{nan_weights}", "-o", "{out}"], "holds NaN or infinite values"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--seed", "-1", *TINY], "--seed"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--seed", "99999999999999999999", *TINY], "--seed"),
+    ("absorb", ["{model}", "-o", "{out}", "--rank", "99999999999999999999", *TINY], "--rank"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--batch-size", "99999999999", *TINY], "--batch-size"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--steps", "9223372036854775808", *TINY], "--steps"),
+    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", *TINY], "is the model being healed"),
+    ("kv-compress", ["{model}", "--budget", "1e-300", "-o", "{out}", *TINY], "below the smallest reachable"),
+    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--rank-step", "3", *TINY], "does not divide head_dim 16"),
+    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--train-steps", "9223372036854775808", *TINY], "--train-steps"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--limit", "99999999999999"], "--limit"),
     ("recipe schema", ["extra-argument"], "unexpected extra argument"),
 ]
 
@@ -209,6 +226,7 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     p["unsupported"] = _variant(root, src, "unsupported", config=lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
     p["more_layers"] = _variant(root, src, "more_layers", config=lambda c: c.update(num_hidden_layers=7))
     p["fewer_layers"] = _variant(root, src, "fewer_layers", config=lambda c: c.update(num_hidden_layers=5))
+    p["layer_gap"] = _variant(root, src, "layer_gap", tensors=lambda s: [s.pop(k) for k in list(s) if k.startswith("model.layers.2.")])
     p["wider_config"] = _variant(root, src, "wider_config", config=lambda c: c.update(intermediate_size=256))
     p["truncated"] = _variant(root, src, "truncated")
     weights = p["truncated"] / "model.safetensors"
@@ -240,6 +258,10 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
         else:
             weight_map[keys[0]] = "model-00002-of-00002.safetensors"
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    p["model_copy"] = _variant(root, src, "model_copy")
+    p["config_type_list"] = _variant(root, src, "config_type_list", config=lambda c: c.update(model_type=["llama"]))
+    p["million_layers"] = _variant(root, src, "million_layers", config=lambda c: c.update(num_hidden_layers=1_000_000))
+    p["nan_weights"] = _variant(root, src, "nan_weights", tensors=lambda s: s["model.layers.3.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")))
     p["corrupt_history"] = _variant(root, src, "corrupt_history")
     (p["corrupt_history"] / "llmsurgery_history.json").write_text('{"source": 3}')
     # Foreign modeling code: importing it leaves a marker file, so a test can tell whether it ran.
@@ -286,6 +308,8 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     p["recipe_gate_task"] = _recipe(root, "gate_task", head + prune + gate.format("word_perplexity").replace("news_ppl.", "pydoc_ppl."))
     p["recipe_device"] = _recipe(root, "device", head + "device: tpu\n" + prune)
     p["recipe_into_input"] = _recipe(root, "into_input", head.replace(str(root / "recipe_out"), str(src)) + prune)
+    p["recipe_no_output"] = _recipe(root, "no_output", head.replace(f"output: {root / 'recipe_out'}\n", "") + prune)
+    p["recipe_heal_removed"] = _recipe(root, "heal_removed", head + prune + "  - pass: heal\n    steps: 2\n    removed: [99]\n")
     p["recipe_calib"] = _recipe(root, "calib", head.replace("{samples", f"{{source: {p['binary_txt']}, samples") + prune)
     return p
 
@@ -422,3 +446,20 @@ def test_stale_temporary_folders_of_dead_runs_are_removed(tiny_models, tmp_path,
 def test_debug_shows_the_traceback(places, capsys):
     code, _, stderr = _run_main(["--debug", "inspect", str(places["missing_tensor"])], capsys)
     assert code == 2 and "Traceback" in stderr and "is missing" in stderr
+
+
+def test_a_full_disk_during_save_is_one_line_and_leaves_nothing(tiny_models, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    code, _, stderr = _run_main(["convert", str(tiny_models["llama"]), "-o", str(tmp_path / "out")], capsys)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("✓")]
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0], stderr
+    assert list(tmp_path.iterdir()) == []

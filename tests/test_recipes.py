@@ -63,14 +63,15 @@ def test_bad_recipes_fail_with_a_located_message_and_write_nothing(tiny_models, 
 
 def test_set_overrides_and_bad_set_paths(tiny_models, tmp_path):
     path = _write(tmp_path, _tiny_recipe(tiny_models["llama"]))
-    ok = run_cli("recipe", "validate", path, "--set", "passes[1].keep-ratio=0.5", "--set", "calibration.samples=2")
+    ok = run_cli("recipe", "validate", path, "--set", "passes[1].keep-ratio=0.5", "--set", "calibration.samples=2", "-o", tmp_path / "o")
     assert ok.exit_code == 0, ok.output
     bad = run_cli("recipe", "validate", path, "--set", "passes[7].rank=2")
     assert bad.exit_code == 2 and "no such place" in bad.output
     typo = run_cli("recipe", "validate", path, "--set", "passes[1].rnak=2")
     assert typo.exit_code == 2 and "passes[1].rnak" in typo.output
     gated = _write(tmp_path, _tiny_recipe(tiny_models["llama"], eval={"tasks": ["pydoc_ppl"], "gates": {"pydoc_ppl.word_perplexity": {"max": 5}}}))
-    dotted = run_cli("recipe", "validate", gated, "--set", "eval.gates.pydoc_ppl.word_perplexity.max=-1", "--set", "eval.gates.pydoc_ppl.word_perplexity.mx=1")
+    dotted = run_cli("recipe", "validate", gated, "-o", tmp_path / "o", "--set", "eval.gates.pydoc_ppl.word_perplexity.max=-1",
+                     "--set", "eval.gates.pydoc_ppl.word_perplexity.mx=1")
     assert dotted.exit_code == 2 and "eval.gates.pydoc_ppl.word_perplexity.mx" in dotted.output, dotted.output
 
 

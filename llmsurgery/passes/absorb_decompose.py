@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .. import defaults
 from ..arch import arch_for, arch_for_model_type, decoder_layers, get_submodule
 from ..calibration import CalibConfig, observe_inputs
 from ..console import track
@@ -47,7 +48,7 @@ class AbsorbConfig(BaseModel):
     name: Literal["absorb"] = "absorb"
     threshold: float | None = Field(None, gt=0, lt=1, description="drop directions below T x the head's largest singular value")
     keep_ratio: float | None = Field(None, gt=0, le=1, description="keep this fraction of each head's directions")
-    rank: int | None = Field(None, ge=1, description="keep at most r directions per head (q/k: r dims = r/2 pairs)")
+    rank: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="keep at most r directions per head (q/k: r dims = r/2 pairs)")
     pairs: tuple[Literal["vo", "qk"], ...] = ("vo",)
     criterion: Literal["whitened", "weight", "norm"] = "whitened"
     damp: float = Field(0.01, ge=0, description="covariance damping, a fraction of its mean diagonal")

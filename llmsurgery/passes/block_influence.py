@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .. import defaults
 from ..arch import arch_for, decoder_layers, get_submodule, set_decoder_layers_
 from ..calibration import CalibConfig
 from ..console import track
@@ -33,7 +34,7 @@ class BlockInfluenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["block_influence"] = "block_influence"
-    remove: int | None = Field(None, gt=0, description="number of layers to remove")
+    remove: int | None = Field(None, gt=0, le=defaults.MAX_DIM, description="number of layers to remove")
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of layers to remove")
     metric: Literal["bi", "angular"] = "bi"
     block: bool = Field(False, description="remove one contiguous block of layers")

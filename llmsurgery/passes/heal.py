@@ -35,13 +35,13 @@ class HealConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Literal["heal"] = "heal"
-    steps: int = Field(defaults.HEAL_STEPS, ge=1, description="optimizer steps")
+    steps: int = Field(defaults.HEAL_STEPS, ge=1, le=defaults.MAX_STEPS, description="optimizer steps")
     lr: float = Field(defaults.HEAL_LR, gt=0, description="peak AdamW learning rate (warm-up, cosine decay)")
-    batch_size: int = Field(defaults.HEAL_BATCH_SIZE, ge=1)
+    batch_size: int = Field(defaults.HEAL_BATCH_SIZE, ge=1, le=defaults.MAX_BATCH)
     train: tuple[str, ...] = defaults.HEAL_TRAIN
     teacher: str | None = Field(None, description="model to distil from (default: the input model before this run's passes)")
     removed: tuple[int, ...] | None = Field(None, description="0-based layers of the teacher that the student lacks (default: from the history)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
     calib: CalibConfig = CalibConfig(samples=defaults.HEAL_WINDOWS[0], seq_len=defaults.HEAL_WINDOWS[1], seed=3)
 
     @field_validator("train")

@@ -53,12 +53,12 @@ class KVCompressConfig(BaseModel):
     budget: float = Field(gt=0, le=1, description="cached K+V dims kept, as a fraction of the original")
     train: bool = True
     uniform: bool = False
-    train_steps: int = Field(defaults.KV_TRAIN_STEPS, ge=1)
+    train_steps: int = Field(defaults.KV_TRAIN_STEPS, ge=1, le=defaults.MAX_STEPS)
     lr: float = Field(defaults.KV_LR, gt=0)
-    batch_size: int = Field(defaults.KV_BATCH_SIZE, ge=1)
-    rank_step: int | None = Field(None, ge=1, description="rank granularity (default head_dim / 8)")
+    batch_size: int = Field(defaults.KV_BATCH_SIZE, ge=1, le=defaults.MAX_BATCH)
+    rank_step: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="rank granularity, a divisor of head_dim (default head_dim / 8)")
     v_init: Literal["pca", "vo"] = "pca"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
     calib: CalibConfig = CalibConfig(samples=defaults.KV_PCA_WINDOWS[0], seq_len=defaults.KV_PCA_WINDOWS[1])  # PCA statistics
     train_calib: CalibConfig = CalibConfig(samples=defaults.KV_TRAIN_WINDOWS[0], seq_len=defaults.KV_TRAIN_WINDOWS[1], seed=1)
     search_calib: CalibConfig = CalibConfig(samples=defaults.KV_SEARCH_WINDOWS[0], seq_len=defaults.KV_SEARCH_WINDOWS[1], seed=2)
