@@ -249,9 +249,12 @@ def check_layer_count(found: dict[str, tuple[int, ...]], n_layers: int, spec: Ar
     """config.json's num_hidden_layers against the decoder layers the tensor names hold."""
     pattern = re.compile(rf"^{re.escape(spec.layers)}\.(\d+)\.")
     held = {int(m[1]) for name in found if (m := pattern.match(name))}
-    if held and held != set(range(n_layers)):
-        absent, extra = sorted(set(range(n_layers)) - held), sorted(held - set(range(n_layers)))
+    if not held:
+        raise UserError(f"{folder}: the weights hold no decoder layers (no '{spec.layers}.N.*' tensors)")
+    if len(held) != n_layers or max(held) != n_layers - 1:  # held is then exactly 0 .. n_layers - 1 (no set of that range)
+        extra = sorted(k for k in held if k >= n_layers)
+        absent = next(k for k in range(len(held) + 1) if k not in held)
         first = (f"unexpected tensor '{min(n for n in found if n.startswith(f'{spec.layers}.{extra[0]}.'))}'" if extra
-                 else f"tensors '{spec.layers}.{absent[0]}.*' are missing")
+                 else f"tensors '{spec.layers}.{absent}.*' are missing")
         raise UserError(f"{folder}: {first}: config.json says {n_layers} decoder layers, the weights hold {len(held)} "
                         f"(numbered {min(held)} to {max(held)})")

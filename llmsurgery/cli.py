@@ -122,12 +122,17 @@ def write_json(path: Path | None, payload: dict) -> None:
         err.print(f"wrote {path}")
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
 def check_files(**paths: Path | None) -> None:
     """Files a command will write at the end (--json, --plot), checked before any work."""
     from .model_io import check_file_target
 
     for option, path in paths.items():
         check_file_target(path, f"--{option}")
+        if option == "plot" and path is not None and path.suffix.lower() not in PLOT_FORMATS:
+            raise UserError(f"--plot {path}: the file name should end in {', '.join(PLOT_FORMATS)}")
 
 
 @app.command("eval")

@@ -208,17 +208,15 @@ def load_model(
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = device
     loader = checked.own_class or AutoModelForCausalLM
-    try:
-        with status(f"Loading {spec} ({dtype}, {device})"), quiet_transformers():
+    with status(f"Loading {spec} ({dtype}, {device})"), quiet_transformers():
+        try:
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)  # first: it is cheap
             model, info = loader.from_pretrained(where, **kwargs)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a broken checkpoint is bad input, not a crash
-        raise UserError(f"could not load {spec}: {_first_line(exc)}") from None
-    _check_loading_info(spec, info)
-    if quant is None:
-        check_finite_weights(spec, model)
+        except Exception as exc:  # noqa: BLE001 - a broken checkpoint is bad input, not a crash
+            raise UserError(f"could not load {spec}: {_first_line(exc)}") from None
+        _check_loading_info(spec, info)  # inside the status: a refused model shows only its error line
+        if quant is None:
+            check_finite_weights(spec, model)
     if quant is None:
         model.to(device)
     model.eval()
