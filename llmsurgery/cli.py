@@ -125,13 +125,19 @@ def write_json(path: Path | None, payload: dict) -> None:
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
-def check_files(**paths: Path | None) -> None:
-    """Files a command will write at the end (--json, --plot), checked before any work."""
+def check_files(output: Path | None = None, **paths: Path | None) -> None:
+    """Files a command will write at the end (--json, --plot), checked before any work; they may go into `output`."""
     from .model_io import check_file_target
 
     for option, path in paths.items():
-        check_file_target(path, f"--{option}")
-        if option == "plot" and path is not None and path.suffix.lower() not in PLOT_FORMATS:
+        if path is None:
+            continue
+        if output is not None and path.expanduser().resolve() == output.expanduser().resolve():
+            raise UserError(f"--{option} {path} is the output folder; give a file name")
+        into_output = output is not None and path.expanduser().resolve().parent == output.expanduser().resolve()
+        if not (option == "json" and into_output):  # --json is written after the save, so the output folder exists by then
+            check_file_target(path, f"--{option}")
+        if option == "plot" and path.suffix.lower() not in PLOT_FORMATS:
             raise UserError(f"--plot {path}: the file name should end in {', '.join(PLOT_FORMATS)}")
 
 
@@ -282,7 +288,7 @@ def prune(
     json_path: JsonOpt = None,
 ) -> None:
     """Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."""
-    check_files(json=json_path, plot=plot)
+    check_files(output, json=json_path, plot=plot)
     from .calibration import CalibConfig
     from .passes.block_influence import BlockInfluenceConfig
     from .plotting import save_score_plot, score_table
@@ -376,7 +382,7 @@ def heal(
     json_path: JsonOpt = None,
 ) -> None:
     """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a standard checkpoint."""
-    check_files(json=json_path)
+    check_files(output, json=json_path)
     cfg = _heal_config(steps=steps, lr=lr, train=train, calib=calib, seed=seed, teacher=teacher, removed=removed,
                        batch_size=batch_size, samples=calib_samples, seq_len=calib_seq_len)
     record, = _transform("heal", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
@@ -415,7 +421,7 @@ def rotate_sparsify(
     json_path: JsonOpt = None,
 ) -> None:
     """LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."""
-    check_files(json=json_path)
+    check_files(output, json=json_path)
     from .calibration import CalibConfig
     from .passes.larosa import RotateSparsifyConfig
 
@@ -489,7 +495,7 @@ def absorb(
 
     Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless).
     """
-    check_files(json=json_path, plot=plot)
+    check_files(output, json=json_path, plot=plot)
     from .calibration import CalibConfig
     from .passes.absorb_decompose import AbsorbConfig
     from .plotting import save_spectra_plot
@@ -546,7 +552,7 @@ def kv_compress(
     json_path: JsonOpt = None,
 ) -> None:
     """MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."""
-    check_files(json=json_path)
+    check_files(output, json=json_path)
     from .calibration import CalibConfig
     from .passes.matryoshka_kv import KVCompressConfig
 
@@ -589,7 +595,7 @@ def run_cmd(
     json_path: JsonOpt = None,
 ) -> None:
     """Run a recipe: its passes in order, then its evaluation; exit 1 if a quality gate fails."""
-    check_files(json=json_path)
+    check_files(output, json=json_path)
     from .recipe import run_recipe
 
     results = run_recipe(recipe, output, overrides or [], force)

@@ -83,6 +83,8 @@ CASES = [
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{short_txt}", *TINY], "fewer than the 2 asked for"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--plot", "{missing}/p.png", *TINY], "--plot"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{empty_dir}", *TINY], "--json"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{out}", *TINY], "is the output folder"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--plot", "{out}/scores.png", *TINY], "--plot"),
     ("prune", ["--bi", "{model}", "-o", "{a_file}/x/y", "--remove", "1", *TINY], "is a file, not a folder"),
     ("prune", ["--bi", "{model}", "-o", "{model}/sub", "--remove", "1", *TINY], "overwrite the input"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-steps", "0", *TINY], "--heal-steps"),
@@ -360,6 +362,14 @@ def test_bad_input_is_one_line_and_exit_2(places, capsys, command, args, words):
     assert not (out.parent / MARKER).exists(), "foreign modeling code ran"
     assert _inputs(places) == before, "an input changed"
     assert (places["existing"] / "keep.txt").read_text() == "mine"
+
+
+def test_json_may_go_into_the_output_folder(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = _run_main(["prune", "--bi", str(tiny_models["llama"]), "-o", str(out), "--remove", "1", "--json",
+                                 str(out / "report.json"), *TINY], capsys)
+    assert code == 0, stderr
+    assert json.loads((out / "report.json").read_text())["removed_layers"]
 
 
 def test_every_command_is_in_the_table():
