@@ -119,7 +119,7 @@ def print_metrics(rows: list[dict], model: str, baseline: str | None) -> None:
 def write_json(path: Path | None, payload: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(payload, indent=2, default=str))
-        err.print(f"wrote {path}")
+        err.print(f"wrote {escape(str(path))}")
 
 
 PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -129,6 +129,9 @@ def check_files(output: Path | None = None, **paths: Path | None) -> None:
     """Files a command will write at the end (--json, --plot), checked before any work; they may go into `output`."""
     from .model_io import check_file_target
 
+    given = [p.expanduser().resolve() for p in paths.values() if p is not None]
+    if len(given) != len(set(given)):
+        raise UserError(f"{' and '.join('--' + o for o in paths)} name the same file")
     for option, path in paths.items():
         if path is None:
             continue
@@ -160,12 +163,13 @@ def eval_cmd(
     """Score MODEL with lm-eval, offline built-in tasks included; with --baseline, side by side."""
     check_files(json=json_path)
     from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
-    from .model_io import load_model, peek_config
+    from .model_io import check_not_an_input, load_model, peek_config
 
     task_list = parse_tasks(tasks)
     manager = check_tasks(task_list)
-    for spec in (model, baseline) if baseline else (model,):  # both checked before either is scored
-        peek_config(spec, trust_remote_code)
+    folders = [peek_config(spec, trust_remote_code)[1] for spec in ((model, baseline) if baseline else (model,))]  # both first
+    if json_path is not None:
+        check_not_an_input(json_path, [f for f in folders if f is not None], "--json")
     load = functools.partial(load_model, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
                              load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     base_metrics = None
@@ -222,20 +226,24 @@ def _pydantic_error(exc) -> UserError:
 
 def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, dtype: str, device: str, trust_remote_code: bool,
                eval_tasks: str | None, eval_limit: int | None, column: str, summary: Callable[[dict], None], dry_run: bool = False,
-               then: tuple = ()) -> list[dict]:
+               then: tuple = (), files: dict | None = None) -> list[dict]:
     """What every transforming command shares: check, load, (baseline), apply the pass(es), summary, (eval), save.
 
     then: further (pass name, config, summary) to run after the first before saving (prune --heal). Returns the records.
+    files: {option: path} the command writes besides the output (--json, --plot), checked against every input.
     """
     from .evaluate import evaluate_model
-    from .model_io import check_output_free, load_model, peek_config, save_model
+    from .model_io import check_not_an_input, check_output_free, load_model, peek_config, save_model
     from .pipeline import check_passes, run_passes
 
-    steps = [(name, cfg, summary), *then]
+    steps, files = [(name, cfg, summary), *then], files or {}
     config, folder, _ = peek_config(model, trust_remote_code)
-    check_passes([(step_name, step_cfg) for step_name, step_cfg, _ in steps], config, folder, trust_remote_code)
+    inputs = check_passes([(step_name, step_cfg) for step_name, step_cfg, _ in steps], config, folder, trust_remote_code)
+    for option, path in files.items():
+        if path is not None:
+            check_not_an_input(path, [p for p in [folder, *inputs] if p is not None], f"--{option}")
     if not dry_run:
-        check_output_free(output, force, folder)
+        check_output_free(output, force, folder, inputs)
     plan = _eval_plan(None if dry_run else eval_tasks)
     tasks, manager = plan
     loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -310,7 +318,7 @@ def prune(
         out.print(f"layers to remove (0-based): {removed}  ({report['layers_before']} -> {report['layers_after']} layers)")
         if plot is not None:
             save_score_plot(plot, scores, chosen, label, index_label)
-            err.print(f"wrote {plot}")
+            err.print(f"wrote {escape(str(plot))}")
 
     then = ()
     if heal and not scores_only:
@@ -318,10 +326,10 @@ def prune(
         then = (("heal", heal_cfg, _heal_summary),)
     records = _transform("prune-bi", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                          eval_tasks=eval_tasks, eval_limit=eval_limit, column="healed" if then else "pruned", summary=summary,
-                         dry_run=scores_only, then=then)
+                         dry_run=scores_only, then=then, files={"json": json_path, "plot": plot})
     record = records[0]
     if not scores_only:
-        out.print(f"saved the {record['report']['layers_after']}-layer {'healed ' if then else ''}model to {output}")
+        out.print(f"saved the {record['report']['layers_after']}-layer {'healed ' if then else ''}model to {escape(str(output))}")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"], "score_kind": label,
                            **({"heal": records[1]["report"]} if then else {})})
 
@@ -386,8 +394,9 @@ def heal(
     cfg = _heal_config(steps=steps, lr=lr, train=train, calib=calib, seed=seed, teacher=teacher, removed=removed,
                        batch_size=batch_size, samples=calib_samples, seq_len=calib_seq_len)
     record, = _transform("heal", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="healed", summary=_heal_summary)
-    out.print(f"saved the healed model to {output}")
+                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="healed", summary=_heal_summary,
+                         files={"json": json_path})
+    out.print(f"saved the healed model to {escape(str(output))}")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
 
 
@@ -438,8 +447,9 @@ def rotate_sparsify(
         out.print(table)
 
     record, = _transform("rotate-sparsify", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="sparse", summary=summary)
-    out.print(f"saved the sparse model to {output} (load with trust_remote_code=True)")
+                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="sparse", summary=summary,
+                        files={"json": json_path})
+    out.print(f"saved the sparse model to {escape(str(output))} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
 
 
@@ -513,12 +523,13 @@ def absorb(
             out.print("[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting")
         if plot is not None:
             save_spectra_plot(plot, report["layers"], f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
-            err.print(f"wrote {plot}")
+            err.print(f"wrote {escape(str(plot))}")
 
     record, = _transform("absorb", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="absorbed", summary=summary, dry_run=dry_run)
+                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="absorbed", summary=summary, dry_run=dry_run,
+                        files={"json": json_path, "plot": plot})
     if not dry_run:
-        out.print(f"saved the absorbed model to {output} (load with trust_remote_code=True)")
+        out.print(f"saved the absorbed model to {escape(str(output))} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
 
 
@@ -575,8 +586,9 @@ def kv_compress(
         out.print(table)
 
     record, = _transform("kv-compress", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="compressed", summary=summary)
-    out.print(f"saved the KV-compressed model to {output} (load with trust_remote_code=True)")
+                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="compressed", summary=summary,
+                        files={"json": json_path})
+    out.print(f"saved the KV-compressed model to {escape(str(output))} (load with trust_remote_code=True)")
     write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
 
 
@@ -598,8 +610,8 @@ def run_cmd(
     check_files(output, json=json_path)
     from .recipe import run_recipe
 
-    results = run_recipe(recipe, output, overrides or [], force)
-    out.print(f"saved {' -> '.join(results['passes'])} to {results['output']}")
+    results = run_recipe(recipe, output, overrides or [], force, files={"json": json_path})
+    out.print(f"saved {' -> '.join(results['passes'])} to {escape(str(results['output']))}")
     if "eval" in results:
         print_metrics(results["eval"], "transformed", "original" if any("baseline" in r for r in results["eval"]) else None)
         for name, gate in results["gates"].items():
@@ -654,7 +666,7 @@ def convert(
     check_output_free(output, force, peek_config(model, trust_remote_code)[1])
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
     save_model(loaded, output, force=force)
-    out.print(f"saved {model} to {output}")
+    out.print(f"saved {escape(model)} to {escape(str(output))}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 out = Console()
@@ -17,9 +18,10 @@ T = TypeVar("T")
 
 @contextmanager
 def status(message: str) -> Iterator[None]:
-    with err.status(message):
+    """A spinner while the block runs, then a tick; `message` is plain text (paths may hold brackets)."""
+    with err.status(escape(message)):
         yield
-    err.print(f"[green]✓[/green] {message}")
+    err.print(f"[green]✓[/green] {escape(message)}")
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

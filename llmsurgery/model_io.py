@@ -255,15 +255,27 @@ def check_finite_weights(spec: str, model) -> None:
             raise UserError(f"could not load {spec}: tensor '{name}' holds NaN or infinite values (a corrupt checkpoint)")
 
 
-def check_output_free(out: Path, force: bool, loaded_from: Path | None = None) -> None:
-    """Refuse an existing output (without --force), any output inside or equal to the input, and unwritable places."""
+def check_not_an_input(target: Path, inputs: list[Path], what: str) -> None:
+    """Writing (or replacing) `target` must not touch any input: not equal to one, not above one, not inside an input folder."""
+    dst = target.expanduser().resolve()
+    for given in inputs:
+        src = given.expanduser().resolve()
+        if dst == src or dst in src.parents or (src.is_dir() and src in dst.parents):
+            kind = "the input model" if given == inputs[0] else "an input"
+            raise UserError(f"{what} {target} would overwrite {kind} {given}; choose another place")
+
+
+def check_output_free(out: Path, force: bool, loaded_from: Path | None = None, inputs: list[Path] | None = None) -> None:
+    """Refuse an existing output (without --force), any output inside, equal to or above an input, and unwritable places.
+
+    inputs: what else the run reads (teacher folders, calibration files, the recipe), after the model folder.
+    """
     out = out.expanduser()
     if not str(out).strip() or out.name in ("", ".", ".."):
         raise UserError(f"output '{out}' is not a folder name")
-    if loaded_from is not None:
-        src, dst = loaded_from.resolve(), out.resolve()
-        if dst == src or src in dst.parents or dst in src.parents:
-            raise UserError(f"output {out} would overwrite the input model {loaded_from}; choose another folder")
+    protected = [p for p in [loaded_from, *(inputs or [])] if p is not None]
+    if protected:
+        check_not_an_input(out, protected, "output")
     if out.exists() and not force:
         raise UserError(f"output {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():

@@ -279,8 +279,12 @@ PASSES: dict[str, PassSpec] = {
 }
 
 
-def check_passes(steps: list[tuple[str, BaseModel]], config: dict, folder, trust_remote_code: bool, where=lambda i, name: "") -> None:
-    """Everything about the passes that can be told before loading weights: each pass's own check, then the calibration."""
+def check_passes(steps: list[tuple[str, BaseModel]], config: dict, folder, trust_remote_code: bool,
+                 where=lambda i, name: "") -> list[Path]:
+    """Everything about the passes that can be told before loading weights: each pass's own check, then the calibration.
+
+    Returns what the passes read besides the model (calibration files, teacher folders): no output may replace them.
+    """
     for i, (name, cfg) in enumerate(steps):
         if PASSES[name].check is not None:
             try:
@@ -288,6 +292,20 @@ def check_passes(steps: list[tuple[str, BaseModel]], config: dict, folder, trust
             except UserError as exc:
                 raise UserError(f"{where(i, name)}{exc}") from None
     check_calibration(folder, steps, trust_remote_code)
+    return pass_inputs(steps)
+
+
+def pass_inputs(steps: list[tuple[str, BaseModel]]) -> list[Path]:
+    """Local files and folders the passes read: calibration files and given teachers (built-ins: their cached folder)."""
+    from .sources import local_folder, resolve_source
+
+    found = {Path(c.source).expanduser() for name, cfg in steps for c in PASSES[name].calibration(cfg)
+             if Path(c.source).expanduser().is_file()}
+    for name, cfg in steps:
+        if name == "heal" and cfg.teacher:
+            folder = local_folder(resolve_source(cfg.teacher))
+            found |= {folder} if folder is not None else set()
+    return sorted(found)
 
 
 def check_calibration(folder, steps: list[tuple[str, BaseModel]], trust_remote_code: bool) -> None:

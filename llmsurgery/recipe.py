@@ -240,10 +240,13 @@ def pass_configs(recipe: Recipe) -> list[BaseModel]:
     return [build_pass_config(i, options, calib) for i, options in enumerate(recipe.passes)]
 
 
-def check_recipe(recipe: Recipe, output: Path | None, force: bool):
-    """Everything checkable before loading weights; returns (pass configs, input folder, task manager)."""
+def check_recipe(recipe: Recipe, output: Path | None, force: bool, inputs: tuple[Path, ...] = (), files: dict | None = None):
+    """Everything checkable before loading weights; returns (pass configs, input folder, task manager).
+
+    inputs: further files the run reads (the recipe itself); files: {option: path} it writes besides the output.
+    """
     from .evaluate import check_gate_metrics, check_tasks
-    from .model_io import check_output_free, peek_config, resolve_device
+    from .model_io import check_not_an_input, check_output_free, peek_config, resolve_device
     from .pipeline import check_passes
 
     configs = pass_configs(recipe)
@@ -257,13 +260,16 @@ def check_recipe(recipe: Recipe, output: Path | None, force: bool):
     except UserError as exc:
         raise UserError(f"device: {exc}") from None
     config, folder, _ = peek_config(recipe.model, recipe.trust_remote_code)
-    check_passes([(o.pass_, cfg) for o, cfg in zip(recipe.passes, configs)], config, folder, recipe.trust_remote_code,
-                 where=lambda i, name: f"passes[{i}] ({name}): ")
+    read = check_passes([(o.pass_, cfg) for o, cfg in zip(recipe.passes, configs)], config, folder, recipe.trust_remote_code,
+                        where=lambda i, name: f"passes[{i}] ({name}): ") + list(inputs)
+    for option, path in (files or {}).items():
+        if path is not None:
+            check_not_an_input(path, [p for p in [folder, *read] if p is not None], f"--{option}")
     manager = check_tasks(recipe.eval.tasks) if recipe.eval else None
     if recipe.eval:
         check_gate_metrics(manager, recipe.eval.gates)
     if output is not None:
-        check_output_free(output, force, folder)
+        check_output_free(output, force, folder, read)
     return configs, folder, manager
 
 
@@ -297,7 +303,8 @@ def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
     return failures
 
 
-def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False):
+def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
+                   files: dict | None = None):
     """Read and check a recipe as `run` will run it: (recipe, raw data, output, pass configs, task manager).
 
     `recipe validate` calls this too, so it refuses exactly what `run` would refuse before any work.
@@ -306,17 +313,18 @@ def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] 
     output = output or (Path(recipe.output) if recipe.output else None)
     if output is None:
         raise UserError(f"{path}: give an output folder (output: in the recipe, or --output)")
-    configs, _, manager = check_recipe(recipe, output, force)
+    configs, _, manager = check_recipe(recipe, output, force, (path,), files)
     return recipe, data, output, configs, manager
 
 
-def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False) -> dict:
+def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
+               files: dict | None = None) -> dict:
     """Run a recipe end to end; returns the results, failed gates listed under "failed_gates" (the CLI exits 1 on them)."""
     from .evaluate import compare, evaluate_model
     from .model_io import load_model, save_model
     from .sources import resolve_source
 
-    recipe, data, output, configs, manager = prepare_recipe(path, output, overrides, force)
+    recipe, data, output, configs, manager = prepare_recipe(path, output, overrides, force, files)
     load = {"dtype": recipe.dtype, "device": recipe.device, "trust_remote_code": recipe.trust_remote_code}
     loaded = load_model(recipe.model, **load)
     ev = recipe.eval

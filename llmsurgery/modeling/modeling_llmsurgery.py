@@ -307,8 +307,8 @@ def _rope_index(attn: nn.Module, group: int, device) -> torch.Tensor | None:
 
 def absorbed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """Attention with per-KV-head q/k, key-cache and v widths; the cache holds [B, 1, T, sum of widths] per layer."""
-    cache = cache if cache is not None else kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_values", None)
+    found = [kwargs.pop(name, None) for name in ("past_key_values", "past_key_value")]  # transformers 5 / 4.56 spelling
+    cache = next((c for c in (cache, *found) if c is not None), None)
     batch, length = hidden_states.shape[:-1]
     n_rep, layout = self.num_key_value_groups, self.attention_layout
     kw, vw = qk_widths(layout, self.head_dim), layout["v"]
@@ -334,8 +334,10 @@ def absorbed_attention_forward(self, hidden_states, position_embeddings=None, at
     keys = torch.cat(k_groups, dim=-1)  # [B, 1, T, sum of key widths]
     kw = layout.get("k") or kw
     if cache is not None:
-        keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        # Positional cache_kwargs: what 4.56 names `cache_kwargs` and 5.x passes through to its cache layers.
+        keys, values = cache.update(keys, values, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
+    implementation = self.config._attn_implementation
+    attend = eager_attention_forward if implementation in (None, "eager") else ALL_ATTENTION_FUNCTIONS[implementation]
     extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
     outputs, k_at, v_at = [], 0, 0
     for g, (qg, width, v_width) in enumerate(zip(q_groups, kw, vw)):

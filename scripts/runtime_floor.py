@@ -1,0 +1,87 @@
+"""The saved-model runtime on the transformers floor that pyproject.toml declares.
+
+`make DIR` (in the test environment, newest transformers): tiny models of every architecture, absorbed (lossy
+keep-ratio, Q-K pairs where allowed) and KV-compressed (PCA, uniform ranks), each saved with llmsurgery, plus
+its logits and greedy generations (with and without the cache) as computed here.
+
+`check DIR` (in a bare environment holding only torch and the floor transformers, no llmsurgery): each saved
+model loads with `trust_remote_code=True` from the files next to its weights, gives the same logits to float32
+tolerance, and generates the same tokens with and without the cache. Exit 1 and one line per failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before transformers imports tqdm
+
+import torch  # noqa: E402
+
+PROMPT = [[1, 37, 120, 55, 201, 9, 77, 300, 12, 5, 66, 88]]
+NEW_TOKENS = 8
+
+
+def _outputs(model) -> dict:
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0].tolist()
+        cached = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True)[0].tolist()
+        uncached = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)[0].tolist()
+    return {"logits": logits, "cached": cached, "uncached": uncached}
+
+
+def make(root: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import ARCHS, build_tiny
+    from helpers import run_cli
+    from transformers import AutoModelForCausalLM
+
+    calib = ["--calib-samples", "2", "--calib-seq-len", "32"]
+    for arch in ARCHS:
+        tiny = build_tiny(arch, root / "tiny" / arch)
+        pairs = "vo" if arch in ("qwen3", "gemma3_text") else "vo,qk"  # per-head q/k norms: no Q-K pairs
+        jobs = {f"absorb-{arch}": ["absorb", tiny, "--keep-ratio", "0.75", "--pairs", pairs, *calib],
+                f"kv-{arch}": ["kv-compress", tiny, "--budget", "0.5", "--no-train", "--uniform", *calib]}
+        for name, args in jobs.items():
+            out = root / name
+            result = run_cli(*args, "--output", out)
+            assert result.exit_code == 0, result.output
+            model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+            (out / "expected.json").write_text(json.dumps(_outputs(model)))
+            print(f"made {name}")
+
+
+def check(root: Path) -> int:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    failures = 0
+    folders = sorted(p.parent for p in root.glob("*/expected.json"))
+    for folder in folders:
+        expected = json.loads((folder / "expected.json").read_text())
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+            got = _outputs(model)
+        except Exception as exc:  # noqa: BLE001 - report every model, then fail
+            print(f"FAIL {folder.name}: {type(exc).__name__}: {exc}".splitlines()[0])
+            failures += 1
+            continue
+        diff = (torch.tensor(got["logits"]) - torch.tensor(expected["logits"])).abs().max().item()
+        problems = [f"logits differ by {diff:.2e}"] if diff > 1e-4 else []
+        problems += ["cached generation differs"] if got["cached"] != expected["cached"] else []
+        problems += ["cached and uncached generation differ"] if got["cached"] != got["uncached"] else []
+        print(("FAIL " if problems else "ok   ") + f"{folder.name}: max |logit diff| {diff:.2e}" + "".join(f"; {p}" for p in problems))
+        failures += bool(problems)
+    print(f"transformers {transformers.__version__}: {len(folders) - failures} passed, {failures} failed")
+    return 1 if failures or not folders else 0
+
+
+if __name__ == "__main__":
+    mode, folder = sys.argv[1], Path(sys.argv[2])
+    if mode == "make":
+        make(folder)
+    else:
+        sys.exit(check(folder))
