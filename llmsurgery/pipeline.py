@@ -88,7 +88,7 @@ class HealOptions(PassOptions):
 # ----------------------------------------------------------------------------- per-pass config + apply
 
 
-def _prune_check(cfg, config: dict, folder, earlier: list) -> None:
+def _prune_check(cfg, config: dict, folder, earlier: list, input_config: dict) -> None:
     cfg.n_remove(config["num_hidden_layers"])
 
 
@@ -177,13 +177,13 @@ def _heal_apply(loaded, cfg) -> dict:
     return heal_loaded_(loaded, cfg, loaded.pending)
 
 
-def _heal_check(cfg, config: dict, folder, earlier: list) -> None:
+def _heal_check(cfg, config: dict, folder, earlier: list, input_config: dict) -> None:
     """The teacher (given; the history's source when heal comes first; else the input) and the layer counts, before any work."""
     from .arch import arch_for_model_type
     from .model_io import peek_config, read_history
 
     arch_for_model_type(config.get("model_type"))
-    n_student = config["num_hidden_layers"] - sum(c.n_remove(config["num_hidden_layers"]) for name, c in earlier if name == "prune-bi")
+    n_student = config["num_hidden_layers"]
     teacher = cfg.teacher
     if teacher is None and not earlier:
         history = read_history(folder) if folder is not None else None
@@ -191,7 +191,7 @@ def _heal_check(cfg, config: dict, folder, earlier: list) -> None:
             raise UserError("give --teacher (the model before pruning): this model has no llmsurgery history naming its source")
         teacher = history["source"].get("id")
     if teacher is None:
-        teacher_config = config  # the input model, as loaded before the earlier passes
+        teacher_config = input_config  # the input model, as loaded before the earlier passes
     else:
         try:
             teacher_config, teacher_folder, _ = peek_config(str(teacher))
@@ -213,7 +213,7 @@ def _heal_check(cfg, config: dict, folder, earlier: list) -> None:
         raise UserError(f"the student has more layers ({n_student}) than the teacher ({n_teacher})")
 
 
-def _rotate_check(cfg, config: dict, folder, earlier: list) -> None:
+def _rotate_check(cfg, config: dict, folder, earlier: list, input_config: dict) -> None:
     from .modeling import uses_surgery_modeling
     from .passes.larosa import check_foldable
 
@@ -222,13 +222,13 @@ def _rotate_check(cfg, config: dict, folder, earlier: list) -> None:
         raise UserError("rotate-sparsify needs a dense model (this one is already sparse or carries foreign code)")
 
 
-def _absorb_check(cfg, config: dict, folder, earlier: list) -> None:
+def _absorb_check(cfg, config: dict, folder, earlier: list, input_config: dict) -> None:
     from .passes.absorb_decompose import check_absorbable
 
     check_absorbable(config.get("model_type"), cfg, config)
 
 
-def _kv_check(cfg, config: dict, folder, earlier: list) -> None:
+def _kv_check(cfg, config: dict, folder, earlier: list, input_config: dict) -> None:
     from .passes.matryoshka_kv import check_compressible
 
     check_compressible(config)
@@ -262,8 +262,9 @@ class PassSpec:
     build: Callable[[Any, dict], BaseModel]
     apply: Callable[[Any, BaseModel], dict]
     record_name: str
-    # Everything checkable from config.json before loading: (config, model config dict, folder or None, the passes before).
-    check: Callable[[BaseModel, dict, Any, list], None] | None = None
+    # Everything checkable from config.json before loading: (config, the model's config.json as the passes before leave it,
+    # folder or None, the passes before, the input's config.json).
+    check: Callable[[BaseModel, dict, Any, list, dict], None] | None = None
     # The calibration windows the pass will draw with this config (none: it needs no data).
     calibration: Callable[[BaseModel], list[CalibConfig]] = lambda cfg: [cfg.calib]
 
@@ -285,14 +286,32 @@ def check_passes(steps: list[tuple[str, BaseModel]], config: dict, folder, trust
 
     Returns what the passes read besides the model (calibration files, teacher folders): no output may replace them.
     """
+    current = config
     for i, (name, cfg) in enumerate(steps):
-        if PASSES[name].check is not None:
-            try:
-                PASSES[name].check(cfg, config, folder, steps[:i])
-            except UserError as exc:
-                raise UserError(f"{where(i, name)}{exc}") from None
+        try:
+            if PASSES[name].check is not None:
+                PASSES[name].check(cfg, current, folder, steps[:i], config)
+            current = config_after(name, cfg, current)
+        except UserError as exc:
+            raise UserError(f"{where(i, name)}{exc}") from None
     check_calibration(folder, steps, trust_remote_code)
     return pass_inputs(steps)
+
+
+def config_after(name: str, cfg: BaseModel, config: dict) -> dict:
+    """config.json as a pass will leave it, in what the later passes' checks read: layer count, sparsity, key layout."""
+    after = dict(config)
+    layers = config["num_hidden_layers"]
+    layouts = [dict(layout) for layout in config.get("attention_layout") or [{} for _ in range(layers)]]
+    if name == "prune-bi":
+        after["num_hidden_layers"] = layers - cfg.n_remove(layers)
+    elif name == "rotate-sparsify":
+        after["sparsity_in"] = cfg.sparsity_in
+    elif name == "kv-compress":
+        after["attention_layout"] = [layout | {"k": layout.get("k") or [0]} for layout in layouts]
+    elif name == "absorb" and "qk" in cfg.pairs:
+        after["attention_layout"] = [layout | {"qk": layout.get("qk") or [[]]} for layout in layouts]
+    return after
 
 
 def pass_inputs(steps: list[tuple[str, BaseModel]]) -> list[Path]:

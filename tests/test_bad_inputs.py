@@ -160,6 +160,13 @@ CASES = [
     ("recipe validate", ["{recipe_no_output}"], "give an output folder"),
     ("recipe validate", ["{recipe_heal_removed}"], "--removed should name distinct layers"),
     ("run", ["{recipe_heal_removed}"], "--removed should name distinct layers"),
+    ("run", ["{recipe_prune_all}"], "passes[1] (prune-bi): cannot remove 3 of 3 layers"),
+    ("recipe validate", ["{recipe_prune_all}"], "cannot remove 3 of 3 layers"),
+    ("recipe validate", ["{recipe_kv_twice}"], "passes[1] (kv-compress): this model's KV cache is already compressed"),
+    ("recipe validate", ["{recipe_rotate_twice}"], "passes[1] (rotate-sparsify): rotate-sparsify needs a dense model"),
+    ("run", ["{recipe_qk_then_kv}"], "passes[1] (kv-compress): kv-compress needs full q/k heads"),
+    ("run", ["{recipe_kv_then_qk}"], "passes[1] (absorb): qk pairs cannot be dropped after kv-compress"),
+    ("run", ["{recipe_heal_after_two}"], "passes[2] (heal): the teacher has 6 layers, the student 4"),
     ("inspect", ["{config_type_list}"], "unsupported architecture"),
     ("inspect", ["{million_layers}"], "config.json says 1000000 decoder layers, the weights hold 6"),
     ("convert", ["{nan_weights}", "-o", "{out}"], "holds NaN or infinite values"),
@@ -332,6 +339,14 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     p["recipe_into_input"] = _recipe(root, "into_input", head.replace(str(root / "recipe_out"), str(src)) + prune)
     p["recipe_no_output"] = _recipe(root, "no_output", head.replace(f"output: {root / 'recipe_out'}\n", "") + prune)
     p["recipe_heal_removed"] = _recipe(root, "heal_removed", head + prune + "  - pass: heal\n    steps: 2\n    removed: [99]\n")
+    kv = "  - pass: kv-compress\n    budget: 0.5\n    train: false\n    uniform: true\n"
+    p["recipe_prune_all"] = _recipe(root, "prune_all", head + "passes:\n" + "  - pass: prune-bi\n    remove: 3\n" * 2)
+    p["recipe_kv_twice"] = _recipe(root, "kv_twice", head + "passes:\n" + kv * 2)
+    p["recipe_rotate_twice"] = _recipe(root, "rotate_twice", head + "passes:\n" + "  - pass: rotate-sparsify\n    sparsity: 0.3\n" * 2)
+    p["recipe_qk_then_kv"] = _recipe(root, "qk_then_kv", head + "passes:\n  - pass: absorb\n    pairs: [vo, qk]\n" + kv)
+    p["recipe_kv_then_qk"] = _recipe(root, "kv_then_qk", head + "passes:\n" + kv + "  - pass: absorb\n    pairs: [vo, qk]\n")
+    p["recipe_heal_after_two"] = _recipe(root, "heal_after_two", head + "passes:\n" + "  - pass: prune-bi\n    remove: 1\n" * 2
+                                         + "  - pass: heal\n    steps: 2\n    removed: [0, 1, 2]\n")
     p["recipe_calib"] = _recipe(root, "calib", head.replace("{samples", f"{{source: {p['binary_txt']}, samples") + prune)
     return p
 
