@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def _alive(pid: int) -> bool:
@@ -48,7 +48,7 @@ def remove_stale_temps(target: Path) -> list[Path]:
 
 def write_failure(target: Path, exc: BaseException) -> UserError:
     """A failed write (full disk, no permission, read-only file system) as one line."""
-    reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = getattr(exc, "strerror", None) or first_line(exc)
     return UserError(f"could not write {target}: {reason}; nothing was written")
 
 

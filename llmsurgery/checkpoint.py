@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 from .arch import ArchSpec, arch_for_model_type
-from .errors import UserError
+from .errors import UserError, first_line
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
@@ -175,7 +175,7 @@ def _bin_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         state = torch.load(path, map_location="meta", weights_only=True)  # weights_only: never runs pickled code
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-        raise UserError(f"{path} is not a readable PyTorch weights file: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        raise UserError(f"{path} is not a readable PyTorch weights file: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
     return {k: tuple(v.shape) for k, v in state.items()}
@@ -205,7 +205,7 @@ def expected_shapes(folder: Path, model_class=None) -> tuple[dict[str, tuple[int
                 model = model_class._from_config(config) if model_class is not None else AutoModelForCausalLM.from_config(config)
     except Exception as exc:  # noqa: BLE001 - a config transformers cannot build is bad input
         raise UserError(f"{folder / 'config.json'} does not describe a model transformers can build: "
-                        f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+                        f"{first_line(exc)}") from None
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     by_tensor: dict[int, set[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):

@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 BUILTIN_CORPORA = ("news", "pydoc")
 EVAL_EVERY = 5  # every 5th document (index % 5 == 4) is held out for evaluation
@@ -147,7 +147,7 @@ def _hub_documents(spec: str) -> list[str]:
 
         data = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # noqa: BLE001 - network, missing dataset, bad split: one line for all
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UserError(f"could not load hub dataset '{spec}' (offline?): {first}") from None
     if field not in data.column_names:
         raise UserError(f"hub dataset '{spec}' has no column '{field}'; columns: {', '.join(data.column_names)}")

@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class GateFailed(Exception):
     """A quality gate did not pass: the CLI exits 1."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): how a library's error is quoted."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -16,7 +16,7 @@ import torch
 from .atomic import replacing_folder
 from .checkpoint import check_folder, read_config
 from .console import quiet_transformers, status
-from .errors import UserError
+from .errors import UserError, first_line
 from .sources import SOURCE_FILE, Source, local_folder, resolve_source, sha256_files
 
 HISTORY_FILE = "llmsurgery_history.json"
@@ -113,10 +113,6 @@ def _quantization_config(load_in_8bit: bool, load_in_4bit: bool):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _hub_config(spec: str, trust_remote_code: bool) -> dict:
     from transformers import AutoConfig
 
@@ -127,7 +123,7 @@ def _hub_config(spec: str, trust_remote_code: bool) -> dict:
     except Exception as exc:  # noqa: BLE001 - offline, missing repo, gated: one line for all
         raise UserError(
             f"'{spec}' is not a local path or built-in model, and loading it from the Hugging Face hub "
-            f"failed (offline?): {_first_line(exc)}"
+            f"failed (offline?): {first_line(exc)}"
         ) from None
     arch_for_model_type(config.model_type)
     return config.to_dict()
@@ -213,7 +209,7 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)  # first: it is cheap
             model, info = loader.from_pretrained(where, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a broken checkpoint is bad input, not a crash
-            raise UserError(f"could not load {spec}: {_first_line(exc)}") from None
+            raise UserError(f"could not load {spec}: {first_line(exc)}") from None
         _check_loading_info(spec, info)  # inside the status: a refused model shows only its error line
         if quant is None:
             check_finite_weights(spec, model)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import defaults
 from .calibration import CalibConfig, calibration_batches
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 class PassOptions(BaseModel):
@@ -342,7 +342,7 @@ def check_calibration(folder, steps: list[tuple[str, BaseModel]], trust_remote_c
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot load is bad input
-        raise UserError(f"could not load the tokenizer of {folder}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        raise UserError(f"could not load the tokenizer of {folder}: {first_line(exc)}") from None
     check_calibration_sizes(tokenizer, needs)
 
 def run_passes(loaded, steps: list[tuple[str, BaseModel]], *, dry_run: bool = False,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 SOURCE_FILE = "llmsurgery_source.json"  # written into cached conversions
 
@@ -111,7 +111,7 @@ def _convert_gguf(gguf: Path, target: Path, source_id: str) -> None:
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # noqa: BLE001 - any parse failure of a user file is bad input
-        raise UserError(f"could not read GGUF {gguf}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        raise UserError(f"could not read GGUF {gguf}: {first_line(exc)}") from None
     arch_for_model_type(config.model_type)
     try:
         with status(f"Converting {gguf.name} to safetensors (once; cached in {target.parent})"), quiet_transformers(), \
@@ -126,7 +126,7 @@ def _convert_gguf(gguf: Path, target: Path, source_id: str) -> None:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - a GGUF transformers cannot convert is bad input
-        raise UserError(f"could not convert GGUF {gguf}: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        raise UserError(f"could not convert GGUF {gguf}: {first_line(exc)}") from None
 
 
 def drop_gguf_quantization_(model) -> None:
