@@ -27,7 +27,7 @@ from rich.table import Table
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.absorb_decompose import AbsorbConfig, absorb_decompose_, v_input_covariances
+from llmsurgery.passes.absorb_decompose import Absorb, absorb_decompose_, v_input_covariances
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 
@@ -43,11 +43,11 @@ def measure(args: argparse.Namespace) -> dict:
     covs = v_input_covariances(loaded.model, calibration_batches(loaded.tokenizer, calib))
     rows = [{"setting": "original", "variant": "-", "reduction": 0.0, "perplexity": token_perplexity(loaded.model, windows)}]
     for setting in args.settings.split(","):
-        plan = absorb_decompose_(loaded.model, covs, AbsorbConfig(calib=calib, **_knob(setting)), apply=False)
+        plan = absorb_decompose_(loaded.model, covs, Absorb(calib=calib, **_knob(setting)), apply=False)
         widths = [row["v_after"] for row in plan["layers"]]
         for variant, criterion in (("whitened", "whitened"), ("weight", "weight"), ("vanilla", "norm")):
             model = copy.deepcopy(loaded.model)
-            report = absorb_decompose_(model, covs, AbsorbConfig(calib=calib, criterion=criterion), v_widths=widths)
+            report = absorb_decompose_(model, covs, Absorb(calib=calib, criterion=criterion), v_widths=widths)
             rows.append({"setting": setting, "variant": variant, "reduction": report["attention_reduction"],
                          "perplexity": token_perplexity(model, windows)})
             del model

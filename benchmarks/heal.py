@@ -23,8 +23,9 @@ from llmsurgery.arch import decoder_layers
 from llmsurgery.calibration import calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import BlockInfluenceConfig, remove_layers_, score_layers
-from llmsurgery.passes.heal import HealConfig, calibration_windows, heal_, shared_copy
+from llmsurgery.passes import Heal
+from llmsurgery.passes.block_influence import PruneBI, remove_layers_, score_layers
+from llmsurgery.passes.distill import heal_, shared_copy
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 
@@ -35,12 +36,12 @@ def measure(args: argparse.Namespace) -> dict:
     original = token_perplexity(model, held_out)
     teacher = shared_copy(model)
     n_layers = len(decoder_layers(model))
-    prune = BlockInfluenceConfig(remove=args.remove)
+    prune = PruneBI(remove=args.remove)
     _, removed = score_layers(model, calibration_batches(tok, prune.calib), prune)
     remove_layers_(model, removed)
     pruned = token_perplexity(model, held_out)
-    cfg = HealConfig(steps=args.steps, lr=args.lr, train=tuple(args.train.split(",")))
-    windows = calibration_windows(tok, cfg)
+    cfg = Heal(steps=args.steps, lr=args.lr, train=tuple(args.train.split(",")))
+    windows = calibration_batches(tok, cfg.calib)  # training windows, then the held-out ones
     started = time.perf_counter()
     report = heal_(model, lambda batch: teacher(input_ids=batch, use_cache=False).logits, cfg, windows, removed, n_layers)
     seconds = time.perf_counter() - started

@@ -25,7 +25,7 @@ from llmsurgery.calibration import calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
 from llmsurgery.passes.matryoshka_kv import (
-    KVCompressConfig,
+    KVCompress,
     MatryoshkaState,
     attach_,
     init_from_pca_,
@@ -55,11 +55,11 @@ def _score(model, state, windows, budgets, label, rows, search=True):
 def measure(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    cfg = KVCompressConfig(budget=1.0, train_steps=args.train_steps, v_init=args.v_init)
+    cfg = KVCompress(budget=1.0, train_steps=args.train_steps, v_init=args.v_init)
     if args.v_init == "vo":
-        from llmsurgery.passes.absorb_decompose import AbsorbConfig, absorb_decompose_, v_input_covariances
+        from llmsurgery.passes.absorb_decompose import Absorb, absorb_decompose_, v_input_covariances
 
-        absorb_decompose_(model, v_input_covariances(model, calibration_batches(tok, cfg.calib)), AbsorbConfig(calib=cfg.calib))
+        absorb_decompose_(model, v_input_covariances(model, calibration_batches(tok, cfg.calib)), Absorb(calib=cfg.calib))
     windows = {"eval": document_windows(tok, evaluation_documents("news")[: args.docs], max_tokens=args.max_tokens),
                "pca": calibration_batches(tok, cfg.calib), "train": calibration_batches(tok, cfg.train_calib),
                "search": calibration_batches(tok, cfg.search_calib)}

@@ -34,7 +34,7 @@ from llmsurgery.arch import decoder_layers
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import BlockInfluenceConfig, capture_residuals, remove_layers_, score_layers
+from llmsurgery.passes.block_influence import PruneBI, capture_residuals, remove_layers_, score_layers
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 TARGET_RATIO = 1.3
@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace) -> dict:
     n_layers = len(decoder_layers(model))
     windows = document_windows(tok, evaluation_documents("news"))
     batches = calibration_batches(tok, CalibConfig(source="news", samples=8, seq_len=512, seed=args.seed))
-    scores, bi_layers = score_layers(model, batches, BlockInfluenceConfig(remove=args.remove))
+    scores, bi_layers = score_layers(model, batches, PruneBI(remove=args.remove))
     rng = random.Random(args.seed)
     draws = [sorted(rng.sample(range(n_layers), args.remove)) for _ in range(args.draws)]
     last = list(range(n_layers - args.remove, n_layers))

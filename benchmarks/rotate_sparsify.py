@@ -22,7 +22,7 @@ from rich.table import Table
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.larosa import RotateSparsifyConfig, rotate_sparsify_
+from llmsurgery.passes.larosa import RotateSparsify, rotate_sparsify_
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 
@@ -36,7 +36,7 @@ def measure(args: argparse.Namespace) -> dict:
     for s in (float(v) for v in args.sparsity.split(",")):
         for method in ("magnitude", "larosa"):
             model = copy.deepcopy(loaded.model)
-            report = rotate_sparsify_(model, batches, RotateSparsifyConfig(sparsity=s, method=method, split=split, calib=calib))
+            report = rotate_sparsify_(model, batches, RotateSparsify(sparsity=s, method=method, split=split, calib=calib))
             rows[f"{method} {s:.2f} (effective {report['effective_sparsity']:.3f})"] = token_perplexity(model, windows)
     return {"model": args.model, "split": args.split, "docs": len(windows), "perplexity": rows}
 

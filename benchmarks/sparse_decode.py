@@ -37,7 +37,7 @@ from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.llmsurgery_sparse_kernel import kernel_status, load_kernel
 from llmsurgery.modeling.modeling_llmsurgery import sparse_kernel_calls
-from llmsurgery.passes.larosa import RotateSparsifyConfig, rotate_sparsify_
+from llmsurgery.passes.larosa import RotateSparsify, rotate_sparsify_
 
 SPARSITY = 0.4
 
@@ -112,7 +112,7 @@ def smollm2_row(args) -> dict:
     dense = loaded.model
     sparse = copy.deepcopy(dense)
     calib = CalibConfig(source="news", samples=8, seq_len=256, seed=0)
-    rotate_sparsify_(sparse, calibration_batches(loaded.tokenizer, calib), RotateSparsifyConfig(sparsity=SPARSITY, calib=calib))
+    rotate_sparsify_(sparse, calibration_batches(loaded.tokenizer, calib), RotateSparsify(sparsity=SPARSITY, calib=calib))
     prompt = loaded.tokenizer("The council said on Tuesday that the new bridge", return_tensors="pt").input_ids[:, :16]
     return decode_row("smollm2-135m", dense, sparse, prompt, args.tokens, args.rounds)
 
@@ -129,7 +129,7 @@ def llama7b_shaped_row(args) -> dict:
     dense, sparse = models
     generator = torch.Generator().manual_seed(1)
     calib = torch.randint(0, config.vocab_size, (4, 128), generator=generator)
-    rotate_sparsify_(sparse, calib, RotateSparsifyConfig(sparsity=SPARSITY, calib=CalibConfig(samples=4, seq_len=128)))
+    rotate_sparsify_(sparse, calib, RotateSparsify(sparsity=SPARSITY, calib=CalibConfig(samples=4, seq_len=128)))
     prompt = torch.randint(0, config.vocab_size, (1, 16), generator=generator)
     row = decode_row(f"llama-7b-shaped x{args.layers} layers", dense, sparse, prompt, args.tokens, args.rounds)
     return row | prefill_row(dense, sparse, torch.randint(0, config.vocab_size, (1, 64), generator=generator), args.rounds)

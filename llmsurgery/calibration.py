@@ -6,33 +6,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import defaults
 from .arch import arch_for, get_submodule
 from .console import track
-from .corpora import check_source, source_documents
+from .corpora import source_documents
 from .errors import UserError
-
-
-class CalibConfig(BaseModel):
-    """What `--calib`, `--calib-samples`, `--calib-seq-len` and `--seed` describe."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    source: str = "news"
-    samples: int = Field(8, gt=0, le=defaults.MAX_WINDOWS)
-    seq_len: int = Field(512, gt=1, le=defaults.MAX_SEQ_LEN)
-    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value: str) -> str:
-        try:
-            check_source(value)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+from .passes.base import CalibConfig
 
 
 def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -82,6 +61,16 @@ def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     if bos is not None:
         windows = torch.cat([torch.full((cfg.samples, 1), bos, dtype=torch.long), windows], dim=1)
     return windows  # [N, seq_len]
+
+
+class Calibration:
+    """Draws a pass's token windows with the model's tokenizer (what `PassConfig.apply_` is handed)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def windows(self, cfg: CalibConfig) -> torch.Tensor:
+        return calibration_batches(self.tokenizer, cfg)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -182,414 +183,257 @@ def eval_cmd(
 
 
 HEAL = "Healing (with --heal)"
-CalibOpt = Annotated[str, typer.Option("--calib", help="Calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD].", rich_help_panel=CALIB)]
-SamplesOpt = Annotated[int, typer.Option("--calib-samples", min=1, help="Number of calibration windows.", rich_help_panel=CALIB)]
-SeqLenOpt = Annotated[int, typer.Option("--calib-seq-len", min=2, help="Tokens per calibration window.", rich_help_panel=CALIB)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed choosing the calibration windows.", rich_help_panel=CALIB)]
-EvalTasksOpt = Annotated[Optional[str], typer.Option("--eval", help="Score the transformed model on these tasks, the original as baseline.", rich_help_panel=EVAL)]
-EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", min=1, max=defaults.MAX_WINDOWS, help="Documents per task for --eval.", rich_help_panel=EVAL)]
+EvalTasksOpt = Annotated[Optional[str], typer.Option("--eval", help="Score the transformed model on these tasks, the original as baseline.",
+                                                     rich_help_panel=EVAL)]
+EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", min=1, max=defaults.MAX_WINDOWS, help="Documents per task for --eval.",
+                                                     rich_help_panel=EVAL)]
+PlotOpt = Annotated[Optional[Path], typer.Option(help="Save a chart of the scores (.png, .pdf, .svg, .jpg).", rich_help_panel=IO)]
+_KW = inspect.Parameter.KEYWORD_ONLY
 
 
-def _eval_plan(eval_tasks: str | None):
-    """(tasks, task manager) for --eval, checked before any model loads; (None, None) without it."""
-    from .evaluate import check_tasks, parse_tasks
-
-    tasks = parse_tasks(eval_tasks) if eval_tasks else None
-    return tasks, (check_tasks(tasks) if tasks else None)
-
-
-def _eval_after_pass(loaded, plan, limit: int | None, baseline, column: str, original: str) -> list[dict]:
-    """Score the transformed in-memory model, print it beside the baseline, return the rows."""
-    from .evaluate import compare, evaluate_model
-
-    tasks, manager = plan
-    rows = compare(evaluate_model(loaded, tasks, limit=limit, manager=manager, label=f"the {column} model"), baseline)
-    print_metrics(rows, column, original)
-    return rows
+def _common_parameters(output_required: bool) -> list[inspect.Parameter]:
+    """The options every pass command shares, after its own: evaluation, output, loading, --json."""
+    output = OutputOpt if output_required else Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Folder to write the model to.", rich_help_panel=IO, show_default=False)]
+    return [inspect.Parameter("eval_tasks", _KW, default=None, annotation=EvalTasksOpt),
+            inspect.Parameter("eval_limit", _KW, default=None, annotation=EvalLimitOpt),
+            inspect.Parameter("output", _KW, default=inspect.Parameter.empty if output_required else None, annotation=output),
+            inspect.Parameter("force", _KW, default=False, annotation=ForceOpt),
+            inspect.Parameter("dtype", _KW, default="float32", annotation=DtypeOpt),
+            inspect.Parameter("device", _KW, default="cpu", annotation=DeviceOpt),
+            inspect.Parameter("trust_remote_code", _KW, default=False, annotation=TrustOpt),
+            inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt)]
 
 
-_CALIB_OPTIONS = {"source": "calib", "samples": "calib-samples", "seq_len": "calib-seq-len", "seed": "seed"}
+def pass_command(config: type, *, extras: tuple[inspect.Parameter, ...] = (), output_required: bool = True,
+                 model_help: str | None = None, name: str | None = None):
+    """Register `body` as the command of `config`'s pass, its options derived from the config (`cli_options`).
 
-
-def _pydantic_error(exc) -> UserError:
-    """A config's first validation error, located by the option's command-line name (`--split: ...`)."""
-    first = exc.errors()[0]
-    names = [str(p) for p in first["loc"] if isinstance(p, str)]
-    option = None
-    if len(names) >= 2 and names[0].endswith("calib"):
-        prefix = names[0].removesuffix("calib").removesuffix("_")
-        option = f"{prefix}-{_CALIB_OPTIONS.get(names[1], names[1]).removeprefix('calib-')}" if prefix else _CALIB_OPTIONS.get(names[1], names[1])
-    elif names:
-        option = names[0].replace("_", "-")
-    return UserError(f"{'--' + option + ': ' if option else ''}{first['msg'].removeprefix('Value error, ')}")
-
-
-def _transform(name: str, cfg, model: str, output: Path | None, *, force: bool, dtype: str, device: str, trust_remote_code: bool,
-               eval_tasks: str | None, eval_limit: int | None, column: str, summary: Callable[[dict], None], dry_run: bool = False,
-               then: tuple = (), files: dict | None = None) -> list[dict]:
-    """What every transforming command shares: check, load, (baseline), apply the pass(es), summary, (eval), save.
-
-    then: further (pass name, config, summary) to run after the first before saving (prune --heal). Returns the records.
-    files: {option: path} the command writes besides the output (--json, --plot), checked against every input.
+    body(options) -> (pass configs, column, dry_run, summary): what to run; the runner does the rest.
     """
-    from .evaluate import evaluate_model
-    from .model_io import check_not_an_input, check_output_free, load_model, peek_config, save_model
-    from .pipeline import check_passes, run_passes
+    from .cli_options import option_parameters
 
-    steps, files = [(name, cfg, summary), *then], files or {}
-    config, folder, _ = peek_config(model, trust_remote_code)
-    inputs = check_passes([(step_name, step_cfg) for step_name, step_cfg, _ in steps], config, folder, trust_remote_code)
-    for option, path in files.items():
-        if path is not None:
-            check_not_an_input(path, [p for p in [folder, *inputs] if p is not None], f"--{option}")
-    if not dry_run:
-        check_output_free(output, force, folder, inputs)
-    plan = _eval_plan(None if dry_run else eval_tasks)
-    tasks, manager = plan
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    baseline = evaluate_model(loaded, tasks, limit=eval_limit, manager=manager) if tasks else None
-    records = run_passes(loaded, [(step_name, step_cfg) for step_name, step_cfg, _ in steps], dry_run=dry_run,
-                         on_report=lambda i, report: steps[i][2](report))
-    if not dry_run:
-        if tasks:
-            records[-1]["report"]["eval"] = _eval_after_pass(loaded, plan, eval_limit, baseline, column, model)
-        save_model(loaded, output, force=force, new_passes=records)
-    return records
+    def register(body: Callable) -> Callable:
+        model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+            str, typer.Argument(help=model_help, show_default=False)] if model_help else ModelArg)
+        params = [model, *option_parameters(config), *extras, *_common_parameters(output_required)]
+
+        def command(**options):
+            _run_pass_command(config, options, body)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__doc__ = body.__doc__
+        command.__name__ = body.__name__
+        app.command(name or config.pass_name())(handles_errors(command))
+        return body
+
+    return register
 
 
-def _config(build: Callable):
-    """Build a pass config from command options; a validation error becomes one line."""
-    from pydantic import ValidationError
+def _run_pass_command(config: type, options: dict, body: Callable) -> None:
+    from .cli_options import config_from_options
+    from .runner import EvalPlan, Job, run_job
 
-    try:
-        return build()
-    except ValidationError as exc:
-        raise _pydantic_error(exc) from None
-
-
-@app.command()
-@handles_errors
-def prune(
-    model: ModelArg,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write the pruned model to.", rich_help_panel=IO, show_default=False)] = None,
-    bi: Annotated[bool, typer.Option("--bi", help="Block-Influence layer removal (ShortGPT); the only method for now.")] = True,
-    remove: Annotated[Optional[int], typer.Option("--remove", help="Number of layers to remove.", show_default=False)] = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", help="Fraction of layers to remove, in (0, 1).", show_default=False)] = None,
-    metric: Annotated[str, typer.Option(help="bi (ShortGPT, per layer) or angular (Gromov et al., needs --block).")] = "bi",
-    block: Annotated[bool, typer.Option("--block", help="Remove one contiguous block of layers.")] = False,
-    scores_only: Annotated[bool, typer.Option("--scores-only", help="Print the layer scores; write no model.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Save the score chart as a PNG.", rich_help_panel=IO)] = None,
-    heal: Annotated[bool, typer.Option("--heal", help="Then heal: distil the pruned model towards the original (see `llmsurgery heal`).", rich_help_panel=HEAL)] = False,
-    heal_steps: Annotated[int, typer.Option(min=1, help="Healing steps.", rich_help_panel=HEAL)] = defaults.HEAL_STEPS,
-    heal_lr: Annotated[float, typer.Option(help="Peak healing learning rate.", rich_help_panel=HEAL)] = defaults.HEAL_LR,
-    heal_train: Annotated[str, typer.Option(help="What healing trains (see `llmsurgery heal --help`).", rich_help_panel=HEAL)] = ",".join(defaults.HEAL_TRAIN),
-    eval_tasks: EvalTasksOpt = None,
-    eval_limit: EvalLimitOpt = None,
-    calib: CalibOpt = "news",
-    calib_samples: SamplesOpt = 8,
-    calib_seq_len: SeqLenOpt = 512,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    json_path: JsonOpt = None,
-) -> None:
-    """Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."""
+    output, json_path, plot = options["output"], options["json_path"], options.get("plot")
     check_files(output, json=json_path, plot=plot)
-    from .calibration import CalibConfig
-    from .passes.block_influence import BlockInfluenceConfig
+    cfg = config_from_options(config, options)
+    passes, column, dry_run, summary = body(cfg, options)
+    if output is None and not dry_run:
+        raise UserError(f"give --output DIR, or {'--scores-only' if config.pass_name() == 'prune-bi' else '--dry-run'} to only print")
+    tasks = options["eval_tasks"]
+    job = Job(options["model"], passes, output, options["force"], options["dtype"], options["device"], options["trust_remote_code"],
+              EvalPlan(tuple(parse_tasks(tasks)), options["eval_limit"]) if tasks else None, dry_run=dry_run,
+              files={"json": json_path, "plot": plot})
+    job.recipe_yaml = command_recipe(job)
+    outcome = run_job(job, on_report=summary)
+    if outcome.eval is not None:
+        print_metrics(outcome.eval, column, options["model"])
+    if not dry_run:
+        layers = outcome.loaded.model.config.num_hidden_layers
+        what = passes[-1].saved_as if len(passes) == 1 else f"{layers}-layer {passes[-1].saved_as}"
+        trust = " (load with trust_remote_code=True)" if "auto_map" in outcome.loaded.model.config.to_dict() else ""
+        out.print(f"saved the {what} to {escape(str(output))}{trust}")
+    records = outcome.records
+    payload = {"model": options["model"], "config": cfg.record(), **records[0]["report"]}
+    payload |= {"eval": outcome.eval} if outcome.eval is not None else {}
+    payload |= {records[1]["pass"]: records[1]["report"]} if len(records) > 1 else {}
+    write_json(json_path, payload)
+
+
+def parse_tasks(text: str) -> list[str]:
+    from .evaluate import parse_tasks as parse
+
+    return parse(text)
+
+
+def command_recipe(job) -> str:
+    """The recipe `llmsurgery run` would follow to make the same model, saved beside it."""
+    from .recipe import recipe_text
+    from .sources import resolve_source
+
+    data = {"version": 1, "model": job.model, "dtype": job.dtype, "device": job.device}
+    data |= {"trust-remote-code": True} if job.trust_remote_code else {}
+    data["passes"] = [cfg.recipe_entry() for cfg in job.passes]
+    if job.eval:
+        data["eval"] = {"tasks": list(job.eval.tasks)} | ({"limit": job.eval.limit} if job.eval.limit else {})
+    source = resolve_source(job.model)
+    path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
+    return recipe_text(data, path)
+
+
+def _heal_options() -> tuple[inspect.Parameter, ...]:
+    from .cli_options import option_parameters
+    from .passes import Heal
+
+    flag = inspect.Parameter("heal", _KW, default=False, annotation=Annotated[bool, typer.Option(
+        "--heal", help="Then heal: distil the pruned model towards the original (see `llmsurgery heal`).", rich_help_panel=HEAL)])
+    return (flag, *option_parameters(Heal, prefix="heal-", exclude=("teacher", "removed", "calib_source", "seed"), panel=HEAL))
+
+
+def _prune_extras() -> tuple[inspect.Parameter, ...]:
+    return (inspect.Parameter("bi", _KW, default=True, annotation=Annotated[bool, typer.Option(
+                "--bi", help="Block-Influence layer removal (ShortGPT); the only method for now.")]),
+            inspect.Parameter("scores_only", _KW, default=False, annotation=Annotated[bool, typer.Option(
+                "--scores-only", help="Print the layer scores; write no model.")]),
+            inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt), *_heal_options())
+
+
+def _prune_summary(plot: Path | None):
     from .plotting import save_score_plot, score_table
 
-    if not bi:
-        raise UserError("only --bi (Block Influence) pruning exists for now")
-    if metric not in ("bi", "angular"):
-        raise UserError(f"unknown metric '{metric}'; choose bi or angular")
-    cfg = _config(lambda: BlockInfluenceConfig(remove=remove, ratio=ratio, metric=metric, block=block,
-                                               calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed)))
-    if output is None and not scores_only:
-        raise UserError("give --output DIR, or --scores-only to only print the scores")
-    label, index_label = ("angular distance", "block start") if metric == "angular" else ("block influence", "layer")
-
-    def summary(report: dict) -> None:
-        scores, removed = report["scores"], report["removed_layers"]
-        chosen = [removed[0]] if metric == "angular" else removed
-        out.print(score_table(scores, chosen, label, index_label))
-        out.print(f"layers to remove (0-based): {removed}  ({report['layers_before']} -> {report['layers_after']} layers)")
+    def summary(cfg, report) -> None:
+        if cfg.name == "heal":
+            return _heal_summary(cfg, report)
+        index_label = "block start" if cfg.metric == "angular" else "layer"
+        chosen = [report.removed_layers[0]] if cfg.metric == "angular" else report.removed_layers
+        out.print(score_table(report.scores, chosen, report.score_kind, index_label))
+        out.print(f"layers to remove (0-based): {report.removed_layers}  ({report.layers_before} -> {report.layers_after} layers)")
         if plot is not None:
-            save_score_plot(plot, scores, chosen, label, index_label)
+            save_score_plot(plot, report.scores, chosen, report.score_kind, index_label)
             err.print(f"wrote {escape(str(plot))}")
 
-    then = ()
-    if heal and not scores_only:
-        heal_cfg = _heal_config(steps=heal_steps, lr=heal_lr, train=heal_train, calib=calib, seed=seed)
-        then = (("heal", heal_cfg, _heal_summary),)
-    records = _transform("prune-bi", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="healed" if then else "pruned", summary=summary,
-                         dry_run=scores_only, then=then, files={"json": json_path, "plot": plot})
-    record = records[0]
-    if not scores_only:
-        out.print(f"saved the {record['report']['layers_after']}-layer {'healed ' if then else ''}model to {escape(str(output))}")
-    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"], "score_kind": label,
-                           **({"heal": records[1]["report"]} if then else {})})
+    return summary
 
 
-def _heal_config(*, steps: int, lr: float, train: str, calib: str, seed: int, teacher: str | None = None,
-                 removed: str | None = None, batch_size: int = defaults.HEAL_BATCH_SIZE,
-                 samples: int = defaults.HEAL_WINDOWS[0], seq_len: int = defaults.HEAL_WINDOWS[1]):
-    from .calibration import CalibConfig
-    from .passes.heal import HealConfig
+def _register_prune() -> None:
+    from .cli_options import config_from_options
+    from .passes import Heal, PruneBI
 
-    layers = None
-    if removed is not None:
-        try:
-            layers = tuple(int(v) for v in removed.split(",") if v.strip())
-        except ValueError:
-            raise UserError(f"--removed takes 0-based layer numbers, comma-separated, got '{removed}'") from None
-    return _config(lambda: HealConfig(steps=steps, lr=lr, batch_size=batch_size, train=tuple(t.strip() for t in train.split(",") if t.strip()),
-                                      teacher=teacher, removed=layers, seed=seed,
-                                      calib=CalibConfig(source=calib, samples=samples, seq_len=seq_len, seed=seed + 3)))
+    @pass_command(PruneBI, extras=_prune_extras(), output_required=False, name="prune")
+    def prune(cfg, options):
+        """Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."""
+        if not options["bi"]:
+            raise UserError("only --bi (Block Influence) pruning exists for now")
+        passes = [cfg]
+        if options["heal"] and not options["scores_only"]:
+            passes.append(config_from_options(Heal, options, prefix="heal-", calib_source=cfg.calib_source, seed=cfg.seed))
+        return passes, "healed" if len(passes) > 1 else "pruned", options["scores_only"], _prune_summary(options["plot"])
 
 
-def _heal_summary(report: dict) -> None:
+def _heal_summary(cfg, report) -> None:
     table = Table(title="heal (distillation towards the teacher)", show_header=False)
-    table.add_row("teacher", str(report["teacher"]))
-    table.add_row("removed layers (teacher numbering)", ", ".join(map(str, report["removed_layers"])) or "none")
-    table.add_row("trained", f"{report['trained_parameter_count']:,} parameters in {len(report['trained_modules'])} modules")
-    table.add_row("steps / tokens", f"{report['steps']} / {report['tokens']:,}")
-    curve = report["loss_curve"]
+    table.add_row("teacher", str(report.teacher))
+    table.add_row("removed layers (teacher numbering)", ", ".join(map(str, report.removed_layers)) or "none")
+    table.add_row("trained", f"{report.trained_parameter_count:,} parameters in {len(report.trained_modules)} modules")
+    table.add_row("steps / tokens", f"{report.steps} / {report.tokens:,}")
+    curve = report.loss_curve
     table.add_row("KL, first / last 10 steps", f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
-    table.add_row("held-out KL before / after", f"{report['held_out_kl_before']:.4f} / {report['held_out_kl_after']:.4f}"
-                  + ("" if report["kept"] else "  (worse: the old weights were kept)"))
+    table.add_row("held-out KL before / after", f"{report.held_out_kl_before:.4f} / {report.held_out_kl_after:.4f}"
+                  + ("" if report.kept else "  (worse: the old weights were kept)"))
     out.print(table)
 
 
-@app.command()
-@handles_errors
-def heal(
-    model: Annotated[str, typer.Argument(help="The pruned model (folder, .gguf, built-in name or hub id).", show_default=False)],
-    output: OutputOpt,
-    teacher: Annotated[Optional[str], typer.Option(help="The original model to distil from (default: the source in the model's history).",
-                                                   show_default=False)] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (a batch of --batch-size windows each).")] = defaults.HEAL_STEPS,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (10% linear warm-up, cosine decay).")] = defaults.HEAL_LR,
-    batch_size: Annotated[int, typer.Option(min=1, help="Windows per step.")] = defaults.HEAL_BATCH_SIZE,
-    train: Annotated[str, typer.Option(help="What trains, comma-separated: norms, mlp-near-gaps, layers-near-gaps, all-mlp, all.")] = ",".join(defaults.HEAL_TRAIN),
-    removed: Annotated[Optional[str], typer.Option(help="The teacher's layers the student lacks, 0-based (default: from the history, "
-                                                        "else by matching weights).", show_default=False)] = None,
-    eval_tasks: EvalTasksOpt = None,
-    eval_limit: EvalLimitOpt = None,
-    calib: CalibOpt = "news",
-    calib_samples: SamplesOpt = defaults.HEAL_WINDOWS[0],
-    calib_seq_len: SeqLenOpt = defaults.HEAL_WINDOWS[1],
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    json_path: JsonOpt = None,
-) -> None:
-    """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a standard checkpoint."""
-    check_files(output, json=json_path)
-    cfg = _heal_config(steps=steps, lr=lr, train=train, calib=calib, seed=seed, teacher=teacher, removed=removed,
-                       batch_size=batch_size, samples=calib_samples, seq_len=calib_seq_len)
-    record, = _transform("heal", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                         eval_tasks=eval_tasks, eval_limit=eval_limit, column="healed", summary=_heal_summary,
-                         files={"json": json_path})
-    out.print(f"saved the healed model to {escape(str(output))}")
-    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+def _register_heal() -> None:
+    from .passes import Heal
+
+    @pass_command(Heal, model_help="The pruned model (folder, .gguf, built-in name or hub id).")
+    def heal(cfg, options):
+        """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a standard checkpoint."""
+        return [cfg], "healed", False, _heal_summary
 
 
-def _parse_split(text: str) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"--split wants two numbers A,B (multipliers of --sparsity), got '{text}'") from None
-    return a, b
+def _register_rotate_sparsify() -> None:
+    from .passes import RotateSparsify
 
-
-@app.command("rotate-sparsify")
-@handles_errors
-def rotate_sparsify(
-    model: ModelArg,
-    sparsity: Annotated[float, typer.Option(help="Target sparsity S in [0, 1).", show_default=False)],
-    output: OutputOpt,
-    method: Annotated[str, typer.Option(help="larosa (rotated Top-K) or magnitude (Top-K without rotation).")] = "larosa",
-    split: Annotated[str, typer.Option(help="A,B: q/k/v+gate/up inputs at A*S, o_proj/down_proj inputs at B*S.")] = "0.8,1.2",
-    damp: Annotated[float, typer.Option(help="Covariance damping, a fraction of the mean eigenvalue.")] = 0.01,
-    eval_tasks: EvalTasksOpt = None,
-    eval_limit: EvalLimitOpt = None,
-    calib: CalibOpt = "news",
-    calib_samples: SamplesOpt = 40,  # 40 x 512 measured better than the paper's 10 x 2048 here (README)
-    calib_seq_len: SeqLenOpt = 512,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    json_path: JsonOpt = None,
-) -> None:
-    """LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."""
-    check_files(output, json=json_path)
-    from .calibration import CalibConfig
-    from .passes.larosa import RotateSparsifyConfig
-
-    if method not in ("larosa", "magnitude"):
-        raise UserError(f"unknown method '{method}'; choose larosa or magnitude")
-    cfg = _config(lambda: RotateSparsifyConfig(sparsity=sparsity, method=method, split=_parse_split(split), damp=damp,
-                                               calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed)))
-
-    def summary(report: dict) -> None:
-        table = Table(title=f"rotate-sparsify ({method})", show_header=False)
-        for key in ("sparsity_in", "sparsity_out", "effective_sparsity", "rotated", "calibration_tokens"):
-            if key in report:
-                table.add_row(key.replace("_", " "), _fmt(report[key]) if isinstance(report[key], float) else str(report[key]))
+    def summary(cfg, report) -> None:
+        table = Table(title=f"rotate-sparsify ({cfg.method})", show_header=False)
+        for key, value in report.record().items():
+            if key != "explained_top_half":
+                table.add_row(key.replace("_", " "), _fmt(value) if isinstance(value, float) else str(value))
         out.print(table)
 
-    record, = _transform("rotate-sparsify", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="sparse", summary=summary,
-                        files={"json": json_path})
-    out.print(f"saved the sparse model to {escape(str(output))} (load with trust_remote_code=True)")
-    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+    @pass_command(RotateSparsify)
+    def rotate_sparsify(cfg, options):
+        """LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."""
+        return [cfg], "sparse", False, summary
 
 
-def _parse_pairs(text: str) -> tuple[str, ...]:
-    pairs = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in pairs if p not in ("vo", "qk")]
-    if unknown or not pairs:
-        raise UserError(f"--pairs takes vo and/or qk (comma-separated), got '{text}'")
-    return pairs
-
-
-def absorb_table(report: dict) -> Table:
+def absorb_table(report) -> Table:
     """Per layer: V and Q-K widths kept per KV head, attention parameters, and the spectrum's spread."""
     table = Table(title="absorb-decompose (per layer; widths per KV head)")
     for column in ("layer", "v kept", "v dropped", "qk kept", "attention params", "after", "σ_min/σ_max"):
         table.add_column(column, justify="right")
-    for row in report["layers"]:
-        dropped = sum(row["v_before"]) - sum(row["v_after"])
-        spreads = [s[-1] / s[0] for s in row["spectra"] if s and s[0] > 0]
-        table.add_row(str(row["layer"]), ",".join(map(str, row["v_after"])), str(dropped), ",".join(map(str, row["qk_after"])),
-                      f"{row['params_before']:,}", f"{row['params_after']:,}", f"{min(spreads):.2e}" if spreads else "-")
-    before, after = report["attention_params_before"], report["attention_params_after"]
-    table.add_row("all", "", "", "", f"{before:,}", f"{after:,} (-{100 * report['attention_reduction']:.1f}%)", "", style="bold")
+    for row in report.layers:
+        dropped = sum(row.v_before) - sum(row.v_after)
+        spreads = [s[-1] / s[0] for s in row.spectra if s and s[0] > 0]
+        table.add_row(str(row.layer), ",".join(map(str, row.v_after)), str(dropped), ",".join(map(str, row.qk_after)),
+                      f"{row.params_before:,}", f"{row.params_after:,}", f"{min(spreads):.2e}" if spreads else "-")
+    before, after = report.attention_params_before, report.attention_params_after
+    table.add_row("all", "", "", "", f"{before:,}", f"{after:,} (-{100 * report.attention_reduction:.1f}%)", "", style="bold")
     return table
 
 
-@app.command()
-@handles_errors
-def absorb(
-    model: ModelArg,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write the model to.", rich_help_panel=IO, show_default=False)] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Drop directions below T x the head's largest singular value.", show_default=False)] = None,
-    keep_ratio: Annotated[Optional[float], typer.Option(help="Keep this fraction of every KV head's directions.", show_default=False)] = None,
-    rank: Annotated[Optional[int], typer.Option(help="Keep at most r directions per KV head (qk: r dims).", show_default=False)] = None,
-    pairs: Annotated[str, typer.Option(help="vo (exact absorb-decompose) and/or qk (drops RoPE frequency pairs: lossy).")] = "vo",
-    criterion: Annotated[str, typer.Option(help="whitened (calibration-aware SVD), weight (CLOVER's weight-only SVD) or norm (vanilla dim dropping).")] = "whitened",
-    damp: Annotated[float, typer.Option(help="Covariance damping, a fraction of its mean diagonal.")] = 0.01,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-layer table; write no model.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Save the singular-value spectra as a PNG.", rich_help_panel=IO)] = None,
-    eval_tasks: EvalTasksOpt = None,
-    eval_limit: EvalLimitOpt = None,
-    calib: CalibOpt = "news",
-    calib_samples: SamplesOpt = 16,
-    calib_seq_len: SeqLenOpt = 512,
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    json_path: JsonOpt = None,
-) -> None:
-    """Absorb-Decompose (CLOVER): re-factor attention V-O pairs by SVD and drop their weakest directions.
+def _register_absorb() -> None:
+    from .passes import Absorb
 
-    Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless).
-    """
-    check_files(output, json=json_path, plot=plot)
-    from .calibration import CalibConfig
-    from .passes.absorb_decompose import AbsorbConfig
-    from .plotting import save_spectra_plot
+    extras = (inspect.Parameter("dry_run", _KW, default=False, annotation=Annotated[bool, typer.Option(
+                  "--dry-run", help="Print the per-layer table; write no model.")]),
+              inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt))
 
-    if criterion not in ("whitened", "weight", "norm"):
-        raise UserError(f"unknown criterion '{criterion}'; choose whitened, weight or norm")
-    cfg = _config(lambda: AbsorbConfig(threshold=threshold, keep_ratio=keep_ratio, rank=rank, pairs=_parse_pairs(pairs), criterion=criterion,
-                                       damp=damp, calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed)))
-    if output is None and not dry_run:
-        raise UserError("give --output DIR, or --dry-run to only print the plan")
+    @pass_command(Absorb, extras=extras, output_required=False)
+    def absorb(cfg, options):
+        """Absorb-Decompose (CLOVER): re-factor attention V-O pairs by SVD and drop their weakest directions.
 
-    def summary(report: dict) -> None:
-        out.print(absorb_table(report))
-        if report["lossy_qk"]:
-            out.print("[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting")
-        if plot is not None:
-            save_spectra_plot(plot, report["layers"], f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
-            err.print(f"wrote {escape(str(plot))}")
+        Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless).
+        """
+        from .plotting import save_spectra_plot
 
-    record, = _transform("absorb", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="absorbed", summary=summary, dry_run=dry_run,
-                        files={"json": json_path, "plot": plot})
-    if not dry_run:
-        out.print(f"saved the absorbed model to {escape(str(output))} (load with trust_remote_code=True)")
-    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+        plot = options["plot"]
+
+        def summary(cfg, report) -> None:
+            out.print(absorb_table(report))
+            if report.lossy_qk:
+                out.print("[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting")
+            if plot is not None:
+                save_spectra_plot(plot, [row.record() for row in report.layers],
+                                  f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
+                err.print(f"wrote {escape(str(plot))}")
+
+        return [cfg], "absorbed", options["dry_run"], summary
 
 
-@app.command("kv-compress")
-@handles_errors
-def kv_compress(
-    model: ModelArg,
-    budget: Annotated[float, typer.Option(help="Cached K+V dims to keep, a fraction in (0, 1] of the original.", show_default=False)],
-    output: OutputOpt,
-    train: Annotated[bool, typer.Option("--train/--no-train", help="Matryoshka-train the projections (else PCA only).")] = True,
-    uniform: Annotated[bool, typer.Option("--uniform", help="One rank for every head instead of the rank search.")] = False,
-    train_steps: Annotated[int, typer.Option(min=1, help="Training steps (batch of --batch-size windows each).")] = defaults.KV_TRAIN_STEPS,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate of the projections and means.")] = defaults.KV_LR,
-    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = defaults.KV_BATCH_SIZE,
-    rank_step: Annotated[Optional[int], typer.Option(min=1, help="Rank granularity (default head_dim / 8).", show_default=False)] = None,
-    v_init: Annotated[str, typer.Option(help="pca (the paper) or vo (whitened V-O absorb-decompose basis).")] = "pca",
-    train_samples: Annotated[int, typer.Option(min=1, help="Training windows (cycled through).", rich_help_panel=CALIB)] = defaults.KV_TRAIN_WINDOWS[0],
-    train_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per training window.", rich_help_panel=CALIB)] = defaults.KV_TRAIN_WINDOWS[1],
-    search_samples: Annotated[int, typer.Option(min=1, help="Windows scoring the rank search.", rich_help_panel=CALIB)] = defaults.KV_SEARCH_WINDOWS[0],
-    search_seq_len: Annotated[int, typer.Option(min=2, help="Tokens per search window.", rich_help_panel=CALIB)] = defaults.KV_SEARCH_WINDOWS[1],
-    eval_tasks: EvalTasksOpt = None,
-    eval_limit: EvalLimitOpt = None,
-    calib: CalibOpt = "news",
-    calib_samples: Annotated[int, typer.Option("--calib-samples", min=1, help="Windows for the PCA statistics.", rich_help_panel=CALIB)] = defaults.KV_PCA_WINDOWS[0],
-    calib_seq_len: SeqLenOpt = defaults.KV_PCA_WINDOWS[1],
-    seed: SeedOpt = 0,
-    force: ForceOpt = False,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    json_path: JsonOpt = None,
-) -> None:
-    """MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."""
-    check_files(output, json=json_path)
-    from .calibration import CalibConfig
-    from .passes.matryoshka_kv import KVCompressConfig
+def _register_kv_compress() -> None:
+    from .passes import KVCompress
 
-    if v_init not in ("pca", "vo"):
-        raise UserError(f"unknown --v-init '{v_init}'; choose pca or vo")
-    cfg = _config(lambda: KVCompressConfig(
-        budget=budget, train=train, uniform=uniform, train_steps=train_steps, lr=lr, batch_size=batch_size, rank_step=rank_step,
-        v_init=v_init, seed=seed, calib=CalibConfig(source=calib, samples=calib_samples, seq_len=calib_seq_len, seed=seed),
-        train_calib=CalibConfig(source=calib, samples=train_samples, seq_len=train_seq_len, seed=seed + 1),
-        search_calib=CalibConfig(source=calib, samples=search_samples, seq_len=search_seq_len, seed=seed + 2)))
-
-    def summary(report: dict) -> None:
+    def summary(cfg, report) -> None:
         table = Table(title="kv-compress (MatryoshkaKV)", show_header=False)
-        table.add_row("budget asked / reached", f"{cfg.budget:.4g} / {report['budget_reached']:.4g}")
-        table.add_row("keys / values share", f"{report['keys_share']:.3f} / {report['values_share']:.3f}")
-        table.add_row("ranks", "uniform" if uniform else "searched on output KL (from uniform)")
-        if "loss_curve" in report:
-            curve = report["loss_curve"]
-            table.add_row("training loss, first / last 10 steps", f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
+        table.add_row("budget asked / reached", f"{cfg.budget:.4g} / {report.budget_reached:.4g}")
+        table.add_row("keys / values share", f"{report.keys_share:.3f} / {report.values_share:.3f}")
+        table.add_row("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)")
+        if report.loss_curve:
+            curve = report.loss_curve
+            table.add_row("training loss, first / last 10 steps",
+                          f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
         out.print(table)
 
-    record, = _transform("kv-compress", cfg, model, output, force=force, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                        eval_tasks=eval_tasks, eval_limit=eval_limit, column="compressed", summary=summary,
-                        files={"json": json_path})
-    out.print(f"saved the KV-compressed model to {escape(str(output))} (load with trust_remote_code=True)")
-    write_json(json_path, {"model": model, "config": cfg.model_dump(), **record["report"]})
+    @pass_command(KVCompress)
+    def kv_compress(cfg, options):
+        """MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."""
+        return [cfg], "compressed", False, summary
+
+
+for _register in (_register_prune, _register_heal, _register_rotate_sparsify, _register_absorb, _register_kv_compress):
+    _register()
 
 
 recipe_app = typer.Typer(help="Validate recipes and print their JSON schema.", no_args_is_help=True)

@@ -21,6 +21,7 @@ from .sources import SOURCE_FILE, Source, local_folder, resolve_source, sha256_f
 
 HISTORY_FILE = "llmsurgery_history.json"
 PASSES_FILE = "llmsurgery_recipe.json"  # the settings of the passes that made the folder
+RECIPE_YAML = "llmsurgery_recipe.yaml"  # a recipe that makes the folder again
 HISTORY_FORMAT = "llmsurgery-history/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")
@@ -349,8 +350,8 @@ def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passe
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
         (tmp / PASSES_FILE).write_text(json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2))
         (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
-        if recipe_yaml is not None:  # the exact recipe `llmsurgery run` followed
-            (tmp / "llmsurgery_recipe.yaml").write_text(recipe_yaml)
+        if recipe_yaml is not None:  # the recipe `llmsurgery run` followed, or the one a pass command spelt out
+            (tmp / RECIPE_YAML).write_text(recipe_yaml)
         for path in _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []):
             shutil.copyfile(path, tmp / path.name)
     loaded.history = history

@@ -17,12 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import defaults
 from .errors import UserError
-from .pipeline import PASSES, AbsorbOptions, HealOptions, KVCompressOptions, PruneBiOptions, RotateSparsifyOptions, build_pass_config, run_passes
+from .passes import PASSES
+from .passes.base import CALIB_SOURCE_HELP
 
 RECIPE_VERSION = 1
-RECIPE_FILE = "llmsurgery_recipe.yaml"
 
-PassEntry = Annotated[Union[PruneBiOptions, RotateSparsifyOptions, AbsorbOptions, KVCompressOptions, HealOptions], Field(discriminator="pass_")]
+PassEntry = Annotated[Union[tuple(PASSES.values())], Field(discriminator="pass_")]
+# recipe-level `calibration:` keys and the pass options they fill in where a pass gives none
+CALIBRATION_DEFAULTS = {"source": "calib", "samples": "calib-samples", "seq-len": "calib-seq-len", "seed": "seed"}
 
 
 class _Strict(BaseModel):
@@ -30,10 +32,12 @@ class _Strict(BaseModel):
 
 
 class Calibration(_Strict):
-    source: str | None = Field(None, description="news, pydoc, a .txt/.jsonl file or hf:NAME[@CONFIG]:SPLIT[:FIELD]")
-    samples: int | None = Field(None, gt=0)
-    seq_len: int | None = Field(None, alias="seq-len", gt=1)
-    seed: int | None = None
+    """Defaults for every pass's calibration options (calib, calib-samples, calib-seq-len, seed) it does not set."""
+
+    source: str | None = Field(None, description=CALIB_SOURCE_HELP)
+    samples: int | None = Field(None, ge=1, le=defaults.MAX_WINDOWS, description="number of calibration windows")
+    seq_len: int | None = Field(None, alias="seq-len", ge=2, le=defaults.MAX_SEQ_LEN, description="tokens per calibration window")
+    seed: int | None = Field(None, ge=0, lt=defaults.MAX_SEED, description="seed choosing the calibration windows")
 
 
 class Gate(_Strict):
@@ -206,12 +210,22 @@ def _check_pass_tags(passes, where: str) -> None:
             raise UserError(f"{where}: passes[{i}].pass: unknown pass '{entry['pass']}'; choose one of {names}")
 
 
+def _with_calibration_defaults(data: dict) -> dict:
+    """Recipe-level `calibration:` values fill the calibration options a pass entry does not set."""
+    calib, passes = data.get("calibration"), data.get("passes")
+    if not isinstance(calib, dict) or not isinstance(passes, list):
+        return data
+    fills = {option: calib[key] for key, option in CALIBRATION_DEFAULTS.items() if calib.get(key) is not None}
+    return data | {"passes": [entry | {k: v for k, v in fills.items() if k not in entry} if isinstance(entry, dict) else entry
+                              for entry in passes]}
+
+
 def parse_recipe(data, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise UserError(f"{where}: a recipe is a YAML mapping (version, model, passes, ...)")
     _check_pass_tags(data.get("passes"), where)
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(_with_calibration_defaults(data))
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = _location(first["loc"])
@@ -235,43 +249,31 @@ def read_recipe(path: Path, overrides: list[str] | None = None) -> tuple[Recipe,
     return parse_recipe(data, str(path)), data
 
 
-def pass_configs(recipe: Recipe) -> list[BaseModel]:
-    calib = recipe.calibration.model_dump()
-    calib = {"source": calib["source"], "samples": calib["samples"], "seq_len": calib["seq_len"], "seed": calib["seed"]}
-    return [build_pass_config(i, options, calib) for i, options in enumerate(recipe.passes)]
+def recipe_job(recipe: Recipe, data: dict, output: Path | None, force: bool, reads: tuple[Path, ...] = (),
+               files: dict | None = None):
+    """The runner's job for a recipe (the same one the pass commands build from their options)."""
+    from .runner import EvalPlan, Job
+    from .sources import resolve_source
+
+    ev = recipe.eval
+    plan = EvalPlan(tuple(ev.tasks), ev.limit, ev.batch_size, ev.baseline, ev.load_in_8bit, ev.load_in_4bit) if ev else None
+    source = resolve_source(recipe.model)
+    model_path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
+    return Job(recipe.model, list(recipe.passes), output, force, recipe.dtype, recipe.device, recipe.trust_remote_code, plan,
+               files=files or {}, reads=reads, recipe_yaml=recipe_text(data, model_path),
+               where=lambda i, name: f"passes[{i}] ({name}): ")
 
 
-def check_recipe(recipe: Recipe, output: Path | None, force: bool, inputs: tuple[Path, ...] = (), files: dict | None = None):
-    """Everything checkable before loading weights; returns (pass configs, input folder, task manager).
+def check_recipe(job):
+    """Everything checkable before loading weights (the runner's checks, device and gate metrics located)."""
+    from .model_io import resolve_device
+    from .runner import check_job
 
-    inputs: further files the run reads (the recipe itself); files: {option: path} it writes besides the output.
-    """
-    from .evaluate import check_gate_metrics, check_tasks
-    from .model_io import check_not_an_input, check_output_free, peek_config, resolve_device
-    from .pipeline import check_passes
-
-    configs = pass_configs(recipe)
-    for i, options in enumerate(recipe.passes):
-        earlier = {o.pass_ for o in recipe.passes[:i]}
-        if options.pass_ == "heal" and options.teacher is None and earlier - {"prune-bi"}:
-            raise UserError(f"passes[{i}] (heal): without a teacher it distils towards the input model, so only prune-bi "
-                            f"may come before it (here: {', '.join(sorted(earlier - {'prune-bi'}))})")
     try:
-        resolve_device(recipe.device)
+        resolve_device(job.device)
     except UserError as exc:
         raise UserError(f"device: {exc}") from None
-    config, folder, _ = peek_config(recipe.model, recipe.trust_remote_code)
-    read = check_passes([(o.pass_, cfg) for o, cfg in zip(recipe.passes, configs)], config, folder, recipe.trust_remote_code,
-                        where=lambda i, name: f"passes[{i}] ({name}): ") + list(inputs)
-    for option, path in (files or {}).items():
-        if path is not None:
-            check_not_an_input(path, [p for p in [folder, *read] if p is not None], f"--{option}")
-    manager = check_tasks(recipe.eval.tasks) if recipe.eval else None
-    if recipe.eval:
-        check_gate_metrics(manager, recipe.eval.gates)
-    if output is not None:
-        check_output_free(output, force, folder, read)
-    return configs, folder, manager
+    return check_job(job)
 
 
 def recipe_text(data: dict, model_path: str | None) -> str:
@@ -306,46 +308,32 @@ def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
 
 def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
                    files: dict | None = None):
-    """Read and check a recipe as `run` will run it: (recipe, raw data, output, pass configs, task manager).
+    """Read and check a recipe as `run` will run it: (recipe, runner job, checks).
 
     `recipe validate` calls this too, so it refuses exactly what `run` would refuse before any work.
     """
+    from .evaluate import check_gate_metrics
+
     recipe, data = read_recipe(path, overrides)
     output = output or (Path(recipe.output) if recipe.output else None)
     if output is None:
         raise UserError(f"{path}: give an output folder (output: in the recipe, or --output)")
-    configs, _, manager = check_recipe(recipe, output, force, (path,), files)
-    return recipe, data, output, configs, manager
+    job = recipe_job(recipe, data, output, force, (path,), files)
+    checked = check_recipe(job)
+    if recipe.eval:
+        check_gate_metrics(checked.tasks, recipe.eval.gates)
+    return recipe, job, checked
 
 
 def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
                files: dict | None = None) -> dict:
     """Run a recipe end to end; returns the results, failed gates listed under "failed_gates" (the CLI exits 1 on them)."""
-    from .evaluate import compare, evaluate_model
-    from .model_io import load_model, save_model
-    from .sources import resolve_source
+    from .runner import run_job
 
-    recipe, data, output, configs, manager = prepare_recipe(path, output, overrides, force, files)
-    load = {"dtype": recipe.dtype, "device": recipe.device, "trust_remote_code": recipe.trust_remote_code}
-    loaded = load_model(recipe.model, **load)
-    ev = recipe.eval
-    quantized = bool(ev and (ev.load_in_8bit or ev.load_in_4bit))
-    quant = {"load_in_8bit": ev.load_in_8bit, "load_in_4bit": ev.load_in_4bit} if quantized else {}
-    scoring = {"limit": ev.limit, "batch_size": ev.batch_size, "manager": manager} if ev else {}
-    baseline = None
-    if ev and ev.baseline:
-        source = load_model(recipe.model, **load, **quant) if quantized else loaded
-        baseline = evaluate_model(source, ev.tasks, label="the original model", **scoring)
-        del source
-    records = run_passes(loaded, [(options.pass_, cfg) for options, cfg in zip(recipe.passes, configs)])
-    source = resolve_source(recipe.model)
-    model_path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
-    save_model(loaded, output, force=force, new_passes=records, recipe_yaml=recipe_text(data, model_path))
-    results: dict = {"recipe": str(path), "output": str(output), "passes": [r["pass"] for r in records]}
-    if ev:
-        target = load_model(str(output), **load, **quant) if quantized else loaded
-        rows = compare(evaluate_model(target, ev.tasks, label="the transformed model", **scoring), baseline)
-        failures = gate_failures(rows, ev.gates)
-        results |= {"eval": rows, "gates": {name: gate.model_dump(exclude_none=True) for name, gate in ev.gates.items()},
-                    "failed_gates": failures}
+    recipe, job, checked = prepare_recipe(path, output, overrides, force, files)
+    outcome = run_job(job, checked=checked)
+    results: dict = {"recipe": str(path), "output": str(job.output), "passes": [r["pass"] for r in outcome.records]}
+    if recipe.eval:
+        results |= {"eval": outcome.eval, "gates": {name: gate.model_dump(exclude_none=True) for name, gate in recipe.eval.gates.items()},
+                    "failed_gates": gate_failures(outcome.eval, recipe.eval.gates)}
     return results

@@ -7,14 +7,14 @@ from helpers import PROMPT, logits_of, run_cli
 from llmsurgery.arch import decoder_layers
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model, save_model
-from llmsurgery.passes.absorb_decompose import AbsorbConfig, absorb_decompose_, absorb_vo_group, v_input_covariances
+from llmsurgery.passes.absorb_decompose import Absorb, absorb_decompose_, absorb_vo_group, v_input_covariances
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 
 
 def _absorbed(folder, **knobs):
     loaded = load_model(str(folder))
-    cfg = AbsorbConfig(calib=CALIB, **knobs)
+    cfg = Absorb(calib=CALIB, **knobs)
     covs = v_input_covariances(loaded.model, calibration_batches(loaded.tokenizer, CALIB)) if cfg.needs_calibration else None
     report = absorb_decompose_(loaded.model, covs, cfg)
     return loaded, report

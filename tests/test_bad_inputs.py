@@ -91,8 +91,8 @@ CASES = [
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-lr", "nan", *TINY], "finite"),
     # ---------------------------------------------------------------- rotate-sparsify
     ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "nan,nan", *TINY], "--split: Input should be a finite"),
-    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "1", *TINY], "--split wants two numbers"),
-    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "a,b", *TINY], "--split wants two numbers"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "1", *TINY], "--split: wants two numbers"),
+    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "a,b", *TINY], "--split: wants two numbers"),
     ("rotate-sparsify", ["{model}", "--sparsity", "0.9", "-o", "{out}", "--split", "1,2", *TINY], "outside [0, 1)"),
     ("rotate-sparsify", ["{model}", "--sparsity", "nan", "-o", "{out}", *TINY], "finite"),
     ("rotate-sparsify", ["{model}", "--sparsity", "1", "-o", "{out}", *TINY], "less than 1"),

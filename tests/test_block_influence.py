@@ -8,7 +8,7 @@ from helpers import PROMPT, logits_of, run_cli, stock_load
 from llmsurgery.arch import arch_for, decoder_layers, get_submodule
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import BlockInfluenceConfig, capture_residuals, choose_layers, remove_layers_, score_layers
+from llmsurgery.passes.block_influence import PruneBI, capture_residuals, choose_layers, remove_layers_, score_layers
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 
@@ -26,7 +26,7 @@ def _independent_residuals(model, batches):
 def test_scores_match_the_definition(tiny_model):
     loaded = load_model(str(tiny_model))
     batches = calibration_batches(loaded.tokenizer, CALIB)
-    scores, removed = score_layers(loaded.model, batches, BlockInfluenceConfig(remove=2, calib=CALIB))
+    scores, removed = score_layers(loaded.model, batches, PruneBI(remove=2, calib=CALIB))
     states = _independent_residuals(loaded.model, batches)
     n_layers = len(states[0]) - 1
     expected = []
@@ -40,7 +40,7 @@ def test_scores_match_the_definition(tiny_model):
 def test_angular_block_matches_definition(tiny_models):
     loaded = load_model(str(tiny_models["llama"]))
     batches = calibration_batches(loaded.tokenizer, CALIB)
-    cfg = BlockInfluenceConfig(remove=2, metric="angular", block=True, calib=CALIB)
+    cfg = PruneBI(remove=2, metric="angular", block=True, calib=CALIB)
     scores, removed = score_layers(loaded.model, batches, cfg)
     states = _independent_residuals(loaded.model, batches)
     expected = []
@@ -56,7 +56,7 @@ def test_angular_block_matches_definition(tiny_models):
 def test_bi_block_is_contiguous(tiny_models):
     loaded = load_model(str(tiny_models["llama"]))
     capture = capture_residuals(loaded.model, calibration_batches(loaded.tokenizer, CALIB))
-    _, removed = choose_layers(BlockInfluenceConfig(remove=3, block=True, calib=CALIB), capture, 6)
+    _, removed = choose_layers(PruneBI(remove=3, block=True, calib=CALIB), capture, 6)
     assert removed == list(range(removed[0], removed[0] + 3))
 
 
@@ -110,7 +110,7 @@ def test_error_grows_with_layers_removed(tiny_models):
     dense = final_hidden(loaded.model)
     errors = []
     for n in (1, 3, 5):
-        _, removed = choose_layers(BlockInfluenceConfig(remove=n, calib=CALIB), capture, 6)
+        _, removed = choose_layers(PruneBI(remove=n, calib=CALIB), capture, 6)
         pruned = copy.deepcopy(loaded.model)
         remove_layers_(pruned, removed)
         errors.append(((final_hidden(pruned) - dense).norm() / dense.norm()).item())
@@ -148,6 +148,6 @@ def test_prune_with_eval_compares_to_original(tiny_models, tmp_path):
     result = run_cli("prune", "--bi", tiny_models["qwen2"], "--remove", "1", "--output", tmp_path / "p", "--calib", "pydoc",
                      "--calib-samples", "2", "--calib-seq-len", "32", "--eval", "pydoc_ppl", "--eval-limit", "2")
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "p" / "llmsurgery_history.json").read_text())["passes"][0]["report"]["eval"]
+    rows = json.loads((tmp_path / "p" / "llmsurgery_history.json").read_text())["passes"][0]["eval"]
     ppl = next(r for r in rows if r["metric"] == "word_perplexity")
     assert ppl["baseline"] > 1 and ppl["value"] > 1 and ppl["ratio"] == pytest.approx(ppl["value"] / ppl["baseline"])

@@ -80,13 +80,13 @@ def test_existing_output(tiny_models, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--remove", "6"], "cannot remove 6 of 6 layers"),
     (["--remove", "60"], "cannot remove 60 of 6 layers"),
-    (["--remove", "0"], "greater than 0"),
-    (["--remove", "-2"], "greater than 0"),
+    (["--remove", "0"], "greater than or equal to 1"),
+    (["--remove", "-2"], "greater than or equal to 1"),
     (["--ratio", "1.5"], "less than 1"),
     (["--ratio", "0"], "greater than 0"),
     (["--remove", "1", "--ratio", "0.2"], "exactly one of remove and ratio"),
     ([], "exactly one of remove and ratio"),
-    (["--remove", "1", "--metric", "cosine"], "unknown metric 'cosine'"),
+    (["--remove", "1", "--metric", "cosine"], "--metric: Input should be 'bi' or 'angular'"),
     (["--remove", "1", "--metric", "angular"], "--block"),
     (["--remove", "1", "--calib", "nonexistent_corpus"], "calibration source 'nonexistent_corpus'"),
 ])

@@ -8,7 +8,7 @@ from helpers import PROMPT, run_cli, stock_load
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
 from llmsurgery.passes.block_influence import remove_layers_
-from llmsurgery.passes.heal import gap_neighbours, removed_from_history
+from llmsurgery.passes.distill import gap_neighbours, removed_from_history
 from llmsurgery.perplexity import document_windows
 
 CALIB = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48")
@@ -132,7 +132,7 @@ def test_a_harmful_heal_keeps_the_old_weights(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--train", "mlps"), "train takes"),
-    (("--removed", "0,x"), "--removed takes"),
+    (("--removed", "0,x"), "--removed: takes 0-based"),
     (("--removed", "0"), "does not match"),
     (("--steps", "0"), "--steps"),
 ])

@@ -9,7 +9,7 @@ from llmsurgery.arch import arch_for, decoder_layers, get_submodule
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.modeling_llmsurgery import keep_top_k
-from llmsurgery.passes.larosa import RotateSparsifyConfig, normed_input_covariances, principal_rotation, rotate_sparsify_
+from llmsurgery.passes.larosa import RotateSparsify, normed_input_covariances, principal_rotation, rotate_sparsify_
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 FOLDABLE = ["llama", "mistral", "qwen2", "qwen3"]
@@ -25,7 +25,7 @@ def foldable(request, tiny_models):
 def test_sparsity_zero_is_exact(foldable, method):
     loaded, batches = foldable
     expected = logits_of(loaded.model)
-    rotate_sparsify_(loaded.model, batches, RotateSparsifyConfig(sparsity=0.0, method=method, calib=CALIB))
+    rotate_sparsify_(loaded.model, batches, RotateSparsify(sparsity=0.0, method=method, calib=CALIB))
     # float32 weights, float64 folding: observed max |diff| ~5e-7 on logits of magnitude ~1
     torch.testing.assert_close(logits_of(loaded.model), expected, rtol=0, atol=1e-5)
 
@@ -73,7 +73,7 @@ def _folded_selections(model):
 
 def test_folded_form_selects_what_the_runtime_reference_selects(foldable):
     loaded, batches = foldable
-    cfg = RotateSparsifyConfig(sparsity=0.5, split=(1.0, 1.0), calib=CALIB)
+    cfg = RotateSparsify(sparsity=0.5, split=(1.0, 1.0), calib=CALIB)
     reference = copy.deepcopy(loaded.model)
     rotations = [principal_rotation(c, cfg.damp) for c in normed_input_covariances(reference, batches)]
     ref_sel = _runtime_reference_(reference, rotations, cfg.sparsity_in, cfg.sparsity_out)
@@ -94,7 +94,7 @@ def test_error_grows_with_sparsity(tiny_models):
     kls = []
     for s in (0.2, 0.4, 0.6, 0.8):
         model = copy.deepcopy(loaded.model)
-        rotate_sparsify_(model, batches, RotateSparsifyConfig(sparsity=s, split=(1.0, 1.0), calib=CALIB))
+        rotate_sparsify_(model, batches, RotateSparsify(sparsity=s, split=(1.0, 1.0), calib=CALIB))
         kls.append(torch.nn.functional.kl_div(torch.log_softmax(logits_of(model), -1), dense, log_target=True, reduction="batchmean").item())
     assert kls == sorted(kls) and kls[0] > 0, kls
 
@@ -130,8 +130,8 @@ def test_gemma3_is_refused_with_one_line(tiny_models, tmp_path):
     (["--sparsity", "1.0"], "less than 1"),
     (["--sparsity", "-0.1"], "greater than or equal to 0"),
     (["--sparsity", "0.6", "--split", "0.8,1.8"], "outside [0, 1)"),
-    (["--sparsity", "0.4", "--split", "abc"], "--split wants two numbers"),
-    (["--sparsity", "0.4", "--method", "random"], "unknown method 'random'"),
+    (["--sparsity", "0.4", "--split", "abc"], "--split: wants two numbers"),
+    (["--sparsity", "0.4", "--method", "random"], "--method: Input should be 'larosa' or 'magnitude'"),
 ])
 def test_bad_options(tiny_models, tmp_path, args, message):
     result = run_cli("rotate-sparsify", tiny_models["llama"], "--output", tmp_path / "o", *args)

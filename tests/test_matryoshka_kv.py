@@ -6,7 +6,7 @@ from helpers import PROMPT, logits_of, run_cli
 
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model, save_model
-from llmsurgery.passes.matryoshka_kv import KVCompressConfig, cayley, kv_compress_, principal_basis
+from llmsurgery.passes.matryoshka_kv import KVCompress, cayley, kv_compress_, principal_basis
 
 PCA = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 TRAIN = CalibConfig(source="pydoc", samples=6, seq_len=32, seed=1)
@@ -17,7 +17,7 @@ CALIB_ARGS = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48
 
 def _compressed(folder, **knobs):
     loaded = load_model(str(folder))
-    cfg = KVCompressConfig(calib=PCA, train_calib=TRAIN, search_calib=SEARCH, **knobs)
+    cfg = KVCompress(calib=PCA, train_samples=6, train_seq_len=32, search_samples=1, search_seq_len=32, **knobs)
     tok = loaded.tokenizer
     batches = {"pca": calibration_batches(tok, PCA), "train": calibration_batches(tok, TRAIN), "search": calibration_batches(tok, SEARCH)}
     report = kv_compress_(loaded.model, cfg, batches)

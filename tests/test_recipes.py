@@ -22,7 +22,7 @@ def _tiny_recipe(model, **extra) -> dict:
 
 
 def test_recipes_exist_for_every_pass_and_a_pipeline():
-    from llmsurgery.pipeline import PASSES
+    from llmsurgery.passes import PASSES
 
     named = {p["pass"] for r in RECIPES for p in yaml.safe_load(r.read_text())["passes"]}
     assert named == set(PASSES)
@@ -122,3 +122,28 @@ def test_every_shipped_recipe_runs_on_the_real_model(recipe, tmp_path):
     assert all("baseline" in row and row["value"] == row["value"] for row in results["eval"])
     saved = yaml.safe_load((tmp_path / "out" / "llmsurgery_recipe.yaml").read_text())
     assert [p["pass"] for p in saved["passes"]] == [p["pass"] for p in yaml.safe_load(recipe.read_text())["passes"]]
+
+
+def test_recipe_schema_documents_every_pass_option_with_its_bounds():
+    """`recipe schema` is derived from the pass configs: every option has a description, every number its range."""
+    from llmsurgery.passes import PASSES
+
+    result = run_cli("recipe", "schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    defs = schema["$defs"]
+    for name, config in PASSES.items():
+        props = defs[config.__name__]["properties"]
+        assert set(props) == {info.alias or field for field, info in config.model_fields.items()}, name
+        for option, prop in props.items():
+            if option == "pass":
+                assert prop.get("const") == name or prop.get("enum") == [name]
+                continue
+            assert prop.get("description"), f"{name}.{option} has no description"
+            numbers = [p for p in [prop, *prop.get("anyOf", []), *prop.get("prefixItems", []), prop.get("items") or {}]
+                       if p.get("type") in ("integer", "number")]
+            for p in numbers:
+                assert ("minimum" in p or "exclusiveMinimum" in p) and ("maximum" in p or "exclusiveMaximum" in p), \
+                    f"{name}.{option} has no bounds: {prop}"
+    # and the command line reads the same fields: a default changed in the config shows in --help
+    assert "[default: 40]" in run_cli("rotate-sparsify", "--help").output.replace("\n", " ").replace("│", "")

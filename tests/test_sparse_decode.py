@@ -13,7 +13,7 @@ from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.llmsurgery_sparse_kernel import load_kernel
 from llmsurgery.modeling.modeling_llmsurgery import sparse_kernel_calls
-from llmsurgery.passes.larosa import RotateSparsifyConfig, rotate_sparsify_
+from llmsurgery.passes.larosa import RotateSparsify, rotate_sparsify_
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 
@@ -77,7 +77,7 @@ def test_kernel_rejects_mismatched_inputs(kernel):
 
 def _sparse_model(tiny_models, arch, method, sparsity=0.4):
     loaded = load_model(str(tiny_models[arch]))
-    rotate_sparsify_(loaded.model, calibration_batches(loaded.tokenizer, CALIB), RotateSparsifyConfig(sparsity=sparsity, method=method, calib=CALIB))
+    rotate_sparsify_(loaded.model, calibration_batches(loaded.tokenizer, CALIB), RotateSparsify(sparsity=sparsity, method=method, calib=CALIB))
     return loaded.model
 
 

@@ -248,7 +248,7 @@ def rope_dims(pairs: list[int], head_dim: int) -> list[int]:
     return list(pairs) + [p + head_dim // 2 for p in pairs]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x: [B, H, T, w] with cos/sin: [B, 1, T, w] (w = 2 x kept pairs)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -306,9 +306,14 @@ def _rope_index(attn: nn.Module, group: int, device) -> torch.Tensor | None:
 
 
 def absorbed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """Attention with per-KV-head q/k, key-cache and v widths; the cache holds [B, 1, T, sum of widths] per layer."""
+    """Attention with per-KV-head q/k, key-cache and v widths; the cache holds [B, 1, T, sum of widths] per layer.
+
+    While llmsurgery learns MatryoshkaKV projections it sets ``self.kv_projection`` (saved models have none): an
+    object whose ``keys(g, q, k)``, ``values(g, v)`` and ``output(g, out)`` map each KV head's tensors.
+    """
     found = [kwargs.pop(name, None) for name in ("past_key_values", "past_key_value")]  # transformers 5 / 4.56 spelling
     cache = next((c for c in (cache, *found) if c is not None), None)
+    projection = getattr(self, "kv_projection", None)
     batch, length = hidden_states.shape[:-1]
     n_rep, layout = self.num_key_value_groups, self.attention_layout
     kw, vw = qk_widths(layout, self.head_dim), layout["v"]
@@ -325,14 +330,16 @@ def absorbed_attention_forward(self, hidden_states, position_embeddings=None, at
         index = _rope_index(self, g, cos.device)
         c, s = (cos, sin) if index is None else (cos[..., index], sin[..., index])
         c, s = c.unsqueeze(1), s.unsqueeze(1)
-        qg, kg = _rope(qg.transpose(1, 2), c, s), _rope(kg.transpose(1, 2), c, s)  # [B, n_rep, T, w], [B, 1, T, w]
+        qg, kg = apply_rope(qg.transpose(1, 2), c, s), apply_rope(kg.transpose(1, 2), c, s)  # [B, n_rep, T, w], [B, 1, T, w]
         if layout.get("k"):  # MatryoshkaKV: post-RoPE keys and queries in the key basis, keys centred
             basis = self.key_basis[:, sum(layout["k"][:g]) : sum(layout["k"][: g + 1])]  # [d, r_k]
             qg, kg = qg @ basis, (kg - self.key_mean[g]) @ basis
+        if projection is not None:
+            qg, kg = projection.keys(g, qg, kg)
         q_groups.append(qg)
         k_groups.append(kg)
+    kw = [kg.shape[-1] for kg in k_groups]
     keys = torch.cat(k_groups, dim=-1)  # [B, 1, T, sum of key widths]
-    kw = layout.get("k") or kw
     if cache is not None:
         # Positional cache_kwargs: what 4.56 names `cache_kwargs` and 5.x passes through to its cache layers.
         keys, values = cache.update(keys, values, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
@@ -341,9 +348,14 @@ def absorbed_attention_forward(self, hidden_states, position_embeddings=None, at
     extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
     outputs, k_at, v_at = [], 0, 0
     for g, (qg, width, v_width) in enumerate(zip(q_groups, kw, vw)):
-        out, _ = attend(self, qg, keys[..., k_at : k_at + width], values[..., v_at : v_at + v_width], attention_mask,
-                        dropout=0.0, scaling=self.scaling, **extra, **kwargs)  # out: [B, T, n_rep, v_width]
-        outputs.append(out.reshape(batch, length, n_rep * v_width))
+        vg = values[..., v_at : v_at + v_width]
+        if projection is not None:
+            vg = projection.values(g, vg)
+        out, _ = attend(self, qg, keys[..., k_at : k_at + width], vg, attention_mask,
+                        dropout=0.0, scaling=self.scaling, **extra, **kwargs)  # out: [B, T, n_rep, v width]
+        if projection is not None:
+            out = projection.output(g, out)
+        outputs.append(out.reshape(batch, length, -1))
         k_at, v_at = k_at + width, v_at + v_width
     return self.o_proj(torch.cat(outputs, dim=-1)), None
 

@@ -25,69 +25,22 @@ labelled so. Models with per-head q/k norms (qwen3, gemma3) are refused for qk.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .. import defaults
-from ..arch import arch_for, arch_for_model_type, decoder_layers, get_submodule
-from ..calibration import CalibConfig, observe_inputs
+from ..arch import arch_for, decoder_layers, get_submodule
+from ..calibration import observe_inputs
 from ..console import track
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import full_layout, qk_widths, reshape_attention_
+from .absorb import Absorb, check_absorbable
 
 EXACT_RTOL = 1e-5  # singular values below this fraction of the largest count as zero (float32 weights)
 
 
-class AbsorbConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    name: Literal["absorb"] = "absorb"
-    threshold: float | None = Field(None, gt=0, lt=1, description="drop directions below T x the head's largest singular value")
-    keep_ratio: float | None = Field(None, gt=0, le=1, description="keep this fraction of each head's directions")
-    rank: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="keep at most r directions per head (q/k: r dims = r/2 pairs)")
-    pairs: tuple[Literal["vo", "qk"], ...] = ("vo",)
-    criterion: Literal["whitened", "weight", "norm"] = "whitened"
-    damp: float = Field(0.01, ge=0, description="covariance damping, a fraction of its mean diagonal")
-    calib: CalibConfig = CalibConfig(samples=16, seq_len=512)
-
-    @field_validator("pairs")
-    @classmethod
-    def _pairs(cls, value):
-        if not value or len(set(value)) != len(value):
-            raise ValueError("pairs must name vo and/or qk, each once")
-        return value
-
-    @model_validator(mode="after")
-    def _one_knob(self):
-        given = [k for k in ("threshold", "keep_ratio", "rank") if getattr(self, k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of threshold, keep_ratio, rank (got {', '.join(given)})")
-        return self
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.criterion == "whitened"
-
-    @property
-    def exact(self) -> bool:
-        """No knob: only directions of (numerically) zero singular value go."""
-        return self.threshold is None and self.keep_ratio is None and self.rank is None
-
-
-def check_absorbable(model_type: str, cfg: AbsorbConfig, config: dict | None = None) -> None:
-    kv_compressed = any(layout.get("k") for layout in (config or {}).get("attention_layout") or [])
-    if "qk" in cfg.pairs and kv_compressed:
-        raise UserError("qk pairs cannot be dropped after kv-compress (keys are cached in a learned basis); use --pairs vo")
-    if "qk" in cfg.pairs and arch_for_model_type(model_type).qk_norm:
-        raise UserError(f"'{model_type}' normalises q and k per head (RMSNorm over head_dim), so frequency pairs cannot "
-                        "be dropped from q_proj/k_proj; use --pairs vo")
-
-
-def kept_count(scores: torch.Tensor, current: int, cfg: AbsorbConfig, per: int = 1) -> int:
+def kept_count(scores: torch.Tensor, current: int, cfg: Absorb, per: int = 1) -> int:
     """How many of `scores` (descending) to keep: the knob, never past the numerical rank, at least one.
 
     per: dims per scored item (2 for frequency pairs, so that `rank` counts dims).
@@ -176,7 +129,7 @@ def _linear_parts(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]
     return linear.weight.detach().double().cpu(), None if linear.bias is None else linear.bias.detach().double().cpu()
 
 
-def plan_vo(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: AbsorbConfig, plan: LayerPlan,
+def plan_vo(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: Absorb, plan: LayerPlan,
             widths_wanted: list[int] | None = None) -> None:
     """Decompose every KV head's V-O product and keep the directions the knob (or `widths_wanted`) asks for."""
     n_rep = attn.num_key_value_groups
@@ -221,7 +174,7 @@ def _row_energy(w: torch.Tensor, cov: torch.Tensor | None, bias: torch.Tensor | 
     return ((w @ cov) * w).sum(1).clamp_min(0)
 
 
-def plan_qk(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: AbsorbConfig, plan: LayerPlan) -> None:
+def plan_qk(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: Absorb, plan: LayerPlan) -> None:
     """Drop whole RoPE frequency pairs per KV head (from its key and from the queries that read it). Lossy."""
     d, n_rep = attn.head_dim, attn.num_key_value_groups
     wq, bq = _linear_parts(attn.q_proj)
@@ -268,7 +221,7 @@ def _planned_parameters(attn: nn.Module, plan: LayerPlan) -> int:
     return total
 
 
-def absorb_decompose_(model: nn.Module, covs: list[torch.Tensor] | None, cfg: AbsorbConfig, apply: bool = True,
+def absorb_decompose_(model: nn.Module, covs: list[torch.Tensor] | None, cfg: Absorb, apply: bool = True,
                       v_widths: list[list[int]] | None = None) -> dict:
     """Plan (and with apply, perform) absorb-decompose on every layer; returns the report.
 

@@ -17,42 +17,13 @@ All indices are 0-based.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .. import defaults
 from ..arch import arch_for, decoder_layers, get_submodule, set_decoder_layers_
-from ..calibration import CalibConfig
 from ..console import track
-from ..errors import UserError
-
-
-class BlockInfluenceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    name: Literal["block_influence"] = "block_influence"
-    remove: int | None = Field(None, gt=0, le=defaults.MAX_DIM, description="number of layers to remove")
-    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of layers to remove")
-    metric: Literal["bi", "angular"] = "bi"
-    block: bool = Field(False, description="remove one contiguous block of layers")
-    calib: CalibConfig = CalibConfig()
-
-    @model_validator(mode="after")
-    def _one_amount(self):
-        if (self.remove is None) == (self.ratio is None):
-            raise ValueError("give exactly one of remove and ratio")
-        if self.metric == "angular" and not self.block:
-            raise ValueError("the angular metric scores contiguous blocks: set block (--block)")
-        return self
-
-    def n_remove(self, n_layers: int) -> int:
-        n = self.remove if self.remove is not None else int(round(self.ratio * n_layers))
-        if n < 1 or n >= n_layers:
-            raise UserError(f"cannot remove {n} of {n_layers} layers: choose between 1 and {n_layers - 1}")
-        return n
+from .prune_bi import PruneBI
 
 
 def cosine_per_token(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,7 +103,7 @@ def capture_residuals(model: nn.Module, batches: torch.Tensor) -> ResidualCaptur
     return capture
 
 
-def choose_layers(cfg: BlockInfluenceConfig, capture: ResidualCapture, n_layers: int) -> tuple[list[float], list[int]]:
+def choose_layers(cfg: PruneBI, capture: ResidualCapture, n_layers: int) -> tuple[list[float], list[int]]:
     """(scores as printed, 0-based layers to remove) for the configured metric."""
     n = cfg.n_remove(n_layers)
     if cfg.metric == "angular":
@@ -166,7 +137,7 @@ def remove_layers_(model: nn.Module, remove: list[int]) -> None:
     config.num_hidden_layers = len(keep)
 
 
-def score_layers(model: nn.Module, batches: torch.Tensor, cfg: BlockInfluenceConfig) -> tuple[list[float], list[int]]:
+def score_layers(model: nn.Module, batches: torch.Tensor, cfg: PruneBI) -> tuple[list[float], list[int]]:
     """Scores (per layer for bi, per block start for angular) and the 0-based layers to remove."""
     n_layers = len(decoder_layers(model))
     cfg.n_remove(n_layers)  # fail on a bad amount before the forward passes

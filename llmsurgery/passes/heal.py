@@ -1,48 +1,69 @@
-"""Heal a layer-pruned model by distillation towards the original (teacher) on CPU.
+"""`heal`: distil a layer-pruned model towards its original (KL on logits); the maths is in `distill`.
 
-ShortGPT (arXiv 2403.03853) removes layers and stops; Gromov et al. (arXiv 2403.17887) heal with QLoRA
-on a GPU. Here the pruned model (student) learns to match the original's next-token distribution,
-``KL(teacher || student)`` on logits, while only a few parameters train: by default the MLPs of the
-layers on both sides of each removed block plus every RMSNorm weight. The teacher's logits are
-computed per batch and dropped after it. Nothing about the architecture changes: the output is the
-same standard checkpoint with different values in the trained tensors.
-
-A held-out check (windows of the same calibration source that training never sees) measures the
-KL before and after; if healing made it worse, the trained tensors go back to their old values.
+Only the chosen tensors change; the output is the same standard checkpoint.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from .. import defaults
-from ..arch import arch_for, decoder_layers, get_submodule
-from ..calibration import CalibConfig
-from ..console import stepper
 from ..errors import UserError
-from ..training import cycled_batch, warmup_cosine
+from .base import CalibConfig, CheckContext, CommaList, PassConfig, Report, seq_len_field, windows_field
 
 TRAIN_CHOICES = ("norms", "mlp-near-gaps", "layers-near-gaps", "all-mlp", "all")
-VALIDATION_WINDOWS = 4
+VALIDATION_WINDOWS = 4  # held-out windows after the training ones: the KL there decides whether the new weights stay
+SEED_OFFSET = 3  # heal's windows differ from those of a prune drawn with the same seed
 
 
-class HealConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+def _layer_numbers(value):
+    """"12,13,25" from the command line; a list from a recipe."""
+    if isinstance(value, str):
+        try:
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"takes 0-based layer numbers, comma-separated, got '{value}'") from None
+    return value
 
-    name: Literal["heal"] = "heal"
-    steps: int = Field(defaults.HEAL_STEPS, ge=1, le=defaults.MAX_STEPS, description="optimizer steps")
-    lr: float = Field(defaults.HEAL_LR, gt=0, description="peak AdamW learning rate (warm-up, cosine decay)")
-    batch_size: int = Field(defaults.HEAL_BATCH_SIZE, ge=1, le=defaults.MAX_BATCH)
-    train: tuple[str, ...] = defaults.HEAL_TRAIN
-    teacher: str | None = Field(None, description="model to distil from (default: the input model before this run's passes)")
-    removed: tuple[int, ...] | None = Field(None, description="0-based layers of the teacher that the student lacks (default: from the history)")
-    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
-    calib: CalibConfig = CalibConfig(samples=defaults.HEAL_WINDOWS[0], seq_len=defaults.HEAL_WINDOWS[1], seed=3)
+
+class HealReport(Report):
+    steps: int
+    tokens: int
+    removed_layers: list[int]
+    trained_layers: list[int]
+    trained_modules: list[str]
+    trained_parameters: dict[str, int]
+    trained_parameter_count: int
+    loss_curve: list[float]
+    held_out_kl_before: float
+    held_out_kl_after: float
+    kept: bool
+    teacher: str
+    calibration_tokens: int
+
+
+class Heal(PassConfig):
+    """Train a few tensors of the student so that its next-token distribution matches the teacher's."""
+
+    record_name: ClassVar[str] = "heal"
+    whole_model: ClassVar[bool] = True
+    saved_as: ClassVar[str] = "healed model"
+
+    pass_: Literal["heal"] = Field("heal", alias="pass", exclude=True)
+    teacher: str | None = Field(None, description="the model to distil from (default: the model before this run's passes, "
+                                "else the source in the model's history)")
+    steps: int = Field(defaults.HEAL_STEPS, ge=1, le=defaults.MAX_STEPS, description="optimizer steps (a batch of batch-size windows each)")
+    lr: float = Field(defaults.HEAL_LR, gt=0, le=100, description="peak AdamW learning rate (10% linear warm-up, cosine decay)")
+    batch_size: int = Field(defaults.HEAL_BATCH_SIZE, alias="batch-size", ge=1, le=defaults.MAX_BATCH, description="windows per step")
+    train: Annotated[tuple[str, ...], CommaList] = Field(
+        defaults.HEAL_TRAIN, description=f"what trains, comma-separated: {', '.join(TRAIN_CHOICES)}")
+    removed: Annotated[tuple[Annotated[int, Field(ge=0, le=defaults.MAX_DIM)], ...] | None, BeforeValidator(_layer_numbers)] = Field(
+        None, description="the teacher's layers the student lacks, 0-based (default: from the history, else by matching weights)")
+    calib_samples: int = windows_field(defaults.HEAL_WINDOWS[0], "training windows (cycled through)", "calib-samples")
+    calib_seq_len: int = seq_len_field(defaults.HEAL_WINDOWS[1], "tokens per training window", "calib-seq-len")
 
     @field_validator("train")
     @classmethod
@@ -52,218 +73,56 @@ class HealConfig(BaseModel):
             raise ValueError(f"train takes {', '.join(TRAIN_CHOICES)} (comma-separated), got '{','.join(value)}'")
         return value
 
+    @property
+    def calib(self) -> CalibConfig:
+        """The training windows followed by the held-out ones, all disjoint."""
+        return CalibConfig(source=self.calib_source, samples=self.calib_samples + VALIDATION_WINDOWS,
+                           seq_len=self.calib_seq_len, seed=self.seed + SEED_OFFSET)
 
-def removed_from_history(history: dict) -> tuple[list[int], int] | None:
-    """Layers (0-based, in the first pruned model's numbering) that the history's prune passes removed, and the count before."""
-    passes = [p for p in history.get("passes", []) if p.get("pass") == "block_influence" and p.get("report", {}).get("removed_layers")]
-    if not passes:
-        return None
-    original = list(range(passes[0]["report"]["layers_before"]))
-    removed: list[int] = []
-    for entry in passes:
-        gone = set(entry["report"]["removed_layers"])
-        removed += [original[i] for i in gone]
-        original = [x for i, x in enumerate(original) if i not in gone]
-    return sorted(removed), len(original) + len(removed)
+    def check(self, ctx: CheckContext) -> None:
+        """The teacher (given; the history's source when heal comes first; else the input) and the layer counts."""
+        from ..arch import arch_for_model_type
+        from ..model_io import peek_config, read_history
 
+        config = ctx.config
+        arch_for_model_type(config.get("model_type"))
+        earlier = sorted({p.name for p in ctx.earlier} - {"prune-bi"})
+        if self.teacher is None and earlier:
+            raise UserError(f"heal without a teacher distils towards the input model, so only prune-bi may come before it "
+                            f"(here: {', '.join(earlier)})")
+        n_student = config["num_hidden_layers"]
+        teacher = self.teacher
+        if teacher is None and not ctx.earlier:
+            history = read_history(ctx.folder) if ctx.folder is not None else None
+            if not history or not history["passes"]:
+                raise UserError("give --teacher (the model before pruning): this model has no llmsurgery history naming its source")
+            teacher = history["source"].get("id")
+        if teacher is None:
+            teacher_config = ctx.input_config  # the input model, as loaded before the earlier passes
+        else:
+            try:
+                teacher_config, teacher_folder, _ = peek_config(str(teacher))
+            except UserError as exc:
+                raise UserError(f"teacher {teacher}: {exc}") from None
+            if (not ctx.earlier and ctx.folder is not None and teacher_folder is not None
+                    and Path(teacher_folder).resolve() == Path(ctx.folder).resolve()):
+                raise UserError(f"the teacher {teacher} is the model being healed; give the model before pruning")
+        if teacher_config.get("model_type") != config.get("model_type"):
+            raise UserError(f"the teacher is {teacher_config.get('model_type')}, the student {config.get('model_type')}")
+        if teacher_config.get("vocab_size") != config.get("vocab_size"):
+            raise UserError(f"the teacher's vocabulary ({teacher_config.get('vocab_size')}) differs from the student's "
+                            f"({config.get('vocab_size')})")
+        n_teacher = teacher_config["num_hidden_layers"]
+        if self.removed is not None:
+            if len(set(self.removed)) != len(self.removed) or any(not 0 <= i < n_teacher for i in self.removed):
+                raise UserError(f"--removed should name distinct layers of the teacher's {n_teacher} (0 to {n_teacher - 1})")
+            if n_student + len(self.removed) != n_teacher:
+                raise UserError(f"the teacher has {n_teacher} layers, the student {n_student}: "
+                                f"removing {sorted(self.removed)} does not match")
+        elif n_student > n_teacher:
+            raise UserError(f"the student has more layers ({n_student}) than the teacher ({n_teacher})")
 
-def gap_neighbours(removed: list[int], n_teacher: int) -> list[int]:
-    """Student indices of the kept layers just before and just after each run of removed layers."""
-    gone = set(removed)
-    kept = [i for i in range(n_teacher) if i not in gone]
-    near = {i - 1 for i in gone if i - 1 not in gone and i - 1 >= 0} | {i + 1 for i in gone if i + 1 not in gone and i + 1 < n_teacher}
-    return sorted(kept.index(i) for i in near)
+    def apply_(self, model, calibration, dry_run: bool = False) -> HealReport:
+        from .distill import heal_loaded_
 
-
-def _norm_paths(model: nn.Module) -> list[str]:
-    spec = arch_for(model)
-    names = [spec.attn_norm, spec.mlp_norm, spec.attn_out_norm, spec.mlp_out_norm]
-    if spec.qk_norm:
-        names += [f"{spec.attn}.q_norm", f"{spec.attn}.k_norm"]
-    prefix = spec.layers
-    paths = [f"{prefix}.{i}.{n}" for i in range(len(decoder_layers(model))) for n in names if n]
-    return paths + [spec.final_norm]
-
-
-def trainable_modules(model: nn.Module, train: tuple[str, ...], near: list[int]) -> list[str]:
-    """Module paths whose parameters heal trains, for the `train` choices (near: student layers beside the gaps)."""
-    spec, n = arch_for(model), len(decoder_layers(model))
-    mlp = spec.gate_proj.rpartition(".")[0]
-    paths: list[str] = []
-    for choice in train:
-        if choice == "norms":
-            paths += _norm_paths(model)
-        elif choice == "mlp-near-gaps":
-            paths += [f"{spec.layers}.{i}.{mlp}" for i in near]
-        elif choice == "layers-near-gaps":
-            paths += [f"{spec.layers}.{i}" for i in near]
-        elif choice == "all-mlp":
-            paths += [f"{spec.layers}.{i}.{mlp}" for i in range(n)]
-        elif choice == "all":
-            paths += [f"{spec.layers}.{i}" for i in range(n)]
-    kept = [p for p in dict.fromkeys(paths) if not any(p.startswith(q + ".") for q in paths if q != p)]
-    if not kept:
-        raise UserError("nothing to train: the student has no known gaps (say which layers are missing with --removed, "
-                        "or train norms / all-mlp / all)")
-    return kept
-
-
-def _detach_parameters_(model: nn.Module, paths: list[str]) -> dict[str, nn.Parameter]:
-    """Give the trained modules their own tensors (a teacher sharing them stays untouched); all else frozen."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trained: dict[str, nn.Parameter] = {}
-    for path in paths:
-        module = get_submodule(model, path)
-        for sub_name, sub in module.named_modules():
-            for name, param in list(sub._parameters.items()):
-                if param is None:
-                    continue
-                fresh = nn.Parameter(param.detach().clone(), requires_grad=True)
-                sub._parameters[name] = fresh
-                trained[".".join(x for x in (path, sub_name, name) if x)] = fresh
-    return trained
-
-
-def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), in float32."""
-    t = teacher_logits.float().log_softmax(-1)
-    s = student_logits.float().log_softmax(-1)
-    return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
-
-
-@torch.no_grad()
-def _held_out_kl(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> float:
-    device = next(student.parameters()).device
-    total = 0.0
-    for w in windows:
-        batch = w.unsqueeze(0).to(device)
-        total += float(_kl(teacher_logits(batch), student(input_ids=batch, use_cache=False).logits))
-    return total / len(windows)
-
-
-def heal_(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], cfg: HealConfig, windows: torch.Tensor,
-          removed: list[int] | None, n_teacher: int) -> dict:
-    """Distil in place; returns the report. windows: [N, T] training windows plus VALIDATION_WINDOWS held out at the end."""
-    if len(windows) <= VALIDATION_WINDOWS:
-        raise UserError(f"heal needs more than {VALIDATION_WINDOWS} calibration windows")
-    train_windows, held_out = windows[:-VALIDATION_WINDOWS], windows[-VALIDATION_WINDOWS:]
-    near = gap_neighbours(removed, n_teacher) if removed else []
-    paths = trainable_modules(student, cfg.train, near)
-    was_training, grad_was = student.training, {id(p): p.requires_grad for p in student.parameters()}
-    student.eval()  # no dropout: the student should match the teacher's deterministic outputs
-    trained = _detach_parameters_(student, paths)
-    before = {name: p.detach().clone() for name, p in trained.items()}
-    kl_before = _held_out_kl(student, teacher_logits, held_out)
-    optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, cfg.steps)
-    device = next(student.parameters()).device
-    losses: list[float] = []
-    try:
-        with stepper("Healing", cfg.steps) as step:
-            for s in range(cfg.steps):
-                batch = cycled_batch(train_windows, s, cfg.batch_size).to(device)
-                with torch.no_grad():
-                    target = teacher_logits(batch)
-                loss = _kl(target, student(input_ids=batch, use_cache=False).logits)
-                del target
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(round(loss.item(), 5))
-                step(f"KL {loss.item():.4f}")
-        kl_after = _held_out_kl(student, teacher_logits, held_out)
-        kept = kl_after <= kl_before
-        if not kept:
-            with torch.no_grad():
-                for name, p in trained.items():
-                    p.copy_(before[name])
-    finally:
-        for p in student.parameters():
-            p.requires_grad_(grad_was.get(id(p), True))
-        student.train(was_training)
-    return {"steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * windows.shape[1], "removed_layers": list(removed or []),
-            "trained_layers": near, "trained_modules": paths, "trained_parameters": {n: p.numel() for n, p in trained.items()},
-            "trained_parameter_count": sum(p.numel() for p in trained.values()), "loss_curve": losses,
-            "held_out_kl_before": round(kl_before, 6), "held_out_kl_after": round(kl_after, 6), "kept": kept}
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A second module tree over the same tensors (no extra weight memory), e.g. the teacher before pruning.
-
-    Safe while later passes only drop modules from the other tree (prune); heal gives the tensors it
-    trains fresh copies, so the teacher keeps the old values.
-    """
-    import copy
-
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
-@torch.no_grad()
-def match_removed(student: nn.Module, teacher: nn.Module) -> list[int] | None:
-    """Teacher layers the student lacks, found by equal q_proj weights in order; None if some student layer has no match."""
-    spec = arch_for(student)
-    prints = [get_submodule(layer, spec.q_proj).weight for layer in decoder_layers(teacher)]
-    found, j = [], 0
-    for layer in decoder_layers(student):
-        w = get_submodule(layer, spec.q_proj).weight
-        while j < len(prints) and not (prints[j].shape == w.shape and torch.equal(prints[j].to(w.device), w)):
-            j += 1
-        if j == len(prints):
-            return None
-        found.append(j)
-        j += 1
-    return [i for i in range(len(prints)) if i not in set(found)]
-
-
-def calibration_windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
-    """cfg.calib.samples training windows followed by VALIDATION_WINDOWS held-out ones, all disjoint."""
-    from ..calibration import calibration_batches
-
-    return calibration_batches(tokenizer, cfg.calib.model_copy(update={"samples": cfg.calib.samples + VALIDATION_WINDOWS}))
-
-
-def heal_loaded_(loaded, cfg: HealConfig, pending_passes: list[dict] | None = None) -> dict:
-    """Resolve teacher and removed layers for a loaded student, then `heal_` it in place.
-
-    The teacher is cfg.teacher if given, else `loaded.original` (the model as loaded before this run's
-    passes), else the history's source. Removed layers: cfg.removed, else the history (including this
-    run's `pending_passes`), else found by matching weights.
-    """
-    from ..model_io import load_model
-
-    student = loaded.model
-    teacher = loaded.original if not cfg.teacher else None
-    teacher_id = cfg.teacher or ("the input model" if teacher is not None else None)
-    if teacher is None:
-        if not cfg.teacher and not loaded.history.get("passes"):
-            raise UserError("give --teacher (the model before pruning): this model has no llmsurgery history naming its source")
-        teacher_id = cfg.teacher or loaded.history["source"]["id"]
-        param = next(student.parameters())
-        teacher = load_model(teacher_id, dtype=str(param.dtype).removeprefix("torch."), device=param.device.type).model
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise UserError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's ({student.config.vocab_size})")
-    if arch_for(teacher).model_type != arch_for(student).model_type:
-        raise UserError(f"the teacher is {teacher.config.model_type}, the student {student.config.model_type}")
-    n_teacher, n_student = len(decoder_layers(teacher)), len(decoder_layers(student))
-    history = {"passes": list(loaded.history.get("passes", [])) + list(pending_passes or [])}
-    removed: list[int] | None = list(cfg.removed) if cfg.removed is not None else None
-    if removed is None:
-        found = removed_from_history(history)
-        removed = found[0] if found and found[1] == n_teacher else match_removed(student, teacher)
-    if removed is None:
-        if n_teacher != n_student:
-            raise UserError(f"cannot tell which of the teacher's {n_teacher} layers the student's {n_student} are; give --removed")
-        removed = []
-    if n_student + len(removed) != n_teacher or any(not 0 <= i < n_teacher for i in removed):
-        raise UserError(f"the teacher has {n_teacher} layers, the student {n_student}: removing {sorted(removed)} does not match")
-    train = cfg.train
-    if not removed and "mlp-near-gaps" in train:
-        train = tuple(dict.fromkeys(("all-mlp" if t == "mlp-near-gaps" else t) for t in train))
-    windows = calibration_windows(loaded.tokenizer, cfg)
-    teacher.eval()
-    report = heal_(student, lambda batch: teacher(input_ids=batch, use_cache=False).logits, cfg.model_copy(update={"train": train}),
-                   windows, removed, n_teacher)
-    return report | {"teacher": teacher_id, "calibration_tokens": int(windows.numel())}
+        return HealReport(**heal_loaded_(model, self, calibration.windows(self.calib), model.pending))

@@ -21,53 +21,14 @@ baseline). Exact at sparsity 0 (up to float32 rounding); lossy above.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..arch import ArchSpec, arch_for, decoder_layers, get_submodule
-from ..calibration import CalibConfig, observe_inputs
-from ..errors import UserError
+from ..calibration import observe_inputs
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import add_rotation_adapters_, install_sparsity_hooks_
-
-FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class RotateSparsifyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    name: Literal["rotate_sparsify"] = "rotate_sparsify"
-    sparsity: float = Field(ge=0, lt=1, description="target sparsity S")
-    method: Literal["larosa", "magnitude"] = "larosa"
-    split: tuple[float, float] = Field((0.8, 1.2), description="S multipliers for the q/k/v+gate/up inputs and the o_proj/down_proj inputs")
-    damp: float = Field(0.01, ge=0, description="damping, as a fraction of the mean eigenvalue")
-    calib: CalibConfig = CalibConfig(samples=40, seq_len=512)  # measured better than the paper's 10 x 2048 here
-
-    @model_validator(mode="after")
-    def _valid_split(self):
-        a, b = self.split
-        if a < 0 or b < 0 or a * self.sparsity >= 1 or b * self.sparsity >= 1:
-            raise ValueError(f"split {a},{b} at sparsity {self.sparsity} gives input sparsities outside [0, 1)")
-        return self
-
-    @property
-    def sparsity_in(self) -> float:
-        return round(self.split[0] * self.sparsity, 6)
-
-    @property
-    def sparsity_out(self) -> float:
-        return round(self.split[1] * self.sparsity, 6)
-
-
-def check_foldable(model_type: str) -> None:
-    if model_type not in FOLDABLE:
-        raise UserError(
-            f"rotate-sparsify cannot fold rotations into '{model_type}' models (gemma3 normalises attention and MLP "
-            f"outputs before the residual add, which does not commute with a rotation); supported: {', '.join(FOLDABLE)}"
-        )
+from .rotate_sparsify import RotateSparsify, check_foldable
 
 
 @torch.no_grad()
@@ -161,7 +122,7 @@ def fold_rotations_(model: nn.Module, rotations: list[torch.Tensor] | None) -> N
         rotate_input_(head, rotations[-1])
 
 
-def effective_sparsity(model: nn.Module, cfg: RotateSparsifyConfig) -> float:
+def effective_sparsity(model: nn.Module, cfg: RotateSparsify) -> float:
     """Model-level sparsity: each input's sparsity weighted by the parameters it feeds."""
     spec = arch_for(model)
     weighted = total = 0
@@ -174,7 +135,7 @@ def effective_sparsity(model: nn.Module, cfg: RotateSparsifyConfig) -> float:
     return weighted / total
 
 
-def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: RotateSparsifyConfig) -> dict:
+def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: RotateSparsify) -> dict:
     """Fold (rotations +) norms into `model`, make it a sparse model in place; returns the report."""
     check_foldable(model.config.model_type)
     report: dict = {}

@@ -24,52 +24,21 @@ into v_proj (bias ``(b - mu^V) U^V_r``); the output ``(a v~) U^V_r^T + mu^V`` is
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward as _eager
 
-from .. import defaults
 from ..arch import arch_for, decoder_layers, get_submodule
-from ..calibration import CalibConfig, observe_inputs
+from ..calibration import observe_inputs
 from ..console import stepper
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
-from ..modeling.modeling_llmsurgery import _rope, full_layout, reshape_attention_
+from ..modeling.modeling_llmsurgery import full_layout, reshape_attention_
 from ..training import cycled_batch, warmup_cosine
-
-
-class KVCompressConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    name: Literal["kv_compress"] = "kv_compress"
-    budget: float = Field(gt=0, le=1, description="cached K+V dims kept, as a fraction of the original")
-    train: bool = True
-    uniform: bool = False
-    train_steps: int = Field(defaults.KV_TRAIN_STEPS, ge=1, le=defaults.MAX_STEPS)
-    lr: float = Field(defaults.KV_LR, gt=0)
-    batch_size: int = Field(defaults.KV_BATCH_SIZE, ge=1, le=defaults.MAX_BATCH)
-    rank_step: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="rank granularity, a divisor of head_dim (default head_dim / 8)")
-    v_init: Literal["pca", "vo"] = "pca"
-    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
-    calib: CalibConfig = CalibConfig(samples=defaults.KV_PCA_WINDOWS[0], seq_len=defaults.KV_PCA_WINDOWS[1])  # PCA statistics
-    train_calib: CalibConfig = CalibConfig(samples=defaults.KV_TRAIN_WINDOWS[0], seq_len=defaults.KV_TRAIN_WINDOWS[1], seed=1)
-    search_calib: CalibConfig = CalibConfig(samples=defaults.KV_SEARCH_WINDOWS[0], seq_len=defaults.KV_SEARCH_WINDOWS[1], seed=2)
-
-
-def check_compressible(config: dict) -> None:
-    for layout in config.get("attention_layout") or []:
-        if layout.get("k"):
-            raise UserError("this model's KV cache is already compressed by kv-compress")
-        if layout.get("qk"):
-            raise UserError("kv-compress needs full q/k heads; this model had Q-K frequency pairs dropped by absorb")
+from .kv_compress import KVCompress, check_compressible
 
 
 def cayley(x: torch.Tensor) -> torch.Tensor:
@@ -149,63 +118,74 @@ def rank_options(top: int, step: int) -> list[int]:
     return sorted({min(top, step * i) for i in range(1, math.ceil(top / step) + 1)})
 
 
-def projected_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """Attention with the MatryoshkaKV projections of `self._mkv` applied (no cache; training and search)."""
-    kwargs.pop("past_key_values", None)
-    state, layer = self._mkv
-    batch, length = hidden_states.shape[:-1]
-    d, n_rep = self.head_dim, self.num_key_value_groups
-    queries = self.q_proj(hidden_states).view(batch, length, -1, d)
-    keys = self.k_proj(hidden_states).view(batch, length, -1, d)
-    if hasattr(self, "q_norm"):
-        queries, keys = self.q_norm(queries), self.k_norm(keys)
-    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    queries, keys = _rope(queries.transpose(1, 2), cos, sin), _rope(keys.transpose(1, 2), cos, sin)  # [B, H, T, d], [B, G, T, d]
-    values = self.v_proj(hidden_states).split(state.v_widths[layer], dim=-1)  # G x [B, T, w]
-    if state.stats is not None:
-        _accumulate(state.stats, layer, keys, values)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager)
-    extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
-    outputs = []
-    for g, value in enumerate(values):
-        qg, kg, vg = queries[:, g * n_rep : (g + 1) * n_rep], keys[:, g : g + 1], value.unsqueeze(1)
-        if state.project:
-            u_k, u_v = state.bases(layer, g)  # [d, r_k], [w, r_v]
-            i = layer * state.groups + g
-            qg, kg, vg = qg @ u_k, (kg - state.mu_k[i]) @ u_k, (vg - state.mu_v[i]) @ u_v
-            if state.gates is not None:  # the search's rank-step gates (`_step_gradients`)
-                kg, vg = kg * state.gate_columns(layer, g, "k"), vg * state.gate_columns(layer, g, "v")
-        out, _ = attend(self, qg, kg, vg, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)  # [B, T, n_rep, r_v]
-        if state.project:
-            out = out @ u_v.T + state.mu_v[i]
-        outputs.append(out.reshape(batch, length, -1))
-    return self.o_proj(torch.cat(outputs, dim=-1)), None
+class ProjectionHook:
+    """The runtime attention forward's `kv_projection` while projections train or are scored (no cache).
+
+    Per KV head g of one layer: statistics of the post-RoPE keys and of the values when `state.stats` is set,
+    and, when `state.project` is on, queries and keys in the first r_k columns of U^K (keys centred), values
+    centred in the first r_v of U^V (times the search's rank-step gates, if any) and the output mapped back.
+    A plain object, so that the shared state does not become a submodule of every attention.
+    """
+
+    def __init__(self, state: MatryoshkaState, layer: int) -> None:
+        self.state, self.layer = state, layer
+
+    def _head(self, g: int) -> int:
+        return self.layer * self.state.groups + g
+
+    def keys(self, g: int, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        if state.stats is not None:
+            _accumulate(state.stats, (self.layer, g, "k"), keys)
+        if not state.project:
+            return queries, keys
+        u_k, _ = state.bases(self.layer, g)  # [d, r_k]
+        queries, keys = queries @ u_k, (keys - state.mu_k[self._head(g)]) @ u_k
+        return queries, keys if state.gates is None else keys * state.gate_columns(self.layer, g, "k")
+
+    def values(self, g: int, values: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if state.stats is not None:
+            _accumulate(state.stats, (self.layer, g, "v"), values)
+        if not state.project:
+            return values
+        _, u_v = state.bases(self.layer, g)  # [w, r_v]
+        values = (values - state.mu_v[self._head(g)]) @ u_v
+        return values if state.gates is None else values * state.gate_columns(self.layer, g, "v")
+
+    def output(self, g: int, out: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        if not state.project:
+            return out
+        _, u_v = state.bases(self.layer, g)
+        return out @ u_v.T + state.mu_v[self._head(g)]
 
 
-def _accumulate(stats: dict, layer: int, keys: torch.Tensor, values: tuple) -> None:
-    for g, value in enumerate(values):
-        for kind, x in (("k", keys[:, g].reshape(-1, keys.shape[-1])), ("v", value.reshape(-1, value.shape[-1]))):
-            x = x.detach().double().cpu()  # [N, d]
-            entry = stats.setdefault((layer, g, kind), [0, 0.0, 0.0])
-            entry[0] += x.shape[0]
-            entry[1] = entry[1] + x.sum(0)
-            entry[2] = entry[2] + x.T @ x
+def _accumulate(stats: dict, key: tuple, x: torch.Tensor) -> None:
+    """Count, sum and second moment (float64) of the rows of x: [..., d]."""
+    x = x.detach().reshape(-1, x.shape[-1]).double().cpu()  # [N, d]
+    entry = stats.setdefault(key, [0, 0.0, 0.0])
+    entry[0] += x.shape[0]
+    entry[1] = entry[1] + x.sum(0)
+    entry[2] = entry[2] + x.T @ x
 
 
 def attach_(model: nn.Module, state: MatryoshkaState) -> list:
-    """Patch every attention module to run through `state`; returns what `detach_` needs to undo it."""
+    """Run every attention module through the runtime forward with `state`'s projections; `detach_` undoes it."""
     spec, saved = arch_for(model), []
     for i, layer in enumerate(decoder_layers(model)):
         attn = get_submodule(layer, spec.attn)
-        saved.append((attn, attn.__dict__.get("forward")))
-        attn._mkv = (state, i)
-        attn.forward = types.MethodType(projected_attention_forward, attn)
+        saved.append((attn, attn.__dict__.get("forward"), getattr(attn, "attention_layout", None)))
+        reshape_attention_(attn, attn.attention_layout if saved[-1][2] else full_layout(model.config))  # widths as they are
+        attn.kv_projection = ProjectionHook(state, i)
     return saved
 
 
 def detach_(saved: list) -> None:
-    for attn, forward in saved:
-        del attn._mkv
+    for attn, forward, layout in saved:
+        del attn.kv_projection
+        if layout is None:
+            del attn.attention_layout
         if forward is None:
             del attn.forward
         else:
@@ -248,7 +228,7 @@ def _kl(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
 
 
-def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompressConfig) -> list[float]:
+def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompress) -> list[float]:
     """Matryoshka distillation of the projections and means only; returns the loss per step."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -436,7 +416,7 @@ def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
     state._bases = {}
 
 
-def kv_compress_(model: nn.Module, cfg: KVCompressConfig, batches: dict[str, torch.Tensor]) -> dict:
+def kv_compress_(model: nn.Module, cfg: KVCompress, batches: dict[str, torch.Tensor]) -> dict:
     """The whole pass in place: init, optional training, ranks for the budget, folding. Returns the report.
 
     batches: "pca", "train" and "search" token windows ([N, T] each).
@@ -450,9 +430,10 @@ def kv_compress_(model: nn.Module, cfg: KVCompressConfig, batches: dict[str, tor
         raise UserError(f"rank step {step} is larger than head_dim {head_dim}")
     report: dict = {"rank_step": step, "head_dim": head_dim}
     if cfg.v_init == "vo":
-        from .absorb_decompose import AbsorbConfig, absorb_decompose_, v_input_covariances
+        from .absorb import Absorb
+        from .absorb_decompose import absorb_decompose_, v_input_covariances
 
-        absorb_decompose_(model, v_input_covariances(model, batches["pca"]), AbsorbConfig(calib=cfg.calib))
+        absorb_decompose_(model, v_input_covariances(model, batches["pca"]), Absorb(calib=cfg.calib))
     layers = decoder_layers(model)
     v_widths = [list((getattr(get_submodule(layer, spec.attn), "attention_layout", None) or full_layout(config))["v"]) for layer in layers]
     state = MatryoshkaState(head_dim, v_widths, step).to(next(model.parameters()).device)

@@ -1,0 +1,106 @@
+"""`absorb`: Absorb-Decompose of attention (CLOVER, arXiv 2411.17426); the maths is in `absorb_decompose`.
+
+With no knob only directions of zero singular value go (exact up to float rounding); knobs and qk are lossy.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .. import defaults
+from ..errors import UserError
+from .base import CheckContext, CommaList, PassConfig, Report, windows_field
+
+
+class AbsorbLayer(Report):
+    layer: int
+    v_before: list[int]
+    v_after: list[int]
+    qk_before: list[int]
+    qk_after: list[int]
+    params_before: int
+    params_after: int
+    spectra: list[list[float]]
+    pair_scores: list[list[float]]
+
+
+class AbsorbReport(Report):
+    layers: list[AbsorbLayer]
+    attention_params_before: int
+    attention_params_after: int
+    attention_reduction: float
+    exact: bool
+    lossy_qk: bool
+    calibration_tokens: int | None = None
+
+
+class Absorb(PassConfig):
+    """Re-factor each KV head's V-O product by SVD and drop its weakest directions (and, with qk, RoPE pairs)."""
+
+    record_name: ClassVar[str] = "absorb"
+    saved_as: ClassVar[str] = "absorbed model"
+
+    pass_: Literal["absorb"] = Field("absorb", alias="pass", exclude=True)
+    threshold: float | None = Field(None, gt=0, lt=1, description="drop directions below T x the head's largest singular value")
+    keep_ratio: float | None = Field(None, alias="keep-ratio", gt=0, le=1,
+                                     description="keep this fraction of every KV head's directions")
+    rank: int | None = Field(None, ge=1, le=defaults.MAX_DIM,
+                             description="keep at most r directions per KV head (qk: r dims, r/2 pairs)")
+    pairs: Annotated[tuple[Literal["vo", "qk"], ...], CommaList] = Field(
+        ("vo",), description="vo (exact absorb-decompose) and/or qk (drops RoPE frequency pairs: lossy)")
+    criterion: Literal["whitened", "weight", "norm"] = Field(
+        "whitened", description="whitened (calibration-aware SVD), weight (CLOVER's weight-only SVD) or norm (vanilla dim dropping)")
+    damp: float = Field(0.01, ge=0, le=1, description="covariance damping, a fraction of its mean diagonal")
+    calib_samples: int = windows_field(16, "number of calibration windows", "calib-samples")
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs(cls, value):
+        if not value or len(set(value)) != len(value):
+            raise ValueError("pairs must name vo and/or qk, each once")
+        return value
+
+    @model_validator(mode="after")
+    def _one_knob(self):
+        given = [k for k in ("threshold", "keep_ratio", "rank") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of threshold, keep-ratio, rank (got {', '.join(given)})")
+        return self
+
+    @property
+    def exact(self) -> bool:
+        """No knob: only directions of (numerically) zero singular value go."""
+        return self.threshold is None and self.keep_ratio is None and self.rank is None
+
+    def windows(self):
+        return [self.calib] if self.criterion == "whitened" else []
+
+    def check(self, ctx: CheckContext) -> None:
+        check_absorbable(ctx.config.get("model_type"), self, ctx.config)
+
+    def config_after(self, config: dict) -> dict:
+        if "qk" not in self.pairs:
+            return config
+        layouts = config.get("attention_layout") or [{} for _ in range(config["num_hidden_layers"])]
+        return config | {"attention_layout": [layout | {"qk": layout.get("qk") or [[]]} for layout in layouts]}
+
+    def apply_(self, model, calibration, dry_run: bool = False) -> AbsorbReport:
+        from .absorb_decompose import absorb_decompose_, v_input_covariances
+
+        batches = calibration.windows(self.calib) if self.needs_calibration else None
+        covs = None if batches is None else v_input_covariances(model.model, batches)
+        report = absorb_decompose_(model.model, covs, self, apply=not dry_run)
+        return AbsorbReport(**report, calibration_tokens=None if batches is None else int(batches.numel()))
+
+
+def check_absorbable(model_type: str, cfg: Absorb, config: dict | None = None) -> None:
+    from ..arch import arch_for_model_type
+
+    kv_compressed = any(layout.get("k") for layout in (config or {}).get("attention_layout") or [])
+    if "qk" in cfg.pairs and kv_compressed:
+        raise UserError("qk pairs cannot be dropped after kv-compress (keys are cached in a learned basis); use --pairs vo")
+    if "qk" in cfg.pairs and arch_for_model_type(model_type).qk_norm:
+        raise UserError(f"'{model_type}' normalises q and k per head (RMSNorm over head_dim), so frequency pairs cannot "
+                        "be dropped from q_proj/k_proj; use --pairs vo")

@@ -1,0 +1,157 @@
+"""What every pass shares: its one config (options, spellings, defaults, ranges, help), checks and interface.
+
+A pass is a `PassConfig` subclass in a light module (pydantic only; the maths is imported inside its methods),
+registered in `passes/__init__.py`. The command line (`cli_options`), recipes (`recipe.PassEntry`), the recipe
+schema and the Python API all read the same class: a field's alias is its spelling on the command line and in
+recipes, its description the help text, its bounds the validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from .. import defaults
+from ..errors import UserError
+
+CALIBRATION = "Calibration"  # the --help panel of the calibration options
+CALIB_SOURCE_HELP = "calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD]"
+
+
+class CalibConfig(BaseModel):
+    """Which token windows a pass draws: source, count, length and the seed choosing them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    source: str = "news"
+    samples: int = Field(8, gt=0, le=defaults.MAX_WINDOWS)
+    seq_len: int = Field(512, gt=1, le=defaults.MAX_SEQ_LEN)
+    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        from ..corpora import check_source
+
+        try:
+            check_source(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+def _comma_list(value: Any) -> Any:
+    """The command line gives lists as one comma-separated string ("0.8,1.2", "vo,qk"); recipes as YAML lists."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return value
+
+
+CommaList = BeforeValidator(_comma_list)
+
+
+def windows_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION) -> Any:
+    return Field(default, alias=alias, ge=1, le=defaults.MAX_WINDOWS, description=what,
+                 json_schema_extra={"panel": panel} if panel else None)
+
+
+def seq_len_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION) -> Any:
+    return Field(default, alias=alias, ge=2, le=defaults.MAX_SEQ_LEN, description=what,
+                 json_schema_extra={"panel": panel} if panel else None)
+
+
+@dataclass
+class CheckContext:
+    """What a pass may check before any weight loads."""
+
+    config: dict  # config.json as the passes before this one leave it
+    folder: Path | None  # the input model's folder (None: a hub model not yet downloaded)
+    earlier: list = field(default_factory=list)  # the configs of the passes before this one
+    input_config: dict = field(default_factory=dict)  # the input's config.json, before any pass
+
+
+class Report(BaseModel):
+    """What a pass found and did; saved in the history under `report`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def record(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class PassConfig(BaseModel):
+    """One pass's settings. Subclasses add `pass_` (the pass's name), their knobs and `apply_`.
+
+    Class attributes: `record_name`, the pass's name in the history; `whole_model`, whether the pass
+    needs every layer in memory at once (training through the whole network) rather than one at a time.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
+
+    record_name: ClassVar[str]
+    whole_model: ClassVar[bool] = False
+    saved_as: ClassVar[str] = "model"  # the kind of model the pass writes, for the command's last line
+
+    calib_source: str = Field("news", alias="calib", description=CALIB_SOURCE_HELP, json_schema_extra={"panel": CALIBRATION})
+    calib_samples: int = windows_field(8, "number of calibration windows", "calib-samples")
+    calib_seq_len: int = seq_len_field(512, "tokens per calibration window", "calib-seq-len")
+    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED, description="seed choosing the calibration windows",
+                      json_schema_extra={"panel": CALIBRATION})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calib_as_config(cls, data: Any) -> Any:
+        """In Python, `calib=CalibConfig(...)` sets the four calibration options at once."""
+        if isinstance(data, dict) and isinstance(data.get("calib"), CalibConfig):
+            c = data["calib"]
+            data = {k: v for k, v in data.items() if k != "calib"}
+            data |= {"calib": c.source, "calib-samples": c.samples, "calib-seq-len": c.seq_len, "seed": c.seed}
+        return data
+
+    @field_validator("calib_source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        return CalibConfig._known_source(value)
+
+    @classmethod
+    def pass_name(cls) -> str:
+        return cls.model_fields["pass_"].default
+
+    @property
+    def name(self) -> str:
+        return self.pass_name()
+
+    @property
+    def calib(self) -> CalibConfig:
+        return CalibConfig(source=self.calib_source, samples=self.calib_samples, seq_len=self.calib_seq_len, seed=self.seed)
+
+    def windows(self) -> list[CalibConfig]:
+        """Every set of calibration windows the pass draws with these settings (none: it needs no data)."""
+        return [self.calib]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.windows())
+
+    def check(self, ctx: CheckContext) -> None:
+        """Refuse, with a UserError, what config.json already shows this pass cannot do."""
+
+    def config_after(self, config: dict) -> dict:
+        """config.json as this pass leaves it, in what later passes' checks read."""
+        return config
+
+    def apply_(self, model, calibration, dry_run: bool = False) -> Report:
+        """Transform `model` (a `model_io.LoadedModel`) in place; `calibration` draws the windows. dry_run: plan only."""
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        """The settings as saved in the history (field names)."""
+        return self.model_dump(mode="json", exclude={"pass_"})
+
+    def recipe_entry(self) -> dict:
+        """The settings as a recipe's pass entry (recipe spellings), `pass:` first."""
+        return {"pass": self.name} | self.model_dump(mode="json", by_alias=True, exclude={"pass_"})
+

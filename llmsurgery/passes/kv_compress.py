@@ -1,0 +1,104 @@
+"""`kv-compress`: MatryoshkaKV (arXiv 2410.14731), orthogonal projections of the cached keys and values.
+
+The maths is in `matryoshka_kv`. Budget 1.0 reproduces the logits; lower budgets are lossy.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .. import defaults
+from ..errors import UserError
+from .base import CalibConfig, CheckContext, PassConfig, Report, seq_len_field, windows_field
+
+
+class KVCompressReport(Report):
+    rank_step: int
+    head_dim: int
+    loss_curve: list[float] | None = None
+    train_tokens: int | None = None
+    ranks_k: list[list[int]]
+    ranks_v: list[list[int]]
+    budget: float
+    budget_reached: float
+    keys_share: float
+    values_share: float
+    calibration_tokens: int
+
+
+class KVCompress(PassConfig):
+    """PCA-initialised, Matryoshka-trained projections per KV head, cut to ranks that meet a cache budget."""
+
+    record_name: ClassVar[str] = "kv_compress"
+    saved_as: ClassVar[str] = "KV-compressed model"
+
+    pass_: Literal["kv-compress"] = Field("kv-compress", alias="pass", exclude=True)
+    budget: float = Field(gt=0, le=1, description="cached K+V dims to keep, a fraction of the original")
+    train: bool = Field(True, description="Matryoshka-train the projections (else PCA only)")
+    uniform: bool = Field(False, description="one rank for every head instead of the rank search")
+    train_steps: int = Field(defaults.KV_TRAIN_STEPS, alias="train-steps", ge=1, le=defaults.MAX_STEPS,
+                             description="training steps (a batch of batch-size windows each)")
+    lr: float = Field(defaults.KV_LR, gt=0, le=100, description="AdamW learning rate of the projections and means")
+    batch_size: int = Field(defaults.KV_BATCH_SIZE, alias="batch-size", ge=1, le=defaults.MAX_BATCH,
+                            description="training windows per step")
+    rank_step: int | None = Field(None, alias="rank-step", ge=1, le=defaults.MAX_DIM,
+                                  description="rank granularity, a divisor of head_dim (default head_dim / 8)")
+    v_init: Literal["pca", "vo"] = Field("pca", alias="v-init",
+                                         description="pca (the paper) or vo (whitened V-O absorb-decompose basis)")
+    calib_samples: int = windows_field(defaults.KV_PCA_WINDOWS[0], "windows for the PCA statistics", "calib-samples")
+    calib_seq_len: int = seq_len_field(defaults.KV_PCA_WINDOWS[1], "tokens per PCA window", "calib-seq-len")
+    train_samples: int = windows_field(defaults.KV_TRAIN_WINDOWS[0], "training windows (cycled through)", "train-samples")
+    train_seq_len: int = seq_len_field(defaults.KV_TRAIN_WINDOWS[1], "tokens per training window", "train-seq-len")
+    search_samples: int = windows_field(defaults.KV_SEARCH_WINDOWS[0], "windows scoring the rank search", "search-samples")
+    search_seq_len: int = seq_len_field(defaults.KV_SEARCH_WINDOWS[1], "tokens per search window", "search-seq-len")
+
+    @property
+    def whole_model(self) -> bool:  # training and the search backpropagate through every layer
+        return self.train or not self.uniform
+
+    @property
+    def train_calib(self) -> CalibConfig:
+        return CalibConfig(source=self.calib_source, samples=self.train_samples, seq_len=self.train_seq_len, seed=self.seed + 1)
+
+    @property
+    def search_calib(self) -> CalibConfig:
+        return CalibConfig(source=self.calib_source, samples=self.search_samples, seq_len=self.search_seq_len, seed=self.seed + 2)
+
+    def windows(self) -> list[CalibConfig]:
+        return [self.calib] + ([self.train_calib] if self.train else []) + ([self.search_calib] if not self.uniform else [])
+
+    def check(self, ctx: CheckContext) -> None:
+        config = ctx.config
+        check_compressible(config)
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        step = self.rank_step or max(1, head_dim // 8)
+        if step > head_dim:
+            raise UserError(f"rank step {step} is larger than head_dim {head_dim}")
+        if head_dim % step:
+            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
+            raise UserError(f"--rank-step {step} does not divide head_dim {head_dim}; choose one of {', '.join(map(str, divisors))}")
+        if self.budget < step / head_dim:
+            raise UserError(f"--budget {self.budget:g} is below the smallest reachable, one rank step ({step} of {head_dim} dims) "
+                            f"per head: {step / head_dim:g}; lower --rank-step for smaller budgets")
+
+    def config_after(self, config: dict) -> dict:
+        layouts = config.get("attention_layout") or [{} for _ in range(config["num_hidden_layers"])]
+        return config | {"attention_layout": [layout | {"k": layout.get("k") or [0]} for layout in layouts]}
+
+    def apply_(self, model, calibration, dry_run: bool = False) -> KVCompressReport:
+        from .matryoshka_kv import kv_compress_
+
+        batches = {"pca": calibration.windows(self.calib), "train": calibration.windows(self.train_calib) if self.train else None,
+                   "search": calibration.windows(self.search_calib) if not self.uniform else None}
+        report = kv_compress_(model.model, self, batches)
+        return KVCompressReport(**report, calibration_tokens=int(batches["pca"].numel()))
+
+
+def check_compressible(config: dict) -> None:
+    for layout in config.get("attention_layout") or []:
+        if layout.get("k"):
+            raise UserError("this model's KV cache is already compressed by kv-compress")
+        if layout.get("qk"):
+            raise UserError("kv-compress needs full q/k heads; this model had Q-K frequency pairs dropped by absorb")

@@ -1,0 +1,72 @@
+"""`prune-bi`: Block-Influence layer removal (ShortGPT, arXiv 2403.03853); the maths is in `block_influence`.
+
+Lossy. Every kept layer is untouched and the output is a standard checkpoint with fewer layers.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from .. import defaults
+from ..errors import UserError
+from .base import CheckContext, PassConfig, Report
+
+
+class PruneBIReport(Report):
+    scores: list[float]
+    score_kind: str
+    removed_layers: list[int]
+    layers_before: int
+    layers_after: int
+    calibration_tokens: int
+
+
+class PruneBI(PassConfig):
+    """Remove the decoder layers whose output is most like their input (lowest Block Influence)."""
+
+    record_name: ClassVar[str] = "block_influence"
+
+    pass_: Literal["prune-bi"] = Field("prune-bi", alias="pass", exclude=True)
+    remove: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="number of layers to remove")
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the layers to remove")
+    metric: Literal["bi", "angular"] = Field("bi", description="bi (ShortGPT, per layer) or angular "
+                                             "(Gromov et al., one block, needs block)")
+    block: bool = Field(False, description="remove one contiguous block of layers")
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if (self.remove is None) == (self.ratio is None):
+            raise ValueError("give exactly one of remove and ratio")
+        if self.metric == "angular" and not self.block:
+            raise ValueError("the angular metric scores contiguous blocks: set block (--block)")
+        return self
+
+    @property
+    def score_kind(self) -> str:
+        return "angular distance" if self.metric == "angular" else "block influence"
+
+    def n_remove(self, n_layers: int) -> int:
+        n = self.remove if self.remove is not None else int(round(self.ratio * n_layers))
+        if n < 1 or n >= n_layers:
+            raise UserError(f"cannot remove {n} of {n_layers} layers: choose between 1 and {n_layers - 1}")
+        return n
+
+    def check(self, ctx: CheckContext) -> None:
+        self.n_remove(ctx.config["num_hidden_layers"])
+
+    def config_after(self, config: dict) -> dict:
+        return config | {"num_hidden_layers": config["num_hidden_layers"] - self.n_remove(config["num_hidden_layers"])}
+
+    def apply_(self, model, calibration, dry_run: bool = False) -> PruneBIReport:
+        from ..arch import decoder_layers
+        from .block_influence import remove_layers_, score_layers
+
+        batches = calibration.windows(self.calib)
+        n_layers = len(decoder_layers(model.model))
+        scores, removed = score_layers(model.model, batches, self)
+        if not dry_run:
+            remove_layers_(model.model, removed)
+        return PruneBIReport(scores=scores, score_kind=self.score_kind, removed_layers=removed, layers_before=n_layers,
+                             layers_after=n_layers - len(removed), calibration_tokens=int(batches.numel()))

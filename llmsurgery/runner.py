@@ -1,0 +1,219 @@
+"""The one runner behind the pass commands, `llmsurgery run` and the Python API.
+
+A `Job` names a model, an ordered list of pass configs, an output and an optional evaluation. `check_job`
+refuses everything that can be told before any weight loads; `run_job` loads, scores the baseline, applies
+the passes (`run_passes`), scores the result and saves. The pass command `X` and a one-pass recipe with the
+same settings build the same `Job`, so they write the same tensors and the same history.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError, first_line
+from .passes import PassConfig, Report
+from .passes.base import CheckContext
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """lm-eval after the passes; with `baseline`, the input model is scored first (before any pass)."""
+
+    tasks: tuple[str, ...]
+    limit: int | None = None
+    batch_size: int = 8
+    baseline: bool = True
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_8bit or self.load_in_4bit
+
+
+@dataclass
+class Job:
+    model: str
+    passes: list[PassConfig]
+    output: Path | None = None  # None: nothing is saved (dry runs, the Python API without an output)
+    force: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    eval: EvalPlan | None = None
+    dry_run: bool = False  # the first pass only plans (prune --scores-only, absorb --dry-run)
+    files: dict[str, Path | None] = field(default_factory=dict)  # what else the run writes (--json, --plot), by option
+    reads: tuple[Path, ...] = ()  # what else the run reads (the recipe)
+    recipe_yaml: str | None = None  # saved beside the model: the recipe that reproduces it
+    where: Callable[[int, str], str] = lambda i, name: ""  # how errors locate a pass ("passes[1] (heal): ")
+
+
+@dataclass
+class Checked:
+    config: dict
+    folder: Path | None
+    inputs: list[Path]  # files and folders the passes read besides the model
+    tasks: object = None  # lm-eval's task manager, for the evaluation
+
+
+@dataclass
+class Outcome:
+    records: list[dict]
+    eval: list[dict] | None = None
+    loaded: object = None
+
+
+def check_job(job: Job) -> Checked:
+    """Everything about a job that can be told before loading weights; raises UserError on the first problem."""
+    from .evaluate import check_tasks
+    from .model_io import check_not_an_input, check_output_free, peek_config, resolve_device
+
+    if not job.passes:
+        raise UserError("no passes to run")
+    resolve_device(job.device)
+    config, folder, _ = peek_config(job.model, job.trust_remote_code)
+    inputs = check_passes(job.passes, config, folder, job.trust_remote_code, job.where) + list(job.reads)
+    for option, path in job.files.items():
+        if path is not None:
+            check_not_an_input(path, [p for p in [folder, *inputs] if p is not None], f"--{option}")
+    if job.output is not None and not job.dry_run:
+        check_output_free(job.output, job.force, folder, inputs)
+    tasks = check_tasks(list(job.eval.tasks)) if job.eval and not job.dry_run else None
+    return Checked(config, folder, inputs, tasks)
+
+
+def check_passes(passes: list[PassConfig], config: dict, folder, trust_remote_code: bool,
+                 where: Callable[[int, str], str] = lambda i, name: "") -> list[Path]:
+    """Each pass's own check, on config.json as the passes before it leave it; then the calibration windows.
+
+    Returns what the passes read besides the model (calibration files, teacher folders): no output may replace them.
+    """
+    current = config
+    for i, cfg in enumerate(passes):
+        try:
+            cfg.check(CheckContext(current, folder, passes[:i], config))
+            current = cfg.config_after(dict(current))
+        except UserError as exc:
+            raise UserError(f"{where(i, cfg.name)}{exc}") from None
+    check_calibration(folder, passes, trust_remote_code)
+    return pass_inputs(passes)
+
+
+def pass_inputs(passes: list[PassConfig]) -> list[Path]:
+    """Local files and folders the passes read: calibration files and given teachers (built-ins: their cached folder)."""
+    from .sources import local_folder, resolve_source
+
+    found = {Path(c.source).expanduser() for cfg in passes for c in cfg.windows() if Path(c.source).expanduser().is_file()}
+    for cfg in passes:
+        teacher = getattr(cfg, "teacher", None)
+        if teacher:
+            folder = local_folder(resolve_source(teacher))
+            found |= {folder} if folder is not None else set()
+    return sorted(found)
+
+
+def check_calibration(folder, passes: list[PassConfig], trust_remote_code: bool) -> None:
+    """Every calibration source holds the windows the passes will ask of it, counted with the model's own tokenizer."""
+    from .calibration import check_calibration_sizes
+
+    needs = [c for cfg in passes for c in cfg.windows()]
+    if folder is None or not needs:
+        return
+    from transformers import AutoTokenizer
+
+    from .console import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot load is bad input
+        raise UserError(f"could not load the tokenizer of {folder}: {first_line(exc)}") from None
+    check_calibration_sizes(tokenizer, needs)
+
+
+def apply_passes(loaded, passes: list[PassConfig], *, dry_run: bool = False,
+                 on_report: Callable[[PassConfig, Report], None] | None = None) -> list[dict]:
+    """Apply passes in order to a loaded model, appending each history record to `loaded.pending`; returns those.
+
+    A heal after other passes with no teacher of its own distils towards the model as loaded: a second
+    module tree over the same tensors (`distill.shared_copy`), made before the first pass and dropped after
+    the last. A heal that comes first finds its teacher itself (`distill.heal_loaded_`).
+    dry_run: only the first pass, told not to change the model (prune --scores-only, absorb --dry-run).
+    """
+    from .calibration import Calibration
+    from .model_io import pass_record
+
+    if any(getattr(cfg, "teacher", "") is None and i > 0 for i, cfg in enumerate(passes)):
+        from .passes.distill import shared_copy
+
+        loaded.original = shared_copy(loaded.model)
+    calibration = Calibration(loaded.tokenizer)
+    try:
+        for cfg in passes:
+            started = time.perf_counter()
+            report = cfg.apply_(loaded, calibration, dry_run=dry_run)
+            so_far = {"passes": [*loaded.history.get("passes", []), *loaded.pending]}
+            loaded.pending.append(pass_record(cfg.record_name, cfg.record(), report.record(), time.perf_counter() - started, so_far))
+            if on_report is not None:
+                on_report(cfg, report)
+            if dry_run:
+                break
+    finally:
+        loaded.original = None
+    return loaded.pending
+
+
+def run_job(job: Job, on_report: Callable[[PassConfig, Report], None] | None = None,
+            checked: Checked | None = None) -> Outcome:
+    """Check (unless `checked` is given), load, (baseline), passes, (evaluation), save; the history holds the scores."""
+    from .evaluate import compare, evaluate_model
+    from .model_io import load_model, save_model
+
+    checked = checked or check_job(job)
+    load = {"dtype": job.dtype, "device": job.device, "trust_remote_code": job.trust_remote_code}
+    plan = None if job.dry_run else job.eval
+    quant = {"load_in_8bit": plan.load_in_8bit, "load_in_4bit": plan.load_in_4bit} if plan and plan.quantized else {}
+    scoring = {"limit": plan.limit, "batch_size": plan.batch_size, "manager": checked.tasks} if plan else {}
+    loaded = load_model(job.model, **load)
+    baseline = None
+    if plan and plan.baseline:
+        source = load_model(job.model, **load, **quant) if quant else loaded
+        baseline = evaluate_model(source, list(plan.tasks), label="the original model", **scoring)
+        del source
+    records = apply_passes(loaded, job.passes, dry_run=job.dry_run, on_report=on_report)
+    rows = None
+    if plan and not quant:  # scored in memory, so the scores go into the saved history
+        rows = compare(evaluate_model(loaded, list(plan.tasks), label="the transformed model", **scoring), baseline)
+        records[-1]["eval"] = rows
+    if job.output is not None and not job.dry_run:
+        save_model(loaded, job.output, force=job.force, new_passes=records, recipe_yaml=job.recipe_yaml)
+    if plan and quant:  # bitsandbytes quantizes while loading: score the saved model
+        target = load_model(str(job.output), **load, **quant)
+        rows = compare(evaluate_model(target, list(plan.tasks), label="the transformed model", **scoring), baseline)
+    return Outcome(records, rows, loaded)
+
+
+def run_passes(model, passes: list[PassConfig], *, output: str | Path | None = None, force: bool = False) -> list[Report]:
+    """The Python API: apply `passes` to `model` (a loaded model from `llmsurgery.load`, or anything `load` takes).
+
+    The same checks as the command line run first (the passes against the model's config, the calibration
+    sources, the output). With `output`, the model is saved there with its history. Returns the typed reports.
+    """
+    from .model_io import LoadedModel, check_output_free, save_model
+
+    reports: list[Report] = []
+    output = Path(output) if output is not None else None
+    if not isinstance(model, LoadedModel):
+        run_job(Job(str(model), list(passes), output, force), on_report=lambda cfg, report: reports.append(report))
+        return reports
+    config = model.model.config.to_dict()
+    inputs = check_passes(list(passes), config, model.folder, trust_remote_code=False)
+    if output is not None:
+        check_output_free(output, force, model.folder, inputs)
+    records = apply_passes(model, list(passes), on_report=lambda cfg, report: reports.append(report))
+    if output is not None:
+        save_model(model, output, force=force, new_passes=records)
+    return reports
