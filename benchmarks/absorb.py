@@ -11,7 +11,8 @@ at each setting, of three V-O variants that keep the same V width in every KV he
 Settings are ``keep:R`` (uniform keep ratio) or ``threshold:T`` (the whitened spectrum chooses each
 head's width; the other two variants get the same widths). Calibration: 16 x 512 news tokens.
 
-    python benchmarks/absorb.py [--model smollm2-135m] [--settings keep:0.95,keep:0.875,keep:0.75,keep:0.5,threshold:0.2] [--docs 20]
+    python benchmarks/absorb.py [--model smollm2-135m] [--settings
+        keep:0.95,keep:0.875,keep:0.75,keep:0.5,threshold:0.2] [--docs 20]
 """
 
 from __future__ import annotations
@@ -38,18 +39,33 @@ def _knob(setting: str) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model)
-    windows = document_windows(loaded.tokenizer, evaluation_documents("news")[: args.docs], max_tokens=args.max_tokens)
+    windows = document_windows(
+        loaded.tokenizer, evaluation_documents("news")[: args.docs], max_tokens=args.max_tokens
+    )
     calib = CalibConfig(source="news", samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0)
     covs = v_input_covariances(loaded.model, calibration_batches(loaded.tokenizer, calib))
-    rows = [{"setting": "original", "variant": "-", "reduction": 0.0, "perplexity": token_perplexity(loaded.model, windows)}]
+    rows = [
+        {
+            "setting": "original",
+            "variant": "-",
+            "reduction": 0.0,
+            "perplexity": token_perplexity(loaded.model, windows),
+        }
+    ]
     for setting in args.settings.split(","):
         plan = absorb_decompose_(loaded.model, covs, Absorb(calib=calib, **_knob(setting)), apply=False)
         widths = [row["v_after"] for row in plan["layers"]]
         for variant, criterion in (("whitened", "whitened"), ("weight", "weight"), ("vanilla", "norm")):
             model = copy.deepcopy(loaded.model)
             report = absorb_decompose_(model, covs, Absorb(calib=calib, criterion=criterion), v_widths=widths)
-            rows.append({"setting": setting, "variant": variant, "reduction": report["attention_reduction"],
-                         "perplexity": token_perplexity(model, windows)})
+            rows.append(
+                {
+                    "setting": setting,
+                    "variant": variant,
+                    "reduction": report["attention_reduction"],
+                    "perplexity": token_perplexity(model, windows),
+                }
+            )
             del model
     return {"model": args.model, "docs": len(windows), "rows": rows}
 
@@ -65,11 +81,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = measure(args)
-    table = Table(title=f"{result['model']}: V-O absorb-decompose, held-out news perplexity ({result['docs']} articles)")
+    table = Table(
+        title=f"{result['model']}: V-O absorb-decompose, held-out news perplexity ({result['docs']} articles)"
+    )
     for column in ("setting", "variant", "attention params removed", "perplexity"):
         table.add_column(column, justify="left" if column in ("setting", "variant") else "right")
     for row in result["rows"]:
-        table.add_row(row["setting"], row["variant"], f"{100 * row['reduction']:.1f}%", f"{row['perplexity']:.2f}")
+        table.add_row(
+            row["setting"], row["variant"], f"{100 * row['reduction']:.1f}%", f"{row['perplexity']:.2f}"
+        )
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

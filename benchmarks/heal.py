@@ -5,7 +5,8 @@ defaults), then heal with the heal command's defaults (or the given --steps/--lr
 score token-level perplexity on held-out news articles (the evaluation part of the built-in corpus,
 never calibration text). Prints the healing time on this machine.
 
-    python benchmarks/heal.py [--model smollm2-135m] [--remove 7] [--steps 200] [--lr 3e-4] [--train norms,mlp-near-gaps] [--docs 20]
+    python benchmarks/heal.py [--model smollm2-135m] [--remove 7] [--steps 200] [--lr 3e-4] [--train
+        norms,mlp-near-gaps] [--docs 20]
 """
 
 from __future__ import annotations
@@ -43,13 +44,27 @@ def measure(args: argparse.Namespace) -> dict:
     cfg = Heal(steps=args.steps, lr=args.lr, train=tuple(args.train.split(",")))
     windows = calibration_batches(tok, cfg.calib)  # training windows, then the held-out ones
     started = time.perf_counter()
-    report = heal_(model, lambda batch: teacher(input_ids=batch, use_cache=False).logits, cfg, windows, removed, n_layers)
+    report = heal_(
+        model, lambda batch: teacher(input_ids=batch, use_cache=False).logits, cfg, windows, removed, n_layers
+    )
     seconds = time.perf_counter() - started
     healed = token_perplexity(model, held_out)
     curve = report["loss_curve"]
-    return {"model": args.model, "docs": len(held_out), "removed": sorted(removed), "steps": args.steps, "lr": args.lr, "train": args.train,
-            "trained_parameters": report["trained_parameter_count"], "heal_seconds": seconds, "original": original, "pruned": pruned,
-            "healed": healed, "kl_first_last": [sum(curve[:10]) / 10, sum(curve[-10:]) / 10], "kept": report["kept"]}
+    return {
+        "model": args.model,
+        "docs": len(held_out),
+        "removed": sorted(removed),
+        "steps": args.steps,
+        "lr": args.lr,
+        "train": args.train,
+        "trained_parameters": report["trained_parameter_count"],
+        "heal_seconds": seconds,
+        "original": original,
+        "pruned": pruned,
+        "healed": healed,
+        "kl_first_last": [sum(curve[:10]) / 10, sum(curve[-10:]) / 10],
+        "kept": report["kept"],
+    }
 
 
 def main() -> None:
@@ -64,15 +79,20 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     r = measure(args)
-    table = Table(title=f"{r['model']} minus {len(r['removed'])} layers {r['removed']}: held-out news perplexity ({r['docs']} articles); "
-                        f"heal {r['steps']} steps, lr {r['lr']:g}, {r['train']} ({r['trained_parameters']:,} parameters) "
-                        f"in {r['heal_seconds'] / 60:.1f} min")
+    table = Table(
+        title=f"{r['model']} minus {len(r['removed'])} layers {r['removed']}: "
+        f"held-out news perplexity ({r['docs']} articles); "
+        f"heal {r['steps']} steps, lr {r['lr']:g}, {r['train']} ({r['trained_parameters']:,} parameters) "
+        f"in {r['heal_seconds'] / 60:.1f} min"
+    )
     for column in ("original", "pruned", "healed", "recovered"):
         table.add_column(column, justify="right")
     recovered = (r["pruned"] - r["healed"]) / (r["pruned"] - r["original"])
     table.add_row(f"{r['original']:.2f}", f"{r['pruned']:.2f}", f"{r['healed']:.2f}", f"{recovered:.0%}")
     Console().print(table)
-    print(f"KL first/last 10 steps: {r['kl_first_last'][0]:.4f} / {r['kl_first_last'][1]:.4f}; kept: {r['kept']}")
+    print(
+        f"KL first/last 10 steps: {r['kl_first_last'][0]:.4f} / {r['kl_first_last'][1]:.4f}; kept: {r['kept']}"
+    )
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
 

@@ -83,9 +83,16 @@ def measure(args: argparse.Namespace) -> dict:
     last = list(range(n_layers - args.remove, n_layers))
     random_ppl = [pruned_ppl(model, layers, windows) for layers in draws]
     return {
-        "model": args.model, "layers": n_layers, "remove": args.remove, "seed": args.seed,
-        "eval_docs": len(windows), "eval_tokens": sum(w.shape[1] - 1 for w in windows),
-        "bi_scores": scores, "bi_layers": bi_layers, "random_layers": draws, "last_layers": last,
+        "model": args.model,
+        "layers": n_layers,
+        "remove": args.remove,
+        "seed": args.seed,
+        "eval_docs": len(windows),
+        "eval_tokens": sum(w.shape[1] - 1 for w in windows),
+        "bi_scores": scores,
+        "bi_layers": bi_layers,
+        "random_layers": draws,
+        "last_layers": last,
         "ppl": {
             "dense": token_perplexity(model, windows),
             "bi": pruned_ppl(model, bi_layers, windows),
@@ -99,12 +106,16 @@ def measure(args: argparse.Namespace) -> dict:
 
 def report(r: dict, console: Console) -> None:
     n, p, t = r["remove"], r["ppl"], r["timing"]
-    table = Table(title=f"{r['model']}: {r['layers']} layers, remove {n} ({r['eval_docs']} docs, {r['eval_tokens']} tokens)")
+    table = Table(
+        title=f"{r['model']}: {r['layers']} layers, remove {n} ({r['eval_docs']} docs, {r['eval_tokens']} tokens)"
+    )
     for col in ("variant", "layers removed", "perplexity"):
         table.add_column(col)
     table.add_row("dense", "-", f"{p['dense']:.4g}")
     table.add_row(f"BI-{n}", str(r["bi_layers"]), f"{p['bi']:.4g}")
-    table.add_row(f"random-{n} median", f"{len(p['random'])} draws, seed {r['seed']}", f"{p['random_median']:.4g}")
+    table.add_row(
+        f"random-{n} median", f"{len(p['random'])} draws, seed {r['seed']}", f"{p['random_median']:.4g}"
+    )
     for layers, value in zip(r["random_layers"], p["random"]):
         table.add_row("  random draw", str(layers), f"{value:.4g}")
     table.add_row(f"last-{n}", str(r["last_layers"]), f"{p['last']:.4g}")
@@ -113,7 +124,13 @@ def report(r: dict, console: Console) -> None:
     for col in ("BI scoring s", "plain forward s", "ratio", "target", "ok"):
         timing.add_column(col)
     ok = t["ratio"] <= TARGET_RATIO
-    timing.add_row(f"{t['bi_s']:.3f}", f"{t['forward_s']:.3f}", f"{t['ratio']:.2f}x", f"<= {TARGET_RATIO}x", "yes" if ok else "NO")
+    timing.add_row(
+        f"{t['bi_s']:.3f}",
+        f"{t['forward_s']:.3f}",
+        f"{t['ratio']:.2f}x",
+        f"<= {TARGET_RATIO}x",
+        "yes" if ok else "NO",
+    )
     console.print(timing)
 
 

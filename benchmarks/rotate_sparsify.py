@@ -6,7 +6,8 @@ evaluation part of the built-in ``news`` corpus, one window per article) of the 
 given (``1,0`` = only q/k/v and gate/up inputs sparsified, as in METHODS.md's figures), calibrated
 on 40 x 512 news tokens (the command's default).
 
-    python benchmarks/rotate_sparsify.py [--model smollm2-135m] [--sparsity 0.25,0.4,0.5] [--split 1,0] [--docs 20] [--json FILE]
+    python benchmarks/rotate_sparsify.py [--model smollm2-135m] [--sparsity 0.25,0.4,0.5] [--split 1,0]
+        [--docs 20] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from llmsurgery.perplexity import document_windows, token_perplexity
 
 def measure(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model)
-    windows = document_windows(loaded.tokenizer, evaluation_documents("news")[: args.docs], max_tokens=args.max_tokens)
+    windows = document_windows(
+        loaded.tokenizer, evaluation_documents("news")[: args.docs], max_tokens=args.max_tokens
+    )
     calib = CalibConfig(source="news", samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0)
     batches = calibration_batches(loaded.tokenizer, calib)
     split = tuple(float(v) for v in args.split.split(","))
@@ -36,8 +39,12 @@ def measure(args: argparse.Namespace) -> dict:
     for s in (float(v) for v in args.sparsity.split(",")):
         for method in ("magnitude", "larosa"):
             model = copy.deepcopy(loaded.model)
-            report = rotate_sparsify_(model, batches, RotateSparsify(sparsity=s, method=method, split=split, calib=calib))
-            rows[f"{method} {s:.2f} (effective {report['effective_sparsity']:.3f})"] = token_perplexity(model, windows)
+            report = rotate_sparsify_(
+                model, batches, RotateSparsify(sparsity=s, method=method, split=split, calib=calib)
+            )
+            rows[f"{method} {s:.2f} (effective {report['effective_sparsity']:.3f})"] = token_perplexity(
+                model, windows
+            )
     return {"model": args.model, "split": args.split, "docs": len(windows), "perplexity": rows}
 
 
@@ -53,7 +60,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = measure(args)
-    table = Table(title=f"{result['model']}: held-out news perplexity ({result['docs']} articles, split {result['split']})")
+    table = Table(
+        title=f"{result['model']}: held-out news perplexity ({result['docs']} articles, split {result['split']})"
+    )
     table.add_column("variant")
     table.add_column("perplexity", justify="right")
     for name, value in result["perplexity"].items():

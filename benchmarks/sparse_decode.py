@@ -69,13 +69,20 @@ def gemv_rows(rounds: int) -> list[dict]:
                     keep = fan_in - round(s * fan_in)
                     calls[f"{s:.0%}"] = lambda keep=keep: kernel.top_k_gemv(x, keep, weight_in)
             t = _interleaved(calls, rounds * 4)
-            rows.append({"dtype": str(dtype).removeprefix("torch."), "shape": f"{fan_in}->{fan_out}", "dense_ms": t["dense"] * 1e3,
-                         **{k: t["dense"] / v for k, v in t.items() if k != "dense"}})
+            rows.append(
+                {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "shape": f"{fan_in}->{fan_out}",
+                    "dense_ms": t["dense"] * 1e3,
+                    **{k: t["dense"] / v for k, v in t.items() if k != "dense"},
+                }
+            )
     return rows
 
 
 def _decoder(model, prompt: torch.Tensor, tokens: int, sparse_decode: bool = True):
     """A callable that prefills `prompt` (untimed) and returns the seconds of a greedy decode of `tokens` tokens."""
+
     def run() -> float:
         model.config.sparse_decode = sparse_decode
         with torch.no_grad():
@@ -86,14 +93,17 @@ def _decoder(model, prompt: torch.Tensor, tokens: int, sparse_decode: bool = Tru
                 out = model(nxt, past_key_values=cache, use_cache=True)
                 cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             return time.perf_counter() - started
+
     return run
 
 
 def decode_row(name: str, dense, sparse, prompt: torch.Tensor, tokens: int, rounds: int) -> dict:
     """tokens/s of dense original, sparse model on the kernel, sparse model on its dense masked path."""
-    runs = {"dense original": _decoder(dense, prompt, tokens),
-            "sparse, kernel": _decoder(sparse, prompt, tokens),
-            "sparse, dense path": _decoder(sparse, prompt, tokens, sparse_decode=False)}
+    runs = {
+        "dense original": _decoder(dense, prompt, tokens),
+        "sparse, kernel": _decoder(sparse, prompt, tokens),
+        "sparse, dense path": _decoder(sparse, prompt, tokens, sparse_decode=False),
+    }
     seconds: dict = {k: [] for k in runs}
     for r in range(rounds + 1):
         for k, run in runs.items():
@@ -102,9 +112,13 @@ def decode_row(name: str, dense, sparse, prompt: torch.Tensor, tokens: int, roun
                 seconds[k].append(elapsed)
     sparse.config.sparse_decode = True
     tps = {k: tokens / statistics.median(v) for k, v in seconds.items()}
-    return {"model": name, **{f"{k} tok/s": v for k, v in tps.items()},
-            "speedup": tps["sparse, kernel"] / tps["dense original"],
-            "masked dense vs original": tps["sparse, dense path"] / tps["dense original"], "kernel calls": sparse_kernel_calls(sparse)}
+    return {
+        "model": name,
+        **{f"{k} tok/s": v for k, v in tps.items()},
+        "speedup": tps["sparse, kernel"] / tps["dense original"],
+        "masked dense vs original": tps["sparse, dense path"] / tps["dense original"],
+        "kernel calls": sparse_kernel_calls(sparse),
+    }
 
 
 def smollm2_row(args) -> dict:
@@ -112,16 +126,28 @@ def smollm2_row(args) -> dict:
     dense = loaded.model
     sparse = copy.deepcopy(dense)
     calib = CalibConfig(source="news", samples=8, seq_len=256, seed=0)
-    rotate_sparsify_(sparse, calibration_batches(loaded.tokenizer, calib), RotateSparsify(sparsity=SPARSITY, calib=calib))
-    prompt = loaded.tokenizer("The council said on Tuesday that the new bridge", return_tensors="pt").input_ids[:, :16]
+    rotate_sparsify_(
+        sparse, calibration_batches(loaded.tokenizer, calib), RotateSparsify(sparsity=SPARSITY, calib=calib)
+    )
+    prompt = loaded.tokenizer(
+        "The council said on Tuesday that the new bridge", return_tensors="pt"
+    ).input_ids[:, :16]
     return decode_row("smollm2-135m", dense, sparse, prompt, args.tokens, args.rounds)
 
 
 def llama7b_shaped_row(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                         num_hidden_layers=args.layers, vocab_size=4096, max_position_embeddings=4096, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=args.layers,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     models = []
     for _ in range(2):  # the same random weights twice: one stays dense, one is sparsified
         torch.manual_seed(0)
@@ -129,10 +155,16 @@ def llama7b_shaped_row(args) -> dict:
     dense, sparse = models
     generator = torch.Generator().manual_seed(1)
     calib = torch.randint(0, config.vocab_size, (4, 128), generator=generator)
-    rotate_sparsify_(sparse, calib, RotateSparsify(sparsity=SPARSITY, calib=CalibConfig(samples=4, seq_len=128)))
+    rotate_sparsify_(
+        sparse, calib, RotateSparsify(sparsity=SPARSITY, calib=CalibConfig(samples=4, seq_len=128))
+    )
     prompt = torch.randint(0, config.vocab_size, (1, 16), generator=generator)
-    row = decode_row(f"llama-7b-shaped x{args.layers} layers", dense, sparse, prompt, args.tokens, args.rounds)
-    return row | prefill_row(dense, sparse, torch.randint(0, config.vocab_size, (1, 64), generator=generator), args.rounds)
+    row = decode_row(
+        f"llama-7b-shaped x{args.layers} layers", dense, sparse, prompt, args.tokens, args.rounds
+    )
+    return row | prefill_row(
+        dense, sparse, torch.randint(0, config.vocab_size, (1, 64), generator=generator), args.rounds
+    )
 
 
 def prefill_row(dense, sparse, prompt: torch.Tensor, rounds: int) -> dict:
@@ -144,8 +176,11 @@ def prefill_row(dense, sparse, prompt: torch.Tensor, rounds: int) -> dict:
             model(prompt, use_cache=True)
 
     t = _interleaved({"dense": lambda: prefill(dense), "sparse": lambda: prefill(sparse)}, rounds)
-    return {"prefill_tokens": prompt.shape[1], "prefill_ratio": t["dense"] / t["sparse"],
-            "prefill_kernel_calls": sparse_kernel_calls(sparse) - before}
+    return {
+        "prefill_tokens": prompt.shape[1],
+        "prefill_ratio": t["dense"] / t["sparse"],
+        "prefill_kernel_calls": sparse_kernel_calls(sparse) - before,
+    }
 
 
 def main() -> None:
@@ -162,23 +197,58 @@ def main() -> None:
     for column in ("dtype", "in -> out", "dense ms", "kernel 0%", "25%", "40%", "50%"):
         table.add_column(column, justify="right")
     for row in gemv:
-        table.add_row(row["dtype"], row["shape"], f"{row['dense_ms']:.2f}",
-                      *(f"{row[k]:.2f}x" if k in row else "-" for k in ("kernel 0%", "25%", "40%", "50%")))
+        table.add_row(
+            row["dtype"],
+            row["shape"],
+            f"{row['dense_ms']:.2f}",
+            *(f"{row[k]:.2f}x" if k in row else "-" for k in ("kernel 0%", "25%", "40%", "50%")),
+        )
     console.print(table)
     decode = [smollm2_row(args), llama7b_shaped_row(args)]
-    table = Table(title=f"(b) greedy decode, batch 1, {args.tokens} tokens a round, median of {args.rounds} interleaved rounds, S = {SPARSITY:.0%}")
-    for column in ("model", "dense original tok/s", "sparse, kernel tok/s", "sparse, dense path tok/s", "speed-up", "kernel calls"):
+    table = Table(
+        title=f"(b) greedy decode, batch 1, {args.tokens} tokens a round, "
+        f"median of {args.rounds} interleaved rounds, S = {SPARSITY:.0%}"
+    )
+    for column in (
+        "model",
+        "dense original tok/s",
+        "sparse, kernel tok/s",
+        "sparse, dense path tok/s",
+        "speed-up",
+        "kernel calls",
+    ):
         table.add_column(column, justify="right")
     for row in decode:
-        table.add_row(row["model"], f"{row['dense original tok/s']:.2f}", f"{row['sparse, kernel tok/s']:.2f}",
-                      f"{row['sparse, dense path tok/s']:.2f}", f"{row['speedup']:.2f}x", str(row["kernel calls"]))
+        table.add_row(
+            row["model"],
+            f"{row['dense original tok/s']:.2f}",
+            f"{row['sparse, kernel tok/s']:.2f}",
+            f"{row['sparse, dense path tok/s']:.2f}",
+            f"{row['speedup']:.2f}x",
+            str(row["kernel calls"]),
+        )
     console.print(table)
     last = decode[-1]
-    console.print(f"prefill of {last['prefill_tokens']} tokens, {last['model']}: the sparse model ran {last['prefill_kernel_calls']} "
-                  f"kernel calls (dense path chosen) at {last['prefill_ratio']:.2f}x the original's speed (Top-K masks and "
-                  "rotation adapters cost the difference)", soft_wrap=True, highlight=False)
+    console.print(
+        f"prefill of {last['prefill_tokens']} tokens, {last['model']}: the sparse model ran "
+        f"{last['prefill_kernel_calls']} "
+        f"kernel calls (dense path chosen) at {last['prefill_ratio']:.2f}x the original's speed (Top-K masks and "
+        "rotation adapters cost the difference)",
+        soft_wrap=True,
+        highlight=False,
+    )
     if args.json:
-        args.json.write_text(json.dumps({"kernel": kernel_status(), "threads": torch.get_num_threads(), "gemv": gemv, "decode": decode}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "kernel": kernel_status(),
+                    "threads": torch.get_num_threads(),
+                    "gemv": gemv,
+                    "decode": decode,
+                },
+                indent=2,
+            )
+        )
     console.print(f"speedup@40%: {decode[-1]['speedup']:.2f}x", soft_wrap=True, highlight=False)
 
 

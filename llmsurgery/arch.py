@@ -46,7 +46,9 @@ class ArchSpec:
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
-ARCHITECTURES: dict[str, ArchSpec] = {name: ArchSpec(model_type=name, qk_norm=name == "qwen3") for name in _LLAMA_LIKE}
+ARCHITECTURES: dict[str, ArchSpec] = {
+    name: ArchSpec(model_type=name, qk_norm=name == "qwen3") for name in _LLAMA_LIKE
+}
 ARCHITECTURES["gemma3_text"] = ArchSpec(
     model_type="gemma3_text",
     mlp_norm="pre_feedforward_layernorm",

@@ -54,7 +54,8 @@ def write_failure(target: Path, exc: BaseException) -> UserError:
 
 @contextmanager
 def replacing_folder(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `target`; when the block succeeds it replaces `target` (an old one is removed)."""
+    """Yield a fresh temporary folder beside `target`; when the block succeeds it replaces `target` (an old
+    one is removed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"

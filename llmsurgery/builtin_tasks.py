@@ -20,10 +20,10 @@ from .sources import cache_dir
 BUILTIN_TASKS = ("news_ppl", "pydoc_ppl", "news_cloze")
 TASKS_VERSION = "v3"  # bump when the data or YAMLs change
 CLOZE_SEED = 1234
-CLOZE_CONTEXT_WORDS = 40   # words of passage shown before the gap (at most)
+CLOZE_CONTEXT_WORDS = 40  # words of passage shown before the gap (at most)
 CLOZE_MIN_CONTEXT = 12
-CLOZE_SPAN_WORDS = 2       # the true continuation and each distractor are this many words
-CLOZE_STRIDE = 10          # one item every this many words of held-out text
+CLOZE_SPAN_WORDS = 2  # the true continuation and each distractor are this many words
+CLOZE_STRIDE = 10  # one item every this many words of held-out text
 CLOZE_CHOICES = 4
 
 
@@ -31,7 +31,9 @@ def build_cloze_items(docs: list[str], seed: int = CLOZE_SEED) -> list[dict]:
     """Cloze items: a passage, its true next words, and same-length spans drawn from the corpus."""
     rng = random.Random(seed)
     words_per_doc = [re.findall(r"\S+", d) for d in docs]
-    pool = [ws[i : i + CLOZE_SPAN_WORDS] for ws in words_per_doc for i in range(0, len(ws) - CLOZE_SPAN_WORDS)]
+    pool = [
+        ws[i : i + CLOZE_SPAN_WORDS] for ws in words_per_doc for i in range(0, len(ws) - CLOZE_SPAN_WORDS)
+    ]
     items = []
     for words in words_per_doc:
         for gap in range(CLOZE_MIN_CONTEXT, len(words) - CLOZE_SPAN_WORDS + 1, CLOZE_STRIDE):

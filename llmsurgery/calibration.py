@@ -74,14 +74,22 @@ class Calibration:
 
 
 @torch.no_grad()
-def observe_inputs(model: nn.Module, batches: torch.Tensor, modules: list[nn.Module],
-                   on_input: Callable[[int, torch.Tensor], None], description: str) -> None:
+def observe_inputs(
+    model: nn.Module,
+    batches: torch.Tensor,
+    modules: list[nn.Module],
+    on_input: Callable[[int, torch.Tensor], None],
+    description: str,
+) -> None:
     """Run the base model (no LM head) over each window; `on_input(i, x)` sees the first input of `modules[i]`.
 
     The hooks are removed afterwards, also when a window fails. With no modules, this only runs the
     windows (for passes whose patched modules collect statistics themselves).
     """
-    handles = [module.register_forward_pre_hook(lambda _m, args, i=i: on_input(i, args[0])) for i, module in enumerate(modules)]
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, i=i: on_input(i, args[0]))
+        for i, module in enumerate(modules)
+    ]
     base = get_submodule(model, arch_for(model).layers.rpartition(".")[0])
     device = next(model.parameters()).device
     try:

@@ -17,11 +17,33 @@ from .arch import ArchSpec, arch_for_model_type
 from .errors import UserError, first_line
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 # (key, required): positive integers the architectures read from config.json.
-_SIZE_FIELDS = (("num_hidden_layers", True), ("hidden_size", True), ("num_attention_heads", True), ("vocab_size", True),
-                ("num_key_value_heads", False), ("head_dim", False), ("intermediate_size", False))
+_SIZE_FIELDS = (
+    ("num_hidden_layers", True),
+    ("hidden_size", True),
+    ("num_attention_heads", True),
+    ("vocab_size", True),
+    ("num_key_value_heads", False),
+    ("head_dim", False),
+    ("intermediate_size", False),
+)
 
 
 def read_config(folder: Path) -> dict:
@@ -51,14 +73,25 @@ def check_config_sizes(config: dict, where: str = "config.json") -> None:
             continue
         if not _positive_int(value):
             raise UserError(f"{where}: {key} should be a positive integer, got {json.dumps(value)}")
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    heads, kv_heads = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
+    )
     if heads % kv_heads:
-        raise UserError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+        raise UserError(
+            f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+        )
     if config.get("head_dim") is None and config["hidden_size"] % heads:
-        raise UserError(f"{where}: hidden_size ({config['hidden_size']}) is not a multiple of num_attention_heads ({heads})")
+        raise UserError(
+            f"{where}: hidden_size ({config['hidden_size']}) is not a multiple of num_attention_heads ({heads})"
+        )
     layer_types = config.get("layer_types")
-    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != config["num_hidden_layers"]):
-        raise UserError(f"{where}: layer_types should list one entry per layer ({config['num_hidden_layers']})")
+    if layer_types is not None and (
+        not isinstance(layer_types, list) or len(layer_types) != config["num_hidden_layers"]
+    ):
+        raise UserError(
+            f"{where}: layer_types should list one entry per layer ({config['num_hidden_layers']})"
+        )
 
 
 def _check_entry(path: Path, name: str, entry, data_bytes: int) -> None:
@@ -70,16 +103,24 @@ def _check_entry(path: Path, name: str, entry, data_bytes: int) -> None:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_BYTES:
         raise bad(f"has an unknown dtype {json.dumps(dtype)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise bad("has no valid shape")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise bad("has no valid data_offsets")
     numel = 1
     for dim in shape:
         numel *= dim
     if offsets[1] - offsets[0] != numel * DTYPE_BYTES[dtype]:
-        raise bad(f"spans {offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {numel * DTYPE_BYTES[dtype]}")
+        raise bad(
+            f"spans {offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {numel * DTYPE_BYTES[dtype]}"
+        )
     if offsets[1] > data_bytes:
         raise UserError(f"{path} is truncated: tensor '{name}' ends at byte {offsets[1]} of {data_bytes}")
 
@@ -117,7 +158,9 @@ def _index_map(index: Path) -> dict[str, str]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError):
         raise UserError(f"{index} is corrupt (no readable weight_map)") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
         raise UserError(f"{index} is corrupt (weight_map should map tensor names to file names)")
     bad = [v for v in weight_map.values() if Path(v).name != v or not v.endswith(".safetensors")]
     if bad:
@@ -126,7 +169,8 @@ def _index_map(index: Path) -> dict[str, str]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a folder, checked: safetensors shards (whole, and as the index says) or PyTorch .bin files."""
+    """The weight files of a folder, checked: safetensors shards (whole, and as the index says) or PyTorch
+    .bin files."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _index_map(index)
@@ -142,7 +186,9 @@ def weight_files(folder: Path) -> list[Path]:
         for shard, header in headers.items():
             stray = [t for t in header if t != "__metadata__" and weight_map.get(t) != shard]
             if stray:
-                raise UserError(f"{folder / shard} holds tensor '{stray[0]}', which its index does not place there")
+                raise UserError(
+                    f"{folder / shard} holds tensor '{stray[0]}', which its index does not place there"
+                )
     else:
         files = sorted(folder.glob("*.safetensors"))
         for path in files:
@@ -155,11 +201,14 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape over all weight files, from the headers (.bin files: unpickled with weights_only, on meta)."""
+    """Tensor name -> shape over all weight files, from the headers (.bin files: unpickled with
+    weights_only, on meta)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         if path.suffix == ".safetensors":
-            entries = {k: tuple(v["shape"]) for k, v in safetensors_header(path).items() if k != "__metadata__"}
+            entries = {
+                k: tuple(v["shape"]) for k, v in safetensors_header(path).items() if k != "__metadata__"
+            }
         else:
             entries = _bin_shapes(path)
         for name, shape in entries.items():
@@ -173,7 +222,9 @@ def _bin_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     import torch
 
     try:
-        state = torch.load(path, map_location="meta", weights_only=True)  # weights_only: never runs pickled code
+        state = torch.load(
+            path, map_location="meta", weights_only=True
+        )  # weights_only: never runs pickled code
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
         raise UserError(f"{path} is not a readable PyTorch weights file: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
@@ -202,10 +253,15 @@ def expected_shapes(folder: Path, model_class=None) -> tuple[dict[str, tuple[int
         with quiet_transformers():
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
             with torch.device("meta"):
-                model = model_class._from_config(config) if model_class is not None else AutoModelForCausalLM.from_config(config)
+                model = (
+                    model_class._from_config(config)
+                    if model_class is not None
+                    else AutoModelForCausalLM.from_config(config)
+                )
     except Exception as exc:  # noqa: BLE001 - a config transformers cannot build is bad input
-        raise UserError(f"{folder / 'config.json'} does not describe a model transformers can build: "
-                        f"{first_line(exc)}") from None
+        raise UserError(
+            f"{folder / 'config.json'} does not describe a model transformers can build: {first_line(exc)}"
+        ) from None
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     by_tensor: dict[int, set[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -213,18 +269,30 @@ def expected_shapes(folder: Path, model_class=None) -> tuple[dict[str, tuple[int
     return shapes, [names for names in by_tensor.values() if len(names) > 1]
 
 
-def check_tensors(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], tied: list[set[str]], folder: Path) -> None:
+def check_tensors(
+    found: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    tied: list[set[str]],
+    folder: Path,
+) -> None:
     """Every expected tensor present (one name of a tied group is enough) with its shape, and nothing else."""
     for name, shape in found.items():
         if name not in expected:
-            raise UserError(f"{folder}: unexpected tensor '{name}' (the config's model has no such weight; "
-                            "wrong config.json or a checkpoint of another model?)")
+            raise UserError(
+                f"{folder}: unexpected tensor '{name}' (the config's model has no such weight; "
+                "wrong config.json or a checkpoint of another model?)"
+            )
         if shape != expected[name]:
-            raise UserError(f"{folder}: tensor '{name}' has shape {list(shape)}, but config.json implies {list(expected[name])}")
+            raise UserError(
+                f"{folder}: tensor '{name}' has shape {list(shape)}, but config.json implies {list(expected[name])}"
+            )
     alias = {name: group for group in tied for name in group}
     for name in expected:
         if name not in found and not (alias.get(name, set()) & found.keys()):
-            raise UserError(f"{folder}: tensor '{name}' is missing (truncated checkpoint, or config.json claims more than the weights hold)")
+            raise UserError(
+                f"{folder}: tensor '{name}' is missing (truncated checkpoint, or config.json claims more "
+                "than the weights hold)"
+            )
 
 
 def check_folder(folder: Path, model_class=None) -> tuple[dict, ArchSpec, list[Path]]:
@@ -239,7 +307,9 @@ def check_folder(folder: Path, model_class=None) -> tuple[dict, ArchSpec, list[P
     files = weight_files(folder)
     if model_class is not None or not config.get("auto_map"):
         found = checkpoint_shapes(files)
-        check_layer_count(found, config["num_hidden_layers"], spec, folder)  # before building: a config may claim millions
+        check_layer_count(
+            found, config["num_hidden_layers"], spec, folder
+        )  # before building: a config may claim millions
         expected, tied = expected_shapes(folder, model_class)
         check_tensors(found, expected, tied, folder)
     return config, spec, files
@@ -251,10 +321,17 @@ def check_layer_count(found: dict[str, tuple[int, ...]], n_layers: int, spec: Ar
     held = {int(m[1]) for name in found if (m := pattern.match(name))}
     if not held:
         raise UserError(f"{folder}: the weights hold no decoder layers (no '{spec.layers}.N.*' tensors)")
-    if len(held) != n_layers or max(held) != n_layers - 1:  # held is then exactly 0 .. n_layers - 1 (no set of that range)
+    if (
+        len(held) != n_layers or max(held) != n_layers - 1
+    ):  # held is then exactly 0 .. n_layers - 1 (no set of that range)
         extra = sorted(k for k in held if k >= n_layers)
         absent = next(k for k in range(len(held) + 1) if k not in held)
-        first = (f"unexpected tensor '{min(n for n in found if n.startswith(f'{spec.layers}.{extra[0]}.'))}'" if extra
-                 else f"tensors '{spec.layers}.{absent}.*' are missing")
-        raise UserError(f"{folder}: {first}: config.json says {n_layers} decoder layers, the weights hold {len(held)} "
-                        f"(numbered {min(held)} to {max(held)})")
+        first = (
+            f"unexpected tensor '{min(n for n in found if n.startswith(f'{spec.layers}.{extra[0]}.'))}'"
+            if extra
+            else f"tensors '{spec.layers}.{absent}.*' are missing"
+        )
+        raise UserError(
+            f"{folder}: {first}: config.json says {n_layers} decoder layers, the weights hold {len(held)} "
+            f"(numbered {min(held)} to {max(held)})"
+        )

@@ -33,13 +33,40 @@ app = typer.Typer(
 _state = {"debug": False}
 
 IO, LOAD, CALIB, EVAL = "Input / output", "Loading", "Calibration", "Evaluation"
-ModelArg = Annotated[str, typer.Argument(help="A model folder, a .gguf file, a built-in name (smollm2-135m, gemma3-270m) or a hub id.", show_default=False)]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A model folder, a .gguf file, a built-in name (smollm2-135m, gemma3-270m) or a hub id.",
+        show_default=False,
+    ),
+]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel=LOAD)]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.", rich_help_panel=LOAD)]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run modeling code shipped with a model not written by llmsurgery.", rich_help_panel=LOAD)]
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder to write the model to (must not exist).", rich_help_panel=IO, show_default=False)]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.", rich_help_panel=IO)]
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.", rich_help_panel=IO)]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run modeling code shipped with a model not written by llmsurgery.",
+        rich_help_panel=LOAD,
+    ),
+]
+OutputOpt = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Folder to write the model to (must not exist).",
+        rich_help_panel=IO,
+        show_default=False,
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output folder.", rich_help_panel=IO)
+]
+JsonOpt = Annotated[
+    Optional[Path],
+    typer.Option("--json", help="Also write the results as JSON to this file.", rich_help_panel=IO),
+]
 
 
 def _version(value: bool) -> None:
@@ -51,7 +78,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
@@ -91,7 +120,11 @@ def handles_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - never a traceback on the user's terminal
-            raise _fail("error", f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback", 1) from None
+            raise _fail(
+                "error",
+                f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
+                1,
+            ) from None
 
     return wrapper
 
@@ -138,8 +171,12 @@ def check_files(output: Path | None = None, **paths: Path | None) -> None:
             continue
         if output is not None and path.expanduser().resolve() == output.expanduser().resolve():
             raise UserError(f"--{option} {path} is the output folder; give a file name")
-        into_output = output is not None and path.expanduser().resolve().parent == output.expanduser().resolve()
-        if not (option == "json" and into_output):  # --json is written after the save, so the output folder exists by then
+        into_output = (
+            output is not None and path.expanduser().resolve().parent == output.expanduser().resolve()
+        )
+        if not (
+            option == "json" and into_output
+        ):  # --json is written after the save, so the output folder exists by then
             check_file_target(path, f"--{option}")
         if option == "plot" and path.suffix.lower() not in PLOT_FORMATS:
             raise UserError(f"--plot {path}: the file name should end in {', '.join(PLOT_FORMATS)}")
@@ -149,13 +186,40 @@ def check_files(output: Path | None = None, **paths: Path | None) -> None:
 @handles_errors
 def eval_cmd(
     model: ModelArg,
-    tasks: Annotated[str, typer.Option(help="Comma-separated tasks: news_ppl, pydoc_ppl, news_cloze, or lm-eval names.", rich_help_panel=EVAL)] = "news_ppl,news_cloze",
-    baseline: Annotated[Optional[str], typer.Option(help="A second model scored side by side.", rich_help_panel=EVAL)] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, max=defaults.MAX_WINDOWS, help="Score only the first N documents of each task.",
-                                                 rich_help_panel=EVAL)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, max=defaults.MAX_BATCH, help="lm-eval batch size.", rich_help_panel=EVAL)] = 8,
-    load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="Quantize to int8 with bitsandbytes while loading.", rich_help_panel=LOAD)] = False,
-    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="Quantize to NF4 with bitsandbytes while loading.", rich_help_panel=LOAD)] = False,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated tasks: news_ppl, pydoc_ppl, news_cloze, or lm-eval names.",
+            rich_help_panel=EVAL,
+        ),
+    ] = "news_ppl,news_cloze",
+    baseline: Annotated[
+        Optional[str], typer.Option(help="A second model scored side by side.", rich_help_panel=EVAL)
+    ] = None,
+    limit: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            max=defaults.MAX_WINDOWS,
+            help="Score only the first N documents of each task.",
+            rich_help_panel=EVAL,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=defaults.MAX_BATCH, help="lm-eval batch size.", rich_help_panel=EVAL)
+    ] = 8,
+    load_in_8bit: Annotated[
+        bool,
+        typer.Option(
+            "--load-in-8bit", help="Quantize to int8 with bitsandbytes while loading.", rich_help_panel=LOAD
+        ),
+    ] = False,
+    load_in_4bit: Annotated[
+        bool,
+        typer.Option(
+            "--load-in-4bit", help="Quantize to NF4 with bitsandbytes while loading.", rich_help_panel=LOAD
+        ),
+    ] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -168,45 +232,92 @@ def eval_cmd(
 
     task_list = parse_tasks(tasks)
     manager = check_tasks(task_list)
-    folders = [peek_config(spec, trust_remote_code)[1] for spec in ((model, baseline) if baseline else (model,))]  # both first
+    folders = [
+        peek_config(spec, trust_remote_code)[1] for spec in ((model, baseline) if baseline else (model,))
+    ]  # both first
     if json_path is not None:
         check_not_an_input(json_path, [f for f in folders if f is not None], "--json")
-    load = functools.partial(load_model, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
-                             load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    load = functools.partial(
+        load_model,
+        dtype=dtype,
+        device=device,
+        load_in_8bit=load_in_8bit,
+        load_in_4bit=load_in_4bit,
+        trust_remote_code=trust_remote_code,
+    )
     base_metrics = None
     if baseline:
-        base_metrics = evaluate_model(load(baseline), task_list, limit=limit, batch_size=batch_size, manager=manager)
+        base_metrics = evaluate_model(
+            load(baseline), task_list, limit=limit, batch_size=batch_size, manager=manager
+        )
     metrics = evaluate_model(load(model), task_list, limit=limit, batch_size=batch_size, manager=manager)
     rows = compare(metrics, base_metrics)
     print_metrics(rows, model, baseline)
-    write_json(json_path, {"model": model, "baseline": baseline, "tasks": task_list, "limit": limit, "results": rows})
+    write_json(
+        json_path, {"model": model, "baseline": baseline, "tasks": task_list, "limit": limit, "results": rows}
+    )
 
 
 HEAL = "Healing (with --heal)"
-EvalTasksOpt = Annotated[Optional[str], typer.Option("--eval", help="Score the transformed model on these tasks, the original as baseline.",
-                                                     rich_help_panel=EVAL)]
-EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", min=1, max=defaults.MAX_WINDOWS, help="Documents per task for --eval.",
-                                                     rich_help_panel=EVAL)]
-PlotOpt = Annotated[Optional[Path], typer.Option(help="Save a chart of the scores (.png, .pdf, .svg, .jpg).", rich_help_panel=IO)]
+EvalTasksOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--eval",
+        help="Score the transformed model on these tasks, the original as baseline.",
+        rich_help_panel=EVAL,
+    ),
+]
+EvalLimitOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--eval-limit",
+        min=1,
+        max=defaults.MAX_WINDOWS,
+        help="Documents per task for --eval.",
+        rich_help_panel=EVAL,
+    ),
+]
+PlotOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="Save a chart of the scores (.png, .pdf, .svg, .jpg).", rich_help_panel=IO),
+]
 _KW = inspect.Parameter.KEYWORD_ONLY
 
 
 def _common_parameters(output_required: bool) -> list[inspect.Parameter]:
     """The options every pass command shares, after its own: evaluation, output, loading, --json."""
-    output = OutputOpt if output_required else Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Folder to write the model to.", rich_help_panel=IO, show_default=False)]
-    return [inspect.Parameter("eval_tasks", _KW, default=None, annotation=EvalTasksOpt),
-            inspect.Parameter("eval_limit", _KW, default=None, annotation=EvalLimitOpt),
-            inspect.Parameter("output", _KW, default=inspect.Parameter.empty if output_required else None, annotation=output),
-            inspect.Parameter("force", _KW, default=False, annotation=ForceOpt),
-            inspect.Parameter("dtype", _KW, default="float32", annotation=DtypeOpt),
-            inspect.Parameter("device", _KW, default="cpu", annotation=DeviceOpt),
-            inspect.Parameter("trust_remote_code", _KW, default=False, annotation=TrustOpt),
-            inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt)]
+    output = (
+        OutputOpt
+        if output_required
+        else Annotated[
+            Optional[Path],
+            typer.Option(
+                "--output", "-o", help="Folder to write the model to.", rich_help_panel=IO, show_default=False
+            ),
+        ]
+    )
+    return [
+        inspect.Parameter("eval_tasks", _KW, default=None, annotation=EvalTasksOpt),
+        inspect.Parameter("eval_limit", _KW, default=None, annotation=EvalLimitOpt),
+        inspect.Parameter(
+            "output", _KW, default=inspect.Parameter.empty if output_required else None, annotation=output
+        ),
+        inspect.Parameter("force", _KW, default=False, annotation=ForceOpt),
+        inspect.Parameter("dtype", _KW, default="float32", annotation=DtypeOpt),
+        inspect.Parameter("device", _KW, default="cpu", annotation=DeviceOpt),
+        inspect.Parameter("trust_remote_code", _KW, default=False, annotation=TrustOpt),
+        inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt),
+    ]
 
 
-def pass_command(config: type, *, extras: tuple[inspect.Parameter, ...] = (), output_required: bool = True,
-                 model_help: str | None = None, name: str | None = None):
+def pass_command(
+    config: type,
+    *,
+    extras: tuple[inspect.Parameter, ...] = (),
+    output_required: bool = True,
+    model_help: str | None = None,
+    name: str | None = None,
+):
     """Register `body` as the command of `config`'s pass, its options derived from the config (`cli_options`).
 
     body(options) -> (pass configs, column, dry_run, summary): what to run; the runner does the rest.
@@ -214,8 +325,13 @@ def pass_command(config: type, *, extras: tuple[inspect.Parameter, ...] = (), ou
     from .cli_options import option_parameters
 
     def register(body: Callable) -> Callable:
-        model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-            str, typer.Argument(help=model_help, show_default=False)] if model_help else ModelArg)
+        model = inspect.Parameter(
+            "model",
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=Annotated[str, typer.Argument(help=model_help, show_default=False)]
+            if model_help
+            else ModelArg,
+        )
         params = [model, *option_parameters(config), *extras, *_common_parameters(output_required)]
 
         def command(**options):
@@ -239,11 +355,23 @@ def _run_pass_command(config: type, options: dict, body: Callable) -> None:
     cfg = config_from_options(config, options)
     passes, column, dry_run, summary = body(cfg, options)
     if output is None and not dry_run:
-        raise UserError(f"give --output DIR, or {'--scores-only' if config.pass_name() == 'prune-bi' else '--dry-run'} to only print")
+        raise UserError(
+            f"give --output DIR, or {'--scores-only' if config.pass_name() == 'prune-bi' else '--dry-run'} "
+            "to only print"
+        )
     tasks = options["eval_tasks"]
-    job = Job(options["model"], passes, output, options["force"], options["dtype"], options["device"], options["trust_remote_code"],
-              EvalPlan(tuple(parse_tasks(tasks)), options["eval_limit"]) if tasks else None, dry_run=dry_run,
-              files={"json": json_path, "plot": plot})
+    job = Job(
+        options["model"],
+        passes,
+        output,
+        options["force"],
+        options["dtype"],
+        options["device"],
+        options["trust_remote_code"],
+        EvalPlan(tuple(parse_tasks(tasks)), options["eval_limit"]) if tasks else None,
+        dry_run=dry_run,
+        files={"json": json_path, "plot": plot},
+    )
     job.recipe_yaml = command_recipe(job)
     outcome = run_job(job, on_report=summary)
     if outcome.eval is not None:
@@ -251,7 +379,11 @@ def _run_pass_command(config: type, options: dict, body: Callable) -> None:
     if not dry_run:
         layers = outcome.loaded.model.config.num_hidden_layers
         what = passes[-1].saved_as if len(passes) == 1 else f"{layers}-layer {passes[-1].saved_as}"
-        trust = " (load with trust_remote_code=True)" if "auto_map" in outcome.loaded.model.config.to_dict() else ""
+        trust = (
+            " (load with trust_remote_code=True)"
+            if "auto_map" in outcome.loaded.model.config.to_dict()
+            else ""
+        )
         out.print(f"saved the {what} to {escape(str(output))}{trust}")
     records = outcome.records
     payload = {"model": options["model"], "config": cfg.record(), **records[0]["report"]}
@@ -277,7 +409,11 @@ def command_recipe(job) -> str:
     if job.eval:
         data["eval"] = {"tasks": list(job.eval.tasks)} | ({"limit": job.eval.limit} if job.eval.limit else {})
     source = resolve_source(job.model)
-    path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
+    path = (
+        str(Path(source.path).resolve())
+        if getattr(source, "path", None) and source.kind in ("folder", "gguf")
+        else None
+    )
     return recipe_text(data, path)
 
 
@@ -285,17 +421,51 @@ def _heal_options() -> tuple[inspect.Parameter, ...]:
     from .cli_options import option_parameters
     from .passes import Heal
 
-    flag = inspect.Parameter("heal", _KW, default=False, annotation=Annotated[bool, typer.Option(
-        "--heal", help="Then heal: distil the pruned model towards the original (see `llmsurgery heal`).", rich_help_panel=HEAL)])
-    return (flag, *option_parameters(Heal, prefix="heal-", exclude=("teacher", "removed", "calib_source", "seed"), panel=HEAL))
+    flag = inspect.Parameter(
+        "heal",
+        _KW,
+        default=False,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                "--heal",
+                help="Then heal: distil the pruned model towards the original (see `llmsurgery heal`).",
+                rich_help_panel=HEAL,
+            ),
+        ],
+    )
+    return (
+        flag,
+        *option_parameters(
+            Heal, prefix="heal-", exclude=("teacher", "removed", "calib_source", "seed"), panel=HEAL
+        ),
+    )
 
 
 def _prune_extras() -> tuple[inspect.Parameter, ...]:
-    return (inspect.Parameter("bi", _KW, default=True, annotation=Annotated[bool, typer.Option(
-                "--bi", help="Block-Influence layer removal (ShortGPT); the only method for now.")]),
-            inspect.Parameter("scores_only", _KW, default=False, annotation=Annotated[bool, typer.Option(
-                "--scores-only", help="Print the layer scores; write no model.")]),
-            inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt), *_heal_options())
+    return (
+        inspect.Parameter(
+            "bi",
+            _KW,
+            default=True,
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--bi", help="Block-Influence layer removal (ShortGPT); the only method for now."
+                ),
+            ],
+        ),
+        inspect.Parameter(
+            "scores_only",
+            _KW,
+            default=False,
+            annotation=Annotated[
+                bool, typer.Option("--scores-only", help="Print the layer scores; write no model.")
+            ],
+        ),
+        inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt),
+        *_heal_options(),
+    )
 
 
 def _prune_summary(plot: Path | None):
@@ -307,7 +477,10 @@ def _prune_summary(plot: Path | None):
         index_label = "block start" if cfg.metric == "angular" else "layer"
         chosen = [report.removed_layers[0]] if cfg.metric == "angular" else report.removed_layers
         out.print(score_table(report.scores, chosen, report.score_kind, index_label))
-        out.print(f"layers to remove (0-based): {report.removed_layers}  ({report.layers_before} -> {report.layers_after} layers)")
+        out.print(
+            f"layers to remove (0-based): {report.removed_layers}  ({report.layers_before} -> "
+            f"{report.layers_after} layers)"
+        )
         if plot is not None:
             save_score_plot(plot, report.scores, chosen, report.score_kind, index_label)
             err.print(f"wrote {escape(str(plot))}")
@@ -326,20 +499,37 @@ def _register_prune() -> None:
             raise UserError("only --bi (Block Influence) pruning exists for now")
         passes = [cfg]
         if options["heal"] and not options["scores_only"]:
-            passes.append(config_from_options(Heal, options, prefix="heal-", calib_source=cfg.calib_source, seed=cfg.seed))
-        return passes, "healed" if len(passes) > 1 else "pruned", options["scores_only"], _prune_summary(options["plot"])
+            passes.append(
+                config_from_options(
+                    Heal, options, prefix="heal-", calib_source=cfg.calib_source, seed=cfg.seed
+                )
+            )
+        return (
+            passes,
+            "healed" if len(passes) > 1 else "pruned",
+            options["scores_only"],
+            _prune_summary(options["plot"]),
+        )
 
 
 def _heal_summary(cfg, report) -> None:
     table = Table(title="heal (distillation towards the teacher)", show_header=False)
     table.add_row("teacher", str(report.teacher))
     table.add_row("removed layers (teacher numbering)", ", ".join(map(str, report.removed_layers)) or "none")
-    table.add_row("trained", f"{report.trained_parameter_count:,} parameters in {len(report.trained_modules)} modules")
+    table.add_row(
+        "trained", f"{report.trained_parameter_count:,} parameters in {len(report.trained_modules)} modules"
+    )
     table.add_row("steps / tokens", f"{report.steps} / {report.tokens:,}")
     curve = report.loss_curve
-    table.add_row("KL, first / last 10 steps", f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
-    table.add_row("held-out KL before / after", f"{report.held_out_kl_before:.4f} / {report.held_out_kl_after:.4f}"
-                  + ("" if report.kept else "  (worse: the old weights were kept)"))
+    table.add_row(
+        "KL, first / last 10 steps",
+        f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}",
+    )
+    table.add_row(
+        "held-out KL before / after",
+        f"{report.held_out_kl_before:.4f} / {report.held_out_kl_after:.4f}"
+        + ("" if report.kept else "  (worse: the old weights were kept)"),
+    )
     out.print(table)
 
 
@@ -348,7 +538,8 @@ def _register_heal() -> None:
 
     @pass_command(Heal, model_help="The pruned model (folder, .gguf, built-in name or hub id).")
     def heal(cfg, options):
-        """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a standard checkpoint."""
+        """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a
+        standard checkpoint."""
         return [cfg], "healed", False, _heal_summary
 
 
@@ -376,19 +567,43 @@ def absorb_table(report) -> Table:
     for row in report.layers:
         dropped = sum(row.v_before) - sum(row.v_after)
         spreads = [s[-1] / s[0] for s in row.spectra if s and s[0] > 0]
-        table.add_row(str(row.layer), ",".join(map(str, row.v_after)), str(dropped), ",".join(map(str, row.qk_after)),
-                      f"{row.params_before:,}", f"{row.params_after:,}", f"{min(spreads):.2e}" if spreads else "-")
+        table.add_row(
+            str(row.layer),
+            ",".join(map(str, row.v_after)),
+            str(dropped),
+            ",".join(map(str, row.qk_after)),
+            f"{row.params_before:,}",
+            f"{row.params_after:,}",
+            f"{min(spreads):.2e}" if spreads else "-",
+        )
     before, after = report.attention_params_before, report.attention_params_after
-    table.add_row("all", "", "", "", f"{before:,}", f"{after:,} (-{100 * report.attention_reduction:.1f}%)", "", style="bold")
+    table.add_row(
+        "all",
+        "",
+        "",
+        "",
+        f"{before:,}",
+        f"{after:,} (-{100 * report.attention_reduction:.1f}%)",
+        "",
+        style="bold",
+    )
     return table
 
 
 def _register_absorb() -> None:
     from .passes import Absorb
 
-    extras = (inspect.Parameter("dry_run", _KW, default=False, annotation=Annotated[bool, typer.Option(
-                  "--dry-run", help="Print the per-layer table; write no model.")]),
-              inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt))
+    extras = (
+        inspect.Parameter(
+            "dry_run",
+            _KW,
+            default=False,
+            annotation=Annotated[
+                bool, typer.Option("--dry-run", help="Print the per-layer table; write no model.")
+            ],
+        ),
+        inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt),
+    )
 
     @pass_command(Absorb, extras=extras, output_required=False)
     def absorb(cfg, options):
@@ -403,10 +618,15 @@ def _register_absorb() -> None:
         def summary(cfg, report) -> None:
             out.print(absorb_table(report))
             if report.lossy_qk:
-                out.print("[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting")
+                out.print(
+                    "[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting"
+                )
             if plot is not None:
-                save_spectra_plot(plot, [row.record() for row in report.layers],
-                                  f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)")
+                save_spectra_plot(
+                    plot,
+                    [row.record() for row in report.layers],
+                    f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)",
+                )
                 err.print(f"wrote {escape(str(plot))}")
 
         return [cfg], "absorbed", options["dry_run"], summary
@@ -422,8 +642,10 @@ def _register_kv_compress() -> None:
         table.add_row("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)")
         if report.loss_curve:
             curve = report.loss_curve
-            table.add_row("training loss, first / last 10 steps",
-                          f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}")
+            table.add_row(
+                "training loss, first / last 10 steps",
+                f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}",
+            )
         out.print(table)
 
     @pass_command(KVCompress)
@@ -432,20 +654,45 @@ def _register_kv_compress() -> None:
         return [cfg], "compressed", False, summary
 
 
-for _register in (_register_prune, _register_heal, _register_rotate_sparsify, _register_absorb, _register_kv_compress):
+for _register in (
+    _register_prune,
+    _register_heal,
+    _register_rotate_sparsify,
+    _register_absorb,
+    _register_kv_compress,
+):
     _register()
 
 
 recipe_app = typer.Typer(help="Validate recipes and print their JSON schema.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: KEY=VALUE (e.g. eval.limit=5, passes[1].sparsity=0.3).")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set", help="Override a recipe value: KEY=VALUE (e.g. eval.limit=5, passes[1].sparsity=0.3)."
+    ),
+]
 
 
 @app.command("run")
 @handles_errors
 def run_cmd(
-    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/ and `llmsurgery recipe schema`).", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (overrides the recipe's).", rich_help_panel=IO, show_default=False)] = None,
+    recipe: Annotated[
+        Path,
+        typer.Argument(
+            help="A YAML recipe (see recipes/ and `llmsurgery recipe schema`).", show_default=False
+        ),
+    ],
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output folder (overrides the recipe's).",
+            rich_help_panel=IO,
+            show_default=False,
+        ),
+    ] = None,
     overrides: SetOpt = None,
     force: ForceOpt = False,
     json_path: JsonOpt = None,
@@ -457,10 +704,17 @@ def run_cmd(
     results = run_recipe(recipe, output, overrides or [], force, files={"json": json_path})
     out.print(f"saved {' -> '.join(results['passes'])} to {escape(str(results['output']))}")
     if "eval" in results:
-        print_metrics(results["eval"], "transformed", "original" if any("baseline" in r for r in results["eval"]) else None)
+        print_metrics(
+            results["eval"],
+            "transformed",
+            "original" if any("baseline" in r for r in results["eval"]) else None,
+        )
         for name, gate in results["gates"].items():
             failed = [f for f in results["failed_gates"] if f.startswith(name + ":")]
-            out.print(f"gate {name} {gate}: " + ("[bold red]FAILED[/bold red] " + "; ".join(failed) if failed else "[green]passed[/green]"))
+            out.print(
+                f"gate {name} {gate}: "
+                + ("[bold red]FAILED[/bold red] " + "; ".join(failed) if failed else "[green]passed[/green]")
+            )
     write_json(json_path, results)
     if results.get("failed_gates"):
         raise GateFailed("; ".join(results["failed_gates"]))
@@ -470,14 +724,28 @@ def run_cmd(
 @handles_errors
 def recipe_validate(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (overrides the recipe's), as for `run`.",
-                                                   rich_help_panel=IO, show_default=False)] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output folder (overrides the recipe's), as for `run`.",
+            rich_help_panel=IO,
+            show_default=False,
+        ),
+    ] = None,
     overrides: SetOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="As for `run`: an existing output folder would be replaced.", rich_help_panel=IO)] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="As for `run`: an existing output folder would be replaced.", rich_help_panel=IO
+        ),
+    ] = False,
 ) -> None:
     """Check a recipe without running it: everything `run` with the same arguments would refuse before working.
 
-    Keys, types, ranges, pass compatibility, the model's files, calibration sources, tasks, gate metrics, device, output.
+    Keys, types, ranges, pass compatibility, the model's files, calibration sources, tasks, gate metrics,
+    device, output.
     """
     from .recipe import prepare_recipe
 
@@ -515,7 +783,10 @@ def convert(
 
 @app.command()
 @handles_errors
-def inspect(model: ModelArg, json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+def inspect(
+    model: ModelArg,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
     """Architecture, shapes, parameters, bytes on disk, KV-cache bytes per token and surgery history."""
     from .inspection import describe
 
@@ -547,8 +818,13 @@ def _interrupt(signum, frame) -> None:
 
 def _quiet_third_parties() -> None:
     """llmsurgery draws its own progress; the libraries' bars, tables and warnings stay off the terminal."""
-    for key, value in (("TQDM_DISABLE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    for key, value in (
+        ("TQDM_DISABLE", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
         os.environ.setdefault(key, value)
     if "--debug" not in sys.argv:
         warnings.simplefilter("ignore")
@@ -576,6 +852,11 @@ def run() -> None:
         if hasattr(exc, "format_message"):
             message, code = exc.format_message(), getattr(exc, "exit_code", 2)
         else:
-            message, code = f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback", 1
-        err.print(f"[bold red]error:[/bold red] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+            message, code = (
+                f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
+                1,
+            )
+        err.print(
+            f"[bold red]error:[/bold red] {escape(_one_line(message))}", highlight=False, soft_wrap=True
+        )
     sys.exit(code if isinstance(code, int) else 0)

@@ -20,8 +20,12 @@ from rich.markup import escape
 from .errors import UserError
 from .passes import PassConfig
 
-_BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="), (annotated_types.Lt, "lt", "<"),
-           (annotated_types.Le, "le", "<="))
+_BOUNDS = (
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Lt, "lt", "<"),
+    (annotated_types.Le, "le", "<="),
+)
 
 
 def option_name(name: str, info: FieldInfo) -> str:
@@ -74,8 +78,9 @@ def _help(info: FieldInfo, choices: tuple | None) -> str:
     return escape(text + (f" [{'; '.join(extra)}]" if extra else "") + ".")  # rich would read [...] as markup
 
 
-def option_parameters(config: type[PassConfig], prefix: str = "", exclude: tuple[str, ...] = (),
-                      panel: str | None = None) -> list[inspect.Parameter]:
+def option_parameters(
+    config: type[PassConfig], prefix: str = "", exclude: tuple[str, ...] = (), panel: str | None = None
+) -> list[inspect.Parameter]:
     """One keyword parameter per config field (but `pass_` and `exclude`): `--{prefix}{alias}`, its help, its default.
 
     panel: the --help panel of every option (default: the field's own, else the command's main one).
@@ -85,7 +90,9 @@ def option_parameters(config: type[PassConfig], prefix: str = "", exclude: tuple
     """
     params = []
     fields = [(n, i) for n, i in config.model_fields.items() if n != "pass_" and n not in exclude]
-    fields.sort(key=lambda item: (item[1].json_schema_extra or {}).get("panel") is not None)  # the pass's own knobs first
+    fields.sort(
+        key=lambda item: (item[1].json_schema_extra or {}).get("panel") is not None
+    )  # the pass's own knobs first
     for name, info in fields:
         flag = f"--{prefix}{option_name(name, info)}"
         choices = _choices(info.annotation)
@@ -101,15 +108,26 @@ def option_parameters(config: type[PassConfig], prefix: str = "", exclude: tuple
             annotation = info.annotation
             if choices:
                 annotation = Optional[str] if default is None else str
-        option = typer.Option(flag, help=_help(info, choices), show_default=default is not None and not required,
-                              rich_help_panel=panel or (info.json_schema_extra or {}).get("panel"))
-        params.append(inspect.Parameter(f"{prefix.replace('-', '_')}{name}", inspect.Parameter.KEYWORD_ONLY,
-                                        default=inspect.Parameter.empty if required else default,
-                                        annotation=Annotated[annotation, option]))
+        option = typer.Option(
+            flag,
+            help=_help(info, choices),
+            show_default=default is not None and not required,
+            rich_help_panel=panel or (info.json_schema_extra or {}).get("panel"),
+        )
+        params.append(
+            inspect.Parameter(
+                f"{prefix.replace('-', '_')}{name}",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=inspect.Parameter.empty if required else default,
+                annotation=Annotated[annotation, option],
+            )
+        )
     return params
 
 
-def config_from_options(config: type[PassConfig], values: dict[str, Any], prefix: str = "", **fixed: Any) -> PassConfig:
+def config_from_options(
+    config: type[PassConfig], values: dict[str, Any], prefix: str = "", **fixed: Any
+) -> PassConfig:
     """The config from a command's parsed options (`fixed`: fields set by the command itself, by field name).
 
     A validation error becomes one line naming the option: `--split: ...`.

@@ -34,7 +34,13 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 @contextmanager
 def stepper(description: str, total: int) -> Iterator:
     """A progress bar with a live note (e.g. the loss): call `step(note)` once per step."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+    )
     with Progress(*columns, console=err, transient=False) as progress:
         task = progress.add_task(description, total=total, note="")
         yield lambda note="": progress.update(task, advance=1, note=note)

@@ -68,7 +68,8 @@ def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
     held_out = [d for i, d in enumerate(docs) if i % EVAL_EVERY == EVAL_EVERY - 1]
     held_sentences = [s for d in held_out for s in _long_sentences(d)]
     calib = [
-        d for i, d in enumerate(docs)
+        d
+        for i, d in enumerate(docs)
         if i % EVAL_EVERY != EVAL_EVERY - 1 and not any(s in d for s in held_sentences)
     ]
     return calib, held_out
@@ -93,7 +94,9 @@ def _read_text_file(path: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"calibration file {path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+        raise UserError(
+            f"calibration file {path} is not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
     controls = sum(1 for ch in text if ord(ch) < 32 and ch not in "\n\r\t\f")
     if controls > max(2, len(text) // 100):
         raise UserError(f"calibration file {path} does not look like text ({controls} control characters)")
@@ -137,7 +140,7 @@ def file_documents(path: Path) -> list[str]:
 
 def _hub_documents(spec: str) -> list[str]:
     """``hf:NAME[@CONFIG]:SPLIT[:FIELD]`` through the datasets library (needs the internet)."""
-    parts = spec[len("hf:"):].split(":")
+    parts = spec[len("hf:") :].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise UserError(f"hub dataset spec '{spec}' must look like hf:NAME[@CONFIG]:SPLIT[:FIELD]")
     name, _, config = parts[0].partition("@")
@@ -150,7 +153,9 @@ def _hub_documents(spec: str) -> list[str]:
         first = first_line(exc)
         raise UserError(f"could not load hub dataset '{spec}' (offline?): {first}") from None
     if field not in data.column_names:
-        raise UserError(f"hub dataset '{spec}' has no column '{field}'; columns: {', '.join(data.column_names)}")
+        raise UserError(
+            f"hub dataset '{spec}' has no column '{field}'; columns: {', '.join(data.column_names)}"
+        )
     return [t for t in data[field] if isinstance(t, str) and t.strip()]
 
 

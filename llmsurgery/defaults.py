@@ -8,7 +8,10 @@ KV_LR = 1e-3
 KV_BATCH_SIZE = 2
 KV_PCA_WINDOWS = (16, 512)
 KV_TRAIN_WINDOWS = (200, 256)  # the news calibration part holds 232 windows of 256 tokens
-KV_SEARCH_WINDOWS = (20, 256)  # the first three quarters profile the rank moves, the rest accept or reject them
+KV_SEARCH_WINDOWS = (
+    20,
+    256,
+)  # the first three quarters profile the rank moves, the rest accept or reject them
 
 HEAL_STEPS = 200
 HEAL_LR = 3e-4

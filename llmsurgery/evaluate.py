@@ -61,18 +61,27 @@ def check_tasks(tasks: list[str]):
 
 
 # The metrics lm-eval reports for a task that lists none of its own, by output type.
-_DEFAULT_METRICS = {"loglikelihood": ("perplexity", "acc"), "multiple_choice": ("acc", "acc_norm"),
-                    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"), "generate_until": ("exact_match",)}
+_DEFAULT_METRICS = {
+    "loglikelihood": ("perplexity", "acc"),
+    "multiple_choice": ("acc", "acc_norm"),
+    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+    "generate_until": ("exact_match",),
+}
 
 
 def reported_metrics(manager, task: str) -> list[str] | None:
-    """The metric names a task reports, read from its config without building it; None when that cannot be told (groups)."""
+    """The metric names a task reports, read from its config without building it; None when that cannot be
+    told (groups)."""
     entry = getattr(manager, "task_index", {}).get(task)
     cfg = getattr(entry, "cfg", None)
     if not isinstance(cfg, dict) or "include" in cfg:
         return None
     if cfg.get("metric_list"):
-        return [m["metric"] for m in cfg["metric_list"] if isinstance(m, dict) and isinstance(m.get("metric"), str)] or None
+        return [
+            m["metric"]
+            for m in cfg["metric_list"]
+            if isinstance(m, dict) and isinstance(m.get("metric"), str)
+        ] or None
     return list(_DEFAULT_METRICS.get(cfg.get("output_type"), ())) or None
 
 
@@ -98,7 +107,10 @@ def _without_library_bars():
     interleave with llmsurgery's own status line: its modules see a disabled tqdm while a model is scored."""
     import importlib
 
-    modules = [importlib.import_module(name) for name in ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.models.huggingface")]
+    modules = [
+        importlib.import_module(name)
+        for name in ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.models.huggingface")
+    ]
     saved = [(module, module.tqdm) for module in modules if hasattr(module, "tqdm")]
     for module, _ in saved:
         module.tqdm = _silent_tqdm
@@ -109,7 +121,15 @@ def _without_library_bars():
             module.tqdm = original
 
 
-def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_size: int = 8, manager=None, label: str | None = None) -> list[Metric]:
+def evaluate_model(
+    loaded,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    manager=None,
+    label: str | None = None,
+) -> list[Metric]:
     """Run lm-eval on an already loaded model; returns one Metric per (task, metric)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval
@@ -117,13 +137,20 @@ def evaluate_model(loaded, tasks: list[str], *, limit: int | None = None, batch_
     from lm_eval.models.huggingface import HFLM
 
     manager = manager or check_tasks(tasks)
-    lm_eval.evaluator.get_git_commit_hash = lambda: None  # it shells out to git, which prints "fatal: not a git repository"
+    lm_eval.evaluator.get_git_commit_hash = lambda: (
+        None
+    )  # it shells out to git, which prints "fatal: not a git repository"
     model = loaded.model
     lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
     with status(f"Evaluating {label or loaded.source.spec} on {', '.join(tasks)}"), _without_library_bars():
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False,
-            bootstrap_iters=0, verbosity="ERROR",
+            model=lm,
+            tasks=tasks,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+            verbosity="ERROR",
         )
     return _metrics(results)
 

@@ -29,7 +29,9 @@ def describe(spec: str) -> dict:
     """A JSON-ready description of a model folder, .gguf, built-in name or hub id."""
     config, folder, files = peek_config(spec, read_only=True)
     history = read_history(Path(folder)) if folder is not None else None
-    if history is None and folder is not None and (Path(folder) / SOURCE_FILE).is_file():  # a cached GGUF conversion
+    if (
+        history is None and folder is not None and (Path(folder) / SOURCE_FILE).is_file()
+    ):  # a cached GGUF conversion
         history = {"source": read_json_record(Path(folder) / SOURCE_FILE, ("id",)), "passes": []}
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     heads = config["num_attention_heads"]
@@ -52,8 +54,13 @@ def describe(spec: str) -> dict:
         "bytes_on_disk": sum(p.stat().st_size for p in files) if files else None,
         "dtype": dtype,
         "kv_cache_bytes_per_token": kv_bytes_per_token(config, _DTYPE_BYTES.get(dtype, 4)),
-        "kv_cache_bytes_per_token_before_surgery": (kv_bytes_per_token({k: v for k, v in config.items() if k != "attention_layout"},
-                                                                        _DTYPE_BYTES.get(dtype, 4)) if config.get("attention_layout") else None),
+        "kv_cache_bytes_per_token_before_surgery": (
+            kv_bytes_per_token(
+                {k: v for k, v in config.items() if k != "attention_layout"}, _DTYPE_BYTES.get(dtype, 4)
+            )
+            if config.get("attention_layout")
+            else None
+        ),
         "sparse_decode": _sparse_decode_path(config),
         "modeling_code": _modeling_code(config, folder),
         "history": history,
@@ -67,7 +74,11 @@ def _modeling_code(config: dict, folder) -> str | None:
     if folder is None:
         return "the hub repository's own (needs --trust-remote-code)"
     why = foreign_code(config, Path(folder))
-    return "llmsurgery's, as installed (no flag needed)" if why is None else f"the folder's own: it {why} (needs --trust-remote-code)"
+    return (
+        "llmsurgery's, as installed (no flag needed)"
+        if why is None
+        else f"the folder's own: it {why} (needs --trust-remote-code)"
+    )
 
 
 def _sparse_decode_path(config: dict) -> str | None:

@@ -35,8 +35,12 @@ class LoadedModel:
     folder: Path | None
     history: dict = field(default_factory=dict)
     quantized: bool = False
-    original: Any = None  # the model as loaded, sharing its tensors (see heal.shared_copy), when a heal follows
-    pending: list = field(default_factory=list)  # history entries of passes run on it in this process, not saved yet
+    original: Any = (
+        None  # the model as loaded, sharing its tensors (see heal.shared_copy), when a heal follows
+    )
+    pending: list = field(
+        default_factory=list
+    )  # history entries of passes run on it in this process, not saved yet
 
 
 def library_versions() -> dict[str, str]:
@@ -74,16 +78,29 @@ def read_json_record(path: Path, keys: tuple[str, ...]) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         raise UserError(f"{path} is corrupt (not readable JSON); remove it or restore it") from None
     if not isinstance(record, dict) or any(k not in record for k in keys):
-        raise UserError(f"{path} is corrupt (it should be an object with {', '.join(keys)}); remove it or restore it")
-    if "passes" in keys and not (isinstance(record["passes"], list) and isinstance(record["source"], dict) and all(
-            isinstance(p, dict) and isinstance(p.get("pass"), str) and isinstance(p.get("config"), dict)
-            and isinstance(p.get("seconds"), (int, float)) for p in record["passes"])):
-        raise UserError(f"{path} is corrupt (source should be an object, passes a list of records with pass, config, seconds)")
+        raise UserError(
+            f"{path} is corrupt (it should be an object with {', '.join(keys)}); remove it or restore it"
+        )
+    if "passes" in keys and not (
+        isinstance(record["passes"], list)
+        and isinstance(record["source"], dict)
+        and all(
+            isinstance(p, dict)
+            and isinstance(p.get("pass"), str)
+            and isinstance(p.get("config"), dict)
+            and isinstance(p.get("seconds"), (int, float))
+            for p in record["passes"]
+        )
+    ):
+        raise UserError(
+            f"{path} is corrupt (source should be an object, passes a list of records with pass, config, seconds)"
+        )
     return record
 
 
 def read_history(folder: Path) -> dict | None:
-    """The surgery history of a folder written by llmsurgery (None when it has none). It records; it never grants trust."""
+    """The surgery history of a folder written by llmsurgery (None when it has none). It records; it never
+    grants trust."""
     path = folder / HISTORY_FILE
     return read_json_record(path, ("source", "passes")) if path.is_file() else None
 
@@ -111,7 +128,9 @@ def _quantization_config(load_in_8bit: bool, load_in_4bit: bool):
 
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
 
 
 def _hub_config(spec: str, trust_remote_code: bool) -> dict:
@@ -137,7 +156,9 @@ class CheckedModel:
     config: dict
     folder: Path | None
     weights: list[Path]
-    own_class: Any = None  # llmsurgery's installed class, for folders written by llmsurgery (see modeling.foreign_code)
+    own_class: Any = (
+        None  # llmsurgery's installed class, for folders written by llmsurgery (see modeling.foreign_code)
+    )
 
 
 def _checked(source: Source, trust_remote_code: bool, read_only: bool = False) -> CheckedModel:
@@ -161,7 +182,9 @@ def _checked(source: Source, trust_remote_code: bool, read_only: bool = False) -
     return CheckedModel(config, folder, weights, own)
 
 
-def peek_config(spec: str, trust_remote_code: bool = False, read_only: bool = False) -> tuple[dict, Path | None, list[Path]]:
+def peek_config(
+    spec: str, trust_remote_code: bool = False, read_only: bool = False
+) -> tuple[dict, Path | None, list[Path]]:
     """(config dict, local folder or None, weight files) of a model, checked, without loading weights.
 
     read_only: only files are read (inspect), so a folder with foreign modeling code is described, not refused.
@@ -172,7 +195,11 @@ def peek_config(spec: str, trust_remote_code: bool = False, read_only: bool = Fa
 
 def _check_loading_info(spec: str, info: dict) -> None:
     """What transformers reports after loading: any weight it had to invent or drop is bad input."""
-    for key, what in (("missing_keys", "is missing"), ("unexpected_keys", "is unexpected"), ("mismatched_keys", "has the wrong shape")):
+    for key, what in (
+        ("missing_keys", "is missing"),
+        ("unexpected_keys", "is unexpected"),
+        ("mismatched_keys", "has the wrong shape"),
+    ):
         names = sorted(info.get(key) or [])
         if names:
             name = names[0][0] if isinstance(names[0], tuple) else names[0]
@@ -207,7 +234,9 @@ def load_model(
     loader = checked.own_class or AutoModelForCausalLM
     with status(f"Loading {spec} ({dtype}, {device})"), quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)  # first: it is cheap
+            tokenizer = AutoTokenizer.from_pretrained(
+                where, trust_remote_code=trust_remote_code
+            )  # first: it is cheap
             model, info = loader.from_pretrained(where, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a broken checkpoint is bad input, not a crash
             raise UserError(f"could not load {spec}: {first_line(exc)}") from None
@@ -221,7 +250,8 @@ def load_model(
 
 
 def check_writable_parent(path: Path, what: str) -> None:
-    """The folder `path` would be written in exists or can be made: its nearest existing ancestor is a writable folder."""
+    """The folder `path` would be written in exists or can be made: its nearest existing ancestor is a
+    writable folder."""
     ancestor = path.expanduser().absolute().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -249,11 +279,14 @@ def check_finite_weights(spec: str, model) -> None:
     """NaN or inf in a weight is a corrupt checkpoint: every pass would turn it into garbage or a crash."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"could not load {spec}: tensor '{name}' holds NaN or infinite values (a corrupt checkpoint)")
+            raise UserError(
+                f"could not load {spec}: tensor '{name}' holds NaN or infinite values (a corrupt checkpoint)"
+            )
 
 
 def check_not_an_input(target: Path, inputs: list[Path], what: str) -> None:
-    """Writing (or replacing) `target` must not touch any input: not equal to one, not above one, not inside an input folder."""
+    """Writing (or replacing) `target` must not touch any input: not equal to one, not above one, not inside
+    an input folder."""
     dst = target.expanduser().resolve()
     for given in inputs:
         src = given.expanduser().resolve()
@@ -262,8 +295,11 @@ def check_not_an_input(target: Path, inputs: list[Path], what: str) -> None:
             raise UserError(f"{what} {target} would overwrite {kind} {given}; choose another place")
 
 
-def check_output_free(out: Path, force: bool, loaded_from: Path | None = None, inputs: list[Path] | None = None) -> None:
-    """Refuse an existing output (without --force), any output inside, equal to or above an input, and unwritable places.
+def check_output_free(
+    out: Path, force: bool, loaded_from: Path | None = None, inputs: list[Path] | None = None
+) -> None:
+    """Refuse an existing output (without --force), any output inside, equal to or above an input,
+    and unwritable places.
 
     inputs: what else the run reads (teacher folders, calibration files, the recipe), after the model folder.
     """
@@ -313,9 +349,21 @@ def _model_card(history: dict, config: dict) -> str:
         lines.append(f"| {i} | {entry['pass']} | {entry['seconds']} | {settings} |")
     if not history["passes"]:
         lines.append("| - | (none: converted only) | | |")
-    loader = "AutoModelForCausalLM.from_pretrained(path" + (", trust_remote_code=True)" if "auto_map" in config else ")")
-    lines += ["", "Load it with stock transformers:", "", "```python", "from transformers import AutoModelForCausalLM",
-              f"model = {loader}", "```", "", f"Full history: `{HISTORY_FILE}`.", ""]
+    loader = "AutoModelForCausalLM.from_pretrained(path" + (
+        ", trust_remote_code=True)" if "auto_map" in config else ")"
+    )
+    lines += [
+        "",
+        "Load it with stock transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        f"model = {loader}",
+        "```",
+        "",
+        f"Full history: `{HISTORY_FILE}`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -332,11 +380,20 @@ def _remote_code_files(config: dict, folder: Path | None) -> list[Path]:
     return files
 
 
-def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passes: list[dict] | None = None,
-               extra_files: list[Path] | None = None, recipe_yaml: str | None = None) -> Path:
+def save_model(
+    loaded: LoadedModel,
+    out: Path,
+    *,
+    force: bool = False,
+    new_passes: list[dict] | None = None,
+    extra_files: list[Path] | None = None,
+    recipe_yaml: str | None = None,
+) -> Path:
     """Write weights, config, tokenizer, history, pass settings, card and `extra_files` to `out`, atomically."""
     if loaded.quantized:
-        raise UserError("a model loaded in 8-bit or 4-bit is for evaluation only; load it unquantized to save")
+        raise UserError(
+            "a model loaded in 8-bit or 4-bit is for evaluation only; load it unquantized to save"
+        )
     out = out.expanduser()
     check_output_free(out, force, loaded.folder)
     history = dict(loaded.history)
@@ -348,9 +405,13 @@ def save_model(loaded: LoadedModel, out: Path, *, force: bool = False, new_passe
         loaded.model.save_pretrained(tmp, max_shard_size="2GB")
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
-        (tmp / PASSES_FILE).write_text(json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2))
+        (tmp / PASSES_FILE).write_text(
+            json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2)
+        )
         (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
-        if recipe_yaml is not None:  # the recipe `llmsurgery run` followed, or the one a pass command spelt out
+        if (
+            recipe_yaml is not None
+        ):  # the recipe `llmsurgery run` followed, or the one a pass command spelt out
             (tmp / RECIPE_YAML).write_text(recipe_yaml)
         for path in _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []):
             shutil.copyfile(path, tmp / path.name)

@@ -56,10 +56,10 @@ def save_spectra_plot(path: Path, layers: list[dict], title: str) -> None:
             top = max(spectrum[0], 1e-30)
             values = [max(v / top, 1e-8) for v in spectrum]
             ax.semilogy(range(kept), values[:kept], lw=1)
-            ax.semilogy(range(kept - 1, len(values)), values[kept - 1:], lw=1, ls=":", color="gray")
+            ax.semilogy(range(kept - 1, len(values)), values[kept - 1 :], lw=1, ls=":", color="gray")
         ax.set_title(f"layer {row['layer']}", fontsize=8)
         ax.tick_params(labelsize=6)
-    for ax in axes.flat[len(layers):]:
+    for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

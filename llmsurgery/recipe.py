@@ -24,7 +24,12 @@ RECIPE_VERSION = 1
 
 PassEntry = Annotated[Union[tuple(PASSES.values())], Field(discriminator="pass_")]
 # recipe-level `calibration:` keys and the pass options they fill in where a pass gives none
-CALIBRATION_DEFAULTS = {"source": "calib", "samples": "calib-samples", "seq-len": "calib-seq-len", "seed": "seed"}
+CALIBRATION_DEFAULTS = {
+    "source": "calib",
+    "samples": "calib-samples",
+    "seq-len": "calib-seq-len",
+    "seed": "seed",
+}
 
 
 class _Strict(BaseModel):
@@ -35,9 +40,15 @@ class Calibration(_Strict):
     """Defaults for every pass's calibration options (calib, calib-samples, calib-seq-len, seed) it does not set."""
 
     source: str | None = Field(None, description=CALIB_SOURCE_HELP)
-    samples: int | None = Field(None, ge=1, le=defaults.MAX_WINDOWS, description="number of calibration windows")
-    seq_len: int | None = Field(None, alias="seq-len", ge=2, le=defaults.MAX_SEQ_LEN, description="tokens per calibration window")
-    seed: int | None = Field(None, ge=0, lt=defaults.MAX_SEED, description="seed choosing the calibration windows")
+    samples: int | None = Field(
+        None, ge=1, le=defaults.MAX_WINDOWS, description="number of calibration windows"
+    )
+    seq_len: int | None = Field(
+        None, alias="seq-len", ge=2, le=defaults.MAX_SEQ_LEN, description="tokens per calibration window"
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=defaults.MAX_SEED, description="seed choosing the calibration windows"
+    )
 
 
 class Gate(_Strict):
@@ -47,7 +58,9 @@ class Gate(_Strict):
     min: float | None = None
     max_ratio: float | None = Field(None, gt=0)
     min_ratio: float | None = Field(None, gt=0)
-    min_recovery: float | None = Field(None, gt=0, description="value / baseline must be at least this (higher-is-better metrics)")
+    min_recovery: float | None = Field(
+        None, gt=0, description="value / baseline must be at least this (higher-is-better metrics)"
+    )
 
     @model_validator(mode="after")
     def _something(self):
@@ -124,7 +137,9 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
         if not isinstance(key, (str, int, float, bool)):
             continue
         if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+            )
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -154,21 +169,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise UserError(f"--set wants KEY=VALUE, got '{item}'")
         if _KEY_TOKEN.sub("", key).strip(".") or key.startswith(("[", ".")) or ".." in key:
-            raise UserError(f"--set {key}: KEY is a dotted path into the recipe, e.g. eval.limit or passes[1].sparsity")
+            raise UserError(
+                f"--set {key}: KEY is a dotted path into the recipe, e.g. eval.limit or passes[1].sparsity"
+            )
         value = load_yaml(raw, f"--set {key}")
-        tokens = _join_dotted_keys(data, [int(t[1:-1]) if t.startswith("[") else t for t in _KEY_TOKEN.findall(key)])
+        tokens = _join_dotted_keys(
+            data, [int(t[1:-1]) if t.startswith("[") else t for t in _KEY_TOKEN.findall(key)]
+        )
         target = data
         for depth, token in enumerate(tokens[:-1]):
             try:
                 target = target[token] if isinstance(token, int) else target.setdefault(token, {})
             except (IndexError, KeyError, TypeError, AttributeError):
-                raise UserError(f"--set {key}: no such place in the recipe ({_location(tuple(tokens[: depth + 1]))})") from None
+                raise UserError(
+                    f"--set {key}: no such place in the recipe ({_location(tuple(tokens[: depth + 1]))})"
+                ) from None
         if isinstance(tokens[-1], int) != isinstance(target, list):
             raise UserError(f"--set {key}: no such place in the recipe ({_location(tuple(tokens))})")
         try:
             target[tokens[-1]] = value
         except (IndexError, TypeError):
-            raise UserError(f"--set {key}: no such place in the recipe ({_location(tuple(tokens))})") from None
+            raise UserError(
+                f"--set {key}: no such place in the recipe ({_location(tuple(tokens))})"
+            ) from None
     return data
 
 
@@ -200,14 +223,18 @@ def _check_pass_tags(passes, where: str) -> None:
     names = ", ".join(PASSES)
     for i, entry in enumerate(passes):
         if not isinstance(entry, dict):
-            raise UserError(f"{where}: passes[{i}]: each pass is a mapping starting with `pass:` (one of {names})")
+            raise UserError(
+                f"{where}: passes[{i}]: each pass is a mapping starting with `pass:` (one of {names})"
+            )
         if "pass" not in entry:
             hint = ""
             if len(entry) == 1 and next(iter(entry)) in PASSES:
                 hint = f"; write `- pass: {next(iter(entry))}` with its options beside it"
             raise UserError(f"{where}: passes[{i}]: no `pass:` key naming the pass (one of {names}){hint}")
         if entry["pass"] not in PASSES:
-            raise UserError(f"{where}: passes[{i}].pass: unknown pass '{entry['pass']}'; choose one of {names}")
+            raise UserError(
+                f"{where}: passes[{i}].pass: unknown pass '{entry['pass']}'; choose one of {names}"
+            )
 
 
 def _with_calibration_defaults(data: dict) -> dict:
@@ -216,8 +243,12 @@ def _with_calibration_defaults(data: dict) -> dict:
     if not isinstance(calib, dict) or not isinstance(passes, list):
         return data
     fills = {option: calib[key] for key, option in CALIBRATION_DEFAULTS.items() if calib.get(key) is not None}
-    return data | {"passes": [entry | {k: v for k, v in fills.items() if k not in entry} if isinstance(entry, dict) else entry
-                              for entry in passes]}
+    return data | {
+        "passes": [
+            entry | {k: v for k, v in fills.items() if k not in entry} if isinstance(entry, dict) else entry
+            for entry in passes
+        ]
+    }
 
 
 def parse_recipe(data, where: str = "recipe") -> Recipe:
@@ -229,13 +260,17 @@ def parse_recipe(data, where: str = "recipe") -> Recipe:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = _location(first["loc"])
-        raise UserError(f"{where}: {loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}") from None
+        raise UserError(
+            f"{where}: {loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}"
+        ) from None
 
 
 def read_recipe(path: Path, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
     """(validated recipe, raw data with overrides applied) from a YAML file."""
     if not path.is_file():
-        raise UserError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file")
+        raise UserError(
+            f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -249,19 +284,44 @@ def read_recipe(path: Path, overrides: list[str] | None = None) -> tuple[Recipe,
     return parse_recipe(data, str(path)), data
 
 
-def recipe_job(recipe: Recipe, data: dict, output: Path | None, force: bool, reads: tuple[Path, ...] = (),
-               files: dict | None = None):
+def recipe_job(
+    recipe: Recipe,
+    data: dict,
+    output: Path | None,
+    force: bool,
+    reads: tuple[Path, ...] = (),
+    files: dict | None = None,
+):
     """The runner's job for a recipe (the same one the pass commands build from their options)."""
     from .runner import EvalPlan, Job
     from .sources import resolve_source
 
     ev = recipe.eval
-    plan = EvalPlan(tuple(ev.tasks), ev.limit, ev.batch_size, ev.baseline, ev.load_in_8bit, ev.load_in_4bit) if ev else None
+    plan = (
+        EvalPlan(tuple(ev.tasks), ev.limit, ev.batch_size, ev.baseline, ev.load_in_8bit, ev.load_in_4bit)
+        if ev
+        else None
+    )
     source = resolve_source(recipe.model)
-    model_path = str(Path(source.path).resolve()) if getattr(source, "path", None) and source.kind in ("folder", "gguf") else None
-    return Job(recipe.model, list(recipe.passes), output, force, recipe.dtype, recipe.device, recipe.trust_remote_code, plan,
-               files=files or {}, reads=reads, recipe_yaml=recipe_text(data, model_path),
-               where=lambda i, name: f"passes[{i}] ({name}): ")
+    model_path = (
+        str(Path(source.path).resolve())
+        if getattr(source, "path", None) and source.kind in ("folder", "gguf")
+        else None
+    )
+    return Job(
+        recipe.model,
+        list(recipe.passes),
+        output,
+        force,
+        recipe.dtype,
+        recipe.device,
+        recipe.trust_remote_code,
+        plan,
+        files=files or {},
+        reads=reads,
+        recipe_yaml=recipe_text(data, model_path),
+        where=lambda i, name: f"passes[{i}] ({name}): ",
+    )
 
 
 def check_recipe(job):
@@ -282,8 +342,10 @@ def recipe_text(data: dict, model_path: str | None) -> str:
     data.pop("output", None)
     if model_path is not None:
         data["model"] = model_path
-    return "# Written by llmsurgery: `llmsurgery run THIS_FILE --output DIR` reproduces the model next to it.\n" + yaml.safe_dump(
-        data, sort_keys=False)
+    return (
+        "# Written by llmsurgery: `llmsurgery run THIS_FILE --output DIR` reproduces the model next to it.\n"
+        + yaml.safe_dump(data, sort_keys=False)
+    )
 
 
 def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
@@ -296,18 +358,29 @@ def gate_failures(rows: list[dict], gates: dict[str, Gate]) -> list[str]:
             failures.append(f"{name}: no such metric in the results ({', '.join(sorted(values))})")
             continue
         value, ratio = row["value"], row.get("ratio")
-        checks = [("max", value, gate.max, lambda v, b: v <= b), ("min", value, gate.min, lambda v, b: v >= b),
-                  ("max_ratio", ratio, gate.max_ratio, lambda v, b: v <= b), ("min_ratio", ratio, gate.min_ratio, lambda v, b: v >= b),
-                  ("min_recovery", ratio, gate.min_recovery, lambda v, b: v >= b)]
+        checks = [
+            ("max", value, gate.max, lambda v, b: v <= b),
+            ("min", value, gate.min, lambda v, b: v >= b),
+            ("max_ratio", ratio, gate.max_ratio, lambda v, b: v <= b),
+            ("min_ratio", ratio, gate.min_ratio, lambda v, b: v >= b),
+            ("min_recovery", ratio, gate.min_recovery, lambda v, b: v >= b),
+        ]
         for bound_name, actual, bound, ok in checks:
             if bound is not None and (actual is None or not ok(actual, bound)):
                 what = "ratio to baseline" if "ratio" in bound_name or "recovery" in bound_name else "value"
-                failures.append(f"{name}: {what} {actual:.4g} vs {bound_name} {bound:g} (off by {abs(actual - bound):.4g})")
+                failures.append(
+                    f"{name}: {what} {actual:.4g} vs {bound_name} {bound:g} (off by {abs(actual - bound):.4g})"
+                )
     return failures
 
 
-def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
-                   files: dict | None = None):
+def prepare_recipe(
+    path: Path,
+    output: Path | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    files: dict | None = None,
+):
     """Read and check a recipe as `run` will run it: (recipe, runner job, checks).
 
     `recipe validate` calls this too, so it refuses exactly what `run` would refuse before any work.
@@ -325,15 +398,28 @@ def prepare_recipe(path: Path, output: Path | None = None, overrides: list[str] 
     return recipe, job, checked
 
 
-def run_recipe(path: Path, output: Path | None = None, overrides: list[str] | None = None, force: bool = False,
-               files: dict | None = None) -> dict:
-    """Run a recipe end to end; returns the results, failed gates listed under "failed_gates" (the CLI exits 1 on them)."""
+def run_recipe(
+    path: Path,
+    output: Path | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    files: dict | None = None,
+) -> dict:
+    """Run a recipe end to end; returns the results, failed gates listed under "failed_gates" (the CLI exits
+    1 on them)."""
     from .runner import run_job
 
     recipe, job, checked = prepare_recipe(path, output, overrides, force, files)
     outcome = run_job(job, checked=checked)
-    results: dict = {"recipe": str(path), "output": str(job.output), "passes": [r["pass"] for r in outcome.records]}
+    results: dict = {
+        "recipe": str(path),
+        "output": str(job.output),
+        "passes": [r["pass"] for r in outcome.records],
+    }
     if recipe.eval:
-        results |= {"eval": outcome.eval, "gates": {name: gate.model_dump(exclude_none=True) for name, gate in recipe.eval.gates.items()},
-                    "failed_gates": gate_failures(outcome.eval, recipe.eval.gates)}
+        results |= {
+            "eval": outcome.eval,
+            "gates": {name: gate.model_dump(exclude_none=True) for name, gate in recipe.eval.gates.items()},
+            "failed_gates": gate_failures(outcome.eval, recipe.eval.gates),
+        }
     return results

@@ -45,7 +45,9 @@ class Job:
     trust_remote_code: bool = False
     eval: EvalPlan | None = None
     dry_run: bool = False  # the first pass only plans (prune --scores-only, absorb --dry-run)
-    files: dict[str, Path | None] = field(default_factory=dict)  # what else the run writes (--json, --plot), by option
+    files: dict[str, Path | None] = field(
+        default_factory=dict
+    )  # what else the run writes (--json, --plot), by option
     reads: tuple[Path, ...] = ()  # what else the run reads (the recipe)
     recipe_yaml: str | None = None  # saved beside the model: the recipe that reproduces it
     where: Callable[[int, str], str] = lambda i, name: ""  # how errors locate a pass ("passes[1] (heal): ")
@@ -85,8 +87,13 @@ def check_job(job: Job) -> Checked:
     return Checked(config, folder, inputs, tasks)
 
 
-def check_passes(passes: list[PassConfig], config: dict, folder, trust_remote_code: bool,
-                 where: Callable[[int, str], str] = lambda i, name: "") -> list[Path]:
+def check_passes(
+    passes: list[PassConfig],
+    config: dict,
+    folder,
+    trust_remote_code: bool,
+    where: Callable[[int, str], str] = lambda i, name: "",
+) -> list[Path]:
     """Each pass's own check, on config.json as the passes before it leave it; then the calibration windows.
 
     Returns what the passes read besides the model (calibration files, teacher folders): no output may replace them.
@@ -103,10 +110,16 @@ def check_passes(passes: list[PassConfig], config: dict, folder, trust_remote_co
 
 
 def pass_inputs(passes: list[PassConfig]) -> list[Path]:
-    """Local files and folders the passes read: calibration files and given teachers (built-ins: their cached folder)."""
+    """Local files and folders the passes read: calibration files and given teachers (built-ins: their
+    cached folder)."""
     from .sources import local_folder, resolve_source
 
-    found = {Path(c.source).expanduser() for cfg in passes for c in cfg.windows() if Path(c.source).expanduser().is_file()}
+    found = {
+        Path(c.source).expanduser()
+        for cfg in passes
+        for c in cfg.windows()
+        if Path(c.source).expanduser().is_file()
+    }
     for cfg in passes:
         teacher = getattr(cfg, "teacher", None)
         if teacher:
@@ -134,8 +147,13 @@ def check_calibration(folder, passes: list[PassConfig], trust_remote_code: bool)
     check_calibration_sizes(tokenizer, needs)
 
 
-def apply_passes(loaded, passes: list[PassConfig], *, dry_run: bool = False,
-                 on_report: Callable[[PassConfig, Report], None] | None = None) -> list[dict]:
+def apply_passes(
+    loaded,
+    passes: list[PassConfig],
+    *,
+    dry_run: bool = False,
+    on_report: Callable[[PassConfig, Report], None] | None = None,
+) -> list[dict]:
     """Apply passes in order to a loaded model, appending each history record to `loaded.pending`; returns those.
 
     A heal after other passes with no teacher of its own distils towards the model as loaded: a second
@@ -156,7 +174,11 @@ def apply_passes(loaded, passes: list[PassConfig], *, dry_run: bool = False,
             started = time.perf_counter()
             report = cfg.apply_(loaded, calibration, dry_run=dry_run)
             so_far = {"passes": [*loaded.history.get("passes", []), *loaded.pending]}
-            loaded.pending.append(pass_record(cfg.record_name, cfg.record(), report.record(), time.perf_counter() - started, so_far))
+            loaded.pending.append(
+                pass_record(
+                    cfg.record_name, cfg.record(), report.record(), time.perf_counter() - started, so_far
+                )
+            )
             if on_report is not None:
                 on_report(cfg, report)
             if dry_run:
@@ -166,8 +188,9 @@ def apply_passes(loaded, passes: list[PassConfig], *, dry_run: bool = False,
     return loaded.pending
 
 
-def run_job(job: Job, on_report: Callable[[PassConfig, Report], None] | None = None,
-            checked: Checked | None = None) -> Outcome:
+def run_job(
+    job: Job, on_report: Callable[[PassConfig, Report], None] | None = None, checked: Checked | None = None
+) -> Outcome:
     """Check (unless `checked` is given), load, (baseline), passes, (evaluation), save; the history holds the scores."""
     from .evaluate import compare, evaluate_model
     from .model_io import load_model, save_model
@@ -175,7 +198,11 @@ def run_job(job: Job, on_report: Callable[[PassConfig, Report], None] | None = N
     checked = checked or check_job(job)
     load = {"dtype": job.dtype, "device": job.device, "trust_remote_code": job.trust_remote_code}
     plan = None if job.dry_run else job.eval
-    quant = {"load_in_8bit": plan.load_in_8bit, "load_in_4bit": plan.load_in_4bit} if plan and plan.quantized else {}
+    quant = (
+        {"load_in_8bit": plan.load_in_8bit, "load_in_4bit": plan.load_in_4bit}
+        if plan and plan.quantized
+        else {}
+    )
     scoring = {"limit": plan.limit, "batch_size": plan.batch_size, "manager": checked.tasks} if plan else {}
     loaded = load_model(job.model, **load)
     baseline = None
@@ -186,17 +213,23 @@ def run_job(job: Job, on_report: Callable[[PassConfig, Report], None] | None = N
     records = apply_passes(loaded, job.passes, dry_run=job.dry_run, on_report=on_report)
     rows = None
     if plan and not quant:  # scored in memory, so the scores go into the saved history
-        rows = compare(evaluate_model(loaded, list(plan.tasks), label="the transformed model", **scoring), baseline)
+        rows = compare(
+            evaluate_model(loaded, list(plan.tasks), label="the transformed model", **scoring), baseline
+        )
         records[-1]["eval"] = rows
     if job.output is not None and not job.dry_run:
         save_model(loaded, job.output, force=job.force, new_passes=records, recipe_yaml=job.recipe_yaml)
     if plan and quant:  # bitsandbytes quantizes while loading: score the saved model
         target = load_model(str(job.output), **load, **quant)
-        rows = compare(evaluate_model(target, list(plan.tasks), label="the transformed model", **scoring), baseline)
+        rows = compare(
+            evaluate_model(target, list(plan.tasks), label="the transformed model", **scoring), baseline
+        )
     return Outcome(records, rows, loaded)
 
 
-def run_passes(model, passes: list[PassConfig], *, output: str | Path | None = None, force: bool = False) -> list[Report]:
+def run_passes(
+    model, passes: list[PassConfig], *, output: str | Path | None = None, force: bool = False
+) -> list[Report]:
     """The Python API: apply `passes` to `model` (a loaded model from `llmsurgery.load`, or anything `load` takes).
 
     The same checks as the command line run first (the passes against the model's config, the calibration
@@ -207,7 +240,9 @@ def run_passes(model, passes: list[PassConfig], *, output: str | Path | None = N
     reports: list[Report] = []
     output = Path(output) if output is not None else None
     if not isinstance(model, LoadedModel):
-        run_job(Job(str(model), list(passes), output, force), on_report=lambda cfg, report: reports.append(report))
+        run_job(
+            Job(str(model), list(passes), output, force), on_report=lambda cfg, report: reports.append(report)
+        )
         return reports
     config = model.model.config.to_dict()
     inputs = check_passes(list(passes), config, model.folder, trust_remote_code=False)

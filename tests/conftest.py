@@ -12,9 +12,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One cache for the whole run (and later runs): converted built-in models, rendered task data.
-os.environ.setdefault("LLMSURGERY_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "llmsurgery"))
+os.environ.setdefault(
+    "LLMSURGERY_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "llmsurgery")
+)
 # The sparse decode kernel is compiled afresh for a fresh checkout (tests/test_sparse_decode.py).
-os.environ.setdefault("LLMSURGERY_KERNEL_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "kernels"))
+os.environ.setdefault(
+    "LLMSURGERY_KERNEL_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "kernels")
+)
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -29,8 +33,11 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(topics.values()), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -38,14 +45,27 @@ def build_tokenizer():
 def tiny_config(arch: str, layers: int = 6):
     from transformers import AutoConfig
 
-    common = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  tie_word_embeddings=False)
+    common = dict(
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     if arch in ("qwen3", "gemma3_text"):
         common["head_dim"] = 16
     if arch == "gemma3_text":
-        common |= dict(sliding_window=8, query_pre_attn_scalar=16,
-                       layer_types=["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(layers)])
+        common |= dict(
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            layer_types=["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(layers)],
+        )
     return AutoConfig.for_model(arch, **common)
 
 
@@ -57,7 +77,11 @@ def build_tiny(arch: str, folder: Path, layers: int = 6) -> Path:
     with torch.no_grad():  # random norms, so that exactness tests do not pass by luck of ones
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param) if "gemma" not in arch else 0.1 * torch.randn_like(param))
+                param.copy_(
+                    1.0 + 0.1 * torch.randn_like(param)
+                    if "gemma" not in arch
+                    else 0.1 * torch.randn_like(param)
+                )
     model.save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
     return folder

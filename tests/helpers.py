@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 
 from llmsurgery.cli import app
 
-PROMPT = torch.tensor([[1, 37, 120, 55, 201, 9, 77, 300, 12, 5, 66, 88, 140, 19, 3, 250, 41, 7, 99, 180]])  # [1, 20]
+PROMPT = torch.tensor(
+    [[1, 37, 120, 55, 201, 9, 77, 300, 12, 5, 66, 88, 140, 19, 3, 250, 41, 7, 99, 180]]
+)  # [1, 20]
 
 
 def run_cli(*args: str):

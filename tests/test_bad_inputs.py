@@ -1,4 +1,5 @@
-"""Bad input on every command: exit 2, one `error:` line naming the problem, no traceback, nothing written, inputs untouched.
+"""Bad input on every command: exit 2, one `error:` line naming the problem, no traceback, nothing written,
+inputs untouched.
 
 One table, CASES: (command, arguments, words expected in the line). Arguments name fixtures in braces ({model},
 {out}, ...), built once in `places`. `test_every_command_is_in_the_table` fails when a command has no case, so a
@@ -44,7 +45,11 @@ CASES = [
     ("inspect", ["{missing_tensor}"], "tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
     ("inspect", ["{extra_tensor}"], "unexpected tensor 'model.layers.0.mlp.extra.weight'"),
     ("inspect", ["{wrong_shape}"], "tensor 'model.layers.2.self_attn.k_proj.weight' has shape"),
-    ("inspect", ["{more_layers}"], "tensors 'model.layers.6.*' are missing: config.json says 7 decoder layers, the weights hold 6"),
+    (
+        "inspect",
+        ["{more_layers}"],
+        "tensors 'model.layers.6.*' are missing: config.json says 7 decoder layers, the weights hold 6",
+    ),
     ("inspect", ["{fewer_layers}"], "unexpected tensor 'model.layers.5."),
     ("inspect", ["{layer_gap}"], "tensors 'model.layers.2.*' are missing"),
     ("inspect", ["{wider_config}"], "has shape"),
@@ -68,37 +73,109 @@ CASES = [
     # ---------------------------------------------------------------- prune
     ("prune", ["--bi", "{foreign}", "-o", "{out}", "--remove", "1", *TINY], "--trust-remote-code"),
     ("prune", ["--bi", "{forged}", "-o", "{out}", "--remove", "1", *TINY], "--trust-remote-code"),
-    ("prune", ["--bi", "{tampered}", "-o", "{out}", "--remove", "1", *TINY], "differs from the one this llmsurgery installs"),
+    (
+        "prune",
+        ["--bi", "{tampered}", "-o", "{out}", "--remove", "1", *TINY],
+        "differs from the one this llmsurgery installs",
+    ),
     ("prune", ["--bi", "{more_layers}", "-o", "{out}", "--remove", "1", *TINY], "are missing"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--ratio", "nan", *TINY], "--ratio: Input should be a finite number"),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--ratio", "nan", *TINY],
+        "--ratio: Input should be a finite number",
+    ),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--ratio", "inf", *TINY], "finite"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "6", *TINY], "cannot remove 6 of 6 layers"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "abc"], "Invalid value for '--remove'"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib-samples", "0"], "--calib-samples"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{binary_txt}", *TINY], "binary"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{random_txt}", *TINY], "not UTF-8 text"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{empty_txt}", *TINY], "holds no text"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{bad_jsonl}", *TINY], "not valid JSON"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{a_file}", *TINY], "calibration source"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{short_txt}", *TINY], "fewer than the 2 asked for"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--plot", "{missing}/p.png", *TINY], "--plot"),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{binary_txt}", *TINY],
+        "binary",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{random_txt}", *TINY],
+        "not UTF-8 text",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{empty_txt}", *TINY],
+        "holds no text",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{bad_jsonl}", *TINY],
+        "not valid JSON",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{a_file}", *TINY],
+        "calibration source",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--calib", "{short_txt}", *TINY],
+        "fewer than the 2 asked for",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--plot", "{missing}/p.png", *TINY],
+        "--plot",
+    ),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{empty_dir}", *TINY], "--json"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{out}", *TINY], "is the output folder"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--plot", "{out}/scores.png", *TINY], "--plot"),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{out}", *TINY],
+        "is the output folder",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--plot", "{out}/scores.png", *TINY],
+        "--plot",
+    ),
     ("prune", ["--bi", "{model}", "-o", "{a_file}/x/y", "--remove", "1", *TINY], "is a file, not a folder"),
     ("prune", ["--bi", "{model}", "-o", "{model}/sub", "--remove", "1", *TINY], "overwrite the input"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-steps", "0", *TINY], "--heal-steps"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-lr", "nan", *TINY], "finite"),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-steps", "0", *TINY],
+        "--heal-steps",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--heal", "--heal-lr", "nan", *TINY],
+        "finite",
+    ),
     # ---------------------------------------------------------------- rotate-sparsify
-    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "nan,nan", *TINY], "--split: Input should be a finite"),
-    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "1", *TINY], "--split: wants two numbers"),
-    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "a,b", *TINY], "--split: wants two numbers"),
-    ("rotate-sparsify", ["{model}", "--sparsity", "0.9", "-o", "{out}", "--split", "1,2", *TINY], "outside [0, 1)"),
+    (
+        "rotate-sparsify",
+        ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "nan,nan", *TINY],
+        "--split: Input should be a finite",
+    ),
+    (
+        "rotate-sparsify",
+        ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "1", *TINY],
+        "--split: wants two numbers",
+    ),
+    (
+        "rotate-sparsify",
+        ["{model}", "--sparsity", "0.4", "-o", "{out}", "--split", "a,b", *TINY],
+        "--split: wants two numbers",
+    ),
+    (
+        "rotate-sparsify",
+        ["{model}", "--sparsity", "0.9", "-o", "{out}", "--split", "1,2", *TINY],
+        "outside [0, 1)",
+    ),
     ("rotate-sparsify", ["{model}", "--sparsity", "nan", "-o", "{out}", *TINY], "finite"),
     ("rotate-sparsify", ["{model}", "--sparsity", "1", "-o", "{out}", *TINY], "less than 1"),
     ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--damp", "-1", *TINY], "--damp"),
     ("rotate-sparsify", ["{foreign}", "--sparsity", "0.4", "-o", "{out}", *TINY], "--trust-remote-code"),
-    ("rotate-sparsify", ["{model}", "--sparsity", "0.4", "-o", "{out}", "--json", "{missing}/r.json", *TINY], "--json"),
+    (
+        "rotate-sparsify",
+        ["{model}", "--sparsity", "0.4", "-o", "{out}", "--json", "{missing}/r.json", *TINY],
+        "--json",
+    ),
     # ---------------------------------------------------------------- absorb
     ("absorb", ["{model}", "-o", "{out}", "--keep-ratio", "nan", *TINY], "finite"),
     ("absorb", ["{model}", "-o", "{out}", "--keep-ratio", "1.5", *TINY], "--keep-ratio"),
@@ -112,10 +189,18 @@ CASES = [
     ("kv-compress", ["{model}", "--budget", "0", "-o", "{out}", *TINY], "--budget"),
     ("kv-compress", ["{model}", "--budget", "nan", "-o", "{out}", *TINY], "finite"),
     ("kv-compress", ["{model}", "--budget", "1.5", "-o", "{out}", *TINY], "--budget"),
-    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--rank-step", "64", *TINY], "rank step 64 is larger than head_dim 16"),
+    (
+        "kv-compress",
+        ["{model}", "--budget", "0.5", "-o", "{out}", "--rank-step", "64", *TINY],
+        "rank step 64 is larger than head_dim 16",
+    ),
     ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--lr", "inf", *TINY], "finite"),
     ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--v-init", "zz", *TINY], "--v-init"),
-    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--train-samples", "5000", *TINY], "fewer than the 5000 asked for"),
+    (
+        "kv-compress",
+        ["{model}", "--budget", "0.5", "-o", "{out}", "--train-samples", "5000", *TINY],
+        "fewer than the 5000 asked for",
+    ),
     ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--json", "{empty_dir}", *TINY], "--json"),
     # ---------------------------------------------------------------- heal
     ("heal", ["{model}", "-o", "{out}", *TINY], "give --teacher"),
@@ -123,9 +208,21 @@ CASES = [
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{missing_tensor}", *TINY], "is missing"),
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{unsupported}", *TINY], "unsupported architecture"),
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", "--removed", "x,y", *TINY], "--removed"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--removed", "9", *TINY], "--removed should name distinct layers"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--removed", "1", *TINY], "does not match"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--train", "nothing", *TINY], "train takes"),
+    (
+        "heal",
+        ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--removed", "9", *TINY],
+        "--removed should name distinct layers",
+    ),
+    (
+        "heal",
+        ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--removed", "1", *TINY],
+        "does not match",
+    ),
+    (
+        "heal",
+        ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--train", "nothing", *TINY],
+        "train takes",
+    ),
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--lr", "nan", *TINY], "finite"),
     # ---------------------------------------------------------------- run / recipe validate (same refusals)
     ("run", ["{missing}"], "does not exist"),
@@ -162,8 +259,16 @@ CASES = [
     ("run", ["{recipe_heal_removed}"], "--removed should name distinct layers"),
     ("run", ["{recipe_prune_all}"], "passes[1] (prune-bi): cannot remove 3 of 3 layers"),
     ("recipe validate", ["{recipe_prune_all}"], "cannot remove 3 of 3 layers"),
-    ("recipe validate", ["{recipe_kv_twice}"], "passes[1] (kv-compress): this model's KV cache is already compressed"),
-    ("recipe validate", ["{recipe_rotate_twice}"], "passes[1] (rotate-sparsify): rotate-sparsify needs a dense model"),
+    (
+        "recipe validate",
+        ["{recipe_kv_twice}"],
+        "passes[1] (kv-compress): this model's KV cache is already compressed",
+    ),
+    (
+        "recipe validate",
+        ["{recipe_rotate_twice}"],
+        "passes[1] (rotate-sparsify): rotate-sparsify needs a dense model",
+    ),
     ("run", ["{recipe_qk_then_kv}"], "passes[1] (kv-compress): kv-compress needs full q/k heads"),
     ("run", ["{recipe_kv_then_qk}"], "passes[1] (absorb): qk pairs cannot be dropped after kv-compress"),
     ("run", ["{recipe_heal_after_two}"], "passes[2] (heal): the teacher has 6 layers, the student 4"),
@@ -171,21 +276,71 @@ CASES = [
     ("inspect", ["{million_layers}"], "config.json says 1000000 decoder layers, the weights hold 6"),
     ("convert", ["{nan_weights}", "-o", "{out}"], "holds NaN or infinite values"),
     ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--seed", "-1", *TINY], "--seed"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--seed", "99999999999999999999", *TINY], "--seed"),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--seed", "99999999999999999999", *TINY],
+        "--seed",
+    ),
     ("absorb", ["{model}", "-o", "{out}", "--rank", "99999999999999999999", *TINY], "--rank"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--batch-size", "99999999999", *TINY], "--batch-size"),
-    ("heal", ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--steps", "9223372036854775808", *TINY], "--steps"),
+    (
+        "heal",
+        ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--batch-size", "99999999999", *TINY],
+        "--batch-size",
+    ),
+    (
+        "heal",
+        ["{model}", "-o", "{out}", "--teacher", "{model_copy}", "--steps", "9223372036854775808", *TINY],
+        "--steps",
+    ),
     ("heal", ["{model}", "-o", "{out}", "--teacher", "{model}", *TINY], "is the model being healed"),
     ("kv-compress", ["{model}", "--budget", "1e-300", "-o", "{out}", *TINY], "below the smallest reachable"),
-    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--rank-step", "3", *TINY], "does not divide head_dim 16"),
-    ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--train-steps", "9223372036854775808", *TINY], "--train-steps"),
+    (
+        "kv-compress",
+        ["{model}", "--budget", "0.5", "-o", "{out}", "--rank-step", "3", *TINY],
+        "does not divide head_dim 16",
+    ),
+    (
+        "kv-compress",
+        ["{model}", "--budget", "0.5", "-o", "{out}", "--train-steps", "9223372036854775808", *TINY],
+        "--train-steps",
+    ),
     ("eval", ["{model}", "--tasks", "news_ppl", "--limit", "99999999999999"], "--limit"),
-    ("eval", ["{model}", "--tasks", "news_ppl", "--json", "{model}/config.json"], "would overwrite the input model"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{model}/config.json", *TINY], "would overwrite"),
-    ("prune", ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{out}.x", "--plot", "{out}.x", *TINY], "same file"),
-    ("prune", ["--bi", "{model}", "-o", "{calib_dir}", "--force", "--remove", "1", "--calib", "{calib_dir}/c.txt", *TINY],
-     "would overwrite an input"),
-    ("heal", ["{model}", "-o", "{model_copy}", "--force", "--teacher", "{model_copy}", *TINY], "would overwrite an input"),
+    (
+        "eval",
+        ["{model}", "--tasks", "news_ppl", "--json", "{model}/config.json"],
+        "would overwrite the input model",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{model}/config.json", *TINY],
+        "would overwrite",
+    ),
+    (
+        "prune",
+        ["--bi", "{model}", "-o", "{out}", "--remove", "1", "--json", "{out}.x", "--plot", "{out}.x", *TINY],
+        "same file",
+    ),
+    (
+        "prune",
+        [
+            "--bi",
+            "{model}",
+            "-o",
+            "{calib_dir}",
+            "--force",
+            "--remove",
+            "1",
+            "--calib",
+            "{calib_dir}/c.txt",
+            *TINY,
+        ],
+        "would overwrite an input",
+    ),
+    (
+        "heal",
+        ["{model}", "-o", "{model_copy}", "--force", "--teacher", "{model_copy}", *TINY],
+        "would overwrite an input",
+    ),
     ("run", ["{recipe_dir}/ok.yaml", "-o", "{recipe_dir}", "--force"], "would overwrite an input"),
     ("run", ["{recipe_ok}", "--json", "{recipe_ok}"], "would overwrite an input"),
     ("recipe schema", ["extra-argument"], "unexpected extra argument"),
@@ -244,10 +399,20 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     p["no_heads"] = _variant(root, src, "no_heads", config=lambda c: c.pop("num_attention_heads") and None)
     p["zero_heads"] = _variant(root, src, "zero_heads", config=lambda c: c.update(num_attention_heads=0))
     p["bad_kv_heads"] = _variant(root, src, "bad_kv_heads", config=lambda c: c.update(num_key_value_heads=3))
-    p["unsupported"] = _variant(root, src, "unsupported", config=lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+    p["unsupported"] = _variant(
+        root,
+        src,
+        "unsupported",
+        config=lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+    )
     p["more_layers"] = _variant(root, src, "more_layers", config=lambda c: c.update(num_hidden_layers=7))
     p["fewer_layers"] = _variant(root, src, "fewer_layers", config=lambda c: c.update(num_hidden_layers=5))
-    p["layer_gap"] = _variant(root, src, "layer_gap", tensors=lambda s: [s.pop(k) for k in list(s) if k.startswith("model.layers.2.")])
+    p["layer_gap"] = _variant(
+        root,
+        src,
+        "layer_gap",
+        tensors=lambda s: [s.pop(k) for k in list(s) if k.startswith("model.layers.2.")],
+    )
     p["wider_config"] = _variant(root, src, "wider_config", config=lambda c: c.update(intermediate_size=256))
     p["truncated"] = _variant(root, src, "truncated")
     weights = p["truncated"] / "model.safetensors"
@@ -258,19 +423,43 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     (p["weights_dir"] / "model.safetensors").unlink()
     (p["weights_dir"] / "model.safetensors").mkdir()
     p["no_offsets"] = _variant(root, src, "no_offsets")
-    _safetensors_with_header(p["no_offsets"] / "model.safetensors", lambda h: h["model.norm.weight"].pop("data_offsets"))
+    _safetensors_with_header(
+        p["no_offsets"] / "model.safetensors", lambda h: h["model.norm.weight"].pop("data_offsets")
+    )
     p["bad_dtype"] = _variant(root, src, "bad_dtype")
-    _safetensors_with_header(p["bad_dtype"] / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype="F33"))
-    p["missing_tensor"] = _variant(root, src, "missing_tensor", tensors=lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
-    p["extra_tensor"] = _variant(root, src, "extra_tensor", tensors=lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}))
-    p["wrong_shape"] = _variant(root, src, "wrong_shape", tensors=lambda s: s.update(
-        {"model.layers.2.self_attn.k_proj.weight": s["model.layers.2.self_attn.k_proj.weight"][:16].clone()}))
+    _safetensors_with_header(
+        p["bad_dtype"] / "model.safetensors", lambda h: h["model.norm.weight"].update(dtype="F33")
+    )
+    p["missing_tensor"] = _variant(
+        root, src, "missing_tensor", tensors=lambda s: s.pop("model.layers.1.mlp.up_proj.weight")
+    )
+    p["extra_tensor"] = _variant(
+        root,
+        src,
+        "extra_tensor",
+        tensors=lambda s: s.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}),
+    )
+    p["wrong_shape"] = _variant(
+        root,
+        src,
+        "wrong_shape",
+        tensors=lambda s: s.update(
+            {
+                "model.layers.2.self_attn.k_proj.weight": s["model.layers.2.self_attn.k_proj.weight"][
+                    :16
+                ].clone()
+            }
+        ),
+    )
     for name in ("shard_missing", "shard_misplaced"):
         folder = p[name] = _variant(root, src, name)
         state = load_file(folder / "model.safetensors")
         (folder / "model.safetensors").unlink()
         keys = sorted(state)
-        halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+        halves = {
+            "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+            "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+        }
         for shard, names in halves.items():
             save_file({k: state[k] for k in names}, folder / shard, metadata={"format": "pt"})
         weight_map = {k: shard for shard, names in halves.items() for k in names}
@@ -278,29 +467,55 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
             (folder / "model-00002-of-00002.safetensors").unlink()
         else:
             weight_map[keys[0]] = "model-00002-of-00002.safetensors"
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     p["bad_gguf"] = root / "broken.gguf"
     p["bad_gguf"].write_bytes(b"GGUF" + os.urandom(200))
     p["calib_dir"] = root / "calib_dir"
     p["calib_dir"].mkdir()
     (p["calib_dir"] / "c.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:40]))
     p["model_copy"] = _variant(root, src, "model_copy")
-    p["config_type_list"] = _variant(root, src, "config_type_list", config=lambda c: c.update(model_type=["llama"]))
-    p["million_layers"] = _variant(root, src, "million_layers", config=lambda c: c.update(num_hidden_layers=1_000_000))
-    p["nan_weights"] = _variant(root, src, "nan_weights", tensors=lambda s: s["model.layers.3.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")))
+    p["config_type_list"] = _variant(
+        root, src, "config_type_list", config=lambda c: c.update(model_type=["llama"])
+    )
+    p["million_layers"] = _variant(
+        root, src, "million_layers", config=lambda c: c.update(num_hidden_layers=1_000_000)
+    )
+    p["nan_weights"] = _variant(
+        root,
+        src,
+        "nan_weights",
+        tensors=lambda s: s["model.layers.3.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")),
+    )
     p["corrupt_history"] = _variant(root, src, "corrupt_history")
     (p["corrupt_history"] / "llmsurgery_history.json").write_text('{"source": 3}')
     # Foreign modeling code: importing it leaves a marker file, so a test can tell whether it ran.
     marker = root / MARKER
-    code = (f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-            "from transformers import LlamaForCausalLM\n\nclass XForCausalLM(LlamaForCausalLM):\n    pass\n")
-    p["foreign"] = _variant(root, src, "foreign", config=lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"}))
+    code = (
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM\n\nclass XForCausalLM(LlamaForCausalLM):\n    pass\n"
+    )
+    p["foreign"] = _variant(
+        root,
+        src,
+        "foreign",
+        config=lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"}),
+    )
     (p["foreign"] / "modeling_x.py").write_text(code)
     p["forged"] = _variant(root, p["foreign"], "forged")
-    (p["forged"] / "llmsurgery_history.json").write_text(json.dumps(
-        {"format": "llmsurgery-history/1", "source": {"id": "x", "kind": "folder"}, "passes": []}))
-    p["tampered"] = _variant(root, src, "tampered", config=lambda c: c.update(
-        architectures=["LlmsurgeryLlamaForCausalLM"], auto_map={"AutoModelForCausalLM": "modeling_llmsurgery.LlmsurgeryLlamaForCausalLM"}))
+    (p["forged"] / "llmsurgery_history.json").write_text(
+        json.dumps({"format": "llmsurgery-history/1", "source": {"id": "x", "kind": "folder"}, "passes": []})
+    )
+    p["tampered"] = _variant(
+        root,
+        src,
+        "tampered",
+        config=lambda c: c.update(
+            architectures=["LlmsurgeryLlamaForCausalLM"],
+            auto_map={"AutoModelForCausalLM": "modeling_llmsurgery.LlmsurgeryLlamaForCausalLM"},
+        ),
+    )
     for shipped in (REMOTE_CODE, REMOTE_CODE.with_name("llmsurgery_sparse_kernel.py")):
         shutil.copyfile(shipped, p["tampered"] / shipped.name)
     with (p["tampered"] / REMOTE_CODE.name).open("a") as handle:
@@ -317,7 +532,9 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     p["short_txt"] = root / "short.txt"
     p["short_txt"].write_text("A few words only.")
     # Recipes.
-    head = f"version: 1\nmodel: {src}\noutput: {root / 'recipe_out'}\ncalibration: {{samples: 2, seq-len: 32}}\n"
+    head = (
+        f"version: 1\nmodel: {src}\noutput: {root / 'recipe_out'}\ncalibration: {{samples: 2, seq-len: 32}}\n"
+    )
     prune = "passes:\n  - pass: prune-bi\n    remove: 1\n"
     gate = "eval:\n  tasks: [news_ppl]\n  limit: 1\n  gates:\n    news_ppl.{}: {{max_ratio: 2}}\n"
     p["recipe_ok"] = _recipe(root, "ok", head + prune)
@@ -330,24 +547,50 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     p["recipe_list"] = _recipe(root, "list", "- 1\n- 2\n")
     p["recipe_duplicate"] = _recipe(root, "duplicate", head + prune + "    remove: 2\n")
     p["recipe_no_pass_key"] = _recipe(root, "no_pass_key", head + "passes:\n  - prune-bi: {remove: 2}\n")
-    p["recipe_unknown_pass"] = _recipe(root, "unknown_pass", head + "passes:\n  - pass: prune-bo\n    remove: 1\n")
+    p["recipe_unknown_pass"] = _recipe(
+        root, "unknown_pass", head + "passes:\n  - pass: prune-bo\n    remove: 1\n"
+    )
     p["recipe_typo"] = _recipe(root, "typo", head + "passes:\n  - pass: prune-bi\n    remvoe: 1\n")
     p["recipe_nan"] = _recipe(root, "nan", head + "passes:\n  - pass: prune-bi\n    ratio: .nan\n")
     p["recipe_gate_metric"] = _recipe(root, "gate_metric", head + prune + gate.format("acc"))
-    p["recipe_gate_task"] = _recipe(root, "gate_task", head + prune + gate.format("word_perplexity").replace("news_ppl.", "pydoc_ppl."))
+    p["recipe_gate_task"] = _recipe(
+        root, "gate_task", head + prune + gate.format("word_perplexity").replace("news_ppl.", "pydoc_ppl.")
+    )
     p["recipe_device"] = _recipe(root, "device", head + "device: tpu\n" + prune)
-    p["recipe_into_input"] = _recipe(root, "into_input", head.replace(str(root / "recipe_out"), str(src)) + prune)
-    p["recipe_no_output"] = _recipe(root, "no_output", head.replace(f"output: {root / 'recipe_out'}\n", "") + prune)
-    p["recipe_heal_removed"] = _recipe(root, "heal_removed", head + prune + "  - pass: heal\n    steps: 2\n    removed: [99]\n")
+    p["recipe_into_input"] = _recipe(
+        root, "into_input", head.replace(str(root / "recipe_out"), str(src)) + prune
+    )
+    p["recipe_no_output"] = _recipe(
+        root, "no_output", head.replace(f"output: {root / 'recipe_out'}\n", "") + prune
+    )
+    p["recipe_heal_removed"] = _recipe(
+        root, "heal_removed", head + prune + "  - pass: heal\n    steps: 2\n    removed: [99]\n"
+    )
     kv = "  - pass: kv-compress\n    budget: 0.5\n    train: false\n    uniform: true\n"
-    p["recipe_prune_all"] = _recipe(root, "prune_all", head + "passes:\n" + "  - pass: prune-bi\n    remove: 3\n" * 2)
+    p["recipe_prune_all"] = _recipe(
+        root, "prune_all", head + "passes:\n" + "  - pass: prune-bi\n    remove: 3\n" * 2
+    )
     p["recipe_kv_twice"] = _recipe(root, "kv_twice", head + "passes:\n" + kv * 2)
-    p["recipe_rotate_twice"] = _recipe(root, "rotate_twice", head + "passes:\n" + "  - pass: rotate-sparsify\n    sparsity: 0.3\n" * 2)
-    p["recipe_qk_then_kv"] = _recipe(root, "qk_then_kv", head + "passes:\n  - pass: absorb\n    pairs: [vo, qk]\n" + kv)
-    p["recipe_kv_then_qk"] = _recipe(root, "kv_then_qk", head + "passes:\n" + kv + "  - pass: absorb\n    pairs: [vo, qk]\n")
-    p["recipe_heal_after_two"] = _recipe(root, "heal_after_two", head + "passes:\n" + "  - pass: prune-bi\n    remove: 1\n" * 2
-                                         + "  - pass: heal\n    steps: 2\n    removed: [0, 1, 2]\n")
-    p["recipe_calib"] = _recipe(root, "calib", head.replace("{samples", f"{{source: {p['binary_txt']}, samples") + prune)
+    p["recipe_rotate_twice"] = _recipe(
+        root, "rotate_twice", head + "passes:\n" + "  - pass: rotate-sparsify\n    sparsity: 0.3\n" * 2
+    )
+    p["recipe_qk_then_kv"] = _recipe(
+        root, "qk_then_kv", head + "passes:\n  - pass: absorb\n    pairs: [vo, qk]\n" + kv
+    )
+    p["recipe_kv_then_qk"] = _recipe(
+        root, "kv_then_qk", head + "passes:\n" + kv + "  - pass: absorb\n    pairs: [vo, qk]\n"
+    )
+    p["recipe_heal_after_two"] = _recipe(
+        root,
+        "heal_after_two",
+        head
+        + "passes:\n"
+        + "  - pass: prune-bi\n    remove: 1\n" * 2
+        + "  - pass: heal\n    steps: 2\n    removed: [0, 1, 2]\n",
+    )
+    p["recipe_calib"] = _recipe(
+        root, "calib", head.replace("{samples", f"{{source: {p['binary_txt']}, samples") + prune
+    )
     return p
 
 
@@ -397,8 +640,21 @@ def test_bad_input_is_one_line_and_exit_2(places, capsys, command, args, words):
 
 def test_json_may_go_into_the_output_folder(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, stderr = _run_main(["prune", "--bi", str(tiny_models["llama"]), "-o", str(out), "--remove", "1", "--json",
-                                 str(out / "report.json"), *TINY], capsys)
+    code, _, stderr = _run_main(
+        [
+            "prune",
+            "--bi",
+            str(tiny_models["llama"]),
+            "-o",
+            str(out),
+            "--remove",
+            "1",
+            "--json",
+            str(out / "report.json"),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     assert json.loads((out / "report.json").read_text())["removed_layers"]
 
@@ -417,22 +673,32 @@ def test_foreign_code_runs_only_with_the_flag(places, tmp_path, capsys):
     marker = places["missing"].parent / MARKER
     code, _, stderr = _run_main(["convert", str(places["forged"]), "-o", str(tmp_path / "a")], capsys)
     assert code == 2 and "--trust-remote-code" in stderr and not marker.exists()
-    code, _, stderr = _run_main(["convert", str(places["forged"]), "-o", str(tmp_path / "b"), "--trust-remote-code"], capsys)
+    code, _, stderr = _run_main(
+        ["convert", str(places["forged"]), "-o", str(tmp_path / "b"), "--trust-remote-code"], capsys
+    )
     assert code == 0, stderr
     assert marker.exists()  # the flag, and only the flag, ran it
     marker.unlink()
-    code, _, stderr = _run_main(["inspect", str(tmp_path / "b")], capsys)  # the output still carries foreign code ...
+    code, _, stderr = _run_main(
+        ["inspect", str(tmp_path / "b")], capsys
+    )  # the output still carries foreign code ...
     assert code == 0
     code, _, stderr = _run_main(["convert", str(tmp_path / "b"), "-o", str(tmp_path / "c")], capsys)
-    assert code == 2 and "--trust-remote-code" in stderr and not marker.exists()  # ... so it needs the flag again
+    assert (
+        code == 2 and "--trust-remote-code" in stderr and not marker.exists()
+    )  # ... so it needs the flag again
 
 
 def test_llmsurgery_outputs_load_without_the_flag_and_run_no_folder_code(tiny_models, tmp_path, capsys):
     """A genuine absorb output loads with the installed classes; an edited copy of its modeling file is refused."""
     out = tmp_path / "absorbed"
-    code, _, stderr = _run_main(["absorb", str(tiny_models["llama"]), "-o", str(out), "--criterion", "weight"], capsys)
+    code, _, stderr = _run_main(
+        ["absorb", str(tiny_models["llama"]), "-o", str(out), "--criterion", "weight"], capsys
+    )
     assert code == 0, stderr
-    code, _, stderr = _run_main(["prune", "--bi", str(out), "-o", str(tmp_path / "pruned"), "--remove", "1", *TINY], capsys)
+    code, _, stderr = _run_main(
+        ["prune", "--bi", str(out), "-o", str(tmp_path / "pruned"), "--remove", "1", *TINY], capsys
+    )
     assert code == 0, stderr
     with (out / "llmsurgery_sparse_kernel.py").open("a") as handle:
         handle.write("\n# edited\n")

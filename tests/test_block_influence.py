@@ -8,7 +8,13 @@ from helpers import PROMPT, logits_of, run_cli, stock_load
 from llmsurgery.arch import arch_for, decoder_layers, get_submodule
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import PruneBI, capture_residuals, choose_layers, remove_layers_, score_layers
+from llmsurgery.passes.block_influence import (
+    PruneBI,
+    capture_residuals,
+    choose_layers,
+    remove_layers_,
+    score_layers,
+)
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 
@@ -31,7 +37,12 @@ def test_scores_match_the_definition(tiny_model):
     n_layers = len(states[0]) - 1
     expected = []
     for i in range(n_layers):
-        cos = torch.cat([torch.nn.functional.cosine_similarity(hs[i][0].double(), hs[i + 1][0].double(), dim=-1) for hs in states])
+        cos = torch.cat(
+            [
+                torch.nn.functional.cosine_similarity(hs[i][0].double(), hs[i + 1][0].double(), dim=-1)
+                for hs in states
+            ]
+        )
         expected.append(1 - cos.mean().item())
     assert scores == pytest.approx(expected, abs=1e-6)
     assert removed == sorted(sorted(range(n_layers), key=lambda i: expected[i])[:2])
@@ -47,7 +58,11 @@ def test_angular_block_matches_definition(tiny_models):
     for start in range(len(states[0]) - 2):
         a = torch.stack([hs[start][0, -1].double() for hs in states])
         b = torch.stack([hs[start + 2][0, -1].double() for hs in states])
-        expected.append((torch.arccos(torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)) / math.pi).mean().item())
+        expected.append(
+            (torch.arccos(torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)) / math.pi)
+            .mean()
+            .item()
+        )
     assert scores == pytest.approx(expected, abs=1e-6)
     start = min(range(len(expected)), key=expected.__getitem__)
     assert removed == [start, start + 1]
@@ -65,7 +80,11 @@ def _skip_layers(model, skipped):
     handles = []
     for i in skipped:
         layer = decoder_layers(model)[i]
-        handles.append(layer.register_forward_hook(lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True))
+        handles.append(
+            layer.register_forward_hook(
+                lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+            )
+        )
     return handles
 
 
@@ -87,8 +106,12 @@ def test_removal_equals_skipping_and_reloads(tiny_model, tmp_path):
     loaded.model.save_pretrained(tmp_path / "m")
     reloaded = stock_load(tmp_path / "m")
     torch.testing.assert_close(logits_of(reloaded), expected, rtol=1e-5, atol=1e-5)
-    generated = reloaded.generate(PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True)
-    no_cache = reloaded.generate(PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False)
+    generated = reloaded.generate(
+        PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True
+    )
+    no_cache = reloaded.generate(
+        PROMPT, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False
+    )
     assert generated.shape[1] == PROMPT.shape[1] + 12 and torch.equal(generated, no_cache)
 
 
@@ -119,8 +142,25 @@ def test_error_grows_with_layers_removed(tiny_models):
 
 def test_prune_cli_writes_standard_checkpoint(tiny_models, tmp_path):
     out, plot = tmp_path / "pruned", tmp_path / "bi.png"
-    result = run_cli("prune", "--bi", tiny_models["gemma3_text"], "--remove", "2", "--output", out, "--calib", "pydoc",
-                     "--calib-samples", "3", "--calib-seq-len", "48", "--plot", plot, "--json", tmp_path / "r.json")
+    result = run_cli(
+        "prune",
+        "--bi",
+        tiny_models["gemma3_text"],
+        "--remove",
+        "2",
+        "--output",
+        out,
+        "--calib",
+        "pydoc",
+        "--calib-samples",
+        "3",
+        "--calib-seq-len",
+        "48",
+        "--plot",
+        plot,
+        "--json",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     assert plot.stat().st_size > 1000
     import json
@@ -135,8 +175,20 @@ def test_prune_cli_writes_standard_checkpoint(tiny_models, tmp_path):
 
 
 def test_scores_only_writes_nothing(tiny_models, tmp_path):
-    result = run_cli("prune", "--bi", tiny_models["llama"], "--ratio", "0.34", "--scores-only", "--calib", "pydoc",
-                     "--calib-samples", "2", "--calib-seq-len", "32")
+    result = run_cli(
+        "prune",
+        "--bi",
+        tiny_models["llama"],
+        "--ratio",
+        "0.34",
+        "--scores-only",
+        "--calib",
+        "pydoc",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+    )
     assert result.exit_code == 0, result.output
     assert "layers to remove (0-based)" in result.output and "block influence" in result.output
     assert list(tmp_path.iterdir()) == []
@@ -145,9 +197,30 @@ def test_scores_only_writes_nothing(tiny_models, tmp_path):
 def test_prune_with_eval_compares_to_original(tiny_models, tmp_path):
     import json
 
-    result = run_cli("prune", "--bi", tiny_models["qwen2"], "--remove", "1", "--output", tmp_path / "p", "--calib", "pydoc",
-                     "--calib-samples", "2", "--calib-seq-len", "32", "--eval", "pydoc_ppl", "--eval-limit", "2")
+    result = run_cli(
+        "prune",
+        "--bi",
+        tiny_models["qwen2"],
+        "--remove",
+        "1",
+        "--output",
+        tmp_path / "p",
+        "--calib",
+        "pydoc",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "32",
+        "--eval",
+        "pydoc_ppl",
+        "--eval-limit",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "p" / "llmsurgery_history.json").read_text())["passes"][0]["eval"]
     ppl = next(r for r in rows if r["metric"] == "word_perplexity")
-    assert ppl["baseline"] > 1 and ppl["value"] > 1 and ppl["ratio"] == pytest.approx(ppl["value"] / ppl["baseline"])
+    assert (
+        ppl["baseline"] > 1
+        and ppl["value"] > 1
+        and ppl["ratio"] == pytest.approx(ppl["value"] / ppl["baseline"])
+    )

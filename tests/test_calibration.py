@@ -6,7 +6,12 @@ from conftest import build_tokenizer
 
 from llmsurgery.builtin_tasks import build_cloze_items, task_dir
 from llmsurgery.calibration import CalibConfig, calibration_batches
-from llmsurgery.corpora import builtin_documents, calibration_documents, evaluation_documents, source_documents
+from llmsurgery.corpora import (
+    builtin_documents,
+    calibration_documents,
+    evaluation_documents,
+    source_documents,
+)
 from llmsurgery.errors import UserError
 
 
@@ -26,7 +31,9 @@ def test_calibration_and_evaluation_parts_never_overlap(corpus):
 
 
 def test_news_corpus_is_the_lee_articles():
-    assert len(builtin_documents("news")) == 293 and len(evaluation_documents("news")) == 58  # 300 lines, 7 repeats
+    assert (
+        len(builtin_documents("news")) == 293 and len(evaluation_documents("news")) == 58
+    )  # 300 lines, 7 repeats
 
 
 def test_same_options_same_batches(tokenizer):

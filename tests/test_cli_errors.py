@@ -32,16 +32,24 @@ def broken_models(tiny_models, tmp_path):
     unsupported = tmp_path / "unsupported"
     shutil.copytree(src, unsupported)
     config = json.loads((unsupported / "config.json").read_text())
-    (unsupported / "config.json").write_text(json.dumps(config | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (unsupported / "config.json").write_text(
+        json.dumps(config | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     return {"no_config": no_config, "truncated": truncated, "garbage": garbage, "unsupported": unsupported}
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no_config", "no config.json"),
-    ("truncated", "truncated"),
-    ("garbage", "corrupt"),
-    ("unsupported", "unsupported architecture 'gpt2'; supported: gemma3_text, llama, mistral, qwen2, qwen3"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no_config", "no config.json"),
+        ("truncated", "truncated"),
+        ("garbage", "corrupt"),
+        (
+            "unsupported",
+            "unsupported architecture 'gpt2'; supported: gemma3_text, llama, mistral, qwen2, qwen3",
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["convert", "prune"])
 def test_bad_models(broken_models, tmp_path, case, message, command):
     model = broken_models[case]
@@ -77,22 +85,38 @@ def test_existing_output(tiny_models, tmp_path):
     assert "already exists" in line and (out / "mine.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--remove", "6"], "cannot remove 6 of 6 layers"),
-    (["--remove", "60"], "cannot remove 60 of 6 layers"),
-    (["--remove", "0"], "greater than or equal to 1"),
-    (["--remove", "-2"], "greater than or equal to 1"),
-    (["--ratio", "1.5"], "less than 1"),
-    (["--ratio", "0"], "greater than 0"),
-    (["--remove", "1", "--ratio", "0.2"], "exactly one of remove and ratio"),
-    ([], "exactly one of remove and ratio"),
-    (["--remove", "1", "--metric", "cosine"], "--metric: Input should be 'bi' or 'angular'"),
-    (["--remove", "1", "--metric", "angular"], "--block"),
-    (["--remove", "1", "--calib", "nonexistent_corpus"], "calibration source 'nonexistent_corpus'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--remove", "6"], "cannot remove 6 of 6 layers"),
+        (["--remove", "60"], "cannot remove 60 of 6 layers"),
+        (["--remove", "0"], "greater than or equal to 1"),
+        (["--remove", "-2"], "greater than or equal to 1"),
+        (["--ratio", "1.5"], "less than 1"),
+        (["--ratio", "0"], "greater than 0"),
+        (["--remove", "1", "--ratio", "0.2"], "exactly one of remove and ratio"),
+        ([], "exactly one of remove and ratio"),
+        (["--remove", "1", "--metric", "cosine"], "--metric: Input should be 'bi' or 'angular'"),
+        (["--remove", "1", "--metric", "angular"], "--block"),
+        (["--remove", "1", "--calib", "nonexistent_corpus"], "calibration source 'nonexistent_corpus'"),
+    ],
+)
 def test_bad_prune_amounts(tiny_models, tmp_path, args, message):
     out = tmp_path / "out"
-    line = _one_error_line(run_cli("prune", "--bi", tiny_models["llama"], "--output", out, "--calib-samples", "2", "--calib-seq-len", "32", *args))
+    line = _one_error_line(
+        run_cli(
+            "prune",
+            "--bi",
+            tiny_models["llama"],
+            "--output",
+            out,
+            "--calib-samples",
+            "2",
+            "--calib-seq-len",
+            "32",
+            *args,
+        )
+    )
     assert message in line and not out.exists()
 
 
@@ -113,7 +137,11 @@ def test_usage_errors_are_one_line_too():
     import sys
 
     for args in (["prune", "--bi", "smollm2-135m", "--remove", "abc", "-o", "x"], ["evl"]):
-        proc = subprocess.run([sys.executable, "-c", "from llmsurgery.cli import run; run()", *args], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", "from llmsurgery.cli import run; run()", *args],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 2
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr

@@ -7,9 +7,15 @@ from llmsurgery.model_io import load_model
 
 
 def test_tiny_model_scores_through_lm_eval(tiny_models):
-    metrics = evaluate_model(load_model(str(tiny_models["qwen3"])), ["news_ppl", "news_cloze"], limit=3, batch_size=4)
+    metrics = evaluate_model(
+        load_model(str(tiny_models["qwen3"])), ["news_ppl", "news_cloze"], limit=3, batch_size=4
+    )
     by_name = {(m.task, m.name): m.value for m in metrics}
-    assert set(by_name) >= {("news_ppl", "word_perplexity"), ("news_ppl", "bits_per_byte"), ("news_cloze", "acc")}
+    assert set(by_name) >= {
+        ("news_ppl", "word_perplexity"),
+        ("news_ppl", "bits_per_byte"),
+        ("news_cloze", "acc"),
+    }
     assert all(math.isfinite(v) for v in by_name.values())
     assert by_name[("news_ppl", "word_perplexity")] > 1
 
@@ -22,8 +28,18 @@ def test_compare_rows():
 def test_eval_cli_with_baseline(tiny_models, tmp_path):
     import json
 
-    result = run_cli("eval", tiny_models["llama"], "--baseline", tiny_models["mistral"], "--tasks", "pydoc_ppl", "--limit", "2",
-                     "--json", tmp_path / "r.json")
+    result = run_cli(
+        "eval",
+        tiny_models["llama"],
+        "--baseline",
+        tiny_models["mistral"],
+        "--tasks",
+        "pydoc_ppl",
+        "--limit",
+        "2",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
     assert {"baseline", "diff", "ratio"} <= set(rows[0]) and "(baseline)" in result.output

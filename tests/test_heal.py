@@ -39,9 +39,13 @@ def test_gap_neighbours_and_removed_from_history():
     assert gap_neighbours([2, 3], 6) == [1, 2]  # teacher layers 1 and 4 -> student 1 and 2
     assert gap_neighbours([0], 4) == [0]
     assert gap_neighbours([5], 6) == [4]
-    history = {"passes": [{"pass": "block_influence", "report": {"removed_layers": [1], "layers_before": 6}},
-                          {"pass": "absorb", "report": {}},
-                          {"pass": "block_influence", "report": {"removed_layers": [1, 3], "layers_before": 5}}]}
+    history = {
+        "passes": [
+            {"pass": "block_influence", "report": {"removed_layers": [1], "layers_before": 6}},
+            {"pass": "absorb", "report": {}},
+            {"pass": "block_influence", "report": {"removed_layers": [1, 3], "layers_before": 5}},
+        ]
+    }
     assert removed_from_history(history) == ([1, 2, 4], 6)  # second prune's 1 and 3 are the original 2 and 4
     assert removed_from_history({"passes": []}) is None
 
@@ -49,7 +53,9 @@ def test_gap_neighbours_and_removed_from_history():
 def test_heal_lowers_held_out_kl_on_every_architecture(tiny_model, tmp_path):
     pruned = _pruned(tiny_model, tmp_path)
     healed = tmp_path / "healed"
-    result = run_cli("heal", pruned, "--teacher", tiny_model, "--output", healed, *HEAL, "--json", tmp_path / "heal.json")
+    result = run_cli(
+        "heal", pruned, "--teacher", tiny_model, "--output", healed, *HEAL, "--json", tmp_path / "heal.json"
+    )
     assert result.exit_code == 0, result.output
     before, after = held_out_kl(pruned, tiny_model), held_out_kl(healed, tiny_model)
     assert after < before, (before, after)
@@ -57,10 +63,16 @@ def test_heal_lowers_held_out_kl_on_every_architecture(tiny_model, tmp_path):
     history = json.loads((healed / "llmsurgery_history.json").read_text())
     prune_report = history["passes"][0]["report"]
     entry = history["passes"][-1]
-    assert entry["pass"] == "heal" and entry["report"]["removed_layers"] == sorted(prune_report["removed_layers"])
+    assert entry["pass"] == "heal" and entry["report"]["removed_layers"] == sorted(
+        prune_report["removed_layers"]
+    )
     assert entry["report"]["steps"] == 12 and entry["report"]["tokens"] == 12 * 2 * 48
-    assert len(entry["report"]["loss_curve"]) == 12 and report["trained_parameter_count"] == sum(report["trained_parameters"].values())
-    assert any(".mlp." in name for name in report["trained_parameters"]) and any("norm" in name for name in report["trained_parameters"])
+    assert len(entry["report"]["loss_curve"]) == 12 and report["trained_parameter_count"] == sum(
+        report["trained_parameters"].values()
+    )
+    assert any(".mlp." in name for name in report["trained_parameters"]) and any(
+        "norm" in name for name in report["trained_parameters"]
+    )
     assert report["held_out_kl_after"] < report["held_out_kl_before"] and report["kept"]
     model = stock_load(healed)  # a standard checkpoint: no remote code
     assert not (healed / "modeling_llmsurgery.py").exists()
@@ -72,9 +84,16 @@ def test_heal_lowers_held_out_kl_on_every_architecture(tiny_model, tmp_path):
 def test_only_the_chosen_tensors_change(tiny_models, tmp_path):
     pruned = _pruned(tiny_models["llama"], tmp_path)
     healed = tmp_path / "healed"
-    assert run_cli("heal", pruned, "--output", healed, *HEAL, "--train", "mlp-near-gaps").exit_code == 0  # teacher from the history
+    assert (
+        run_cli("heal", pruned, "--output", healed, *HEAL, "--train", "mlp-near-gaps").exit_code == 0
+    )  # teacher from the history
     a, b = load_model(str(pruned)).model.state_dict(), load_model(str(healed)).model.state_dict()
-    near = gap_neighbours(json.loads((healed / "llmsurgery_history.json").read_text())["passes"][-1]["report"]["removed_layers"], 6)
+    near = gap_neighbours(
+        json.loads((healed / "llmsurgery_history.json").read_text())["passes"][-1]["report"][
+            "removed_layers"
+        ],
+        6,
+    )
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     assert changed == {k for k in a if ".mlp." in k and int(k.split(".")[2]) in near}
 
@@ -82,12 +101,42 @@ def test_only_the_chosen_tensors_change(tiny_models, tmp_path):
 def test_prune_heal_in_one_go_equals_prune_then_heal(tiny_models, tmp_path):
     tiny = tiny_models["qwen2"]
     both = tmp_path / "both"
-    result = run_cli("prune", tiny, "--bi", "--remove", "2", "--output", both, *CALIB, "--heal", "--heal-steps", "12", "--heal-lr", "3e-3")
+    result = run_cli(
+        "prune",
+        tiny,
+        "--bi",
+        "--remove",
+        "2",
+        "--output",
+        both,
+        *CALIB,
+        "--heal",
+        "--heal-steps",
+        "12",
+        "--heal-lr",
+        "3e-3",
+    )
     assert result.exit_code == 0, result.output
     # the same by hand: the teacher (shared with the pruned model in memory) must have stayed the original
     pruned = _pruned(tiny, tmp_path)
     healed = tmp_path / "healed"
-    assert run_cli("heal", pruned, "--teacher", tiny, "--output", healed, "--calib", "pydoc", "--steps", "12", "--lr", "3e-3").exit_code == 0
+    assert (
+        run_cli(
+            "heal",
+            pruned,
+            "--teacher",
+            tiny,
+            "--output",
+            healed,
+            "--calib",
+            "pydoc",
+            "--steps",
+            "12",
+            "--lr",
+            "3e-3",
+        ).exit_code
+        == 0
+    )
     a, b = load_model(str(both)).model.state_dict(), load_model(str(healed)).model.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
@@ -101,7 +150,17 @@ def test_removed_layers_found_by_weights_and_unpruned_model_healed_all_the_same(
     remove_layers_(loaded.model, [1, 4])
     loaded.model.save_pretrained(tmp_path / "foreign")  # pruned elsewhere: no llmsurgery history
     loaded.tokenizer.save_pretrained(tmp_path / "foreign")
-    result = run_cli("heal", tmp_path / "foreign", "--teacher", tiny, "--output", tmp_path / "h1", *HEAL, "--json", tmp_path / "h1.json")
+    result = run_cli(
+        "heal",
+        tmp_path / "foreign",
+        "--teacher",
+        tiny,
+        "--output",
+        tmp_path / "h1",
+        *HEAL,
+        "--json",
+        tmp_path / "h1.json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "h1.json").read_text())["removed_layers"] == [1, 4]
     # nothing removed: a perturbed copy heals towards the teacher, training all MLPs and norms
@@ -112,17 +171,46 @@ def test_removed_layers_found_by_weights_and_unpruned_model_healed_all_the_same(
                 p.add_(0.05 * torch.randn_like(p))
     noisy.model.save_pretrained(tmp_path / "noisy")
     noisy.tokenizer.save_pretrained(tmp_path / "noisy")
-    result = run_cli("heal", tmp_path / "noisy", "--teacher", tiny, "--output", tmp_path / "h2", *HEAL, "--json", tmp_path / "h2.json")
+    result = run_cli(
+        "heal",
+        tmp_path / "noisy",
+        "--teacher",
+        tiny,
+        "--output",
+        tmp_path / "h2",
+        *HEAL,
+        "--json",
+        tmp_path / "h2.json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "h2.json").read_text())
-    assert report["removed_layers"] == [] and len([m for m in report["trained_modules"] if m.endswith(".mlp")]) == 6
+    assert (
+        report["removed_layers"] == []
+        and len([m for m in report["trained_modules"] if m.endswith(".mlp")]) == 6
+    )
     assert held_out_kl(tmp_path / "h2", tiny) < held_out_kl(tmp_path / "noisy", tiny)
 
 
 def test_a_harmful_heal_keeps_the_old_weights(tiny_models, tmp_path):
     pruned = _pruned(tiny_models["llama"], tmp_path)
-    result = run_cli("heal", pruned, "--output", tmp_path / "h", "--calib", "pydoc", "--calib-samples", "6", "--calib-seq-len", "48",
-                     "--steps", "6", "--lr", "30", "--json", tmp_path / "h.json")
+    result = run_cli(
+        "heal",
+        pruned,
+        "--output",
+        tmp_path / "h",
+        "--calib",
+        "pydoc",
+        "--calib-samples",
+        "6",
+        "--calib-seq-len",
+        "48",
+        "--steps",
+        "6",
+        "--lr",
+        "30",
+        "--json",
+        tmp_path / "h.json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "h.json").read_text())
     assert not report["kept"] and not report["held_out_kl_after"] <= report["held_out_kl_before"]
@@ -130,12 +218,15 @@ def test_a_harmful_heal_keeps_the_old_weights(tiny_models, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--train", "mlps"), "train takes"),
-    (("--removed", "0,x"), "--removed: takes 0-based"),
-    (("--removed", "0"), "does not match"),
-    (("--steps", "0"), "--steps"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--train", "mlps"), "train takes"),
+        (("--removed", "0,x"), "--removed: takes 0-based"),
+        (("--removed", "0"), "does not match"),
+        (("--steps", "0"), "--steps"),
+    ],
+)
 def test_bad_heal_options_fail_in_one_line(tiny_models, tmp_path, args, message):
     pruned = _pruned(tiny_models["llama"], tmp_path)
     result = run_cli("heal", pruned, "--output", tmp_path / "h", *HEAL, *args)
@@ -144,9 +235,19 @@ def test_bad_heal_options_fail_in_one_line(tiny_models, tmp_path, args, message)
 
 
 def test_heal_needs_a_teacher_it_can_use(tiny_models, tmp_path):
-    result = run_cli("heal", tiny_models["llama"], "--output", tmp_path / "h", *HEAL)  # no history names a source
+    result = run_cli(
+        "heal", tiny_models["llama"], "--output", tmp_path / "h", *HEAL
+    )  # no history names a source
     assert result.exit_code == 2 and "give --teacher" in result.output
-    result = run_cli("heal", tiny_models["llama"], "--teacher", tiny_models["gemma3_text"], "--output", tmp_path / "h", *HEAL)
+    result = run_cli(
+        "heal",
+        tiny_models["llama"],
+        "--teacher",
+        tiny_models["gemma3_text"],
+        "--output",
+        tmp_path / "h",
+        *HEAL,
+    )
     assert result.exit_code == 2 and "teacher" in result.output
     assert not (tmp_path / "h").exists()
 
@@ -154,9 +255,15 @@ def test_heal_needs_a_teacher_it_can_use(tiny_models, tmp_path):
 def test_heal_in_a_recipe_distils_towards_the_input_model(tiny_models, tmp_path):
     import yaml
 
-    recipe = {"version": 1, "model": str(tiny_models["llama"]), "calibration": {"source": "pydoc", "seed": 0},
-              "passes": [{"pass": "prune-bi", "remove": 2, "calib-samples": 3, "calib-seq-len": 48},
-                         {"pass": "heal", "steps": 6, "lr": 3e-3, "calib-samples": 12, "calib-seq-len": 48}]}
+    recipe = {
+        "version": 1,
+        "model": str(tiny_models["llama"]),
+        "calibration": {"source": "pydoc", "seed": 0},
+        "passes": [
+            {"pass": "prune-bi", "remove": 2, "calib-samples": 3, "calib-seq-len": 48},
+            {"pass": "heal", "steps": 6, "lr": 3e-3, "calib-samples": 12, "calib-seq-len": 48},
+        ],
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = run_cli("run", path, "--output", tmp_path / "out")

@@ -9,7 +9,12 @@ from llmsurgery.arch import arch_for, decoder_layers, get_submodule
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.modeling_llmsurgery import keep_top_k
-from llmsurgery.passes.larosa import RotateSparsify, normed_input_covariances, principal_rotation, rotate_sparsify_
+from llmsurgery.passes.larosa import (
+    RotateSparsify,
+    normed_input_covariances,
+    principal_rotation,
+    rotate_sparsify_,
+)
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 FOLDABLE = ["llama", "mistral", "qwen2", "qwen3"]
@@ -51,6 +56,7 @@ def _runtime_reference_(model, rotations, s_in, s_out):
             kept = keep_top_k(rotated, s_in)
             selections.append(kept != 0)
             return ((kept @ q.T) * (spec.norm_weight_offset + norm.weight.double())).to(output.dtype)
+
         return hook
 
     for layer, q in zip(decoder_layers(model), rotations):
@@ -58,7 +64,9 @@ def _runtime_reference_(model, rotations, s_in, s_out):
             norm = get_submodule(layer, path)
             norm.register_forward_hook(normed_hook(q, norm))
         for path in (spec.o_proj, spec.down_proj):
-            get_submodule(layer, path).register_forward_pre_hook(lambda m, args: (keep_top_k(args[0], s_out),))
+            get_submodule(layer, path).register_forward_pre_hook(
+                lambda m, args: (keep_top_k(args[0], s_out),)
+            )
     return selections
 
 
@@ -66,7 +74,10 @@ def _folded_selections(model):
     spec = arch_for(model)
     selections = []
     for layer in decoder_layers(model):
-        for path in (spec.attn_norm, spec.mlp_norm):  # registered after the sparsity hook: sees the Top-K'd output
+        for path in (
+            spec.attn_norm,
+            spec.mlp_norm,
+        ):  # registered after the sparsity hook: sees the Top-K'd output
             get_submodule(layer, path).register_forward_hook(lambda m, args, out: selections.append(out != 0))
     return selections
 
@@ -95,7 +106,11 @@ def test_error_grows_with_sparsity(tiny_models):
     for s in (0.2, 0.4, 0.6, 0.8):
         model = copy.deepcopy(loaded.model)
         rotate_sparsify_(model, batches, RotateSparsify(sparsity=s, split=(1.0, 1.0), calib=CALIB))
-        kls.append(torch.nn.functional.kl_div(torch.log_softmax(logits_of(model), -1), dense, log_target=True, reduction="batchmean").item())
+        kls.append(
+            torch.nn.functional.kl_div(
+                torch.log_softmax(logits_of(model), -1), dense, log_target=True, reduction="batchmean"
+            ).item()
+        )
     assert kls == sorted(kls) and kls[0] > 0, kls
 
 
@@ -103,8 +118,22 @@ def test_cli_writes_a_model_that_loads_with_remote_code(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "sparse"
-    result = run_cli("rotate-sparsify", tiny_models["qwen2"], "--sparsity", "0.4", "--output", out, "--calib", "pydoc",
-                     "--calib-samples", "3", "--calib-seq-len", "48", "--json", tmp_path / "r.json")
+    result = run_cli(
+        "rotate-sparsify",
+        tiny_models["qwen2"],
+        "--sparsity",
+        "0.4",
+        "--output",
+        out,
+        "--calib",
+        "pydoc",
+        "--calib-samples",
+        "3",
+        "--calib-seq-len",
+        "48",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sparsity_in"] == pytest.approx(0.32) and report["sparsity_out"] == pytest.approx(0.48)
@@ -113,7 +142,9 @@ def test_cli_writes_a_model_that_loads_with_remote_code(tiny_models, tmp_path):
     sparse = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     in_memory = load_model(str(out))  # llmsurgery trusts its own models without the flag
     torch.testing.assert_close(logits_of(sparse), logits_of(in_memory.model))
-    dense_again = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, sparsity_in=0.0, sparsity_out=0.0)
+    dense_again = AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, sparsity_in=0.0, sparsity_out=0.0
+    )
     original = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
     torch.testing.assert_close(logits_of(dense_again), logits_of(original), rtol=0, atol=1e-5)
     generated = sparse.generate(PROMPT, max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -121,18 +152,23 @@ def test_cli_writes_a_model_that_loads_with_remote_code(tiny_models, tmp_path):
 
 
 def test_gemma3_is_refused_with_one_line(tiny_models, tmp_path):
-    result = run_cli("rotate-sparsify", tiny_models["gemma3_text"], "--sparsity", "0.4", "--output", tmp_path / "o")
+    result = run_cli(
+        "rotate-sparsify", tiny_models["gemma3_text"], "--sparsity", "0.4", "--output", tmp_path / "o"
+    )
     assert result.exit_code == 2 and "cannot fold rotations into 'gemma3_text'" in result.output
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sparsity", "1.0"], "less than 1"),
-    (["--sparsity", "-0.1"], "greater than or equal to 0"),
-    (["--sparsity", "0.6", "--split", "0.8,1.8"], "outside [0, 1)"),
-    (["--sparsity", "0.4", "--split", "abc"], "--split: wants two numbers"),
-    (["--sparsity", "0.4", "--method", "random"], "--method: Input should be 'larosa' or 'magnitude'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sparsity", "1.0"], "less than 1"),
+        (["--sparsity", "-0.1"], "greater than or equal to 0"),
+        (["--sparsity", "0.6", "--split", "0.8,1.8"], "outside [0, 1)"),
+        (["--sparsity", "0.4", "--split", "abc"], "--split: wants two numbers"),
+        (["--sparsity", "0.4", "--method", "random"], "--method: Input should be 'larosa' or 'magnitude'"),
+    ],
+)
 def test_bad_options(tiny_models, tmp_path, args, message):
     result = run_cli("rotate-sparsify", tiny_models["llama"], "--output", tmp_path / "o", *args)
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "o").exists()

@@ -11,15 +11,35 @@ from llmsurgery.passes.matryoshka_kv import KVCompress, cayley, kv_compress_, pr
 PCA = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 TRAIN = CalibConfig(source="pydoc", samples=6, seq_len=32, seed=1)
 SEARCH = CalibConfig(source="pydoc", samples=1, seq_len=32, seed=2)
-CALIB_ARGS = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48", "--train-samples", "6", "--train-seq-len", "32",
-              "--search-samples", "1", "--search-seq-len", "32")
+CALIB_ARGS = (
+    "--calib",
+    "pydoc",
+    "--calib-samples",
+    "3",
+    "--calib-seq-len",
+    "48",
+    "--train-samples",
+    "6",
+    "--train-seq-len",
+    "32",
+    "--search-samples",
+    "1",
+    "--search-seq-len",
+    "32",
+)
 
 
 def _compressed(folder, **knobs):
     loaded = load_model(str(folder))
-    cfg = KVCompress(calib=PCA, train_samples=6, train_seq_len=32, search_samples=1, search_seq_len=32, **knobs)
+    cfg = KVCompress(
+        calib=PCA, train_samples=6, train_seq_len=32, search_samples=1, search_seq_len=32, **knobs
+    )
     tok = loaded.tokenizer
-    batches = {"pca": calibration_batches(tok, PCA), "train": calibration_batches(tok, TRAIN), "search": calibration_batches(tok, SEARCH)}
+    batches = {
+        "pca": calibration_batches(tok, PCA),
+        "train": calibration_batches(tok, TRAIN),
+        "search": calibration_batches(tok, SEARCH),
+    }
     report = kv_compress_(loaded.model, cfg, batches)
     return loaded, report
 
@@ -46,30 +66,45 @@ def test_cayley_is_orthogonal_and_pca_basis_is_proper():
 def test_full_budget_reproduces_logits_before_and_after_training(tiny_model, v_init, tmp_path):
     expected = logits_of(load_model(str(tiny_model)).model)
     for train in (False, True):
-        loaded, report = _compressed(tiny_model, budget=1.0, train=train, train_steps=3, uniform=True, v_init=v_init)
+        loaded, report = _compressed(
+            tiny_model, budget=1.0, train=train, train_steps=3, uniform=True, v_init=v_init
+        )
         assert report["budget_reached"] == 1.0
         # float64 folding of float32 weights; trained U stays orthogonal: observed max |diff| ~1e-6
         torch.testing.assert_close(logits_of(loaded.model), expected, rtol=0, atol=2e-4)
     save_model(loaded, tmp_path / "full", new_passes=[])
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full", trust_remote_code=True, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "full", trust_remote_code=True, dtype=torch.float32
+    ).eval()
     torch.testing.assert_close(logits_of(model), expected, rtol=0, atol=2e-4)
     with torch.no_grad():
-        cached = model.generate(PROMPT[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True)
-        uncached = model.generate(PROMPT[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False)
+        cached = model.generate(
+            PROMPT[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=True
+        )
+        uncached = model.generate(
+            PROMPT[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False
+        )
     assert torch.equal(cached, uncached)
 
 
 def test_error_grows_as_the_budget_shrinks(tiny_models):
     expected = logits_of(load_model(str(tiny_models["llama"])).model)
-    kls = [_kl(expected, logits_of(_compressed(tiny_models["llama"], budget=b, train=False, uniform=True)[0].model))
-           for b in (0.75, 0.5, 0.25)]
+    kls = [
+        _kl(
+            expected,
+            logits_of(_compressed(tiny_models["llama"], budget=b, train=False, uniform=True)[0].model),
+        )
+        for b in (0.75, 0.5, 0.25)
+    ]
     assert 0 < kls[0] < kls[1] < kls[2], kls
 
 
 def test_training_lowers_the_loss_and_search_meets_the_budget(tiny_models):
-    loaded, report = _compressed(tiny_models["qwen2"], budget=0.5, train=True, train_steps=24, lr=1e-2, batch_size=2)
+    loaded, report = _compressed(
+        tiny_models["qwen2"], budget=0.5, train=True, train_steps=24, lr=1e-2, batch_size=2
+    )
     curve = report["loss_curve"]
     assert len(curve) == 24 and sum(curve[-6:]) < sum(curve[:6])
     assert report["budget_reached"] <= 0.5
@@ -79,11 +114,21 @@ def test_training_lowers_the_loss_and_search_meets_the_budget(tiny_models):
 
 
 def test_search_beats_uniform_ranks_on_held_out_search_windows(tiny_models):
-    from llmsurgery.passes.matryoshka_kv import MatryoshkaState, _total_kl, attach_, detach_, init_from_pca_, search_ranks, uniform_ranks
+    from llmsurgery.passes.matryoshka_kv import (
+        MatryoshkaState,
+        _total_kl,
+        attach_,
+        detach_,
+        init_from_pca_,
+        search_ranks,
+        uniform_ranks,
+    )
 
     loaded = load_model(str(tiny_models["llama"]))
     model, tok = loaded.model, loaded.tokenizer
-    with torch.no_grad():  # make the heads unequal, as in trained models: the first KV head's values matter most
+    with (
+        torch.no_grad()
+    ):  # make the heads unequal, as in trained models: the first KV head's values matter most
         for layer in model.model.layers:
             layer.self_attn.v_proj.weight[:16] *= 6
     windows = calibration_batches(tok, CalibConfig(source="pydoc", samples=3, seq_len=48, seed=5))
@@ -93,7 +138,10 @@ def test_search_beats_uniform_ranks_on_held_out_search_windows(tiny_models):
     found = search_ranks(model, state, windows, [0.5])
     with torch.no_grad():
         state.project = False
-        teacher = [model(input_ids=w.unsqueeze(0), logits_to_keep=24).logits.float().log_softmax(-1) for w in windows[1:]]
+        teacher = [
+            model(input_ids=w.unsqueeze(0), logits_to_keep=24).logits.float().log_softmax(-1)
+            for w in windows[1:]
+        ]
         state.project = True
         scores = {}
         for name, ranks in (("uniform", uniform_ranks(state, 0.5)), ("searched", found[0.5])):
@@ -109,7 +157,17 @@ def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
     from llmsurgery.inspection import describe
 
     out = tmp_path / "kv"
-    result = run_cli("kv-compress", tiny_models["llama"], "--budget", "0.5", "--output", out, "--train-steps", "4", *CALIB_ARGS)
+    result = run_cli(
+        "kv-compress",
+        tiny_models["llama"],
+        "--budget",
+        "0.5",
+        "--output",
+        out,
+        "--train-steps",
+        "4",
+        *CALIB_ARGS,
+    )
     assert result.exit_code == 0, result.output
     history = json.loads((out / "llmsurgery_history.json").read_text())["passes"][-1]
     assert history["pass"] == "kv_compress" and len(history["report"]["loss_curve"]) == 4
@@ -121,17 +179,25 @@ def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
     cached = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 // tokens
     full = describe(str(tiny_models["llama"]))["kv_cache_bytes_per_token"]
     info = describe(str(out))
-    assert cached == info["kv_cache_bytes_per_token"] and info["kv_cache_bytes_per_token_before_surgery"] == full
-    assert cached == round(full * history["report"]["budget_reached"]) and history["report"]["budget_reached"] <= 0.5
+    assert (
+        cached == info["kv_cache_bytes_per_token"] and info["kv_cache_bytes_per_token_before_surgery"] == full
+    )
+    assert (
+        cached == round(full * history["report"]["budget_reached"])
+        and history["report"]["budget_reached"] <= 0.5
+    )
     assert run_cli("eval", out, "--tasks", "pydoc_ppl", "--limit", "2").exit_code == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--budget", "0"), "budget"),
-    (("--budget", "1.5"), "budget"),
-    (("--budget", "0.5", "--v-init", "svd"), "v-init"),
-    (("--budget", "0.5", "--rank-step", "0"), "rank-step"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--budget", "0"), "budget"),
+        (("--budget", "1.5"), "budget"),
+        (("--budget", "0.5", "--v-init", "svd"), "v-init"),
+        (("--budget", "0.5", "--rank-step", "0"), "rank-step"),
+    ],
+)
 def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):
     result = run_cli("kv-compress", tiny_models["llama"], "--output", tmp_path / "o", *args)
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "o").exists()
@@ -161,14 +227,19 @@ def test_step_gates_reproduce_the_ranks_and_their_gradients_are_the_kl_slope(tin
     state.init_k, state.init_v = [u.double() for u in state.init_k], [u.double() for u in state.init_v]
     with torch.no_grad():
         state.project = False
-        teacher = [model(input_ids=w.unsqueeze(0), logits_to_keep=20).logits.double().log_softmax(-1) for w in windows]
+        teacher = [
+            model(input_ids=w.unsqueeze(0), logits_to_keep=20).logits.double().log_softmax(-1)
+            for w in windows
+        ]
         state.project = True
     ranks = uniform_ranks(state, 0.5)
     ranks["k"][2][1], ranks["v"][4][0] = 4, 12
     state.set_ranks(ranks)
     gains, losses = _step_gradients(model, state, windows, teacher, 20)
     assert state.ranks() == ranks and state.gates is None and all(p.requires_grad for p in model.parameters())
-    assert len(gains) == 2 * 6 * 2 and len(losses) == len(gains) - 1  # K of layer 2, head 1 sits at the lowest rank
+    assert (
+        len(gains) == 2 * 6 * 2 and len(losses) == len(gains) - 1
+    )  # K of layer 2, head 1 sits at the lowest rank
 
     def kl_with_gates(kind=None, layer=None, g=None, step=None, value=None) -> float:
         gates = {}
@@ -190,10 +261,21 @@ def test_step_gates_reproduce_the_ranks_and_their_gradients_are_the_kl_slope(tin
     with torch.no_grad():
         assert kl_with_gates() == pytest.approx(_total_kl(model, state, windows, teacher, 20), rel=1e-10)
     eps = 1e-3
-    for direction, (estimate, kind, layer, g) in (("up", gains[0]), ("up", gains[-1]), ("down", losses[0]), ("down", losses[-1])):
-        on = ranks[kind][layer][g] // 4  # steps kept; up opens step `on` (gate 0), down closes step `on - 1` (gate 1)
+    for direction, (estimate, kind, layer, g) in (
+        ("up", gains[0]),
+        ("up", gains[-1]),
+        ("down", losses[0]),
+        ("down", losses[-1]),
+    ):
+        on = (
+            ranks[kind][layer][g] // 4
+        )  # steps kept; up opens step `on` (gate 0), down closes step `on - 1` (gate 1)
         step, at = (on, 0.0) if direction == "up" else (on - 1, 1.0)
-        slope = (kl_with_gates(kind, layer, g, step, at + eps) - kl_with_gates(kind, layer, g, step, at - eps)) / (2 * eps)
-        assert estimate == pytest.approx(-slope, rel=1e-3)  # the RMS norms compute in float32 even in a float64 model
+        slope = (
+            kl_with_gates(kind, layer, g, step, at + eps) - kl_with_gates(kind, layer, g, step, at - eps)
+        ) / (2 * eps)
+        assert estimate == pytest.approx(
+            -slope, rel=1e-3
+        )  # the RMS norms compute in float32 even in a float64 model
     assert gains[0][0] > gains[-1][0] and losses[0][0] < losses[-1][0]
     detach_(saved)

@@ -54,16 +54,23 @@ def test_interrupted_save_leaves_nothing(tiny_models, tmp_path, monkeypatch):
 
 def test_history_appends_and_keeps_source(tiny_models, tmp_path):
     loaded = load_model(str(tiny_models["llama"]))
-    first = save_model(loaded, tmp_path / "a", new_passes=[{"pass": "p1", "config": {"k": 1}, "seconds": 0.1}])
+    first = save_model(
+        loaded, tmp_path / "a", new_passes=[{"pass": "p1", "config": {"k": 1}, "seconds": 0.1}]
+    )
     again = load_model(str(first))
-    second = save_model(again, tmp_path / "b", new_passes=[{"pass": "p2", "config": {"k": 2}, "seconds": 0.2}])
+    second = save_model(
+        again, tmp_path / "b", new_passes=[{"pass": "p2", "config": {"k": 2}, "seconds": 0.2}]
+    )
     h1 = json.loads((first / HISTORY_FILE).read_text())
     h2 = json.loads((second / HISTORY_FILE).read_text())
     assert [p["pass"] for p in h2["passes"]] == ["p1", "p2"]
     assert h2["source"] == h1["source"] and h1["source"]["id"] == str(tiny_models["llama"].resolve())
 
 
-@pytest.mark.parametrize("spec,kind", [("smollm2-135m", "builtin"), ("gemma3-270m", "builtin"), ("org/model", "hub"), ("gpt2", "hub")])
+@pytest.mark.parametrize(
+    "spec,kind",
+    [("smollm2-135m", "builtin"), ("gemma3-270m", "builtin"), ("org/model", "hub"), ("gpt2", "hub")],
+)
 def test_resolve_source_kinds(spec, kind):
     assert resolve_source(spec).kind == kind
 

@@ -27,7 +27,9 @@ def smollm2():
 def token_ppl(model, tokenizer, docs, max_tokens=256):
     nll, count = 0.0, 0
     for doc in docs:
-        ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+        ids = [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"][
+            : max_tokens - 1
+        ]
         logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
         nll += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
         count += len(ids) - 1
@@ -36,14 +38,27 @@ def token_ppl(model, tokenizer, docs, max_tokens=256):
 
 @torch.no_grad()
 def test_eval_news_perplexity_matches_plain_transformers(smollm2, tmp_path):
-    result = run_cli("eval", "smollm2-135m", "--tasks", "news_ppl,news_cloze", "--limit", "20", "--json", tmp_path / "r.json")
+    result = run_cli(
+        "eval",
+        "smollm2-135m",
+        "--tasks",
+        "news_ppl,news_cloze",
+        "--limit",
+        "20",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert result.exit_code == 0, result.output
     assert "word_perplexity" in result.output and "acc" in result.output
-    rows = {(r["task"], r["metric"]): r["value"] for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    rows = {
+        (r["task"], r["metric"]): r["value"] for r in json.loads((tmp_path / "r.json").read_text())["results"]
+    }
     assert all(v == v and abs(v) != float("inf") for v in rows.values())
     assert 0.25 < rows[("news_cloze", "acc")] <= 1.0
     # The same windows by hand: each document after the prefix token, summed log-likelihood per word.
-    docs = [json.loads(line)["text"] for line in (task_dir() / "news_eval.jsonl").read_text().splitlines()[:20]]
+    docs = [
+        json.loads(line)["text"] for line in (task_dir() / "news_eval.jsonl").read_text().splitlines()[:20]
+    ]
     model, tok = smollm2.model, smollm2.tokenizer
     ll, words = 0.0, 0
     for doc in docs:
@@ -73,10 +88,14 @@ def test_prune_smollm2_beats_naive_choices(smollm2, tmp_path):
     pruned = stock_load(out)
     assert pruned.config.num_hidden_layers == 23
     tok = smollm2.tokenizer
-    text = tok.decode(pruned.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=10, do_sample=False)[0])
+    text = tok.decode(
+        pruned.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=10, do_sample=False)[0]
+    )
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
     docs = evaluation_documents("news")[:12]
-    removed = json.loads((out / "llmsurgery_history.json").read_text())["passes"][0]["report"]["removed_layers"]
+    removed = json.loads((out / "llmsurgery_history.json").read_text())["passes"][0]["report"][
+        "removed_layers"
+    ]
     ppl_bi = token_ppl(pruned, tok, docs)
 
     def ppl_without(layers):
@@ -96,11 +115,15 @@ def test_prune_gemma3_keeps_attention_pattern(tmp_path):
     out = tmp_path / "gemma14"
     result = run_cli("prune", "--bi", "gemma3-270m", "--remove", "4", "--output", out, "--calib-samples", "4")
     assert result.exit_code == 0, result.output
-    removed = json.loads((out / "llmsurgery_history.json").read_text())["passes"][0]["report"]["removed_layers"]
+    removed = json.loads((out / "llmsurgery_history.json").read_text())["passes"][0]["report"][
+        "removed_layers"
+    ]
     original_types = json.loads((load_model("gemma3-270m").folder / "config.json").read_text())["layer_types"]
     model = stock_load(out)
     assert model.config.layer_types == [t for i, t in enumerate(original_types) if i not in removed]
-    assert [layer.self_attn.is_sliding for layer in model.model.layers] == [t == "sliding_attention" for t in model.config.layer_types]
+    assert [layer.self_attn.is_sliding for layer in model.model.layers] == [
+        t == "sliding_attention" for t in model.config.layer_types
+    ]
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out)
@@ -123,7 +146,9 @@ def test_rotate_sparsify_smollm2_beats_magnitude(smollm2, tmp_path):
     for s in (0.25, 0.5):
         for method in ("magnitude", "larosa"):
             model = copy.deepcopy(smollm2.model)
-            rotate_sparsify_(model, batches, RotateSparsify(sparsity=s, method=method, split=(1.0, 0.0), calib=calib))
+            rotate_sparsify_(
+                model, batches, RotateSparsify(sparsity=s, method=method, split=(1.0, 0.0), calib=calib)
+            )
             ppl[method, s] = token_perplexity(model, windows)
     dense = token_perplexity(smollm2.model, windows)
     assert dense < ppl["larosa", 0.25] < ppl["larosa", 0.5]
@@ -136,7 +161,9 @@ def test_rotate_sparsify_smollm2_beats_magnitude(smollm2, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     tok = smollm2.tokenizer
-    text = tok.decode(model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0])
+    text = tok.decode(
+        model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0]
+    )
     assert text.startswith(PROMPT) and len(text.split()) > len(PROMPT.split()) + 3
 
     # One-token decoding goes through the sparse kernel (issue 8) and gives the dense path's logits.
@@ -170,33 +197,55 @@ def test_absorb_smollm2_beats_vanilla_and_runs_everywhere(smollm2, tmp_path):
             absorb_decompose_(model, covs, Absorb(criterion=criterion, keep_ratio=keep, calib=calib))
             ppl[criterion, keep] = token_perplexity(model, windows)
     assert dense < ppl["whitened", 0.875] < ppl["whitened", 0.75]
-    assert ppl["whitened", 0.875] < 0.5 * ppl["norm", 0.875] and ppl["whitened", 0.75] < 0.5 * ppl["norm", 0.75]
+    assert (
+        ppl["whitened", 0.875] < 0.5 * ppl["norm", 0.875] and ppl["whitened", 0.75] < 0.5 * ppl["norm", 0.75]
+    )
 
     out = tmp_path / "absorbed"
-    result = run_cli("absorb", "smollm2-135m", "--keep-ratio", "0.875", "--output", out, "--calib-samples", "8")
+    result = run_cli(
+        "absorb", "smollm2-135m", "--keep-ratio", "0.875", "--output", out, "--calib-samples", "8"
+    )
     assert result.exit_code == 0, result.output
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     tok = smollm2.tokenizer
-    text = tok.decode(model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0])
+    text = tok.decode(
+        model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False)[0]
+    )
     assert text.startswith(PROMPT) and len(text.split()) > len(PROMPT.split()) + 3
     result = run_cli("eval", out, "--tasks", "news_ppl", "--limit", "5")
     assert result.exit_code == 0 and "word_perplexity" in result.output, result.output
     info = json.loads(run_cli("inspect", out, "--json").output)
-    assert info["kv_cache_bytes_per_token"] == 30 * 4 * (3 * 64 + 3 * 56)  # K full, V at 56 of 64 dims per KV head
+    assert info["kv_cache_bytes_per_token"] == 30 * 4 * (
+        3 * 64 + 3 * 56
+    )  # K full, V at 56 of 64 dims per KV head
 
 
 def test_kv_compress_smollm2_training_helps_and_cache_shrinks(smollm2, tmp_path):
     import copy
 
     from llmsurgery.calibration import CalibConfig, calibration_batches
-    from llmsurgery.passes.matryoshka_kv import KVCompress, MatryoshkaState, attach_, detach_, init_from_pca_, train_, uniform_ranks
+    from llmsurgery.passes.matryoshka_kv import (
+        KVCompress,
+        MatryoshkaState,
+        attach_,
+        detach_,
+        init_from_pca_,
+        train_,
+        uniform_ranks,
+    )
     from llmsurgery.perplexity import document_windows, token_perplexity
 
     model, tok = copy.deepcopy(smollm2.model), smollm2.tokenizer
     windows = document_windows(tok, evaluation_documents("news")[:8], max_tokens=256)
-    cfg = KVCompress(budget=0.5, train_steps=20, calib=CalibConfig(samples=8, seq_len=512), train_samples=40, train_seq_len=256)
+    cfg = KVCompress(
+        budget=0.5,
+        train_steps=20,
+        calib=CalibConfig(samples=8, seq_len=512),
+        train_samples=40,
+        train_seq_len=256,
+    )
     state = MatryoshkaState(64, [[64] * 3 for _ in range(30)], 8)
     saved = attach_(model, state)
     init_from_pca_(model, state, calibration_batches(tok, cfg.calib), v_identity=False)
@@ -215,20 +264,44 @@ def test_kv_compress_smollm2_training_helps_and_cache_shrinks(smollm2, tmp_path)
     assert sum(losses[-5:]) < sum(losses[:5])
 
     out = tmp_path / "kv"
-    result = run_cli("kv-compress", "smollm2-135m", "--budget", "0.5", "--output", out, "--train-steps", "2",
-                     "--calib-samples", "4", "--train-samples", "4", "--search-samples", "2", "--search-seq-len", "64")
+    result = run_cli(
+        "kv-compress",
+        "smollm2-135m",
+        "--budget",
+        "0.5",
+        "--output",
+        out,
+        "--train-steps",
+        "2",
+        "--calib-samples",
+        "4",
+        "--train-samples",
+        "4",
+        "--search-samples",
+        "2",
+        "--search-seq-len",
+        "64",
+    )
     assert result.exit_code == 0, result.output
     from transformers import AutoModelForCausalLM, DynamicCache
 
     compressed = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     cache = DynamicCache(config=compressed.config)
-    text = tok.decode(compressed.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False, cache=cache)[0])
+    text = tok.decode(
+        compressed.generate(
+            **tok(PROMPT, return_tensors="pt"), max_new_tokens=12, do_sample=False, cache=cache
+        )[0]
+    )
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
-    per_token = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 / cache.get_seq_length()
+    per_token = (
+        sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 / cache.get_seq_length()
+    )
     assert per_token == json.loads(run_cli("inspect", out, "--json").output)["kv_cache_bytes_per_token"]
     report = json.loads((out / "llmsurgery_history.json").read_text())["passes"][-1]["report"]
     assert per_token == pytest.approx(report["budget_reached"] * 30 * 2 * 3 * 64 * 4, abs=1e-3)
-    assert 0.5 - 8 / (30 * 2 * 3 * 64) <= report["budget_reached"] <= 0.5  # the search spends the budget, to a rank step
+    assert (
+        0.5 - 8 / (30 * 2 * 3 * 64) <= report["budget_reached"] <= 0.5
+    )  # the search spends the budget, to a rank step
 
 
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):

@@ -17,8 +17,13 @@ def _write(tmp_path, data: dict, name="r.yaml") -> Path:
 
 
 def _tiny_recipe(model, **extra) -> dict:
-    return {"version": 1, "model": str(model), "calibration": TINY_CALIB,
-            "passes": [{"pass": "prune-bi", "remove": 2}, {"pass": "absorb", "keep-ratio": 0.75}], **extra}
+    return {
+        "version": 1,
+        "model": str(model),
+        "calibration": TINY_CALIB,
+        "passes": [{"pass": "prune-bi", "remove": 2}, {"pass": "absorb", "keep-ratio": 0.75}],
+        **extra,
+    }
 
 
 def test_recipes_exist_for_every_pass_and_a_pipeline():
@@ -41,16 +46,28 @@ def test_schema_is_json_with_the_pass_options():
     assert "keep-ratio" in json.dumps(schema) and "passes" in schema["properties"]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda r: r["passes"][1].update({"keep-ratoi": 0.5}), "passes[1].keep-ratoi: Extra inputs are not permitted"),
-    (lambda r: r["passes"][0].update({"ratio": -0.2, "remove": None}), "passes[0].ratio"),
-    (lambda r: r["passes"][1].update({"keep-ratio": 1.5}), "passes[1].keep-ratio"),
-    (lambda r: r.update({"model": "/nonexistent/model"}), "/nonexistent/model"),
-    (lambda r: r.pop("version"), "version: Field required"),
-    (lambda r: r["passes"].append({"pass": "prune-bi"}), "passes[2]: give exactly one of remove and ratio"),
-    (lambda r: r.update({"eval": {"tasks": ["news_ppl"], "gates": {"news_cloze.acc": {"min": 0.5}}}}), "not in eval.tasks"),
-    (lambda r: r.update({"eval": {"tasks": ["no_such_task"]}}), "no_such_task"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda r: r["passes"][1].update({"keep-ratoi": 0.5}),
+            "passes[1].keep-ratoi: Extra inputs are not permitted",
+        ),
+        (lambda r: r["passes"][0].update({"ratio": -0.2, "remove": None}), "passes[0].ratio"),
+        (lambda r: r["passes"][1].update({"keep-ratio": 1.5}), "passes[1].keep-ratio"),
+        (lambda r: r.update({"model": "/nonexistent/model"}), "/nonexistent/model"),
+        (lambda r: r.pop("version"), "version: Field required"),
+        (
+            lambda r: r["passes"].append({"pass": "prune-bi"}),
+            "passes[2]: give exactly one of remove and ratio",
+        ),
+        (
+            lambda r: r.update({"eval": {"tasks": ["news_ppl"], "gates": {"news_cloze.acc": {"min": 0.5}}}}),
+            "not in eval.tasks",
+        ),
+        (lambda r: r.update({"eval": {"tasks": ["no_such_task"]}}), "no_such_task"),
+    ],
+)
 def test_bad_recipes_fail_with_a_located_message_and_write_nothing(tiny_models, tmp_path, change, message):
     data = _tiny_recipe(tiny_models["llama"], output=str(tmp_path / "out"))
     change(data)
@@ -63,30 +80,70 @@ def test_bad_recipes_fail_with_a_located_message_and_write_nothing(tiny_models, 
 
 def test_set_overrides_and_bad_set_paths(tiny_models, tmp_path):
     path = _write(tmp_path, _tiny_recipe(tiny_models["llama"]))
-    ok = run_cli("recipe", "validate", path, "--set", "passes[1].keep-ratio=0.5", "--set", "calibration.samples=2", "-o", tmp_path / "o")
+    ok = run_cli(
+        "recipe",
+        "validate",
+        path,
+        "--set",
+        "passes[1].keep-ratio=0.5",
+        "--set",
+        "calibration.samples=2",
+        "-o",
+        tmp_path / "o",
+    )
     assert ok.exit_code == 0, ok.output
     bad = run_cli("recipe", "validate", path, "--set", "passes[7].rank=2")
     assert bad.exit_code == 2 and "no such place" in bad.output
     typo = run_cli("recipe", "validate", path, "--set", "passes[1].rnak=2")
     assert typo.exit_code == 2 and "passes[1].rnak" in typo.output
-    gated = _write(tmp_path, _tiny_recipe(tiny_models["llama"], eval={"tasks": ["pydoc_ppl"], "gates": {"pydoc_ppl.word_perplexity": {"max": 5}}}))
-    dotted = run_cli("recipe", "validate", gated, "-o", tmp_path / "o", "--set", "eval.gates.pydoc_ppl.word_perplexity.max=-1",
-                     "--set", "eval.gates.pydoc_ppl.word_perplexity.mx=1")
+    gated = _write(
+        tmp_path,
+        _tiny_recipe(
+            tiny_models["llama"],
+            eval={"tasks": ["pydoc_ppl"], "gates": {"pydoc_ppl.word_perplexity": {"max": 5}}},
+        ),
+    )
+    dotted = run_cli(
+        "recipe",
+        "validate",
+        gated,
+        "-o",
+        tmp_path / "o",
+        "--set",
+        "eval.gates.pydoc_ppl.word_perplexity.max=-1",
+        "--set",
+        "eval.gates.pydoc_ppl.word_perplexity.mx=1",
+    )
     assert dotted.exit_code == 2 and "eval.gates.pydoc_ppl.word_perplexity.mx" in dotted.output, dotted.output
 
 
 def test_failing_gate_exits_1_and_says_which_and_by_how_much(tiny_models, tmp_path):
-    data = _tiny_recipe(tiny_models["llama"], eval={"tasks": ["pydoc_ppl"], "limit": 2, "gates": {
-        "pydoc_ppl.word_perplexity": {"max": 1.0}, "pydoc_ppl.byte_perplexity": {"max_ratio": 1000}}})
+    data = _tiny_recipe(
+        tiny_models["llama"],
+        eval={
+            "tasks": ["pydoc_ppl"],
+            "limit": 2,
+            "gates": {
+                "pydoc_ppl.word_perplexity": {"max": 1.0},
+                "pydoc_ppl.byte_perplexity": {"max_ratio": 1000},
+            },
+        },
+    )
     result = run_cli("run", _write(tmp_path, data), "--output", tmp_path / "out")
     assert result.exit_code == 1, result.output
-    assert "pydoc_ppl.word_perplexity" in result.output and "off by" in result.output and "vs max 1" in result.output
+    assert (
+        "pydoc_ppl.word_perplexity" in result.output
+        and "off by" in result.output
+        and "vs max 1" in result.output
+    )
     assert "byte_perplexity {'max_ratio': 1000.0}: passed" in result.output
 
 
 def test_saved_recipe_reproduces_the_output_bit_for_bit(tiny_models, tmp_path):
     first = tmp_path / "first"
-    assert run_cli("run", _write(tmp_path, _tiny_recipe(tiny_models["qwen2"])), "--output", first).exit_code == 0
+    assert (
+        run_cli("run", _write(tmp_path, _tiny_recipe(tiny_models["qwen2"])), "--output", first).exit_code == 0
+    )
     saved = first / "llmsurgery_recipe.yaml"
     assert yaml.safe_load(saved.read_text())["passes"][1]["keep-ratio"] == 0.75
     history = json.loads((first / "llmsurgery_history.json").read_text())
@@ -102,7 +159,13 @@ SMALL = {  # every shipped recipe, shrunk to CI size with --set (the recipes the
     "prune-bi": ["eval.limit=3"],
     "rotate-sparsify": ["eval.limit=3", "calibration.samples=8"],
     "absorb": ["eval.limit=3", "calibration.samples=4"],
-    "kv-compress": ["eval.limit=3", "calibration.samples=4", "passes[0].train-steps=2", "passes[0].train-samples=4", "passes[0].uniform=true"],
+    "kv-compress": [
+        "eval.limit=3",
+        "calibration.samples=4",
+        "passes[0].train-steps=2",
+        "passes[0].train-samples=4",
+        "passes[0].uniform=true",
+    ],
     "pipeline": ["eval.limit=3", "calibration.samples=4"],
     "prune-heal": ["eval.limit=3", "calibration.samples=4", "passes[1].steps=3", "passes[1].calib-samples=8"],
 }
@@ -118,10 +181,14 @@ def test_every_shipped_recipe_runs_on_the_real_model(recipe, tmp_path):
     results = json.loads((tmp_path / "r.json").read_text())
     assert result.exit_code == (1 if results["failed_gates"] else 0), result.output
     gates = yaml.safe_load(recipe.read_text())["eval"]["gates"]
-    assert set(results["gates"]) == set(gates) and all(f.split(":")[0] in gates for f in results["failed_gates"])
+    assert set(results["gates"]) == set(gates) and all(
+        f.split(":")[0] in gates for f in results["failed_gates"]
+    )
     assert all("baseline" in row and row["value"] == row["value"] for row in results["eval"])
     saved = yaml.safe_load((tmp_path / "out" / "llmsurgery_recipe.yaml").read_text())
-    assert [p["pass"] for p in saved["passes"]] == [p["pass"] for p in yaml.safe_load(recipe.read_text())["passes"]]
+    assert [p["pass"] for p in saved["passes"]] == [
+        p["pass"] for p in yaml.safe_load(recipe.read_text())["passes"]
+    ]
 
 
 def test_recipe_schema_documents_every_pass_option_with_its_bounds():
@@ -140,10 +207,14 @@ def test_recipe_schema_documents_every_pass_option_with_its_bounds():
                 assert prop.get("const") == name or prop.get("enum") == [name]
                 continue
             assert prop.get("description"), f"{name}.{option} has no description"
-            numbers = [p for p in [prop, *prop.get("anyOf", []), *prop.get("prefixItems", []), prop.get("items") or {}]
-                       if p.get("type") in ("integer", "number")]
+            numbers = [
+                p
+                for p in [prop, *prop.get("anyOf", []), *prop.get("prefixItems", []), prop.get("items") or {}]
+                if p.get("type") in ("integer", "number")
+            ]
             for p in numbers:
-                assert ("minimum" in p or "exclusiveMinimum" in p) and ("maximum" in p or "exclusiveMaximum" in p), \
-                    f"{name}.{option} has no bounds: {prop}"
+                assert ("minimum" in p or "exclusiveMinimum" in p) and (
+                    "maximum" in p or "exclusiveMaximum" in p
+                ), f"{name}.{option} has no bounds: {prop}"
     # and the command line reads the same fields: a default changed in the config shows in --help
     assert "[default: 40]" in run_cli("rotate-sparsify", "--help").output.replace("\n", " ").replace("│", "")

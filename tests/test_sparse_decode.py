@@ -24,12 +24,16 @@ def kernel():
     if os.environ.get("LLMSURGERY_SPARSE_KERNEL", "1").lower() in ("0", "off", "false", "torch"):
         pytest.skip("LLMSURGERY_SPARSE_KERNEL disables the compiled kernel")
     compiled = load_kernel()
-    assert compiled is not None, "no compiled sparse kernel: install a C++ compiler or set LLMSURGERY_SPARSE_KERNEL=0"
+    assert compiled is not None, (
+        "no compiled sparse kernel: install a C++ compiler or set LLMSURGERY_SPARSE_KERNEL=0"
+    )
     return compiled
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fan_in,fan_out", [(64, 96), (301, 70), (700, 2100), (300, 9000)])  # the last: several column tiles a thread
+@pytest.mark.parametrize(
+    "fan_in,fan_out", [(64, 96), (301, 70), (700, 2100), (300, 9000)]
+)  # the last: several column tiles a thread
 @pytest.mark.parametrize("sparsity", [0.0, 0.4, 0.9])
 def test_kernel_equals_dense_product_on_its_top_k_mask(kernel, dtype, fan_in, fan_out, sparsity):
     torch.manual_seed(fan_in + fan_out)
@@ -77,7 +81,11 @@ def test_kernel_rejects_mismatched_inputs(kernel):
 
 def _sparse_model(tiny_models, arch, method, sparsity=0.4):
     loaded = load_model(str(tiny_models[arch]))
-    rotate_sparsify_(loaded.model, calibration_batches(loaded.tokenizer, CALIB), RotateSparsify(sparsity=sparsity, method=method, calib=CALIB))
+    rotate_sparsify_(
+        loaded.model,
+        calibration_batches(loaded.tokenizer, CALIB),
+        RotateSparsify(sparsity=sparsity, method=method, calib=CALIB),
+    )
     return loaded.model
 
 
@@ -105,9 +113,13 @@ def test_sparse_decode_gives_the_dense_path_logits(kernel, tiny_models, arch, me
     assert sparse_kernel_calls(model) == 0
     sparse = _decode_logits(model, sparse=True)
     layers = model.config.num_hidden_layers
-    assert sparse_kernel_calls(model) == 3 * 4 * layers  # one call per group (q|k|v, o, gate|up, down) and step; prefill stays dense
+    assert (
+        sparse_kernel_calls(model) == 3 * 4 * layers
+    )  # one call per group (q|k|v, o, gate|up, down) and step; prefill stays dense
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-5)
-    assert not torch.equal(sparse, _decode_logits(_sparse_model(tiny_models, arch, method, sparsity=0.0), sparse=True))
+    assert not torch.equal(
+        sparse, _decode_logits(_sparse_model(tiny_models, arch, method, sparsity=0.0), sparse=True)
+    )
 
 
 def test_bfloat16_model_decodes_through_the_kernel(kernel, tiny_models):
@@ -132,12 +144,16 @@ def test_a_deep_copy_decodes_on_its_own_weights(kernel, tiny_models):
             p.mul_(0.5)
     assert not torch.allclose(_decode_logits(twin, sparse=True), expected)
     torch.testing.assert_close(_decode_logits(model, sparse=True), expected, rtol=0, atol=0)
-    torch.testing.assert_close(_decode_logits(twin, sparse=True), _decode_logits(twin, sparse=False), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _decode_logits(twin, sparse=True), _decode_logits(twin, sparse=False), rtol=0, atol=1e-5
+    )
 
 
 def test_training_and_prefill_keep_the_dense_path(kernel, tiny_models):
     model = _sparse_model(tiny_models, "qwen2", "larosa")
-    with torch.inference_mode():  # a first decode under inference_mode builds the fused weights as ordinary tensors
+    with (
+        torch.inference_mode()
+    ):  # a first decode under inference_mode builds the fused weights as ordinary tensors
         model(PROMPT[:, :1])
     assert sparse_kernel_calls(model) == 4 * model.config.num_hidden_layers
     with torch.no_grad():
@@ -153,23 +169,48 @@ def test_saved_model_decodes_sparse_and_saves_again(kernel, tiny_models, tmp_pat
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     out = tmp_path / "sparse"
-    result = run_cli("rotate-sparsify", tiny_models["llama"], "--sparsity", "0.4", "--output", out, "--calib", "pydoc",
-                     "--calib-samples", "3", "--calib-seq-len", "48")
+    result = run_cli(
+        "rotate-sparsify",
+        tiny_models["llama"],
+        "--sparsity",
+        "0.4",
+        "--output",
+        out,
+        "--calib",
+        "pydoc",
+        "--calib-samples",
+        "3",
+        "--calib-seq-len",
+        "48",
+    )
     assert result.exit_code == 0, result.output
     assert (out / "llmsurgery_sparse_kernel.py").is_file()
     forced_dense = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, sparse_decode=False)
     _decode_logits(forced_dense, sparse=None)
     assert sparse_kernel_calls(forced_dense) == 0
-    quantized = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    assert type(quantized.model.layers[0].mlp.gate_proj).__name__ == "Linear8bitLt"  # quantizers still see nn.Linear
-    assert torch.isfinite(_decode_logits(quantized, sparse=True)).all() and sparse_kernel_calls(quantized) == 0
+    quantized = AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    )
+    assert (
+        type(quantized.model.layers[0].mlp.gate_proj).__name__ == "Linear8bitLt"
+    )  # quantizers still see nn.Linear
+    assert (
+        torch.isfinite(_decode_logits(quantized, sparse=True)).all() and sparse_kernel_calls(quantized) == 0
+    )
     masked = {}
     for s_out in (0.0, 0.9):  # the Top-K on o_proj/down_proj inputs follows the quantized replacements
-        q = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, sparsity_in=0.0, sparsity_out=s_out,
-                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        q = AutoModelForCausalLM.from_pretrained(
+            out,
+            trust_remote_code=True,
+            sparsity_in=0.0,
+            sparsity_out=s_out,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        )
         masked[s_out] = _decode_logits(q, sparse=None, steps=1)
     assert (masked[0.9] - masked[0.0]).abs().max() > 1e-3
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # the copies next to the weights
+    model = AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True
+    )  # the copies next to the weights
     dense = _decode_logits(model, sparse=False)
     torch.testing.assert_close(_decode_logits(model, sparse=True), dense, rtol=0, atol=1e-5)
     assert sparse_kernel_calls(model) > 0
@@ -191,15 +232,22 @@ def test_saved_model_decodes_sparse_and_saves_again(kernel, tiny_models, tmp_pat
     )
     env = {k: v for k, v in os.environ.items() if k not in ("CXX", "LLMSURGERY_SPARSE_KERNEL")}
     env |= {"PATH": str(tmp_path / "empty-bin"), "LLMSURGERY_KERNEL_CACHE": str(tmp_path / "kernels")}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sparse decode kernel unavailable (no C++ compiler found" in done.stderr
     with torch.no_grad():
         o = model(PROMPT, use_cache=True)
         expected = model(PROMPT[:, -1:], past_key_values=o.past_key_values, use_cache=True).logits
     torch.testing.assert_close(torch.load(tmp_path / "fallback.pt"), expected, rtol=0, atol=1e-5)
-    done = subprocess.run([sys.executable, "-m", "llmsurgery", "inspect", str(out), "--json"], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmsurgery", "inspect", str(out), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["sparse_decode"].startswith("PyTorch fallback")
     assert not (tmp_path / "kernels").exists()

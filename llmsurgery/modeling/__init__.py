@@ -43,8 +43,17 @@ def foreign_code(config: dict, folder: Path) -> str | None:
     if not auto_map:
         return None
     ours = {f"{REMOTE_MODULE}.{SURGERY_CLASSES.get(config.get('model_type'), '')}"}
-    if not isinstance(auto_map, dict) or set(auto_map) != {"AutoModelForCausalLM"} or set(map(str, auto_map.values())) != ours:
-        named = sorted({str(v).split(".")[0] + ".py" for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])})
+    if (
+        not isinstance(auto_map, dict)
+        or set(auto_map) != {"AutoModelForCausalLM"}
+        or set(map(str, auto_map.values())) != ours
+    ):
+        named = sorted(
+            {
+                str(v).split(".")[0] + ".py"
+                for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+            }
+        )
         return f"carries its own modeling code ({', '.join(named)})"
     for shipped in REMOTE_FILES:
         copy = folder / shipped.name

@@ -104,7 +104,8 @@ static void gather_rows(const int* idx, const float* xs, int k, const T* w, long
 }
 
 template <typename T>
-static void gather_parallel(const int* idx, const float* xs, int k, const T* w, long ld, int out, float* y, int threads) {
+static void gather_parallel(const int* idx, const float* xs, int k, const T* w, long ld, int out, float* y,
+                            int threads) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
     {
@@ -171,7 +172,10 @@ def _compiler() -> str | None:
 
 def _cache_dir() -> Path:
     root = os.environ.get("LLMSURGERY_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmsurgery", "kernels")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "llmsurgery",
+        "kernels",
+    )
     return Path(root)
 
 
@@ -191,7 +195,9 @@ def _library_name(flags: list[str]) -> str:
 
 def _build(compiler: str) -> tuple[Path, str]:
     """Compile SOURCE (cached) and return the library path and the flags that worked."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=60
+    ).stdout.split("\n")[0]
     key = hashlib.sha256("\0".join((SOURCE, compiler, version, _cpu_flags())).encode()).hexdigest()[:16]
     folder = _cache_dir() / key
     for flags in _FLAG_SETS:
@@ -223,29 +229,64 @@ class SparseKernel:
         self.lib = ctypes.CDLL(str(path))
         fn = self.lib.llmsurgery_top_k_gemv
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        fn.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_long,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
         self._fn = fn
         self.path, self.flags, self.compiler = path, flags, compiler
         self.openmp = bool(self.lib.llmsurgery_openmp())
 
-    def top_k_gemv(self, x: torch.Tensor, keep: int, weight_in: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 [out] = x[kept] @ weight_in[kept] for the `keep` largest |x|. x: [in]; weight_in: [in, out] rows contiguous.
+    def top_k_gemv(
+        self, x: torch.Tensor, keep: int, weight_in: torch.Tensor, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 [out] = x[kept] @ weight_in[kept] for the `keep` largest |x|.
+
+        x: [in]; weight_in: [in, out] rows contiguous.
 
         indices: optional int32 buffer of min(keep, in) entries that receives the kept input channels, ascending.
         """
         if x.dtype != weight_in.dtype or x.dtype not in _DTYPES:
-            raise TypeError(f"sparse kernel takes float32 or bfloat16 x and weights of one dtype, got {x.dtype}/{weight_in.dtype}")
+            raise TypeError(
+                f"sparse kernel takes float32 or bfloat16 x and weights of one dtype, got {x.dtype}/{weight_in.dtype}"
+            )
         n, cols = weight_in.shape
-        if x.numel() != n or weight_in.stride(1) != 1 or x.device.type != "cpu" or weight_in.device.type != "cpu":
-            raise ValueError("sparse kernel needs a CPU vector of the weight's input size and rows of contiguous columns")
+        if (
+            x.numel() != n
+            or weight_in.stride(1) != 1
+            or x.device.type != "cpu"
+            or weight_in.device.type != "cpu"
+        ):
+            raise ValueError(
+                "sparse kernel needs a CPU vector of the weight's input size and rows of contiguous columns"
+            )
         keep = max(0, min(int(keep), n))
-        if indices is not None and (indices.dtype != torch.int32 or not indices.is_contiguous() or indices.numel() != keep):
+        if indices is not None and (
+            indices.dtype != torch.int32 or not indices.is_contiguous() or indices.numel() != keep
+        ):
             raise ValueError(f"the index buffer must be a contiguous int32 tensor of {keep} entries")
         x = x.contiguous()
         out = torch.empty(cols, dtype=torch.float32)
-        kept = self._fn(x.data_ptr(), n, keep, weight_in.data_ptr(), weight_in.stride(0), cols, _DTYPES[x.dtype],
-                        out.data_ptr(), torch.get_num_threads(), indices.data_ptr() if indices is not None else None)
+        kept = self._fn(
+            x.data_ptr(),
+            n,
+            keep,
+            weight_in.data_ptr(),
+            weight_in.stride(0),
+            cols,
+            _DTYPES[x.dtype],
+            out.data_ptr(),
+            torch.get_num_threads(),
+            indices.data_ptr() if indices is not None else None,
+        )
         if kept != keep:
             raise RuntimeError(f"sparse kernel kept {kept} of {n} inputs, asked for {keep}")
         return out
@@ -274,12 +315,19 @@ def load_kernel() -> SparseKernel | None:
                 reason = str(err)
         _state["kernel"], _state["reason"] = kernel, reason
         if kernel is None:
-            log.warning("llmsurgery: sparse decode kernel unavailable (%s); decoding with the PyTorch fallback "
-                        "(dense products on the Top-K-masked input)", reason)
+            log.warning(
+                "llmsurgery: sparse decode kernel unavailable (%s); decoding with the PyTorch fallback "
+                "(dense products on the Top-K-masked input)",
+                reason,
+            )
         return kernel
 
 
 def kernel_status() -> str:
     """One line: which sparse decode path this process uses, and why."""
     kernel = load_kernel()
-    return kernel.describe() if kernel else f"PyTorch fallback (dense products on masked inputs): {_state['reason']}"
+    return (
+        kernel.describe()
+        if kernel
+        else f"PyTorch fallback (dense products on masked inputs): {_state['reason']}"
+    )

@@ -25,7 +25,13 @@ import types
 
 import torch
 import torch.nn as nn
-from transformers import Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
@@ -91,14 +97,20 @@ class SparseGroup:
         return [self.parent._modules[name] for name in self.names]
 
     def sparsity(self) -> float:
-        return float(self.config.__dict__.get(self.sparsity_key) or 0)  # plain dict reads: this runs several times a layer
+        return float(
+            self.config.__dict__.get(self.sparsity_key) or 0
+        )  # plain dict reads: this runs several times a layer
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether this input goes through the sparse kernel (which then also does the Top-K)."""
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return self._release()
         s = self.sparsity()
-        if s <= 0 or (x.numel() // x.shape[-1]) * (1 - s) > SPARSE_MAX_READ or self.config.__dict__.get("sparse_decode") is False:
+        if (
+            s <= 0
+            or (x.numel() // x.shape[-1]) * (1 - s) > SPARSE_MAX_READ
+            or self.config.__dict__.get("sparse_decode") is False
+        ):
             return False
         for m in self.members():
             weight = m._parameters.get("weight") if m.__dict__.get("_sparse_group") is self else None
@@ -113,7 +125,9 @@ class SparseGroup:
 
     def _release(self) -> bool:
         """Drop the input-major weight once the members no longer live in it (moved, cast, replaced). False."""
-        if self.fused is not None and self._pointers != [m.weight.data_ptr() if hasattr(m, "weight") else None for m in self.members()]:
+        if self.fused is not None and self._pointers != [
+            m.weight.data_ptr() if hasattr(m, "weight") else None for m in self.members()
+        ]:
             self.fused, self._pointers = None, []
         return False
 
@@ -126,8 +140,13 @@ class SparseGroup:
     def _weight_in(self) -> torch.Tensor:
         members = self.members()
         if self.fused is None or self._pointers != [m.weight.data_ptr() for m in members]:
-            with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, so that training still works later
-                fused = torch.cat([m.weight.detach() for m in members]).t().contiguous()  # [in, sum of outputs]
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+            ):  # ordinary tensors, so that training still works later
+                fused = (
+                    torch.cat([m.weight.detach() for m in members]).t().contiguous()
+                )  # [in, sum of outputs]
                 at = 0
                 for m in members:
                     rows = m.weight.shape[0]
@@ -141,9 +160,13 @@ class SparseGroup:
         self.kernel_calls += 1
         n = x.shape[-1]
         keep = n - int(round(self.sparsity() * n))
-        y = torch.stack([kernel.top_k_gemv(row, keep, weight) for row in x.reshape(-1, n)])  # float32 [tokens, outputs]
+        y = torch.stack(
+            [kernel.top_k_gemv(row, keep, weight) for row in x.reshape(-1, n)]
+        )  # float32 [tokens, outputs]
         if any(m.bias is not None for m in members):
-            y += torch.cat([m.bias.float() if m.bias is not None else torch.zeros(m.out_features) for m in members])
+            y += torch.cat(
+                [m.bias.float() if m.bias is not None else torch.zeros(m.out_features) for m in members]
+            )
         y = y.to(x.dtype).view(*x.shape[:-1], -1)
         return y.split([m.out_features for m in members], dim=-1)
 
@@ -170,14 +193,17 @@ def _sparse_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _adapt_and_rehook(layer, args, kwargs):
-    """Decoder-layer pre-hook: hook the Top-K onto o_proj/down_proj if a quantizer replaced them; rotate the stream in."""
+    """Decoder-layer pre-hook: hook the Top-K onto o_proj/down_proj if a quantizer replaced them; rotate the
+    stream in."""
     for group in layer._sparse_input_groups:
         _hook_input_top_k(group)
     if not hasattr(layer, "rotation_adapter"):
         return None
     if args:
         return (args[0] @ layer.rotation_adapter.to(args[0].dtype), *args[1:]), kwargs
-    kwargs["hidden_states"] = kwargs["hidden_states"] @ layer.rotation_adapter.to(kwargs["hidden_states"].dtype)
+    kwargs["hidden_states"] = kwargs["hidden_states"] @ layer.rotation_adapter.to(
+        kwargs["hidden_states"].dtype
+    )
     return args, kwargs
 
 
@@ -209,10 +235,16 @@ def install_sparsity_hooks_(model: nn.Module) -> None:
     config = model.config
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        layer.input_layernorm._sparse_feeds = SparseGroup(attn, ("q_proj", "k_proj", "v_proj"), config, "sparsity_in")
-        layer.post_attention_layernorm._sparse_feeds = SparseGroup(mlp, ("gate_proj", "up_proj"), config, "sparsity_in")
-        layer._sparse_input_groups = (SparseGroup(attn, ("o_proj",), config, "sparsity_out"),
-                                      SparseGroup(mlp, ("down_proj",), config, "sparsity_out"))
+        layer.input_layernorm._sparse_feeds = SparseGroup(
+            attn, ("q_proj", "k_proj", "v_proj"), config, "sparsity_in"
+        )
+        layer.post_attention_layernorm._sparse_feeds = SparseGroup(
+            mlp, ("gate_proj", "up_proj"), config, "sparsity_in"
+        )
+        layer._sparse_input_groups = (
+            SparseGroup(attn, ("o_proj",), config, "sparsity_out"),
+            SparseGroup(mlp, ("down_proj",), config, "sparsity_out"),
+        )
         layer.register_forward_pre_hook(_adapt_and_rehook, with_kwargs=True)
         layer.input_layernorm.register_forward_hook(_mask_output)
         layer.post_attention_layernorm.register_forward_hook(_mask_output)
@@ -254,7 +286,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def reshape_attention_(attn: nn.Module, layout: dict, q=None, k=None, v=None, o=None, key_projection=None) -> None:
+def reshape_attention_(
+    attn: nn.Module, layout: dict, q=None, k=None, v=None, o=None, key_projection=None
+) -> None:
     """Give an attention module the widths of `layout` and the forward that runs them.
 
     q/k/v/o: optional (weight, bias) pairs to load; otherwise the old linear if its shape fits, else a fresh one.
@@ -266,8 +300,12 @@ def reshape_attention_(attn: nn.Module, layout: dict, q=None, k=None, v=None, o=
     qw = [kw[h // n_rep] for h in range(config.num_attention_heads)]
     ow = [vw[h // n_rep] for h in range(config.num_attention_heads)]
     hidden = config.hidden_size
-    shapes = {"q_proj": (hidden, sum(qw), q), "k_proj": (hidden, sum(kw), k), "v_proj": (hidden, sum(vw), v),
-              "o_proj": (sum(ow), hidden, o)}
+    shapes = {
+        "q_proj": (hidden, sum(qw), q),
+        "k_proj": (hidden, sum(kw), k),
+        "v_proj": (hidden, sum(vw), v),
+        "o_proj": (sum(ow), hidden, o),
+    }
     for name, (fan_in, fan_out, given) in shapes.items():
         old = getattr(attn, name)
         bias = old.bias is not None or bool(layout.get(f"{name[0]}_bias"))
@@ -278,7 +316,11 @@ def reshape_attention_(attn: nn.Module, layout: dict, q=None, k=None, v=None, o=
             weight, given_bias = given
             new.weight.data = weight.to(old.weight.dtype).contiguous()
             if bias:
-                new.bias.data = (given_bias if given_bias is not None else torch.zeros(fan_out)).to(old.weight.dtype).contiguous()
+                new.bias.data = (
+                    (given_bias if given_bias is not None else torch.zeros(fan_out))
+                    .to(old.weight.dtype)
+                    .contiguous()
+                )
         new.weight.requires_grad_(old.weight.requires_grad)
         setattr(attn, name, new)
     attn.attention_layout = {key: value for key, value in layout.items()}
@@ -305,13 +347,17 @@ def _rope_index(attn: nn.Module, group: int, device) -> torch.Tensor | None:
     return attn._rope_index[key]
 
 
-def absorbed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+def absorbed_attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs
+):
     """Attention with per-KV-head q/k, key-cache and v widths; the cache holds [B, 1, T, sum of widths] per layer.
 
     While llmsurgery learns MatryoshkaKV projections it sets ``self.kv_projection`` (saved models have none): an
     object whose ``keys(g, q, k)``, ``values(g, v)`` and ``output(g, out)`` map each KV head's tensors.
     """
-    found = [kwargs.pop(name, None) for name in ("past_key_values", "past_key_value")]  # transformers 5 / 4.56 spelling
+    found = [
+        kwargs.pop(name, None) for name in ("past_key_values", "past_key_value")
+    ]  # transformers 5 / 4.56 spelling
     cache = next((c for c in (cache, *found) if c is not None), None)
     projection = getattr(self, "kv_projection", None)
     batch, length = hidden_states.shape[:-1]
@@ -330,7 +376,10 @@ def absorbed_attention_forward(self, hidden_states, position_embeddings=None, at
         index = _rope_index(self, g, cos.device)
         c, s = (cos, sin) if index is None else (cos[..., index], sin[..., index])
         c, s = c.unsqueeze(1), s.unsqueeze(1)
-        qg, kg = apply_rope(qg.transpose(1, 2), c, s), apply_rope(kg.transpose(1, 2), c, s)  # [B, n_rep, T, w], [B, 1, T, w]
+        qg, kg = (
+            apply_rope(qg.transpose(1, 2), c, s),
+            apply_rope(kg.transpose(1, 2), c, s),
+        )  # [B, n_rep, T, w], [B, 1, T, w]
         if layout.get("k"):  # MatryoshkaKV: post-RoPE keys and queries in the key basis, keys centred
             basis = self.key_basis[:, sum(layout["k"][:g]) : sum(layout["k"][: g + 1])]  # [d, r_k]
             qg, kg = qg @ basis, (kg - self.key_mean[g]) @ basis
@@ -342,17 +391,32 @@ def absorbed_attention_forward(self, hidden_states, position_embeddings=None, at
     keys = torch.cat(k_groups, dim=-1)  # [B, 1, T, sum of key widths]
     if cache is not None:
         # Positional cache_kwargs: what 4.56 names `cache_kwargs` and 5.x passes through to its cache layers.
-        keys, values = cache.update(keys, values, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
+        keys, values = cache.update(
+            keys, values, self.layer_idx, {"cache_position": kwargs.get("cache_position")}
+        )
     implementation = self.config._attn_implementation
-    attend = eager_attention_forward if implementation in (None, "eager") else ALL_ATTENTION_FUNCTIONS[implementation]
+    attend = (
+        eager_attention_forward
+        if implementation in (None, "eager")
+        else ALL_ATTENTION_FUNCTIONS[implementation]
+    )
     extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
     outputs, k_at, v_at = [], 0, 0
     for g, (qg, width, v_width) in enumerate(zip(q_groups, kw, vw)):
         vg = values[..., v_at : v_at + v_width]
         if projection is not None:
             vg = projection.values(g, vg)
-        out, _ = attend(self, qg, keys[..., k_at : k_at + width], vg, attention_mask,
-                        dropout=0.0, scaling=self.scaling, **extra, **kwargs)  # out: [B, T, n_rep, v width]
+        out, _ = attend(
+            self,
+            qg,
+            keys[..., k_at : k_at + width],
+            vg,
+            attention_mask,
+            dropout=0.0,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )  # out: [B, T, n_rep, v width]
         if projection is not None:
             out = projection.output(g, out)
         outputs.append(out.reshape(batch, length, -1))

@@ -10,6 +10,18 @@ from .kv_compress import KVCompress
 from .prune_bi import PruneBI
 from .rotate_sparsify import RotateSparsify
 
-PASSES: dict[str, type[PassConfig]] = {cls.pass_name(): cls for cls in (PruneBI, RotateSparsify, Absorb, KVCompress, Heal)}
+PASSES: dict[str, type[PassConfig]] = {
+    cls.pass_name(): cls for cls in (PruneBI, RotateSparsify, Absorb, KVCompress, Heal)
+}
 
-__all__ = ["PASSES", "Absorb", "CalibConfig", "Heal", "KVCompress", "PassConfig", "PruneBI", "Report", "RotateSparsify"]
+__all__ = [
+    "PASSES",
+    "Absorb",
+    "CalibConfig",
+    "Heal",
+    "KVCompress",
+    "PassConfig",
+    "PruneBI",
+    "Report",
+    "RotateSparsify",
+]

@@ -43,15 +43,26 @@ class Absorb(PassConfig):
     saved_as: ClassVar[str] = "absorbed model"
 
     pass_: Literal["absorb"] = Field("absorb", alias="pass", exclude=True)
-    threshold: float | None = Field(None, gt=0, lt=1, description="drop directions below T x the head's largest singular value")
-    keep_ratio: float | None = Field(None, alias="keep-ratio", gt=0, le=1,
-                                     description="keep this fraction of every KV head's directions")
-    rank: int | None = Field(None, ge=1, le=defaults.MAX_DIM,
-                             description="keep at most r directions per KV head (qk: r dims, r/2 pairs)")
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="drop directions below T x the head's largest singular value"
+    )
+    keep_ratio: float | None = Field(
+        None, alias="keep-ratio", gt=0, le=1, description="keep this fraction of every KV head's directions"
+    )
+    rank: int | None = Field(
+        None,
+        ge=1,
+        le=defaults.MAX_DIM,
+        description="keep at most r directions per KV head (qk: r dims, r/2 pairs)",
+    )
     pairs: Annotated[tuple[Literal["vo", "qk"], ...], CommaList] = Field(
-        ("vo",), description="vo (exact absorb-decompose) and/or qk (drops RoPE frequency pairs: lossy)")
+        ("vo",), description="vo (exact absorb-decompose) and/or qk (drops RoPE frequency pairs: lossy)"
+    )
     criterion: Literal["whitened", "weight", "norm"] = Field(
-        "whitened", description="whitened (calibration-aware SVD), weight (CLOVER's weight-only SVD) or norm (vanilla dim dropping)")
+        "whitened",
+        description="whitened (calibration-aware SVD), weight (CLOVER's weight-only SVD) "
+        "or norm (vanilla dim dropping)",
+    )
     damp: float = Field(0.01, ge=0, le=1, description="covariance damping, a fraction of its mean diagonal")
     calib_samples: int = windows_field(16, "number of calibration windows", "calib-samples")
 
@@ -84,7 +95,9 @@ class Absorb(PassConfig):
         if "qk" not in self.pairs:
             return config
         layouts = config.get("attention_layout") or [{} for _ in range(config["num_hidden_layers"])]
-        return config | {"attention_layout": [layout | {"qk": layout.get("qk") or [[]]} for layout in layouts]}
+        return config | {
+            "attention_layout": [layout | {"qk": layout.get("qk") or [[]]} for layout in layouts]
+        }
 
     def apply_(self, model, calibration, dry_run: bool = False) -> AbsorbReport:
         from .absorb_decompose import absorb_decompose_, v_input_covariances
@@ -100,7 +113,11 @@ def check_absorbable(model_type: str, cfg: Absorb, config: dict | None = None) -
 
     kv_compressed = any(layout.get("k") for layout in (config or {}).get("attention_layout") or [])
     if "qk" in cfg.pairs and kv_compressed:
-        raise UserError("qk pairs cannot be dropped after kv-compress (keys are cached in a learned basis); use --pairs vo")
+        raise UserError(
+            "qk pairs cannot be dropped after kv-compress (keys are cached in a learned basis); use --pairs vo"
+        )
     if "qk" in cfg.pairs and arch_for_model_type(model_type).qk_norm:
-        raise UserError(f"'{model_type}' normalises q and k per head (RMSNorm over head_dim), so frequency pairs cannot "
-                        "be dropped from q_proj/k_proj; use --pairs vo")
+        raise UserError(
+            f"'{model_type}' normalises q and k per head (RMSNorm over head_dim), so frequency pairs cannot "
+            "be dropped from q_proj/k_proj; use --pairs vo"
+        )

@@ -99,7 +99,11 @@ def absorb_vo_group(a: torch.Tensor, b: torch.Tensor, chol: torch.Tensor | None)
     _, sig, wt = torch.linalg.svd(la, full_matrices=False)  # sig: [w], wt: [w, w]
     k = int((sig > 1e-12 * sig[0]).sum()) if sig[0] > 0 else 0
     if k == 0:
-        return torch.zeros(1, dtype=a.dtype), torch.zeros(a.shape[0], 1, dtype=a.dtype), torch.zeros(1, b.shape[1], dtype=a.dtype)
+        return (
+            torch.zeros(1, dtype=a.dtype),
+            torch.zeros(a.shape[0], 1, dtype=a.dtype),
+            torch.zeros(1, b.shape[1], dtype=a.dtype),
+        )
     core = sig[:k, None] * (wt[:k] @ b)  # [k, n_rep * D]: the product in the whitened, orthonormal basis
     u, s, vt = torch.linalg.svd(core, full_matrices=False)  # u: [k, k], s: [k], vt: [k, n_rep * D]
     root = s.sqrt()
@@ -126,11 +130,20 @@ class LayerPlan:
 
 
 def _linear_parts(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return linear.weight.detach().double().cpu(), None if linear.bias is None else linear.bias.detach().double().cpu()
+    return (
+        linear.weight.detach().double().cpu(),
+        None if linear.bias is None else linear.bias.detach().double().cpu(),
+    )
 
 
-def plan_vo(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: Absorb, plan: LayerPlan,
-            widths_wanted: list[int] | None = None) -> None:
+def plan_vo(
+    attn: nn.Module,
+    layout: dict,
+    cov: torch.Tensor | None,
+    cfg: Absorb,
+    plan: LayerPlan,
+    widths_wanted: list[int] | None = None,
+) -> None:
     """Decompose every KV head's V-O product and keep the directions the knob (or `widths_wanted`) asks for."""
     n_rep = attn.num_key_value_groups
     wv, bv = _linear_parts(attn.v_proj)
@@ -148,7 +161,9 @@ def plan_vo(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: Absorb
             a = torch.cat([a, bv[None, row : row + width]], dim=0)  # [D+1, w]
         row += width
         heads = range(g * n_rep, (g + 1) * n_rep)
-        b = torch.cat([wo[:, head_starts[h] : head_starts[h] + width].T for h in heads], dim=1)  # [w, n_rep*D]
+        b = torch.cat(
+            [wo[:, head_starts[h] : head_starts[h] + width].T for h in heads], dim=1
+        )  # [w, n_rep*D]
         s, left, right = vanilla_vo_group(a, b) if cfg.criterion == "norm" else absorb_vo_group(a, b, chol)
         r = kept_count(s, width, cfg) if widths_wanted is None else min(widths_wanted[g], len(s))
         plan.spectra.append([float(x) for x in s])
@@ -207,7 +222,11 @@ def plan_qk(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: Absorb
 
 
 def attention_parameters(attn: nn.Module) -> int:
-    return sum(p.numel() for name in ("q_proj", "k_proj", "v_proj", "o_proj") for p in getattr(attn, name).parameters())
+    return sum(
+        p.numel()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+        for p in getattr(attn, name).parameters()
+    )
 
 
 def _planned_parameters(attn: nn.Module, plan: LayerPlan) -> int:
@@ -221,15 +240,22 @@ def _planned_parameters(attn: nn.Module, plan: LayerPlan) -> int:
     return total
 
 
-def absorb_decompose_(model: nn.Module, covs: list[torch.Tensor] | None, cfg: Absorb, apply: bool = True,
-                      v_widths: list[list[int]] | None = None) -> dict:
+def absorb_decompose_(
+    model: nn.Module,
+    covs: list[torch.Tensor] | None,
+    cfg: Absorb,
+    apply: bool = True,
+    v_widths: list[list[int]] | None = None,
+) -> dict:
     """Plan (and with apply, perform) absorb-decompose on every layer; returns the report.
 
     v_widths: per layer and KV head, V widths to keep instead of the knob's (to compare criteria at equal widths).
     """
     check_absorbable(model.config.model_type, cfg, model.config.to_dict())
     spec = arch_for(model)
-    layouts = getattr(model.config, "attention_layout", None) or [full_layout(model.config)] * len(decoder_layers(model))
+    layouts = getattr(model.config, "attention_layout", None) or [full_layout(model.config)] * len(
+        decoder_layers(model)
+    )
     rows, new_layouts = [], []
     for i, layer in enumerate(track(decoder_layers(model), "Absorb-decompose", total=len(layouts))):
         attn = get_submodule(layer, spec.attn)
@@ -241,21 +267,31 @@ def absorb_decompose_(model: nn.Module, covs: list[torch.Tensor] | None, cfg: Ab
         if "qk" in cfg.pairs:
             plan_qk(attn, layout, cov, cfg, plan)
         d = attn.head_dim
-        rows.append({
-            "layer": i,
-            "v_before": list(layout["v"]), "v_after": list(plan.layout["v"]),
-            "qk_before": qk_widths(layout, d), "qk_after": qk_widths(plan.layout, d),
-            "params_before": attention_parameters(attn), "params_after": _planned_parameters(attn, plan),
-            "spectra": [[float(f"{x:.4g}") for x in s] for s in plan.spectra],
-            "pair_scores": [[float(f"{x:.4g}") for x in s] for s in plan.pair_scores],
-        })
+        rows.append(
+            {
+                "layer": i,
+                "v_before": list(layout["v"]),
+                "v_after": list(plan.layout["v"]),
+                "qk_before": qk_widths(layout, d),
+                "qk_after": qk_widths(plan.layout, d),
+                "params_before": attention_parameters(attn),
+                "params_after": _planned_parameters(attn, plan),
+                "spectra": [[float(f"{x:.4g}") for x in s] for s in plan.spectra],
+                "pair_scores": [[float(f"{x:.4g}") for x in s] for s in plan.pair_scores],
+            }
+        )
         new_layouts.append(plan.layout)
         if apply:
             reshape_attention_(attn, plan.layout, **plan.weights)
     before, after = sum(r["params_before"] for r in rows), sum(r["params_after"] for r in rows)
-    report = {"layers": rows, "attention_params_before": before, "attention_params_after": after,
-              "attention_reduction": 1 - after / before, "exact": cfg.exact and "qk" not in cfg.pairs and cfg.criterion != "norm",
-              "lossy_qk": "qk" in cfg.pairs}
+    report = {
+        "layers": rows,
+        "attention_params_before": before,
+        "attention_params_after": after,
+        "attention_reduction": 1 - after / before,
+        "exact": cfg.exact and "qk" not in cfg.pairs and cfg.criterion != "norm",
+        "lossy_qk": "qk" in cfg.pairs,
+    }
     if apply:
         model.config.attention_layout = new_layouts
         use_surgery_modeling_(model.config)

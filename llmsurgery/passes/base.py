@@ -54,13 +54,25 @@ CommaList = BeforeValidator(_comma_list)
 
 
 def windows_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION) -> Any:
-    return Field(default, alias=alias, ge=1, le=defaults.MAX_WINDOWS, description=what,
-                 json_schema_extra={"panel": panel} if panel else None)
+    return Field(
+        default,
+        alias=alias,
+        ge=1,
+        le=defaults.MAX_WINDOWS,
+        description=what,
+        json_schema_extra={"panel": panel} if panel else None,
+    )
 
 
 def seq_len_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION) -> Any:
-    return Field(default, alias=alias, ge=2, le=defaults.MAX_SEQ_LEN, description=what,
-                 json_schema_extra={"panel": panel} if panel else None)
+    return Field(
+        default,
+        alias=alias,
+        ge=2,
+        le=defaults.MAX_SEQ_LEN,
+        description=what,
+        json_schema_extra={"panel": panel} if panel else None,
+    )
 
 
 @dataclass
@@ -95,11 +107,18 @@ class PassConfig(BaseModel):
     whole_model: ClassVar[bool] = False
     saved_as: ClassVar[str] = "model"  # the kind of model the pass writes, for the command's last line
 
-    calib_source: str = Field("news", alias="calib", description=CALIB_SOURCE_HELP, json_schema_extra={"panel": CALIBRATION})
+    calib_source: str = Field(
+        "news", alias="calib", description=CALIB_SOURCE_HELP, json_schema_extra={"panel": CALIBRATION}
+    )
     calib_samples: int = windows_field(8, "number of calibration windows", "calib-samples")
     calib_seq_len: int = seq_len_field(512, "tokens per calibration window", "calib-seq-len")
-    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED, description="seed choosing the calibration windows",
-                      json_schema_extra={"panel": CALIBRATION})
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=defaults.MAX_SEED,
+        description="seed choosing the calibration windows",
+        json_schema_extra={"panel": CALIBRATION},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,7 +127,12 @@ class PassConfig(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("calib"), CalibConfig):
             c = data["calib"]
             data = {k: v for k, v in data.items() if k != "calib"}
-            data |= {"calib": c.source, "calib-samples": c.samples, "calib-seq-len": c.seq_len, "seed": c.seed}
+            data |= {
+                "calib": c.source,
+                "calib-samples": c.samples,
+                "calib-seq-len": c.seq_len,
+                "seed": c.seed,
+            }
         return data
 
     @field_validator("calib_source")
@@ -126,7 +150,9 @@ class PassConfig(BaseModel):
 
     @property
     def calib(self) -> CalibConfig:
-        return CalibConfig(source=self.calib_source, samples=self.calib_samples, seq_len=self.calib_seq_len, seed=self.seed)
+        return CalibConfig(
+            source=self.calib_source, samples=self.calib_samples, seq_len=self.calib_seq_len, seed=self.seed
+        )
 
     def windows(self) -> list[CalibConfig]:
         """Every set of calibration windows the pass draws with these settings (none: it needs no data)."""
@@ -144,7 +170,8 @@ class PassConfig(BaseModel):
         return config
 
     def apply_(self, model, calibration, dry_run: bool = False) -> Report:
-        """Transform `model` (a `model_io.LoadedModel`) in place; `calibration` draws the windows. dry_run: plan only."""
+        """Transform `model` (a `model_io.LoadedModel`) in place; `calibration` draws the windows. dry_run:
+        plan only."""
         raise NotImplementedError
 
     def record(self) -> dict:
@@ -154,4 +181,3 @@ class PassConfig(BaseModel):
     def recipe_entry(self) -> dict:
         """The settings as a recipe's pass entry (recipe spellings), `pass:` first."""
         return {"pass": self.name} | self.model_dump(mode="json", by_alias=True, exclude={"pass_"})
-

@@ -83,8 +83,10 @@ def block_influence_scores(capture: ResidualCapture) -> torch.Tensor:
 def angular_block_scores(capture: ResidualCapture, n: int) -> torch.Tensor:
     """Mean angular distance between x_l and x_{l+n} (last token), for each start l = 0..L-n."""
     states = [torch.cat(chunks) for chunks in capture.last]  # each [N, D]
-    scores = [torch.arccos(cosine_per_token(states[s], states[s + n]).clamp(-1, 1)).mean() / math.pi
-              for s in range(len(states) - n)]
+    scores = [
+        torch.arccos(cosine_per_token(states[s], states[s + n]).clamp(-1, 1)).mean() / math.pi
+        for s in range(len(states) - n)
+    ]
     return torch.stack(scores)
 
 

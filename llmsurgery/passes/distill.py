@@ -27,8 +27,13 @@ from .heal import VALIDATION_WINDOWS, Heal
 
 
 def removed_from_history(history: dict) -> tuple[list[int], int] | None:
-    """Layers (0-based, in the first pruned model's numbering) that the history's prune passes removed, and the count before."""
-    passes = [p for p in history.get("passes", []) if p.get("pass") == "block_influence" and p.get("report", {}).get("removed_layers")]
+    """Layers (0-based, in the first pruned model's numbering) that the history's prune passes removed, and
+    the count before."""
+    passes = [
+        p
+        for p in history.get("passes", [])
+        if p.get("pass") == "block_influence" and p.get("report", {}).get("removed_layers")
+    ]
     if not passes:
         return None
     original = list(range(passes[0]["report"]["layers_before"]))
@@ -44,7 +49,9 @@ def gap_neighbours(removed: list[int], n_teacher: int) -> list[int]:
     """Student indices of the kept layers just before and just after each run of removed layers."""
     gone = set(removed)
     kept = [i for i in range(n_teacher) if i not in gone]
-    near = {i - 1 for i in gone if i - 1 not in gone and i - 1 >= 0} | {i + 1 for i in gone if i + 1 not in gone and i + 1 < n_teacher}
+    near = {i - 1 for i in gone if i - 1 not in gone and i - 1 >= 0} | {
+        i + 1 for i in gone if i + 1 not in gone and i + 1 < n_teacher
+    }
     return sorted(kept.index(i) for i in near)
 
 
@@ -76,8 +83,10 @@ def trainable_modules(model: nn.Module, train: tuple[str, ...], near: list[int])
             paths += [f"{spec.layers}.{i}" for i in range(n)]
     kept = [p for p in dict.fromkeys(paths) if not any(p.startswith(q + ".") for q in paths if q != p)]
     if not kept:
-        raise UserError("nothing to train: the student has no known gaps (say which layers are missing with --removed, "
-                        "or train norms / all-mlp / all)")
+        raise UserError(
+            "nothing to train: the student has no known gaps (say which layers are missing with --removed, "
+            "or train norms / all-mlp / all)"
+        )
     return kept
 
 
@@ -106,7 +115,9 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def _held_out_kl(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> float:
+def _held_out_kl(
+    student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
+) -> float:
     device = next(student.parameters()).device
     total = 0.0
     for w in windows:
@@ -115,9 +126,16 @@ def _held_out_kl(student: nn.Module, teacher_logits: Callable[[torch.Tensor], to
     return total / len(windows)
 
 
-def heal_(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], cfg: Heal, windows: torch.Tensor,
-          removed: list[int] | None, n_teacher: int) -> dict:
-    """Distil in place; returns the report. windows: [N, T] training windows plus VALIDATION_WINDOWS held out at the end."""
+def heal_(
+    student: nn.Module,
+    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
+    cfg: Heal,
+    windows: torch.Tensor,
+    removed: list[int] | None,
+    n_teacher: int,
+) -> dict:
+    """Distil in place; returns the report. windows: [N, T] training windows plus VALIDATION_WINDOWS held
+    out at the end."""
     if len(windows) <= VALIDATION_WINDOWS:
         raise UserError(f"heal needs more than {VALIDATION_WINDOWS} calibration windows")
     train_windows, held_out = windows[:-VALIDATION_WINDOWS], windows[-VALIDATION_WINDOWS:]
@@ -156,10 +174,19 @@ def heal_(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Ten
         for p in student.parameters():
             p.requires_grad_(grad_was.get(id(p), True))
         student.train(was_training)
-    return {"steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * windows.shape[1], "removed_layers": list(removed or []),
-            "trained_layers": near, "trained_modules": paths, "trained_parameters": {n: p.numel() for n, p in trained.items()},
-            "trained_parameter_count": sum(p.numel() for p in trained.values()), "loss_curve": losses,
-            "held_out_kl_before": round(kl_before, 6), "held_out_kl_after": round(kl_after, 6), "kept": kept}
+    return {
+        "steps": cfg.steps,
+        "tokens": cfg.steps * cfg.batch_size * windows.shape[1],
+        "removed_layers": list(removed or []),
+        "trained_layers": near,
+        "trained_modules": paths,
+        "trained_parameters": {n: p.numel() for n, p in trained.items()},
+        "trained_parameter_count": sum(p.numel() for p in trained.values()),
+        "loss_curve": losses,
+        "held_out_kl_before": round(kl_before, 6),
+        "held_out_kl_after": round(kl_after, 6),
+        "kept": kept,
+    }
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -176,7 +203,8 @@ def shared_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def match_removed(student: nn.Module, teacher: nn.Module) -> list[int] | None:
-    """Teacher layers the student lacks, found by equal q_proj weights in order; None if some student layer has no match."""
+    """Teacher layers the student lacks, found by equal q_proj weights in order; None if some student layer
+    has no match."""
     spec = arch_for(student)
     prints = [get_submodule(layer, spec.q_proj).weight for layer in decoder_layers(teacher)]
     found, j = [], 0
@@ -205,14 +233,23 @@ def heal_loaded_(loaded, cfg: Heal, windows: torch.Tensor, pending_passes: list[
     teacher_id = cfg.teacher or ("the input model" if teacher is not None else None)
     if teacher is None:
         if not cfg.teacher and not loaded.history.get("passes"):
-            raise UserError("give --teacher (the model before pruning): this model has no llmsurgery history naming its source")
+            raise UserError(
+                "give --teacher (the model before pruning): this model has no llmsurgery history naming its source"
+            )
         teacher_id = cfg.teacher or loaded.history["source"]["id"]
         param = next(student.parameters())
-        teacher = load_model(teacher_id, dtype=str(param.dtype).removeprefix("torch."), device=param.device.type).model
+        teacher = load_model(
+            teacher_id, dtype=str(param.dtype).removeprefix("torch."), device=param.device.type
+        ).model
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise UserError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's ({student.config.vocab_size})")
+        raise UserError(
+            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
+            f"({student.config.vocab_size})"
+        )
     if arch_for(teacher).model_type != arch_for(student).model_type:
-        raise UserError(f"the teacher is {teacher.config.model_type}, the student {student.config.model_type}")
+        raise UserError(
+            f"the teacher is {teacher.config.model_type}, the student {student.config.model_type}"
+        )
     n_teacher, n_student = len(decoder_layers(teacher)), len(decoder_layers(student))
     history = {"passes": list(loaded.history.get("passes", [])) + list(pending_passes or [])}
     removed: list[int] | None = list(cfg.removed) if cfg.removed is not None else None
@@ -221,14 +258,24 @@ def heal_loaded_(loaded, cfg: Heal, windows: torch.Tensor, pending_passes: list[
         removed = found[0] if found and found[1] == n_teacher else match_removed(student, teacher)
     if removed is None:
         if n_teacher != n_student:
-            raise UserError(f"cannot tell which of the teacher's {n_teacher} layers the student's {n_student} are; give --removed")
+            raise UserError(
+                f"cannot tell which of the teacher's {n_teacher} layers the student's {n_student} are; give --removed"
+            )
         removed = []
     if n_student + len(removed) != n_teacher or any(not 0 <= i < n_teacher for i in removed):
-        raise UserError(f"the teacher has {n_teacher} layers, the student {n_student}: removing {sorted(removed)} does not match")
+        raise UserError(
+            f"the teacher has {n_teacher} layers, the student {n_student}: removing {sorted(removed)} does not match"
+        )
     train = cfg.train
     if not removed and "mlp-near-gaps" in train:
         train = tuple(dict.fromkeys(("all-mlp" if t == "mlp-near-gaps" else t) for t in train))
     teacher.eval()
-    report = heal_(student, lambda batch: teacher(input_ids=batch, use_cache=False).logits, cfg.model_copy(update={"train": train}),
-                   windows, removed, n_teacher)
+    report = heal_(
+        student,
+        lambda batch: teacher(input_ids=batch, use_cache=False).logits,
+        cfg.model_copy(update={"train": train}),
+        windows,
+        removed,
+        n_teacher,
+    )
     return report | {"teacher": teacher_id, "calibration_tokens": int(windows.numel())}

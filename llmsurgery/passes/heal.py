@@ -15,12 +15,14 @@ from ..errors import UserError
 from .base import CalibConfig, CheckContext, CommaList, PassConfig, Report, seq_len_field, windows_field
 
 TRAIN_CHOICES = ("norms", "mlp-near-gaps", "layers-near-gaps", "all-mlp", "all")
-VALIDATION_WINDOWS = 4  # held-out windows after the training ones: the KL there decides whether the new weights stay
+VALIDATION_WINDOWS = (
+    4  # held-out windows after the training ones: the KL there decides whether the new weights stay
+)
 SEED_OFFSET = 3  # heal's windows differ from those of a prune drawn with the same seed
 
 
 def _layer_numbers(value):
-    """"12,13,25" from the command line; a list from a recipe."""
+    """ "12,13,25" from the command line; a list from a recipe."""
     if isinstance(value, str):
         try:
             return tuple(int(v) for v in value.split(",") if v.strip())
@@ -53,31 +55,66 @@ class Heal(PassConfig):
     saved_as: ClassVar[str] = "healed model"
 
     pass_: Literal["heal"] = Field("heal", alias="pass", exclude=True)
-    teacher: str | None = Field(None, description="the model to distil from (default: the model before this run's passes, "
-                                "else the source in the model's history)")
-    steps: int = Field(defaults.HEAL_STEPS, ge=1, le=defaults.MAX_STEPS, description="optimizer steps (a batch of batch-size windows each)")
-    lr: float = Field(defaults.HEAL_LR, gt=0, le=100, description="peak AdamW learning rate (10% linear warm-up, cosine decay)")
-    batch_size: int = Field(defaults.HEAL_BATCH_SIZE, alias="batch-size", ge=1, le=defaults.MAX_BATCH, description="windows per step")
+    teacher: str | None = Field(
+        None,
+        description="the model to distil from (default: the model before this run's passes, "
+        "else the source in the model's history)",
+    )
+    steps: int = Field(
+        defaults.HEAL_STEPS,
+        ge=1,
+        le=defaults.MAX_STEPS,
+        description="optimizer steps (a batch of batch-size windows each)",
+    )
+    lr: float = Field(
+        defaults.HEAL_LR,
+        gt=0,
+        le=100,
+        description="peak AdamW learning rate (10% linear warm-up, cosine decay)",
+    )
+    batch_size: int = Field(
+        defaults.HEAL_BATCH_SIZE,
+        alias="batch-size",
+        ge=1,
+        le=defaults.MAX_BATCH,
+        description="windows per step",
+    )
     train: Annotated[tuple[str, ...], CommaList] = Field(
-        defaults.HEAL_TRAIN, description=f"what trains, comma-separated: {', '.join(TRAIN_CHOICES)}")
-    removed: Annotated[tuple[Annotated[int, Field(ge=0, le=defaults.MAX_DIM)], ...] | None, BeforeValidator(_layer_numbers)] = Field(
-        None, description="the teacher's layers the student lacks, 0-based (default: from the history, else by matching weights)")
-    calib_samples: int = windows_field(defaults.HEAL_WINDOWS[0], "training windows (cycled through)", "calib-samples")
-    calib_seq_len: int = seq_len_field(defaults.HEAL_WINDOWS[1], "tokens per training window", "calib-seq-len")
+        defaults.HEAL_TRAIN, description=f"what trains, comma-separated: {', '.join(TRAIN_CHOICES)}"
+    )
+    removed: Annotated[
+        tuple[Annotated[int, Field(ge=0, le=defaults.MAX_DIM)], ...] | None, BeforeValidator(_layer_numbers)
+    ] = Field(
+        None,
+        description="the teacher's layers the student lacks, 0-based "
+        "(default: from the history, else by matching weights)",
+    )
+    calib_samples: int = windows_field(
+        defaults.HEAL_WINDOWS[0], "training windows (cycled through)", "calib-samples"
+    )
+    calib_seq_len: int = seq_len_field(
+        defaults.HEAL_WINDOWS[1], "tokens per training window", "calib-seq-len"
+    )
 
     @field_validator("train")
     @classmethod
     def _known(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = [v for v in value if v not in TRAIN_CHOICES]
         if unknown or not value:
-            raise ValueError(f"train takes {', '.join(TRAIN_CHOICES)} (comma-separated), got '{','.join(value)}'")
+            raise ValueError(
+                f"train takes {', '.join(TRAIN_CHOICES)} (comma-separated), got '{','.join(value)}'"
+            )
         return value
 
     @property
     def calib(self) -> CalibConfig:
         """The training windows followed by the held-out ones, all disjoint."""
-        return CalibConfig(source=self.calib_source, samples=self.calib_samples + VALIDATION_WINDOWS,
-                           seq_len=self.calib_seq_len, seed=self.seed + SEED_OFFSET)
+        return CalibConfig(
+            source=self.calib_source,
+            samples=self.calib_samples + VALIDATION_WINDOWS,
+            seq_len=self.calib_seq_len,
+            seed=self.seed + SEED_OFFSET,
+        )
 
     def check(self, ctx: CheckContext) -> None:
         """The teacher (given; the history's source when heal comes first; else the input) and the layer counts."""
@@ -88,14 +125,18 @@ class Heal(PassConfig):
         arch_for_model_type(config.get("model_type"))
         earlier = sorted({p.name for p in ctx.earlier} - {"prune-bi"})
         if self.teacher is None and earlier:
-            raise UserError(f"heal without a teacher distils towards the input model, so only prune-bi may come before it "
-                            f"(here: {', '.join(earlier)})")
+            raise UserError(
+                f"heal without a teacher distils towards the input model, so only prune-bi may come before it "
+                f"(here: {', '.join(earlier)})"
+            )
         n_student = config["num_hidden_layers"]
         teacher = self.teacher
         if teacher is None and not ctx.earlier:
             history = read_history(ctx.folder) if ctx.folder is not None else None
             if not history or not history["passes"]:
-                raise UserError("give --teacher (the model before pruning): this model has no llmsurgery history naming its source")
+                raise UserError(
+                    "give --teacher (the model before pruning): this model has no llmsurgery history naming its source"
+                )
             teacher = history["source"].get("id")
         if teacher is None:
             teacher_config = ctx.input_config  # the input model, as loaded before the earlier passes
@@ -104,21 +145,37 @@ class Heal(PassConfig):
                 teacher_config, teacher_folder, _ = peek_config(str(teacher))
             except UserError as exc:
                 raise UserError(f"teacher {teacher}: {exc}") from None
-            if (not ctx.earlier and ctx.folder is not None and teacher_folder is not None
-                    and Path(teacher_folder).resolve() == Path(ctx.folder).resolve()):
-                raise UserError(f"the teacher {teacher} is the model being healed; give the model before pruning")
+            if (
+                not ctx.earlier
+                and ctx.folder is not None
+                and teacher_folder is not None
+                and Path(teacher_folder).resolve() == Path(ctx.folder).resolve()
+            ):
+                raise UserError(
+                    f"the teacher {teacher} is the model being healed; give the model before pruning"
+                )
         if teacher_config.get("model_type") != config.get("model_type"):
-            raise UserError(f"the teacher is {teacher_config.get('model_type')}, the student {config.get('model_type')}")
+            raise UserError(
+                f"the teacher is {teacher_config.get('model_type')}, the student {config.get('model_type')}"
+            )
         if teacher_config.get("vocab_size") != config.get("vocab_size"):
-            raise UserError(f"the teacher's vocabulary ({teacher_config.get('vocab_size')}) differs from the student's "
-                            f"({config.get('vocab_size')})")
+            raise UserError(
+                f"the teacher's vocabulary ({teacher_config.get('vocab_size')}) differs from the student's "
+                f"({config.get('vocab_size')})"
+            )
         n_teacher = teacher_config["num_hidden_layers"]
         if self.removed is not None:
-            if len(set(self.removed)) != len(self.removed) or any(not 0 <= i < n_teacher for i in self.removed):
-                raise UserError(f"--removed should name distinct layers of the teacher's {n_teacher} (0 to {n_teacher - 1})")
+            if len(set(self.removed)) != len(self.removed) or any(
+                not 0 <= i < n_teacher for i in self.removed
+            ):
+                raise UserError(
+                    f"--removed should name distinct layers of the teacher's {n_teacher} (0 to {n_teacher - 1})"
+                )
             if n_student + len(self.removed) != n_teacher:
-                raise UserError(f"the teacher has {n_teacher} layers, the student {n_student}: "
-                                f"removing {sorted(self.removed)} does not match")
+                raise UserError(
+                    f"the teacher has {n_teacher} layers, the student {n_student}: "
+                    f"removing {sorted(self.removed)} does not match"
+                )
         elif n_student > n_teacher:
             raise UserError(f"the student has more layers ({n_student}) than the teacher ({n_teacher})")
 

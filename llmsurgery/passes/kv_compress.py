@@ -38,21 +38,49 @@ class KVCompress(PassConfig):
     budget: float = Field(gt=0, le=1, description="cached K+V dims to keep, a fraction of the original")
     train: bool = Field(True, description="Matryoshka-train the projections (else PCA only)")
     uniform: bool = Field(False, description="one rank for every head instead of the rank search")
-    train_steps: int = Field(defaults.KV_TRAIN_STEPS, alias="train-steps", ge=1, le=defaults.MAX_STEPS,
-                             description="training steps (a batch of batch-size windows each)")
-    lr: float = Field(defaults.KV_LR, gt=0, le=100, description="AdamW learning rate of the projections and means")
-    batch_size: int = Field(defaults.KV_BATCH_SIZE, alias="batch-size", ge=1, le=defaults.MAX_BATCH,
-                            description="training windows per step")
-    rank_step: int | None = Field(None, alias="rank-step", ge=1, le=defaults.MAX_DIM,
-                                  description="rank granularity, a divisor of head_dim (default head_dim / 8)")
-    v_init: Literal["pca", "vo"] = Field("pca", alias="v-init",
-                                         description="pca (the paper) or vo (whitened V-O absorb-decompose basis)")
-    calib_samples: int = windows_field(defaults.KV_PCA_WINDOWS[0], "windows for the PCA statistics", "calib-samples")
+    train_steps: int = Field(
+        defaults.KV_TRAIN_STEPS,
+        alias="train-steps",
+        ge=1,
+        le=defaults.MAX_STEPS,
+        description="training steps (a batch of batch-size windows each)",
+    )
+    lr: float = Field(
+        defaults.KV_LR, gt=0, le=100, description="AdamW learning rate of the projections and means"
+    )
+    batch_size: int = Field(
+        defaults.KV_BATCH_SIZE,
+        alias="batch-size",
+        ge=1,
+        le=defaults.MAX_BATCH,
+        description="training windows per step",
+    )
+    rank_step: int | None = Field(
+        None,
+        alias="rank-step",
+        ge=1,
+        le=defaults.MAX_DIM,
+        description="rank granularity, a divisor of head_dim (default head_dim / 8)",
+    )
+    v_init: Literal["pca", "vo"] = Field(
+        "pca", alias="v-init", description="pca (the paper) or vo (whitened V-O absorb-decompose basis)"
+    )
+    calib_samples: int = windows_field(
+        defaults.KV_PCA_WINDOWS[0], "windows for the PCA statistics", "calib-samples"
+    )
     calib_seq_len: int = seq_len_field(defaults.KV_PCA_WINDOWS[1], "tokens per PCA window", "calib-seq-len")
-    train_samples: int = windows_field(defaults.KV_TRAIN_WINDOWS[0], "training windows (cycled through)", "train-samples")
-    train_seq_len: int = seq_len_field(defaults.KV_TRAIN_WINDOWS[1], "tokens per training window", "train-seq-len")
-    search_samples: int = windows_field(defaults.KV_SEARCH_WINDOWS[0], "windows scoring the rank search", "search-samples")
-    search_seq_len: int = seq_len_field(defaults.KV_SEARCH_WINDOWS[1], "tokens per search window", "search-seq-len")
+    train_samples: int = windows_field(
+        defaults.KV_TRAIN_WINDOWS[0], "training windows (cycled through)", "train-samples"
+    )
+    train_seq_len: int = seq_len_field(
+        defaults.KV_TRAIN_WINDOWS[1], "tokens per training window", "train-seq-len"
+    )
+    search_samples: int = windows_field(
+        defaults.KV_SEARCH_WINDOWS[0], "windows scoring the rank search", "search-samples"
+    )
+    search_seq_len: int = seq_len_field(
+        defaults.KV_SEARCH_WINDOWS[1], "tokens per search window", "search-seq-len"
+    )
 
     @property
     def whole_model(self) -> bool:  # training and the search backpropagate through every layer
@@ -60,14 +88,28 @@ class KVCompress(PassConfig):
 
     @property
     def train_calib(self) -> CalibConfig:
-        return CalibConfig(source=self.calib_source, samples=self.train_samples, seq_len=self.train_seq_len, seed=self.seed + 1)
+        return CalibConfig(
+            source=self.calib_source,
+            samples=self.train_samples,
+            seq_len=self.train_seq_len,
+            seed=self.seed + 1,
+        )
 
     @property
     def search_calib(self) -> CalibConfig:
-        return CalibConfig(source=self.calib_source, samples=self.search_samples, seq_len=self.search_seq_len, seed=self.seed + 2)
+        return CalibConfig(
+            source=self.calib_source,
+            samples=self.search_samples,
+            seq_len=self.search_seq_len,
+            seed=self.seed + 2,
+        )
 
     def windows(self) -> list[CalibConfig]:
-        return [self.calib] + ([self.train_calib] if self.train else []) + ([self.search_calib] if not self.uniform else [])
+        return (
+            [self.calib]
+            + ([self.train_calib] if self.train else [])
+            + ([self.search_calib] if not self.uniform else [])
+        )
 
     def check(self, ctx: CheckContext) -> None:
         config = ctx.config
@@ -78,10 +120,14 @@ class KVCompress(PassConfig):
             raise UserError(f"rank step {step} is larger than head_dim {head_dim}")
         if head_dim % step:
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
-            raise UserError(f"--rank-step {step} does not divide head_dim {head_dim}; choose one of {', '.join(map(str, divisors))}")
+            raise UserError(
+                f"--rank-step {step} does not divide head_dim {head_dim}; choose one of {', '.join(map(str, divisors))}"
+            )
         if self.budget < step / head_dim:
-            raise UserError(f"--budget {self.budget:g} is below the smallest reachable, one rank step ({step} of {head_dim} dims) "
-                            f"per head: {step / head_dim:g}; lower --rank-step for smaller budgets")
+            raise UserError(
+                f"--budget {self.budget:g} is below the smallest reachable, one rank step ({step} of {head_dim} dims) "
+                f"per head: {step / head_dim:g}; lower --rank-step for smaller budgets"
+            )
 
     def config_after(self, config: dict) -> dict:
         layouts = config.get("attention_layout") or [{} for _ in range(config["num_hidden_layers"])]
@@ -90,8 +136,11 @@ class KVCompress(PassConfig):
     def apply_(self, model, calibration, dry_run: bool = False) -> KVCompressReport:
         from .matryoshka_kv import kv_compress_
 
-        batches = {"pca": calibration.windows(self.calib), "train": calibration.windows(self.train_calib) if self.train else None,
-                   "search": calibration.windows(self.search_calib) if not self.uniform else None}
+        batches = {
+            "pca": calibration.windows(self.calib),
+            "train": calibration.windows(self.train_calib) if self.train else None,
+            "search": calibration.windows(self.search_calib) if not self.uniform else None,
+        }
         report = kv_compress_(model.model, self, batches)
         return KVCompressReport(**report, calibration_tokens=int(batches["pca"].numel()))
 
@@ -101,4 +150,6 @@ def check_compressible(config: dict) -> None:
         if layout.get("k"):
             raise UserError("this model's KV cache is already compressed by kv-compress")
         if layout.get("qk"):
-            raise UserError("kv-compress needs full q/k heads; this model had Q-K frequency pairs dropped by absorb")
+            raise UserError(
+                "kv-compress needs full q/k heads; this model had Q-K frequency pairs dropped by absorb"
+            )

@@ -35,7 +35,9 @@ from .rotate_sparsify import RotateSparsify, check_foldable
 def normed_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, sum over calibration tokens of n^T n with n = x / rms(x) (no norm scale), float64 [D, D]."""
     layers = decoder_layers(model)
-    covs = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for _ in layers]
+    covs = [
+        torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for _ in layers
+    ]
     eps = model.config.rms_norm_eps
 
     def accumulate(i: int, x: torch.Tensor) -> None:
@@ -127,8 +129,10 @@ def effective_sparsity(model: nn.Module, cfg: RotateSparsify) -> float:
     spec = arch_for(model)
     weighted = total = 0
     for layer in decoder_layers(model):
-        for paths, s in (((spec.q_proj, spec.k_proj, spec.v_proj, spec.gate_proj, spec.up_proj), cfg.sparsity_in),
-                         ((spec.o_proj, spec.down_proj), cfg.sparsity_out)):
+        for paths, s in (
+            ((spec.q_proj, spec.k_proj, spec.v_proj, spec.gate_proj, spec.up_proj), cfg.sparsity_in),
+            ((spec.o_proj, spec.down_proj), cfg.sparsity_out),
+        ):
             n = sum(get_submodule(layer, p).weight.numel() for p in paths)
             weighted += s * n
             total += n
@@ -153,9 +157,14 @@ def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: Rotate
     config = model.config
     config.sparsity_in, config.sparsity_out = cfg.sparsity_in, cfg.sparsity_out
     config.rotated = rotations is not None
-    config.sparse_decode = True  # one-token CPU decoding through the sparse kernel; from_pretrained(..., sparse_decode=False) turns it off
+    # one-token CPU decoding through the sparse kernel; from_pretrained(..., sparse_decode=False) turns it off
+    config.sparse_decode = True
     use_surgery_modeling_(config)
     install_sparsity_hooks_(model)
-    report |= {"sparsity_in": cfg.sparsity_in, "sparsity_out": cfg.sparsity_out,
-               "effective_sparsity": effective_sparsity(model, cfg), "rotated": config.rotated}
+    report |= {
+        "sparsity_in": cfg.sparsity_in,
+        "sparsity_out": cfg.sparsity_out,
+        "effective_sparsity": effective_sparsity(model, cfg),
+        "rotated": config.rotated,
+    }
     return report

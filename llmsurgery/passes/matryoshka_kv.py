@@ -91,7 +91,10 @@ class MatryoshkaState(nn.Module):
 
     def refresh_bases(self) -> None:
         """U = U_init cayley(X) for every head (keeps the graph when grad is enabled)."""
-        self._bases = {i: (self.init_k[i] @ cayley(self.x_k[i]), self.init_v[i] @ cayley(self.x_v[i])) for i in range(len(self.x_k))}
+        self._bases = {
+            i: (self.init_k[i] @ cayley(self.x_k[i]), self.init_v[i] @ cayley(self.x_v[i]))
+            for i in range(len(self.x_k))
+        }
 
     def bases(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         u_k, u_v = self._bases[layer * self.groups + group]
@@ -99,7 +102,9 @@ class MatryoshkaState(nn.Module):
 
     def gate_columns(self, layer: int, group: int, kind: str) -> torch.Tensor:
         """Per basis column, the gate of the rank step holding it."""
-        return self.gates[kind, layer, group].repeat_interleave(self.step)[: self.max_rank(layer, group, kind)]
+        return self.gates[kind, layer, group].repeat_interleave(self.step)[
+            : self.max_rank(layer, group, kind)
+        ]
 
     def sample_ranks_(self, generator: torch.Generator) -> None:
         """Nested-prefix training: every (layer, head, K/V) rank drawn from {s, 2s, ..., max}."""
@@ -176,7 +181,9 @@ def attach_(model: nn.Module, state: MatryoshkaState) -> list:
     for i, layer in enumerate(decoder_layers(model)):
         attn = get_submodule(layer, spec.attn)
         saved.append((attn, attn.__dict__.get("forward"), getattr(attn, "attention_layout", None)))
-        reshape_attention_(attn, attn.attention_layout if saved[-1][2] else full_layout(model.config))  # widths as they are
+        reshape_attention_(
+            attn, attn.attention_layout if saved[-1][2] else full_layout(model.config)
+        )  # widths as they are
         attn.kv_projection = ProjectionHook(state, i)
     return saved
 
@@ -263,17 +270,26 @@ def uniform_ranks(state: MatryoshkaState, budget: float) -> dict:
     """The same rank r (a multiple of the step, at most the budget) for every K and V head."""
     r = max(state.step, int(budget * state.d / state.step) * state.step)
     layers = range(len(state.v_widths))
-    return {"k": [[min(r, state.d)] * state.groups for _ in layers],
-            "v": [[min(r, w) for w in state.v_widths[layer]] for layer in layers]}
+    return {
+        "k": [[min(r, state.d)] * state.groups for _ in layers],
+        "v": [[min(r, w) for w in state.v_widths[layer]] for layer in layers],
+    }
 
 
-def _total_kl(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int) -> float:
+def _total_kl(
+    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int
+) -> float:
     state.refresh_bases()
-    return sum(float(_kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits)) for t, w in zip(teacher, windows))
+    return sum(
+        float(_kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits))
+        for t, w in zip(teacher, windows)
+    )
 
 
 @torch.no_grad()
-def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 4) -> dict[float, dict]:
+def search_ranks(
+    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 4
+) -> dict[float, dict]:
     """Ranks for each budget: uniform ranks improved by moving rank steps between heads on output KL.
 
     The first three quarters of the windows profile (at least one), the rest check (all windows when
@@ -288,14 +304,17 @@ def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor
     profile, check = windows[:split], (windows[split:] if len(windows) > 1 else windows)
     keep = max(1, windows.shape[1] // 2)
     state.project = False
-    teacher = [model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1) for w in windows]
+    teacher = [
+        model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
+        for w in windows
+    ]
     state.project = True
     total = 2 * len(state.v_widths) * state.groups * state.d
     found: dict[float, dict] = {}
     with stepper("Searching ranks", len(budgets) * rounds) as step:
         for b in sorted(budgets, reverse=True):
             state.set_ranks(uniform_ranks(state, b))
-            current = _total_kl(model, state, check, teacher[-len(check):], keep)
+            current = _total_kl(model, state, check, teacher[-len(check) :], keep)
             for _ in range(rounds):
                 spare = math.floor((b - state.budget()) * total / state.step + 1e-6)
                 groups = _moves(*_step_gradients(model, state, profile, teacher[: len(profile)], keep), spare)
@@ -304,7 +323,7 @@ def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor
                     saved = state.ranks()
                     for kind, layer, g, delta in (move for group in groups for move in group):
                         getattr(state, f"rank_{kind}")[layer][g] += delta * state.step
-                    new = _total_kl(model, state, check, teacher[-len(check):], keep)
+                    new = _total_kl(model, state, check, teacher[-len(check) :], keep)
                     if new < current:
                         current, applied = new, len(groups)
                         break
@@ -318,8 +337,9 @@ def search_ranks(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor
     return found
 
 
-def _step_gradients(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor],
-                    keep: int) -> tuple[list, list]:
+def _step_gradients(
+    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int
+) -> tuple[list, list]:
     """First-order KL change of one rank step less and one more for every (layer, KV head, K or V).
 
     Every step of every basis gets a gate on its coordinates (1 inside the current rank, 0 outside); one
@@ -336,13 +356,17 @@ def _step_gradients(model: nn.Module, state: MatryoshkaState, windows: torch.Ten
                 gates[kind, layer, g] = torch.zeros(len(options), device=state.x_k[0].device)
                 gates[kind, layer, g][: options.index(r) + 1] = 1
                 gates[kind, layer, g].requires_grad_(True)
-    state.set_ranks({"k": [[state.d] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]})
+    state.set_ranks(
+        {"k": [[state.d] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]}
+    )
     state.gates = gates
     try:
         with _frozen([*model.parameters(), *state.parameters()]), torch.enable_grad():
             state.refresh_bases()
             for t, w in zip(teacher, windows):
-                _kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits).backward()
+                _kl(
+                    t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits
+                ).backward()
     finally:
         state.gates, state._bases = None, {}
         state.set_ranks(ranks)
@@ -364,7 +388,7 @@ def _moves(gains: list, losses: list, spare: int) -> list[list[tuple[str, int, i
     raised = {group[0][:3] for group in groups}
     losses = [x for x in losses if x[1:] not in raised]
     lowered: set = set()
-    for gain, *up in gains[len(groups):]:
+    for gain, *up in gains[len(groups) :]:
         if tuple(up) in lowered:
             continue
         losses = [x for x in losses if tuple(x[1:]) != tuple(up)]
@@ -378,7 +402,8 @@ def _moves(gains: list, losses: list, spare: int) -> list[list[tuple[str, int, i
 
 @torch.no_grad()
 def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
-    """Write the truncated projections into v_proj/o_proj and the key basis; the model becomes a standard-loadable one."""
+    """Write the truncated projections into v_proj/o_proj and the key basis; the model becomes a
+    standard-loadable one."""
     state.set_ranks(ranks)
     state.refresh_bases()
     spec = arch_for(model)
@@ -387,9 +412,17 @@ def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
         attn = get_submodule(layer, spec.attn)
         n_rep, widths = attn.num_key_value_groups, state.v_widths[layer_index]
         wv = attn.v_proj.weight.double()
-        bv = attn.v_proj.bias.double() if attn.v_proj.bias is not None else torch.zeros(wv.shape[0], dtype=torch.float64)
+        bv = (
+            attn.v_proj.bias.double()
+            if attn.v_proj.bias is not None
+            else torch.zeros(wv.shape[0], dtype=torch.float64)
+        )
         wo = attn.o_proj.weight.double()
-        bo = attn.o_proj.bias.double() if attn.o_proj.bias is not None else torch.zeros(wo.shape[0], dtype=torch.float64)
+        bo = (
+            attn.o_proj.bias.double()
+            if attn.o_proj.bias is not None
+            else torch.zeros(wo.shape[0], dtype=torch.float64)
+        )
         v_rows, v_bias, o_cols, bases, means = [], [], [], [], []
         row = col = 0
         for g, w in enumerate(widths):
@@ -407,9 +440,19 @@ def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
             bases.append(u_k)
             means.append(state.mu_k[i].double())
         layout = dict(getattr(attn, "attention_layout", None) or full_layout(model.config))
-        layout |= {"v": list(ranks["v"][layer_index]), "k": list(ranks["k"][layer_index]), "v_bias": True, "o_bias": True}
-        reshape_attention_(attn, layout, v=(torch.cat(v_rows), torch.cat(v_bias)), o=(torch.cat(o_cols, dim=1), bo),
-                           key_projection=(torch.cat(bases, dim=1), torch.stack(means)))
+        layout |= {
+            "v": list(ranks["v"][layer_index]),
+            "k": list(ranks["k"][layer_index]),
+            "v_bias": True,
+            "o_bias": True,
+        }
+        reshape_attention_(
+            attn,
+            layout,
+            v=(torch.cat(v_rows), torch.cat(v_bias)),
+            o=(torch.cat(o_cols, dim=1), bo),
+            key_projection=(torch.cat(bases, dim=1), torch.stack(means)),
+        )
         layouts.append(attn.attention_layout)
     model.config.attention_layout = layouts
     use_surgery_modeling_(model.config)
@@ -435,7 +478,10 @@ def kv_compress_(model: nn.Module, cfg: KVCompress, batches: dict[str, torch.Ten
 
         absorb_decompose_(model, v_input_covariances(model, batches["pca"]), Absorb(calib=cfg.calib))
     layers = decoder_layers(model)
-    v_widths = [list((getattr(get_submodule(layer, spec.attn), "attention_layout", None) or full_layout(config))["v"]) for layer in layers]
+    v_widths = [
+        list((getattr(get_submodule(layer, spec.attn), "attention_layout", None) or full_layout(config))["v"])
+        for layer in layers
+    ]
     state = MatryoshkaState(head_dim, v_widths, step).to(next(model.parameters()).device)
     saved = attach_(model, state)
     try:
@@ -443,12 +489,21 @@ def kv_compress_(model: nn.Module, cfg: KVCompress, batches: dict[str, torch.Ten
         if cfg.train:
             report["loss_curve"] = train_(model, state, batches["train"], cfg)
             report["train_tokens"] = cfg.train_steps * cfg.batch_size * batches["train"].shape[1]
-        ranks = uniform_ranks(state, cfg.budget) if cfg.uniform else search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
+        ranks = (
+            uniform_ranks(state, cfg.budget)
+            if cfg.uniform
+            else search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
+        )
     finally:
         detach_(saved)
     fold_(model, state, ranks)
     state.set_ranks(ranks)
-    report |= {"ranks_k": ranks["k"], "ranks_v": ranks["v"], "budget": cfg.budget, "budget_reached": round(state.budget(), 6),
-               "keys_share": round(sum(map(sum, ranks["k"])) / (len(layers) * state.groups * head_dim), 6),
-               "values_share": round(sum(map(sum, ranks["v"])) / (len(layers) * state.groups * head_dim), 6)}
+    report |= {
+        "ranks_k": ranks["k"],
+        "ranks_v": ranks["v"],
+        "budget": cfg.budget,
+        "budget_reached": round(state.budget(), 6),
+        "keys_share": round(sum(map(sum, ranks["k"])) / (len(layers) * state.groups * head_dim), 6),
+        "values_share": round(sum(map(sum, ranks["v"])) / (len(layers) * state.groups * head_dim), 6),
+    }
     return report

@@ -31,8 +31,9 @@ class PruneBI(PassConfig):
     pass_: Literal["prune-bi"] = Field("prune-bi", alias="pass", exclude=True)
     remove: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="number of layers to remove")
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the layers to remove")
-    metric: Literal["bi", "angular"] = Field("bi", description="bi (ShortGPT, per layer) or angular "
-                                             "(Gromov et al., one block, needs block)")
+    metric: Literal["bi", "angular"] = Field(
+        "bi", description="bi (ShortGPT, per layer) or angular (Gromov et al., one block, needs block)"
+    )
     block: bool = Field(False, description="remove one contiguous block of layers")
 
     @model_validator(mode="after")
@@ -57,7 +58,9 @@ class PruneBI(PassConfig):
         self.n_remove(ctx.config["num_hidden_layers"])
 
     def config_after(self, config: dict) -> dict:
-        return config | {"num_hidden_layers": config["num_hidden_layers"] - self.n_remove(config["num_hidden_layers"])}
+        return config | {
+            "num_hidden_layers": config["num_hidden_layers"] - self.n_remove(config["num_hidden_layers"])
+        }
 
     def apply_(self, model, calibration, dry_run: bool = False) -> PruneBIReport:
         from ..arch import decoder_layers
@@ -68,5 +71,11 @@ class PruneBI(PassConfig):
         scores, removed = score_layers(model.model, batches, self)
         if not dry_run:
             remove_layers_(model.model, removed)
-        return PruneBIReport(scores=scores, score_kind=self.score_kind, removed_layers=removed, layers_before=n_layers,
-                             layers_after=n_layers - len(removed), calibration_tokens=int(batches.numel()))
+        return PruneBIReport(
+            scores=scores,
+            score_kind=self.score_kind,
+            removed_layers=removed,
+            layers_before=n_layers,
+            layers_after=n_layers - len(removed),
+            calibration_tokens=int(batches.numel()),
+        )

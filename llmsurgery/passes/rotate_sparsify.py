@@ -16,7 +16,7 @@ FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _two_numbers(value):
-    """"0.8,1.2" from the command line; a two-item list from a recipe."""
+    """ "0.8,1.2" from the command line; a two-item list from a recipe."""
     if isinstance(value, str):
         try:
             a, b = (float(v) for v in value.split(","))
@@ -43,10 +43,16 @@ class RotateSparsify(PassConfig):
 
     pass_: Literal["rotate-sparsify"] = Field("rotate-sparsify", alias="pass", exclude=True)
     sparsity: float = Field(ge=0, lt=1, description="target sparsity S of the layer inputs")
-    method: Literal["larosa", "magnitude"] = Field("larosa", description="larosa (rotated Top-K) or magnitude "
-                                                   "(Top-K without rotation)")
-    split: Annotated[tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]], BeforeValidator(_two_numbers)] = Field(
-        (0.8, 1.2), description="A,B: the q/k/v and gate/up inputs are sparsified at A*S, the o_proj and down_proj inputs at B*S")
+    method: Literal["larosa", "magnitude"] = Field(
+        "larosa", description="larosa (rotated Top-K) or magnitude (Top-K without rotation)"
+    )
+    split: Annotated[
+        tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]],
+        BeforeValidator(_two_numbers),
+    ] = Field(
+        (0.8, 1.2),
+        description="A,B: the q/k/v and gate/up inputs are sparsified at A*S, the o_proj and down_proj inputs at B*S",
+    )
     damp: float = Field(0.01, ge=0, le=1, description="covariance damping, a fraction of the mean eigenvalue")
     # 40 x 512 measured better than the paper's 10 x 2048 here (README)
     calib_samples: int = windows_field(40, "number of calibration windows", "calib-samples")
@@ -55,7 +61,9 @@ class RotateSparsify(PassConfig):
     def _valid_split(self):
         a, b = self.split
         if a * self.sparsity >= 1 or b * self.sparsity >= 1:
-            raise ValueError(f"split {a},{b} at sparsity {self.sparsity} gives input sparsities outside [0, 1)")
+            raise ValueError(
+                f"split {a},{b} at sparsity {self.sparsity} gives input sparsities outside [0, 1)"
+            )
         return self
 
     @property
@@ -73,8 +81,12 @@ class RotateSparsify(PassConfig):
         from ..modeling import uses_surgery_modeling
 
         check_foldable(ctx.config.get("model_type"))
-        if ctx.config.get("sparsity_in") is not None or (ctx.config.get("auto_map") and not uses_surgery_modeling(ctx.config)):
-            raise UserError("rotate-sparsify needs a dense model (this one is already sparse or carries foreign code)")
+        if ctx.config.get("sparsity_in") is not None or (
+            ctx.config.get("auto_map") and not uses_surgery_modeling(ctx.config)
+        ):
+            raise UserError(
+                "rotate-sparsify needs a dense model (this one is already sparse or carries foreign code)"
+            )
 
     def config_after(self, config: dict) -> dict:
         return config | {"sparsity_in": self.sparsity_in}
@@ -90,5 +102,6 @@ def check_foldable(model_type: str) -> None:
     if model_type not in FOLDABLE:
         raise UserError(
             f"rotate-sparsify cannot fold rotations into '{model_type}' models (gemma3 normalises attention and MLP "
-            f"outputs before the residual add, which does not commute with a rotation); supported: {', '.join(FOLDABLE)}"
+            "outputs before the residual add, which does not commute with a rotation); supported: "
+            f"{', '.join(FOLDABLE)}"
         )
