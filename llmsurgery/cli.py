@@ -40,7 +40,22 @@ ModelArg = Annotated[
         show_default=False,
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel=LOAD)]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (the checkpoint's own: bfloat16 stays bfloat16; the built-ins are float32), float32, bfloat16 "
+        "or float16.",
+        rich_help_panel=LOAD,
+    ),
+]
+StreamOpt = Annotated[
+    str,
+    typer.Option(
+        help="on: one decoder layer in memory at a time (prune-bi so far); auto: when the checkpoint is larger "
+        "than half the memory available; off: load the whole model.",
+        rich_help_panel=LOAD,
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.", rich_help_panel=LOAD)]
 TrustOpt = Annotated[
     bool,
@@ -220,7 +235,7 @@ def eval_cmd(
             "--load-in-4bit", help="Quantize to NF4 with bitsandbytes while loading.", rich_help_panel=LOAD
         ),
     ] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
     json_path: JsonOpt = None,
@@ -303,9 +318,10 @@ def _common_parameters(output_required: bool) -> list[inspect.Parameter]:
             "output", _KW, default=inspect.Parameter.empty if output_required else None, annotation=output
         ),
         inspect.Parameter("force", _KW, default=False, annotation=ForceOpt),
-        inspect.Parameter("dtype", _KW, default="float32", annotation=DtypeOpt),
+        inspect.Parameter("dtype", _KW, default="auto", annotation=DtypeOpt),
         inspect.Parameter("device", _KW, default="cpu", annotation=DeviceOpt),
         inspect.Parameter("trust_remote_code", _KW, default=False, annotation=TrustOpt),
+        inspect.Parameter("stream", _KW, default="auto", annotation=StreamOpt),
         inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt),
     ]
 
@@ -348,6 +364,7 @@ def pass_command(
 
 def _run_pass_command(config: type, options: dict, body: Callable) -> None:
     from .cli_options import config_from_options
+    from .evaluate import parse_tasks
     from .runner import EvalPlan, Job, run_job
 
     output, json_path, plot = options["output"], options["json_path"], options.get("plot")
@@ -371,31 +388,24 @@ def _run_pass_command(config: type, options: dict, body: Callable) -> None:
         EvalPlan(tuple(parse_tasks(tasks)), options["eval_limit"]) if tasks else None,
         dry_run=dry_run,
         files={"json": json_path, "plot": plot},
+        stream=options["stream"],
     )
     job.recipe_yaml = command_recipe(job)
     outcome = run_job(job, on_report=summary)
     if outcome.eval is not None:
         print_metrics(outcome.eval, column, options["model"])
     if not dry_run:
-        layers = outcome.loaded.model.config.num_hidden_layers
-        what = passes[-1].saved_as if len(passes) == 1 else f"{layers}-layer {passes[-1].saved_as}"
-        trust = (
-            " (load with trust_remote_code=True)"
-            if "auto_map" in outcome.loaded.model.config.to_dict()
-            else ""
+        layers = outcome.config["num_hidden_layers"]
+        what = (
+            f"{layers}-layer {passes[-1].saved_as}" if passes[0].name == "prune-bi" else passes[-1].saved_as
         )
+        trust = " (load with trust_remote_code=True)" if "auto_map" in outcome.config else ""
         out.print(f"saved the {what} to {escape(str(output))}{trust}")
     records = outcome.records
     payload = {"model": options["model"], "config": cfg.record(), **records[0]["report"]}
     payload |= {"eval": outcome.eval} if outcome.eval is not None else {}
     payload |= {records[1]["pass"]: records[1]["report"]} if len(records) > 1 else {}
     write_json(json_path, payload)
-
-
-def parse_tasks(text: str) -> list[str]:
-    from .evaluate import parse_tasks as parse
-
-    return parse(text)
 
 
 def command_recipe(job) -> str:
@@ -769,7 +779,7 @@ def convert(
     model: ModelArg,
     output: OutputOpt,
     force: ForceOpt = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."""

@@ -24,6 +24,7 @@ PASSES_FILE = "llmsurgery_recipe.json"  # the settings of the passes that made t
 RECIPE_YAML = "llmsurgery_recipe.yaml"  # a recipe that makes the folder again
 HISTORY_FORMAT = "llmsurgery-history/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: the checkpoint's own (config.json), float32 when it names none
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -65,9 +66,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+def resolve_dtype(dtype: str, config: dict | None = None) -> torch.dtype:
+    """The torch dtype for `--dtype`; "auto" reads the checkpoint's config.json (float32 when it names none)."""
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPE_CHOICES)}")
+    if dtype == "auto":
+        named = str(
+            (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "float32"
+        ).removeprefix("torch.")
+        return DTYPES.get(named, torch.float32)
     return DTYPES[dtype]
 
 
@@ -117,6 +124,11 @@ def _source_record(source: Source, folder: Path | None, weights: list[Path], con
     else:
         source_info = {"id": source.spec, "kind": "hub", "revision": config.get("_commit_hash")}
     return {"format": HISTORY_FORMAT, "source": source_info, "passes": []}
+
+
+def source_history(spec: str, folder: Path | None, weights: list[Path], config: dict) -> dict:
+    """The history a transformed copy of `spec` starts from (its own, or a new one naming it and its hash)."""
+    return _source_record(resolve_source(spec), folder, weights, config)
 
 
 def _quantization_config(load_in_8bit: bool, load_in_4bit: bool):
@@ -209,20 +221,25 @@ def _check_loading_info(spec: str, info: dict) -> None:
 def load_model(
     spec: str,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load model + tokenizer + surgery history from a folder, .gguf, built-in name or hub id."""
+    """Load model + tokenizer + surgery history from a folder, .gguf, built-in name or hub id.
+
+    dtype "auto" keeps the checkpoint's own (the dequantized built-ins are float32).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype, device = resolve_dtype(dtype), resolve_device(device)
+    resolve_dtype(dtype)  # a bad name fails before any file is read
+    device = resolve_device(device)
     quant = _quantization_config(load_in_8bit, load_in_4bit)
     source = resolve_source(spec)
     checked = _checked(source, trust_remote_code)
     config, folder = checked.config, checked.folder
+    torch_dtype = resolve_dtype(dtype, config)
     history = _source_record(source, folder, checked.weights, config)
     where = str(folder) if folder is not None else spec
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True}
@@ -232,7 +249,10 @@ def load_model(
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = device
     loader = checked.own_class or AutoModelForCausalLM
-    with status(f"Loading {spec} ({dtype}, {device})"), quiet_transformers():
+    with (
+        status(f"Loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {device})"),
+        quiet_transformers(),
+    ):
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 where, trust_remote_code=trust_remote_code
@@ -403,18 +423,36 @@ def save_model(
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         loaded.model.save_pretrained(tmp, max_shard_size="2GB")
-        loaded.tokenizer.save_pretrained(tmp)
-        (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
-        (tmp / PASSES_FILE).write_text(
-            json.dumps([p["config"] | {"pass": p["pass"]} for p in new_passes or []], indent=2)
+        write_beside_weights(
+            tmp,
+            history,
+            config.to_dict(),
+            loaded.tokenizer,
+            new_passes,
+            recipe_yaml,
+            _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []),
         )
-        (tmp / "README.md").write_text(_model_card(history, config.to_dict()))
-        if (
-            recipe_yaml is not None
-        ):  # the recipe `llmsurgery run` followed, or the one a pass command spelt out
-            (tmp / RECIPE_YAML).write_text(recipe_yaml)
-        for path in _remote_code_files(config.to_dict(), loaded.folder) + list(extra_files or []):
-            shutil.copyfile(path, tmp / path.name)
     loaded.history = history
     loaded.pending = []
     return out
+
+
+def write_beside_weights(
+    tmp: Path,
+    history: dict,
+    config: dict,
+    tokenizer,
+    new_passes: list[dict] | None,
+    recipe_yaml: str | None,
+    files: list[Path],
+) -> None:
+    """Everything of a saved model but its weights (and config.json): tokenizer, history, settings, card, code."""
+    tokenizer.save_pretrained(tmp)
+    (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    settings = [p["config"] | {"pass": p["pass"]} for p in new_passes or []]
+    (tmp / PASSES_FILE).write_text(json.dumps(settings, indent=2))
+    (tmp / "README.md").write_text(_model_card(history, config))
+    if recipe_yaml is not None:  # the recipe `llmsurgery run` followed, or the one a pass command spelt out
+        (tmp / RECIPE_YAML).write_text(recipe_yaml)
+    for path in files:
+        shutil.copyfile(path, tmp / path.name)

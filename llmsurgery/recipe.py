@@ -106,8 +106,15 @@ class Recipe(_Strict):
     version: Literal[1] = Field(description="recipe format version")
     model: str = Field(description="a model folder, .gguf, built-in name or hub id")
     output: str | None = Field(None, description="folder to write the transformed model to")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto keeps the checkpoint's dtype (bfloat16 stays bfloat16); or float32, bfloat16, float16",
+    )
+    device: str = Field("cpu", description="cpu, cuda or auto")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on: one decoder layer in memory at a time (prune-bi so far); auto: for large checkpoints",
+    )
     trust_remote_code: bool = Field(False, alias="trust-remote-code")
     calibration: Calibration = Calibration()
     passes: list[PassEntry] = Field(min_length=1)
@@ -321,6 +328,7 @@ def recipe_job(
         reads=reads,
         recipe_yaml=recipe_text(data, model_path),
         where=lambda i, name: f"passes[{i}] ({name}): ",
+        stream=recipe.stream,
     )
 
 

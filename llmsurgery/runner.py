@@ -8,13 +8,14 @@ same settings build the same `Job`, so they write the same tensors and the same 
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .errors import UserError, first_line
-from .passes import PassConfig, Report
+from .passes import PASSES, PassConfig, Report
 from .passes.base import CheckContext
 
 
@@ -40,7 +41,7 @@ class Job:
     passes: list[PassConfig]
     output: Path | None = None  # None: nothing is saved (dry runs, the Python API without an output)
     force: bool = False
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     trust_remote_code: bool = False
     eval: EvalPlan | None = None
@@ -50,6 +51,7 @@ class Job:
     )  # what else the run writes (--json, --plot), by option
     reads: tuple[Path, ...] = ()  # what else the run reads (the recipe)
     recipe_yaml: str | None = None  # saved beside the model: the recipe that reproduces it
+    stream: str = "auto"  # on: one decoder layer in memory at a time; auto: when the checkpoint is large; off
     where: Callable[[int, str], str] = lambda i, name: ""  # how errors locate a pass ("passes[1] (heal): ")
 
 
@@ -59,13 +61,16 @@ class Checked:
     folder: Path | None
     inputs: list[Path]  # files and folders the passes read besides the model
     tasks: object = None  # lm-eval's task manager, for the evaluation
+    weights: list[Path] = field(default_factory=list)  # the model's weight files (local models)
+    streamed: bool = False  # the job runs one decoder layer at a time
 
 
 @dataclass
 class Outcome:
     records: list[dict]
     eval: list[dict] | None = None
-    loaded: object = None
+    config: dict = field(default_factory=dict)  # config.json of the result
+    streamed: bool = False
 
 
 def check_job(job: Job) -> Checked:
@@ -76,7 +81,7 @@ def check_job(job: Job) -> Checked:
     if not job.passes:
         raise UserError("no passes to run")
     resolve_device(job.device)
-    config, folder, _ = peek_config(job.model, job.trust_remote_code)
+    config, folder, weights = peek_config(job.model, job.trust_remote_code)
     inputs = check_passes(job.passes, config, folder, job.trust_remote_code, job.where) + list(job.reads)
     for option, path in job.files.items():
         if path is not None:
@@ -84,7 +89,9 @@ def check_job(job: Job) -> Checked:
     if job.output is not None and not job.dry_run:
         check_output_free(job.output, job.force, folder, inputs)
     tasks = check_tasks(list(job.eval.tasks)) if job.eval and not job.dry_run else None
-    return Checked(config, folder, inputs, tasks)
+    checked = Checked(config, folder, inputs, tasks, weights)
+    checked.streamed = streams(job, checked)  # also refuses --stream on for passes that cannot stream
+    return checked
 
 
 def check_passes(
@@ -93,9 +100,11 @@ def check_passes(
     folder,
     trust_remote_code: bool,
     where: Callable[[int, str], str] = lambda i, name: "",
+    tokenizer=None,
 ) -> list[Path]:
     """Each pass's own check, on config.json as the passes before it leave it; then the calibration windows.
 
+    tokenizer: the model's, when it is loaded already (else it is read from `folder`).
     Returns what the passes read besides the model (calibration files, teacher folders): no output may replace them.
     """
     current = config
@@ -105,7 +114,7 @@ def check_passes(
             current = cfg.config_after(dict(current))
         except UserError as exc:
             raise UserError(f"{where(i, cfg.name)}{exc}") from None
-    check_calibration(folder, passes, trust_remote_code)
+    check_calibration(folder, passes, trust_remote_code, tokenizer)
     return pass_inputs(passes)
 
 
@@ -128,22 +137,23 @@ def pass_inputs(passes: list[PassConfig]) -> list[Path]:
     return sorted(found)
 
 
-def check_calibration(folder, passes: list[PassConfig], trust_remote_code: bool) -> None:
+def check_calibration(folder, passes: list[PassConfig], trust_remote_code: bool, tokenizer=None) -> None:
     """Every calibration source holds the windows the passes will ask of it, counted with the model's own tokenizer."""
     from .calibration import check_calibration_sizes
 
     needs = [c for cfg in passes for c in cfg.windows()]
-    if folder is None or not needs:
+    if (folder is None and tokenizer is None) or not needs:
         return
-    from transformers import AutoTokenizer
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    from .console import quiet_transformers
+        from .console import quiet_transformers
 
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot load is bad input
-        raise UserError(f"could not load the tokenizer of {folder}: {first_line(exc)}") from None
+        try:
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot load is bad input
+            raise UserError(f"could not load the tokenizer of {folder}: {first_line(exc)}") from None
     check_calibration_sizes(tokenizer, needs)
 
 
@@ -196,6 +206,9 @@ def run_job(
     from .model_io import load_model, save_model
 
     checked = checked or check_job(job)
+    if checked.streamed:
+        return run_streamed(job, checked, on_report)
+    check_memory(job, checked)
     load = {"dtype": job.dtype, "device": job.device, "trust_remote_code": job.trust_remote_code}
     plan = None if job.dry_run else job.eval
     quant = (
@@ -224,7 +237,189 @@ def run_job(
         rows = compare(
             evaluate_model(target, list(plan.tasks), label="the transformed model", **scoring), baseline
         )
-    return Outcome(records, rows, loaded)
+    return Outcome(records, rows, loaded.model.config.to_dict())
+
+
+STREAM_CHOICES = ("auto", "on", "off")
+STREAM_ABOVE = 0.5  # auto streams a checkpoint larger than this share of the memory available
+
+
+def streams(job: Job, checked: Checked) -> bool:
+    """Whether the job runs layer by layer: asked for (`--stream on`), or auto and the checkpoint is large."""
+    from .streaming import LazyCheckpoint
+
+    if job.stream not in STREAM_CHOICES:
+        raise UserError(f"unknown --stream '{job.stream}'; choose one of {', '.join(STREAM_CHOICES)}")
+    if job.stream == "off":
+        return False
+    blockers = [cfg.name for cfg in job.passes if not cfg.streamable]
+    standard = not any(checked.config.get(k) for k in ("auto_map", "attention_layout", "sparsity_in"))
+    local = checked.folder is not None and any(checked.folder.glob("*.safetensors"))
+    if job.stream == "on":
+        if blockers:
+            raise UserError(
+                f"--stream on: only {', '.join(streaming_passes())} run layer by layer "
+                f"so far; {', '.join(blockers)} needs the whole model in memory"
+            )
+        if not standard or not local:
+            raise UserError(
+                "--stream on needs a standard (untransformed) checkpoint in a local safetensors folder"
+            )
+        return True
+    if blockers or not standard or not local or (job.eval and job.eval.quantized):
+        return False
+    ckpt = LazyCheckpoint(checked.folder)
+    size = sum((checked.folder / f).stat().st_size for f in set(ckpt.weight_map.values()))
+    return size > STREAM_ABOVE * available_memory()
+
+
+def streaming_passes() -> list[str]:
+    """The passes (and settings) that run one decoder layer at a time, for messages."""
+    return [c.stream_note or name for name, c in PASSES.items() if c.stream_note or c.streamable is True]
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: MemAvailable, or its memory cgroup's headroom (v1 or v2) when lower."""
+    found = [1 << 62]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "memory":  # cgroup v1
+                base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                limit, used = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
+            elif controllers == "":  # cgroup v2
+                base = Path("/sys/fs/cgroup") / path.lstrip("/")
+                limit, used = base / "memory.max", base / "memory.current"
+            else:
+                continue
+            if limit.is_file() and limit.read_text().strip() != "max":
+                found.append(int(limit.read_text()) - int(used.read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found)
+
+
+def check_memory(job: Job, checked: Checked) -> None:
+    """Refuse, before loading, a job whose whole model would not fit the memory this process may use.
+
+    The estimate is the weights at the compute dtype times the largest `memory_factor` of the passes (the
+    copies, gradients and optimizer state each needs) plus 0.5 GiB for the runtime and activations.
+    """
+    import math
+
+    from .checkpoint import checkpoint_shapes
+    from .model_io import resolve_device, resolve_dtype
+
+    if not checked.weights or resolve_device(job.device) != "cpu":
+        return
+    params = sum(math.prod(shape) for shape in checkpoint_shapes(checked.weights).values())
+    dtype = resolve_dtype(job.dtype, checked.config)
+    factor = max(cfg.memory_factor for cfg in job.passes)
+    need, available = params * dtype.itemsize * factor + (1 << 29), available_memory()
+    if need <= available:
+        return
+    remedy = (
+        "run it with --stream on"
+        if all(cfg.streamable for cfg in job.passes)
+        else ("use a GPU (--device cuda) or a bigger machine")
+    )
+    names = ", ".join(dict.fromkeys(cfg.name for cfg in job.passes))
+    count = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+    raise UserError(
+        f"{names} would hold the whole model in memory: about {need / 2**30:.1f} GiB "
+        f"({count} parameters in {str(dtype).removeprefix('torch.')}), but "
+        f"{available / 2**30:.1f} GiB is available; {remedy}"
+    )
+
+
+def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
+    """The job one decoder layer at a time: read lazily, transform, write the output shard by shard.
+
+    The pass writes the layers (`apply_streamed_`); embedding, norm and head are copied; config.json is the
+    pass's `streamed.config`. Tensors are in the compute dtype (`--dtype auto`: the checkpoint's own).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .atomic import replacing_folder
+    from .calibration import Calibration
+    from .console import quiet_transformers, status
+    from .evaluate import compare, evaluate_model
+    from .model_io import (
+        _remote_code_files,
+        load_model,
+        pass_record,
+        resolve_device,
+        resolve_dtype,
+        source_history,
+        write_beside_weights,
+    )
+    from .streaming import ShardWriter, StreamedModel
+
+    folder, (cfg,) = checked.folder, job.passes
+    dtype, device = resolve_dtype(job.dtype, checked.config), resolve_device(job.device)
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=job.trust_remote_code)
+        config = AutoConfig.from_pretrained(str(folder))
+    plan = None if job.dry_run else job.eval
+    scoring = {"limit": plan.limit, "batch_size": plan.batch_size, "manager": checked.tasks} if plan else {}
+    baseline = None
+    if plan and plan.baseline:
+        original = load_model(job.model, dtype=job.dtype, device=job.device)
+        baseline = evaluate_model(original, list(plan.tasks), label="the original model", **scoring)
+        del original
+    streamed = StreamedModel(folder, config, dtype, device)
+    weights = [folder / f for f in sorted(set(streamed.ckpt.weight_map.values()))]
+    history = source_history(job.model, folder, weights, checked.config)
+    calibration = Calibration(tokenizer)
+
+    def apply(writer) -> list[dict]:
+        started = time.perf_counter()
+        report = cfg.apply_streamed_(streamed, calibration, writer)
+        seconds = time.perf_counter() - started
+        if on_report is not None:
+            on_report(cfg, report)
+        return [pass_record(cfg.record_name, cfg.record(), report.record(), seconds, history)]
+
+    if job.dry_run or job.output is None:
+        return Outcome(apply(None), None, streamed.config.to_dict(), streamed=True)
+    with replacing_folder(job.output.expanduser()) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(tmp)
+        records = apply(writer)
+        with status(f"Saving to {job.output}"):
+            streamed.copy_tensors(
+                writer, lambda name: None if name.startswith(streamed.layer_prefix) else name
+            )
+            writer.close()
+            after = streamed.config
+            after.dtype = dtype
+            after.architectures = checked.config.get(
+                "architectures"
+            )  # as save_pretrained of the loaded class
+            after.save_pretrained(tmp)
+            if (folder / "generation_config.json").is_file():
+                shutil.copyfile(folder / "generation_config.json", tmp / "generation_config.json")
+            history["passes"] = list(history.get("passes", [])) + records
+            write_beside_weights(
+                tmp,
+                history,
+                after.to_dict(),
+                tokenizer,
+                records,
+                job.recipe_yaml,
+                _remote_code_files(after.to_dict(), folder),
+            )
+    streamed.close()
+    rows = None
+    if plan:
+        target = load_model(str(job.output), dtype=job.dtype, device=job.device)
+        rows = compare(
+            evaluate_model(target, list(plan.tasks), label="the transformed model", **scoring), baseline
+        )
+    return Outcome(records, rows, after.to_dict(), streamed=True)
 
 
 def run_passes(
@@ -245,7 +440,7 @@ def run_passes(
         )
         return reports
     config = model.model.config.to_dict()
-    inputs = check_passes(list(passes), config, model.folder, trust_remote_code=False)
+    inputs = check_passes(list(passes), config, model.folder, False, tokenizer=model.tokenizer)
     if output is not None:
         check_output_free(output, force, model.folder, inputs)
     records = apply_passes(model, list(passes), on_report=lambda cfg, report: reports.append(report))

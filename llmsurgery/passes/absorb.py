@@ -40,6 +40,7 @@ class Absorb(PassConfig):
     """Re-factor each KV head's V-O product by SVD and drop its weakest directions (and, with qk, RoPE pairs)."""
 
     record_name: ClassVar[str] = "absorb"
+    streamable: ClassVar[bool] = True
     saved_as: ClassVar[str] = "absorbed model"
 
     pass_: Literal["absorb"] = Field("absorb", alias="pass", exclude=True)
@@ -105,6 +106,19 @@ class Absorb(PassConfig):
         batches = calibration.windows(self.calib) if self.needs_calibration else None
         covs = None if batches is None else v_input_covariances(model.model, batches)
         report = absorb_decompose_(model.model, covs, self, apply=not dry_run)
+        return AbsorbReport(**report, calibration_tokens=None if batches is None else int(batches.numel()))
+
+    def apply_streamed_(self, streamed, calibration, writer=None) -> AbsorbReport:
+        """One layer at a time (its v_proj covariance from the windows passing through it); writes each layer."""
+        from ..modeling import use_surgery_modeling_
+        from .absorb_decompose import streamed_absorb
+
+        check_absorbable(streamed.config.model_type, self, streamed.config.to_dict())
+        batches = calibration.windows(self.calib) if self.needs_calibration else None
+        report, layouts = streamed_absorb(streamed, batches, self, writer)
+        if writer is not None:
+            streamed.config.attention_layout = layouts
+            use_surgery_modeling_(streamed.config)
         return AbsorbReport(**report, calibration_tokens=None if batches is None else int(batches.numel()))
 
 

@@ -240,6 +240,50 @@ def _planned_parameters(attn: nn.Module, plan: LayerPlan) -> int:
     return total
 
 
+def absorb_layer_(
+    attn: nn.Module,
+    layout: dict,
+    cov: torch.Tensor | None,
+    cfg: Absorb,
+    index: int,
+    apply: bool = True,
+    v_widths: list[int] | None = None,
+) -> tuple[dict, dict]:
+    """Plan (and with apply, perform) absorb-decompose on one attention module: (report row, its new layout)."""
+    plan = LayerPlan(layout=dict(layout, v=list(layout["v"])))
+    if "vo" in cfg.pairs:
+        plan_vo(attn, layout, cov, cfg, plan, v_widths)
+    if "qk" in cfg.pairs:
+        plan_qk(attn, layout, cov, cfg, plan)
+    d = attn.head_dim
+    row = {
+        "layer": index,
+        "v_before": list(layout["v"]),
+        "v_after": list(plan.layout["v"]),
+        "qk_before": qk_widths(layout, d),
+        "qk_after": qk_widths(plan.layout, d),
+        "params_before": attention_parameters(attn),
+        "params_after": _planned_parameters(attn, plan),
+        "spectra": [[float(f"{x:.4g}") for x in s] for s in plan.spectra],
+        "pair_scores": [[float(f"{x:.4g}") for x in s] for s in plan.pair_scores],
+    }
+    if apply:
+        reshape_attention_(attn, plan.layout, **plan.weights)
+    return row, plan.layout
+
+
+def absorb_report(rows: list[dict], cfg: Absorb) -> dict:
+    before, after = sum(r["params_before"] for r in rows), sum(r["params_after"] for r in rows)
+    return {
+        "layers": rows,
+        "attention_params_before": before,
+        "attention_params_after": after,
+        "attention_reduction": 1 - after / before,
+        "exact": cfg.exact and "qk" not in cfg.pairs and cfg.criterion != "norm",
+        "lossy_qk": "qk" in cfg.pairs,
+    }
+
+
 def absorb_decompose_(
     model: nn.Module,
     covs: list[torch.Tensor] | None,
@@ -253,46 +297,64 @@ def absorb_decompose_(
     """
     check_absorbable(model.config.model_type, cfg, model.config.to_dict())
     spec = arch_for(model)
-    layouts = getattr(model.config, "attention_layout", None) or [full_layout(model.config)] * len(
-        decoder_layers(model)
-    )
+    n_layers = len(decoder_layers(model))
+    layouts = getattr(model.config, "attention_layout", None) or [full_layout(model.config)] * n_layers
     rows, new_layouts = [], []
-    for i, layer in enumerate(track(decoder_layers(model), "Absorb-decompose", total=len(layouts))):
+    for i, layer in enumerate(track(decoder_layers(model), "Absorb-decompose", total=n_layers)):
         attn = get_submodule(layer, spec.attn)
         layout = getattr(attn, "attention_layout", None) or layouts[i]
-        plan = LayerPlan(layout=dict(layout, v=list(layout["v"])))
         cov = covs[i] if covs is not None else None
-        if "vo" in cfg.pairs:
-            plan_vo(attn, layout, cov, cfg, plan, None if v_widths is None else v_widths[i])
-        if "qk" in cfg.pairs:
-            plan_qk(attn, layout, cov, cfg, plan)
-        d = attn.head_dim
-        rows.append(
-            {
-                "layer": i,
-                "v_before": list(layout["v"]),
-                "v_after": list(plan.layout["v"]),
-                "qk_before": qk_widths(layout, d),
-                "qk_after": qk_widths(plan.layout, d),
-                "params_before": attention_parameters(attn),
-                "params_after": _planned_parameters(attn, plan),
-                "spectra": [[float(f"{x:.4g}") for x in s] for s in plan.spectra],
-                "pair_scores": [[float(f"{x:.4g}") for x in s] for s in plan.pair_scores],
-            }
+        row, new_layout = absorb_layer_(
+            attn, layout, cov, cfg, i, apply, None if v_widths is None else v_widths[i]
         )
-        new_layouts.append(plan.layout)
-        if apply:
-            reshape_attention_(attn, plan.layout, **plan.weights)
-    before, after = sum(r["params_before"] for r in rows), sum(r["params_after"] for r in rows)
-    report = {
-        "layers": rows,
-        "attention_params_before": before,
-        "attention_params_after": after,
-        "attention_reduction": 1 - after / before,
-        "exact": cfg.exact and "qk" not in cfg.pairs and cfg.criterion != "norm",
-        "lossy_qk": "qk" in cfg.pairs,
-    }
+        rows.append(row)
+        new_layouts.append(new_layout)
     if apply:
         model.config.attention_layout = new_layouts
         use_surgery_modeling_(model.config)
-    return report
+    return absorb_report(rows, cfg)
+
+
+@torch.no_grad()
+def streamed_absorb(
+    streamed, batches: torch.Tensor | None, cfg: Absorb, writer=None
+) -> tuple[dict, list[dict]]:
+    """`absorb_decompose_` one decoder layer in memory at a time (`streaming.StreamedModel`); (report, layouts).
+
+    The v_proj input covariance of layer l is summed over the windows as in `v_input_covariances`; the
+    windows go on to layer l+1 through the original layer, as in the in-memory pass. With a `writer`, each
+    transformed layer's tensors are written as soon as it is done.
+    """
+    spec, config = streamed.spec, streamed.skeleton.config
+    hidden, arguments = streamed.layer_inputs(batches) if batches is not None else (None, None)
+    rows, layouts = [], []
+    for i in track(range(streamed.n_layers), "Absorb-decompose (streamed)", total=streamed.n_layers):
+        layer = streamed.load_layer(i)
+        cov = None
+        if hidden is not None:
+            total, count = torch.zeros(config.hidden_size + 1, config.hidden_size + 1, dtype=torch.float64), 0
+
+            def accumulate(module, args):
+                nonlocal total, count
+                x = args[0].double().flatten(0, -2)  # [B*T, D]
+                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+                total += (x.T @ x).cpu()
+                count += x.shape[0]
+
+            handle = get_submodule(layer, spec.v_proj).register_forward_pre_hook(accumulate)
+            for w, x in enumerate(hidden):
+                args, kwargs = arguments[w][i]
+                out = layer(x, *args, **kwargs)
+                hidden[w] = out[0] if isinstance(out, tuple) else out
+            handle.remove()
+            cov = total / max(count, 1)
+        row, layout = absorb_layer_(
+            get_submodule(layer, spec.attn), full_layout(config), cov, cfg, i, apply=writer is not None
+        )
+        rows.append(row)
+        layouts.append(layout)
+        if writer is not None:
+            for name, tensor in layer.state_dict().items():
+                writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
+        streamed.free_layer(i)
+    return absorb_report(rows, cfg), layouts

@@ -105,6 +105,9 @@ class PassConfig(BaseModel):
 
     record_name: ClassVar[str]
     whole_model: ClassVar[bool] = False
+    streamable: ClassVar[bool] = False  # has `apply_streamed_`: runs one decoder layer in memory at a time
+    stream_note: ClassVar[str] = ""  # when only some settings stream: which (for messages)
+    memory_factor: ClassVar[float] = 1.25  # peak memory of the whole-model path, in units of the weights
     saved_as: ClassVar[str] = "model"  # the kind of model the pass writes, for the command's last line
 
     calib_source: str = Field(
@@ -172,6 +175,10 @@ class PassConfig(BaseModel):
     def apply_(self, model, calibration, dry_run: bool = False) -> Report:
         """Transform `model` (a `model_io.LoadedModel`) in place; `calibration` draws the windows. dry_run:
         plan only."""
+        raise NotImplementedError
+
+    def apply_streamed_(self, streamed, calibration) -> Report:
+        """Score a `streaming.StreamedModel` one layer at a time (streamable passes only)."""
         raise NotImplementedError
 
     def record(self) -> dict:

@@ -32,41 +32,49 @@ def cosine_per_token(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(1e-300)
 
 
-class ResidualCapture:
-    """Hooks on every decoder layer: running BI sums and each window's last-token residuals.
+class ResidualStats:
+    """Running BI sums and each window's last-token residuals, fed one (layer input, layer output) pair at a time.
 
     After `n` windows: ``cos_sum[i]`` = sum over tokens of cos(x_i, x_{i+1}); ``last[i]`` holds the
     last-token residual x_i of each window for i = 0..L (x_L = stream leaving the last layer).
     """
 
-    def __init__(self, layers: nn.ModuleList):
-        n = len(layers)
-        self.cos_sum = torch.zeros(n, dtype=torch.float64)
+    def __init__(self, n_layers: int):
+        self.n = n_layers
+        self.cos_sum = torch.zeros(n_layers, dtype=torch.float64)
         self.tokens = 0
-        self.last: list[list[torch.Tensor]] = [[] for _ in range(n + 1)]
+        self.last: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
+
+    def add(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Layer i turned x into y (both [B, T, D])."""
+        self.last[i].append(x[:, -1].double().cpu())
+        self.cos_sum[i] += cosine_per_token(x, y).sum().cpu()
+        if i == 0:
+            self.tokens += x.shape[0] * x.shape[1]
+        if i == self.n - 1:
+            self.last[i + 1].append(y[:, -1].double().cpu())
+
+
+class ResidualCapture(ResidualStats):
+    """`ResidualStats` fed by hooks on every decoder layer of a model in memory."""
+
+    def __init__(self, layers: nn.ModuleList):
+        super().__init__(len(layers))
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []
         for i, layer in enumerate(layers):
             self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(self._post_hook(i, last=i == n - 1)))
+            self._handles.append(layer.register_forward_hook(self._post_hook(i)))
 
     def _pre_hook(self, i: int):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]  # x: [B, T, D]
-            self._inputs[i] = x
-            self.last[i].append(x[:, -1].double().cpu())
+            self._inputs[i] = args[0] if args else kwargs["hidden_states"]  # x: [B, T, D]
 
         return hook
 
-    def _post_hook(self, i: int, last: bool):
+    def _post_hook(self, i: int):
         def hook(module, args, output):
-            y = output[0] if isinstance(output, tuple) else output  # y: [B, T, D]
-            x = self._inputs.pop(i)
-            self.cos_sum[i] += cosine_per_token(x, y).sum().cpu()
-            if i == 0:
-                self.tokens += x.shape[0] * x.shape[1]
-            if last:
-                self.last[i + 1].append(y[:, -1].double().cpu())
+            self.add(i, self._inputs.pop(i), output[0] if isinstance(output, tuple) else output)
 
         return hook
 
@@ -75,12 +83,12 @@ class ResidualCapture:
             handle.remove()
 
 
-def block_influence_scores(capture: ResidualCapture) -> torch.Tensor:
+def block_influence_scores(capture: ResidualStats) -> torch.Tensor:
     """BI per layer: 1 - mean cosine between the layer's input and output residual streams."""
     return 1.0 - capture.cos_sum / capture.tokens
 
 
-def angular_block_scores(capture: ResidualCapture, n: int) -> torch.Tensor:
+def angular_block_scores(capture: ResidualStats, n: int) -> torch.Tensor:
     """Mean angular distance between x_l and x_{l+n} (last token), for each start l = 0..L-n."""
     states = [torch.cat(chunks) for chunks in capture.last]  # each [N, D]
     scores = [
@@ -105,7 +113,7 @@ def capture_residuals(model: nn.Module, batches: torch.Tensor) -> ResidualCaptur
     return capture
 
 
-def choose_layers(cfg: PruneBI, capture: ResidualCapture, n_layers: int) -> tuple[list[float], list[int]]:
+def choose_layers(cfg: PruneBI, capture: ResidualStats, n_layers: int) -> tuple[list[float], list[int]]:
     """(scores as printed, 0-based layers to remove) for the configured metric."""
     n = cfg.n_remove(n_layers)
     if cfg.metric == "angular":
@@ -118,6 +126,22 @@ def choose_layers(cfg: PruneBI, capture: ResidualCapture, n_layers: int) -> tupl
         start = int(sums.argmin())
         return scores.tolist(), list(range(start, start + n))
     return scores.tolist(), sorted(torch.argsort(scores)[:n].tolist())
+
+
+@torch.no_grad()
+def streamed_residuals(streamed, batches: torch.Tensor) -> ResidualStats:
+    """The same statistics as `capture_residuals`, one decoder layer in memory at a time (`streaming.StreamedModel`)."""
+    hidden, arguments = streamed.layer_inputs(batches)
+    stats = ResidualStats(streamed.n_layers)
+    for i in track(range(streamed.n_layers), "Scoring layers (streamed)", total=streamed.n_layers):
+        layer = streamed.load_layer(i)
+        for w, x in enumerate(hidden):
+            args, kwargs = arguments[w][i]
+            out = layer(x, *args, **kwargs)
+            hidden[w] = out[0] if isinstance(out, tuple) else out
+            stats.add(i, x, hidden[w])
+        streamed.free_layer(i)
+    return stats
 
 
 def remove_layers_(model: nn.Module, remove: list[int]) -> None:

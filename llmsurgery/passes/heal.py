@@ -52,6 +52,9 @@ class Heal(PassConfig):
 
     record_name: ClassVar[str] = "heal"
     whole_model: ClassVar[bool] = True
+    memory_factor: ClassVar[float] = (
+        2.25  # a teacher loaded beside the student, gradients and AdamW of a few tensors
+    )
     saved_as: ClassVar[str] = "healed model"
 
     pass_: Literal["heal"] = Field("heal", alias="pass", exclude=True)

@@ -32,6 +32,7 @@ class KVCompress(PassConfig):
     """PCA-initialised, Matryoshka-trained projections per KV head, cut to ranks that meet a cache budget."""
 
     record_name: ClassVar[str] = "kv_compress"
+    stream_note: ClassVar[str] = "kv-compress --no-train --uniform"
     saved_as: ClassVar[str] = "KV-compressed model"
 
     pass_: Literal["kv-compress"] = Field("kv-compress", alias="pass", exclude=True)
@@ -83,8 +84,24 @@ class KVCompress(PassConfig):
     )
 
     @property
+    def memory_factor(self) -> float:  # training and the search keep activations for the backward pass
+        return 1.5 if self.whole_model else 1.25
+
+    @property
     def whole_model(self) -> bool:  # training and the search backpropagate through every layer
         return self.train or not self.uniform
+
+    @property
+    def streamable(self) -> bool:  # PCA init and folding are per layer; training and the search are not
+        return not self.train and self.uniform and self.v_init == "pca"
+
+    def apply_streamed_(self, streamed, calibration, writer=None) -> KVCompressReport:
+        """PCA bases one layer at a time, folded at the uniform ranks and written as each layer is done."""
+        from .matryoshka_kv import streamed_kv_compress
+
+        batches = calibration.windows(self.calib)
+        report = streamed_kv_compress(streamed, batches, self, writer)
+        return KVCompressReport(**report, calibration_tokens=int(batches.numel()))
 
     @property
     def train_calib(self) -> CalibConfig:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..arch import ArchSpec, arch_for, decoder_layers, get_submodule
 from ..calibration import observe_inputs
+from ..console import track
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import add_rotation_adapters_, install_sparsity_hooks_
 from .rotate_sparsify import RotateSparsify, check_foldable
@@ -95,48 +96,106 @@ def _untie_lm_head_(model: nn.Module, spec: ArchSpec) -> nn.Linear:
 
 
 @torch.no_grad()
+def fold_layer_(
+    layer: nn.Module, spec: ArchSpec, q: torch.Tensor | None, previous: torch.Tensor | None
+) -> None:
+    """One decoder layer: norm scales into the linears that read them; with Q_l, the layer in its own basis.
+
+    previous: Q_{l-1} (None for the first layer, whose stream comes from the embedding already in Q_0).
+    """
+    # Step 1: norm scales into the linears that read the normed stream.
+    readers_attn = [get_submodule(layer, p) for p in (spec.q_proj, spec.k_proj, spec.v_proj)]
+    readers_mlp = [get_submodule(layer, p) for p in (spec.gate_proj, spec.up_proj)]
+    fuse_norm_into_linears_(get_submodule(layer, spec.attn_norm), readers_attn, spec.norm_weight_offset)
+    fuse_norm_into_linears_(get_submodule(layer, spec.mlp_norm), readers_mlp, spec.norm_weight_offset)
+    if q is None:
+        return
+    # Step 2: readers take inputs in basis Q_l, writers emit outputs in basis Q_l.
+    for linear in readers_attn + readers_mlp:
+        rotate_input_(linear, q)
+    for path in (spec.o_proj, spec.down_proj):
+        rotate_output_(get_submodule(layer, path), q)
+    # Step 3: the adapter moves the incoming stream (basis Q_{l-1}, or Q_0 from the embedding).
+    previous = q if previous is None else previous
+    layer.rotation_adapter.data = (previous.T @ q).to(layer.rotation_adapter.dtype)
+
+
+@torch.no_grad()
+def fold_ends_(
+    embed: torch.Tensor,
+    head: nn.Linear,
+    final_norm: nn.Module,
+    spec: ArchSpec,
+    first: torch.Tensor | None,
+    last: torch.Tensor | None,
+) -> torch.Tensor:
+    """The final norm's scale into the (untied) head, then Q_0 into the embedding and Q_{L-1}^T into the head.
+
+    Returns the new embedding weight; `head` and `final_norm` change in place.
+    """
+    fuse_norm_into_linears_(final_norm, [head], spec.norm_weight_offset)
+    if first is None:
+        return embed
+    rotate_input_(head, last)
+    return (embed.double() @ first).to(embed.dtype)
+
+
+@torch.no_grad()
 def fold_rotations_(model: nn.Module, rotations: list[torch.Tensor] | None) -> None:
     """Fuse norm scales and fold per-layer rotations into the weights (rotations=None: norms only)."""
     spec = arch_for(model)
     layers = decoder_layers(model)
     head = _untie_lm_head_(model, spec)
-    fuse_norm_into_linears_(get_submodule(model, spec.final_norm), [head], spec.norm_weight_offset)
     for i, layer in enumerate(layers):
-        # Step 1: norm scales into the linears that read the normed stream.
-        readers_attn = [get_submodule(layer, p) for p in (spec.q_proj, spec.k_proj, spec.v_proj)]
-        readers_mlp = [get_submodule(layer, p) for p in (spec.gate_proj, spec.up_proj)]
-        fuse_norm_into_linears_(get_submodule(layer, spec.attn_norm), readers_attn, spec.norm_weight_offset)
-        fuse_norm_into_linears_(get_submodule(layer, spec.mlp_norm), readers_mlp, spec.norm_weight_offset)
-        if rotations is None:
-            continue
-        q = rotations[i]  # [D, D]
-        # Step 2: readers take inputs in basis Q_l, writers emit outputs in basis Q_l.
-        for linear in readers_attn + readers_mlp:
-            rotate_input_(linear, q)
-        for path in (spec.o_proj, spec.down_proj):
-            rotate_output_(get_submodule(layer, path), q)
-        # Step 3: the adapter moves the incoming stream (basis Q_{l-1}, or Q_0 from the embedding).
-        previous = rotations[i - 1] if i else q
-        layer.rotation_adapter.data = (previous.T @ q).to(layer.rotation_adapter.dtype)
-    if rotations is not None:
-        embed = get_submodule(model, spec.embed)
-        embed.weight.data = (embed.weight.double() @ rotations[0]).to(embed.weight.dtype)
-        rotate_input_(head, rotations[-1])
+        fold_layer_(
+            layer,
+            spec,
+            None if rotations is None else rotations[i],
+            rotations[i - 1] if rotations is not None and i else None,
+        )
+    embed = get_submodule(model, spec.embed)
+    embed.weight.data = fold_ends_(
+        embed.weight.data,
+        head,
+        get_submodule(model, spec.final_norm),
+        spec,
+        None if rotations is None else rotations[0],
+        None if rotations is None else rotations[-1],
+    )
+
+
+def layer_sparsity_weights(layer: nn.Module, spec: ArchSpec, cfg: RotateSparsify) -> tuple[float, int]:
+    """(sum of sparsity x parameters, parameters) over the linears of one layer that read sparse inputs."""
+    weighted = total = 0
+    for paths, s in (
+        ((spec.q_proj, spec.k_proj, spec.v_proj, spec.gate_proj, spec.up_proj), cfg.sparsity_in),
+        ((spec.o_proj, spec.down_proj), cfg.sparsity_out),
+    ):
+        n = sum(get_submodule(layer, p).weight.numel() for p in paths)
+        weighted += s * n
+        total += n
+    return weighted, total
 
 
 def effective_sparsity(model: nn.Module, cfg: RotateSparsify) -> float:
     """Model-level sparsity: each input's sparsity weighted by the parameters it feeds."""
     spec = arch_for(model)
-    weighted = total = 0
-    for layer in decoder_layers(model):
-        for paths, s in (
-            ((spec.q_proj, spec.k_proj, spec.v_proj, spec.gate_proj, spec.up_proj), cfg.sparsity_in),
-            ((spec.o_proj, spec.down_proj), cfg.sparsity_out),
-        ):
-            n = sum(get_submodule(layer, p).weight.numel() for p in paths)
-            weighted += s * n
-            total += n
-    return weighted / total
+    parts = [layer_sparsity_weights(layer, spec, cfg) for layer in decoder_layers(model)]
+    return sum(w for w, _ in parts) / sum(n for _, n in parts)
+
+
+def explained_top_half(cov: torch.Tensor) -> float:
+    return float(torch.linalg.eigvalsh(cov).flip(0)[: cov.shape[0] // 2].sum() / cov.trace())
+
+
+def sparse_config_(config, cfg: RotateSparsify, rotated: bool) -> None:
+    """What the saved model's runtime reads: input sparsities, the rotation flag, the sparse decode path."""
+    config.sparsity_in, config.sparsity_out = cfg.sparsity_in, cfg.sparsity_out
+    config.rotated = rotated
+    # one-token CPU decoding through the sparse kernel; from_pretrained(..., sparse_decode=False) turns it off
+    config.sparse_decode = True
+    config.tie_word_embeddings = False
+    use_surgery_modeling_(config)
 
 
 def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: RotateSparsify) -> dict:
@@ -148,23 +207,85 @@ def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: Rotate
         covs = normed_input_covariances(model, batches)
         rotations = [principal_rotation(c, cfg.damp) for c in covs]
         add_rotation_adapters_(model)
-        tokens = int(batches.numel())
-        report["explained_top_half"] = [
-            float(torch.linalg.eigvalsh(c).flip(0)[: c.shape[0] // 2].sum() / c.trace()) for c in covs
-        ]
-        report["calibration_tokens"] = tokens
+        report["explained_top_half"] = [explained_top_half(c) for c in covs]
+        report["calibration_tokens"] = int(batches.numel())
     fold_rotations_(model, rotations)
-    config = model.config
-    config.sparsity_in, config.sparsity_out = cfg.sparsity_in, cfg.sparsity_out
-    config.rotated = rotations is not None
-    # one-token CPU decoding through the sparse kernel; from_pretrained(..., sparse_decode=False) turns it off
-    config.sparse_decode = True
-    use_surgery_modeling_(config)
+    sparse_config_(model.config, cfg, rotations is not None)
     install_sparsity_hooks_(model)
     report |= {
         "sparsity_in": cfg.sparsity_in,
         "sparsity_out": cfg.sparsity_out,
         "effective_sparsity": effective_sparsity(model, cfg),
-        "rotated": config.rotated,
+        "rotated": rotations is not None,
     }
+    return report
+
+
+@torch.no_grad()
+def streamed_rotate_sparsify(
+    streamed, batches: torch.Tensor | None, cfg: RotateSparsify, writer=None
+) -> dict:
+    """`rotate_sparsify_` one decoder layer in memory at a time (`streaming.StreamedModel`); returns the report.
+
+    Q_l comes from the normed inputs of layer l summed over the windows, as in `normed_input_covariances`; the
+    windows go on through the original layer. With a `writer`, each folded layer is written when it is done,
+    then the embedding (times Q_0), the scale-free final norm and the head (norm scale and Q_{L-1}^T folded in).
+    """
+    spec, config = streamed.spec, streamed.config
+    check_foldable(config.model_type)
+    hidden, arguments = streamed.layer_inputs(batches) if batches is not None else (None, None)
+    eps, size = config.rms_norm_eps, config.hidden_size
+    first = previous = None
+    explained, weighted, total = [], 0.0, 0
+    for i in track(range(streamed.n_layers), "Rotate-sparsify (streamed)", total=streamed.n_layers):
+        layer = streamed.load_layer(i)
+        q = None
+        if hidden is not None:
+            cov = torch.zeros(size, size, dtype=torch.float64)
+
+            def accumulate(module, args):
+                x = args[0].double().flatten(0, -2)  # [B*T, D]
+                n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+                cov.add_((n.T @ n).cpu())
+
+            handle = get_submodule(layer, spec.attn_norm).register_forward_pre_hook(accumulate)
+            for w, x in enumerate(hidden):
+                args, kwargs = arguments[w][i]
+                out = layer(x, *args, **kwargs)
+                hidden[w] = out[0] if isinstance(out, tuple) else out
+            handle.remove()
+            q = principal_rotation(cov, cfg.damp)
+            explained.append(explained_top_half(cov))
+            layer.register_parameter("rotation_adapter", nn.Parameter(torch.eye(size), requires_grad=False))
+        w_sum, n_sum = layer_sparsity_weights(layer, spec, cfg)
+        weighted, total = weighted + w_sum, total + n_sum
+        if writer is not None:
+            fold_layer_(layer, spec, q, previous)
+            for name, tensor in layer.state_dict().items():
+                writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
+        first = q if i == 0 else first
+        previous = q
+        streamed.free_layer(i)
+    if writer is not None:
+        embed = streamed.ckpt.get(spec.embed + ".weight").to(streamed.dtype)
+        head_weight = (
+            streamed.ckpt.get(spec.lm_head + ".weight")
+            if spec.lm_head + ".weight" in streamed.ckpt.weight_map
+            else embed.clone()
+        )
+        head = nn.Linear(size, head_weight.shape[0], bias=False, dtype=streamed.dtype)
+        head.weight.data = head_weight.to(streamed.dtype)
+        norm = get_submodule(streamed.base, spec.final_norm.split(".", 1)[1])
+        writer.add(spec.embed + ".weight", fold_ends_(embed, head, norm, spec, first, previous))
+        writer.add(spec.lm_head + ".weight", head.weight.data)
+        writer.add(spec.final_norm + ".weight", norm.weight.data)
+        sparse_config_(config, cfg, first is not None)
+    report = {
+        "sparsity_in": cfg.sparsity_in,
+        "sparsity_out": cfg.sparsity_out,
+        "effective_sparsity": weighted / total,
+        "rotated": first is not None,
+    }
+    if batches is not None:
+        report |= {"explained_top_half": explained, "calibration_tokens": int(batches.numel())}
     return report

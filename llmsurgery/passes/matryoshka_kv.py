@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..arch import arch_for, decoder_layers, get_submodule
 from ..calibration import observe_inputs
-from ..console import stepper
+from ..console import stepper, track
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import full_layout, reshape_attention_
@@ -89,11 +89,13 @@ class MatryoshkaState(nn.Module):
     def set_ranks(self, ranks: dict) -> None:
         self.rank_k, self.rank_v = [list(r) for r in ranks["k"]], [list(r) for r in ranks["v"]]
 
-    def refresh_bases(self) -> None:
-        """U = U_init cayley(X) for every head (keeps the graph when grad is enabled)."""
+    def refresh_bases(self, layer: int | None = None) -> None:
+        """U = U_init cayley(X) for every head, or for one layer's (keeps the graph when grad is enabled)."""
+        heads = (
+            range(len(self.x_k)) if layer is None else range(layer * self.groups, (layer + 1) * self.groups)
+        )
         self._bases = {
-            i: (self.init_k[i] @ cayley(self.x_k[i]), self.init_v[i] @ cayley(self.x_v[i]))
-            for i in range(len(self.x_k))
+            i: (self.init_k[i] @ cayley(self.x_k[i]), self.init_v[i] @ cayley(self.x_v[i])) for i in heads
         }
 
     def bases(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,6 +207,11 @@ def init_from_pca_(model: nn.Module, state: MatryoshkaState, windows: torch.Tens
     state.stats, state.project = {}, False
     observe_inputs(model, windows, [], lambda i, x: None, "Collecting key/value statistics")
     stats, state.stats = state.stats, None
+    init_from_stats_(state, stats, v_identity)
+
+
+def init_from_stats_(state: MatryoshkaState, stats: dict, v_identity: bool) -> None:
+    """The heads in `stats` ({(layer, head, "k" | "v"): (count, sum, second moment)}): their means and PCA bases."""
     device = state.x_k[0].device
     for (layer, g, kind), (count, total, second) in stats.items():
         i = layer * state.groups + g
@@ -407,56 +414,62 @@ def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
     state.set_ranks(ranks)
     state.refresh_bases()
     spec = arch_for(model)
-    layouts = []
-    for layer_index, layer in enumerate(decoder_layers(model)):
-        attn = get_submodule(layer, spec.attn)
-        n_rep, widths = attn.num_key_value_groups, state.v_widths[layer_index]
-        wv = attn.v_proj.weight.double()
-        bv = (
-            attn.v_proj.bias.double()
-            if attn.v_proj.bias is not None
-            else torch.zeros(wv.shape[0], dtype=torch.float64)
-        )
-        wo = attn.o_proj.weight.double()
-        bo = (
-            attn.o_proj.bias.double()
-            if attn.o_proj.bias is not None
-            else torch.zeros(wo.shape[0], dtype=torch.float64)
-        )
-        v_rows, v_bias, o_cols, bases, means = [], [], [], [], []
-        row = col = 0
-        for g, w in enumerate(widths):
-            u_k, u_v = (u.double() for u in state.bases(layer_index, g))  # [d, r_k], [w, r_v]
-            i = layer_index * state.groups + g
-            mu_v = state.mu_v[i].double()
-            v_rows.append(u_v.T @ wv[row : row + w])  # [r_v, D]
-            v_bias.append(u_v.T @ (bv[row : row + w] - mu_v))
-            row += w
-            for _ in range(n_rep):
-                slice_o = wo[:, col : col + w]  # [D, w]
-                o_cols.append(slice_o @ u_v)
-                bo = bo + slice_o @ mu_v
-                col += w
-            bases.append(u_k)
-            means.append(state.mu_k[i].double())
-        layout = dict(getattr(attn, "attention_layout", None) or full_layout(model.config))
-        layout |= {
-            "v": list(ranks["v"][layer_index]),
-            "k": list(ranks["k"][layer_index]),
-            "v_bias": True,
-            "o_bias": True,
-        }
-        reshape_attention_(
-            attn,
-            layout,
-            v=(torch.cat(v_rows), torch.cat(v_bias)),
-            o=(torch.cat(o_cols, dim=1), bo),
-            key_projection=(torch.cat(bases, dim=1), torch.stack(means)),
-        )
-        layouts.append(attn.attention_layout)
+    layouts = [
+        fold_layer_(get_submodule(layer, spec.attn), state, ranks, i, model.config)
+        for i, layer in enumerate(decoder_layers(model))
+    ]
     model.config.attention_layout = layouts
     use_surgery_modeling_(model.config)
     state._bases = {}
+
+
+@torch.no_grad()
+def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_index: int, config) -> dict:
+    """One attention module: v_proj/o_proj through the truncated value bases, the key basis; returns its layout."""
+    n_rep, widths = attn.num_key_value_groups, state.v_widths[layer_index]
+    wv = attn.v_proj.weight.double()
+    bv = (
+        attn.v_proj.bias.double()
+        if attn.v_proj.bias is not None
+        else torch.zeros(wv.shape[0], dtype=torch.float64)
+    )
+    wo = attn.o_proj.weight.double()
+    bo = (
+        attn.o_proj.bias.double()
+        if attn.o_proj.bias is not None
+        else torch.zeros(wo.shape[0], dtype=torch.float64)
+    )
+    v_rows, v_bias, o_cols, bases, means = [], [], [], [], []
+    row = col = 0
+    for g, w in enumerate(widths):
+        u_k, u_v = (u.double() for u in state.bases(layer_index, g))  # [d, r_k], [w, r_v]
+        i = layer_index * state.groups + g
+        mu_v = state.mu_v[i].double()
+        v_rows.append(u_v.T @ wv[row : row + w])  # [r_v, D]
+        v_bias.append(u_v.T @ (bv[row : row + w] - mu_v))
+        row += w
+        for _ in range(n_rep):
+            slice_o = wo[:, col : col + w]  # [D, w]
+            o_cols.append(slice_o @ u_v)
+            bo = bo + slice_o @ mu_v
+            col += w
+        bases.append(u_k)
+        means.append(state.mu_k[i].double())
+    layout = dict(getattr(attn, "attention_layout", None) or full_layout(config))
+    layout |= {
+        "v": list(ranks["v"][layer_index]),
+        "k": list(ranks["k"][layer_index]),
+        "v_bias": True,
+        "o_bias": True,
+    }
+    reshape_attention_(
+        attn,
+        layout,
+        v=(torch.cat(v_rows), torch.cat(v_bias)),
+        o=(torch.cat(o_cols, dim=1), bo),
+        key_projection=(torch.cat(bases, dim=1), torch.stack(means)),
+    )
+    return attn.attention_layout
 
 
 def kv_compress_(model: nn.Module, cfg: KVCompress, batches: dict[str, torch.Tensor]) -> dict:
@@ -498,12 +511,61 @@ def kv_compress_(model: nn.Module, cfg: KVCompress, batches: dict[str, torch.Ten
         detach_(saved)
     fold_(model, state, ranks)
     state.set_ranks(ranks)
-    report |= {
+    report |= kv_report(state, ranks, cfg)
+    return report
+
+
+def kv_report(state: MatryoshkaState, ranks: dict, cfg: KVCompress) -> dict:
+    layers, d = len(state.v_widths), state.d
+    return {
         "ranks_k": ranks["k"],
         "ranks_v": ranks["v"],
         "budget": cfg.budget,
         "budget_reached": round(state.budget(), 6),
-        "keys_share": round(sum(map(sum, ranks["k"])) / (len(layers) * state.groups * head_dim), 6),
-        "values_share": round(sum(map(sum, ranks["v"])) / (len(layers) * state.groups * head_dim), 6),
+        "keys_share": round(sum(map(sum, ranks["k"])) / (layers * state.groups * d), 6),
+        "values_share": round(sum(map(sum, ranks["v"])) / (layers * state.groups * d), 6),
     }
-    return report
+
+
+@torch.no_grad()
+def streamed_kv_compress(streamed, windows: torch.Tensor, cfg: KVCompress, writer=None) -> dict:
+    """`kv_compress_` without training, at uniform ranks, one decoder layer in memory at a time.
+
+    Layer l runs the windows through the runtime attention (projections off) collecting its key/value
+    statistics, as `init_from_pca_` does over the whole model; its heads get their PCA bases and means, and
+    with a `writer` it is folded at the uniform ranks and written. The windows go on through the unfolded layer.
+    """
+    config, spec = streamed.config, streamed.spec
+    check_compressible(config.to_dict())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    step = cfg.rank_step or max(1, head_dim // 8)
+    groups = config.num_key_value_heads
+    state = MatryoshkaState(head_dim, [[head_dim] * groups for _ in range(streamed.n_layers)], step)
+    ranks = uniform_ranks(state, cfg.budget)
+    state.set_ranks(ranks)
+    hidden, arguments = streamed.layer_inputs(windows)
+    layouts = []
+    for i in track(range(streamed.n_layers), "KV projections (streamed)", total=streamed.n_layers):
+        layer = streamed.load_layer(i)
+        attn = get_submodule(layer, spec.attn)
+        reshape_attention_(attn, full_layout(config))  # the runtime forward, at the layer's own widths
+        attn.kv_projection = ProjectionHook(state, i)
+        state.stats, state.project = {}, False
+        for w, x in enumerate(hidden):
+            args, kwargs = arguments[w][i]
+            out = layer(x, *args, **kwargs)
+            hidden[w] = out[0] if isinstance(out, tuple) else out
+        stats, state.stats = state.stats, None
+        del attn.kv_projection
+        init_from_stats_(state, stats, v_identity=False)
+        if writer is not None:
+            state.refresh_bases(i)
+            layouts.append(fold_layer_(attn, state, ranks, i, config))
+            for name, tensor in layer.state_dict().items():
+                writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
+        streamed.free_layer(i)
+    state._bases = {}
+    if writer is not None:
+        config.attention_layout = layouts
+        use_surgery_modeling_(config)
+    return {"rank_step": step, "head_dim": head_dim, **kv_report(state, ranks, cfg)}

@@ -27,6 +27,7 @@ class PruneBI(PassConfig):
     """Remove the decoder layers whose output is most like their input (lowest Block Influence)."""
 
     record_name: ClassVar[str] = "block_influence"
+    streamable: ClassVar[bool] = True
 
     pass_: Literal["prune-bi"] = Field("prune-bi", alias="pass", exclude=True)
     remove: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="number of layers to remove")
@@ -71,6 +72,40 @@ class PruneBI(PassConfig):
         scores, removed = score_layers(model.model, batches, self)
         if not dry_run:
             remove_layers_(model.model, removed)
+        return PruneBIReport(
+            scores=scores,
+            score_kind=self.score_kind,
+            removed_layers=removed,
+            layers_before=n_layers,
+            layers_after=n_layers - len(removed),
+            calibration_tokens=int(batches.numel()),
+        )
+
+    def apply_streamed_(self, streamed, calibration, writer=None) -> PruneBIReport:
+        """Score one layer at a time; with a `writer`, copy the kept layers' tensors, renumbered."""
+        from .block_influence import choose_layers, streamed_residuals
+
+        batches = calibration.windows(self.calib)
+        n_layers = streamed.n_layers
+        self.n_remove(n_layers)
+        scores, removed = choose_layers(self, streamed_residuals(streamed, batches), n_layers)
+        if writer is not None:
+            kept = [i for i in range(n_layers) if i not in set(removed)]
+            renumber, prefix = {old: new for new, old in enumerate(kept)}, streamed.layer_prefix
+
+            def rename(name: str) -> str | None:
+                if not name.startswith(prefix):
+                    return None
+                index, _, rest = name[len(prefix) :].partition(".")
+                return f"{prefix}{renumber[int(index)]}.{rest}" if int(index) in renumber else None
+
+            streamed.copy_tensors(writer, rename)
+            config = streamed.config
+            for key in streamed.spec.per_layer_config_lists:
+                values = getattr(config, key, None)
+                if isinstance(values, list) and len(values) == n_layers:
+                    setattr(config, key, [values[i] for i in kept])
+            config.num_hidden_layers = len(kept)
         return PruneBIReport(
             scores=scores,
             score_kind=self.score_kind,

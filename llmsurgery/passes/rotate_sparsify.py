@@ -39,6 +39,7 @@ class RotateSparsify(PassConfig):
     """Fold rotations into the weights and keep each layer input's largest entries per token."""
 
     record_name: ClassVar[str] = "rotate_sparsify"
+    streamable: ClassVar[bool] = True
     saved_as: ClassVar[str] = "sparse model"
 
     pass_: Literal["rotate-sparsify"] = Field("rotate-sparsify", alias="pass", exclude=True)
@@ -97,8 +98,16 @@ class RotateSparsify(PassConfig):
         batches = calibration.windows(self.calib) if self.needs_calibration else None
         return RotateSparsifyReport(**rotate_sparsify_(model.model, batches, self))
 
+    def apply_streamed_(self, streamed, calibration, writer=None) -> RotateSparsifyReport:
+        """One layer at a time (its rotation from the windows passing through it); writes each folded layer."""
+        from .larosa import streamed_rotate_sparsify
+
+        batches = calibration.windows(self.calib) if self.needs_calibration else None
+        return RotateSparsifyReport(**streamed_rotate_sparsify(streamed, batches, self, writer))
+
 
 def check_foldable(model_type: str) -> None:
+    """Refuse architectures whose norms sit where a rotation cannot pass."""
     if model_type not in FOLDABLE:
         raise UserError(
             f"rotate-sparsify cannot fold rotations into '{model_type}' models (gemma3 normalises attention and MLP "

@@ -1,0 +1,279 @@
+"""Layer-streamed prune-bi: the same scores, tensors and config as the in-memory pass, one layer at a time."""
+
+import json
+
+import pytest
+import torch
+from helpers import logits_of, run_cli, stock_load
+from safetensors.torch import load_file
+
+from llmsurgery.streaming import LazyCheckpoint, ShardWriter
+
+ARGS = ("--remove", "2", "--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48")
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        found |= load_file(path)
+    return found
+
+
+def _prune(model, out, stream: str, *extra):
+    result = run_cli(
+        "prune",
+        "--bi",
+        model,
+        *ARGS,
+        *extra,
+        "--output",
+        out,
+        "--stream",
+        stream,
+        "--json",
+        out.with_suffix(".json"),
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_streamed_prune_is_the_in_memory_prune(tiny_model, tmp_path):
+    whole = _prune(tiny_model, tmp_path / "whole", "off")
+    streamed = _prune(tiny_model, tmp_path / "streamed", "on")
+    assert streamed["scores"] == whole["scores"] and streamed["removed_layers"] == whole["removed_layers"]
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("whole", "streamed")]
+    assert config[0] == config[1]
+    assert torch.equal(
+        logits_of(stock_load(tmp_path / "whole")), logits_of(stock_load(tmp_path / "streamed"))
+    )
+    history = json.loads((tmp_path / "streamed" / "llmsurgery_history.json").read_text())
+    assert [p["pass"] for p in history["passes"]] == ["block_influence"]
+
+
+@pytest.mark.parametrize("knobs", [["--keep-ratio", "0.5"], ["--criterion", "weight", "--rank", "3"], []])
+def test_streamed_absorb_is_the_in_memory_absorb(tiny_model, tmp_path, knobs):
+    """Absorb one layer at a time: the same report, tensors and config as in memory; the output loads and runs."""
+
+    def absorb(out, stream):
+        result = run_cli(
+            "absorb",
+            tiny_model,
+            *knobs,
+            "--calib",
+            "pydoc",
+            "--calib-samples",
+            "3",
+            "--calib-seq-len",
+            "48",
+            "--output",
+            out,
+            "--stream",
+            stream,
+            "--json",
+            out.with_suffix(".json"),
+        )
+        assert result.exit_code == 0, result.output
+        return {k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"}
+
+    whole, streamed = absorb(tmp_path / "whole", "off"), absorb(tmp_path / "streamed", "on")
+    assert whole == streamed
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("whole", "streamed")]
+    assert config[0] == config[1] and "auto_map" in config[1]
+    from transformers import AutoModelForCausalLM
+
+    models = [
+        AutoModelForCausalLM.from_pretrained(tmp_path / f, trust_remote_code=True)
+        for f in ("whole", "streamed")
+    ]
+    assert torch.equal(logits_of(models[0]), logits_of(models[1]))
+
+
+@pytest.mark.parametrize("method", ["larosa", "magnitude"])
+def test_streamed_rotate_sparsify_is_the_in_memory_one(tiny_models, tmp_path, method):
+    """LaRoSA one layer at a time: the same report, tensors and config; the output runs the same (llama, qwen2)."""
+    from transformers import AutoModelForCausalLM
+
+    for arch in ("llama", "qwen2", "qwen3"):
+
+        def run(out, stream):
+            result = run_cli(
+                "rotate-sparsify",
+                tiny_models[arch],
+                "--sparsity",
+                "0.4",
+                "--method",
+                method,
+                "--calib",
+                "pydoc",
+                "--calib-samples",
+                "3",
+                "--calib-seq-len",
+                "48",
+                "--output",
+                out,
+                "--stream",
+                stream,
+                "--json",
+                out.with_suffix(".json"),
+            )
+            assert result.exit_code == 0, result.output
+            return {
+                k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"
+            }
+
+        whole, streamed = run(tmp_path / f"{arch}-whole", "off"), run(tmp_path / f"{arch}-streamed", "on")
+        assert whole == streamed
+        a, b = _tensors(tmp_path / f"{arch}-whole"), _tensors(tmp_path / f"{arch}-streamed")
+        assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+        config = [
+            json.loads((tmp_path / f"{arch}-{f}" / "config.json").read_text()) for f in ("whole", "streamed")
+        ]
+        assert config[0] == config[1] and config[1]["sparsity_in"] == pytest.approx(0.32)
+        models = [
+            AutoModelForCausalLM.from_pretrained(tmp_path / f"{arch}-{f}", trust_remote_code=True)
+            for f in ("whole", "streamed")
+        ]
+        assert torch.equal(logits_of(models[0]), logits_of(models[1]))
+
+
+def test_streamed_kv_compress_is_the_in_memory_one(tiny_model, tmp_path):
+    """kv-compress --no-train --uniform one layer at a time: the same report, tensors, config and logits."""
+    from transformers import AutoModelForCausalLM
+
+    def run(out, stream):
+        result = run_cli(
+            "kv-compress",
+            tiny_model,
+            "--budget",
+            "0.5",
+            "--no-train",
+            "--uniform",
+            "--calib",
+            "pydoc",
+            "--calib-samples",
+            "3",
+            "--calib-seq-len",
+            "48",
+            "--output",
+            out,
+            "--stream",
+            stream,
+            "--json",
+            out.with_suffix(".json"),
+        )
+        assert result.exit_code == 0, result.output
+        return {k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"}
+
+    whole, streamed = run(tmp_path / "whole", "off"), run(tmp_path / "streamed", "on")
+    assert whole == streamed and streamed["budget_reached"] == 0.5
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("whole", "streamed")]
+    assert config[0] == config[1]
+    models = [
+        AutoModelForCausalLM.from_pretrained(tmp_path / f, trust_remote_code=True)
+        for f in ("whole", "streamed")
+    ]
+    assert torch.equal(logits_of(models[0]), logits_of(models[1]))
+
+
+def test_dtype_auto_keeps_a_bfloat16_checkpoint_bfloat16(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(source)
+    for stream in ("off", "on"):
+        _prune(source, tmp_path / stream, stream)
+        assert {t.dtype for t in _tensors(tmp_path / stream).values()} == {torch.bfloat16}
+        assert json.loads((tmp_path / stream / "config.json").read_text())["dtype"] == "bfloat16"
+    a, b = _tensors(tmp_path / "off"), _tensors(tmp_path / "on")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _prune(source, tmp_path / "f32", "on", "--dtype", "float32")  # an explicit --dtype still decides
+    assert {t.dtype for t in _tensors(tmp_path / "f32").values()} == {torch.float32}
+
+
+def test_shard_writer_splits_and_indexes(tiny_models, tmp_path):
+    ckpt = LazyCheckpoint(tiny_models["qwen2"])
+    out = tmp_path / "sharded"
+    out.mkdir()
+    writer = ShardWriter(out, max_bytes=50_000)
+    for name in ckpt.names():
+        writer.add(name, ckpt.get(name))
+    writer.close()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and set(index["weight_map"]) == set(ckpt.names())
+    again = LazyCheckpoint(out)
+    assert all(torch.equal(again.get(n), ckpt.get(n)) for n in ckpt.names())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["kv-compress", "{model}", "--budget", "0.5", "--stream", "on"],
+            "run layer by layer so far; kv-compress needs",
+        ),
+        (
+            ["prune", "--bi", "{model}", "--remove", "1", "--stream", "sometimes"],
+            "unknown --stream 'sometimes'",
+        ),
+    ],
+)
+def test_stream_refusals(tiny_models, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = run_cli(*[a.replace("{model}", str(tiny_models["llama"])) for a in args], "--output", out)
+    assert result.exit_code == 2 and message in result.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["heal", "{pruned}", "--teacher", "{model}", "--steps", "2"],
+        ["kv-compress", "{model}", "--budget", "0.5"],
+        ["prune", "--bi", "{model}", "--remove", "1", "--stream", "off"],
+    ],
+)
+def test_whole_model_passes_refuse_when_memory_is_short(tiny_models, tmp_path, monkeypatch, command):
+    """Before loading: one line with the estimate and the remedy, exit 2, nothing written (memory made short)."""
+    import llmsurgery.runner
+
+    pruned = tmp_path / "pruned"
+    _prune(tiny_models["llama"], pruned, "on")
+    monkeypatch.setattr(llmsurgery.runner, "available_memory", lambda: 1000)
+    out = tmp_path / "out"
+    args = [a.replace("{model}", str(tiny_models["llama"])).replace("{pruned}", str(pruned)) for a in command]
+    result = run_cli(
+        *args, "--calib", "pydoc", "--calib-samples", "2", "--calib-seq-len", "32", "--output", out
+    )
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and not out.exists(), result.output
+    assert "would hold the whole model in memory: about" in lines[0] and "GiB is available" in lines[0]
+    assert lines[0].endswith("run it with --stream on" if command[0] == "prune" else "or a bigger machine")
+
+
+def test_recipe_stream_setting_is_checked_by_validate(tiny_models, tmp_path):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    passes = [
+        {"pass": "kv-compress", "budget": 0.5, "calib": "pydoc", "calib-samples": 2, "calib-seq-len": 32}
+    ]
+    recipe.write_text(
+        yaml.safe_dump({"version": 1, "model": str(tiny_models["llama"]), "stream": "on", "passes": passes})
+    )
+    result = run_cli("recipe", "validate", recipe, "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "kv-compress needs the whole model in memory" in result.output
+    passes[0] |= {"train": False, "uniform": True}
+    recipe.write_text(
+        yaml.safe_dump({"version": 1, "model": str(tiny_models["llama"]), "stream": "on", "passes": passes})
+    )
+    assert run_cli("recipe", "validate", recipe, "--output", tmp_path / "out").exit_code == 0
+    assert run_cli("run", recipe, "--output", tmp_path / "out").exit_code == 0
+    history = json.loads((tmp_path / "out" / "llmsurgery_history.json").read_text())
+    assert history["passes"][0]["report"]["budget_reached"] == 0.5
