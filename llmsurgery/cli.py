@@ -51,7 +51,8 @@ DtypeOpt = Annotated[
 StreamOpt = Annotated[
     str,
     typer.Option(
-        help="on: one decoder layer in memory at a time (prune-bi so far); auto: when the checkpoint is larger "
+        help="on: one decoder layer in memory at a time (prune, rotate-sparsify, absorb, kv-compress --no-train "
+        "--uniform); auto: when the checkpoint is larger "
         "than half the memory available; off: load the whole model.",
         rich_help_panel=LOAD,
     ),
@@ -664,14 +665,41 @@ def _register_kv_compress() -> None:
         return [cfg], "compressed", False, summary
 
 
-for _register in (
-    _register_prune,
-    _register_heal,
-    _register_rotate_sparsify,
-    _register_absorb,
-    _register_kv_compress,
-):
-    _register()
+def _report_table(cfg, report) -> None:
+    """The summary of a pass without its own: the report's numbers and short lists."""
+    table = Table(title=cfg.name, show_header=False)
+    for key, value in report.record().items():
+        if not isinstance(value, (list, dict)) or len(value) <= 8:
+            table.add_row(key.replace("_", " "), _fmt(value) if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+def _register_default(config: type) -> None:
+    """A pass with no command of its own above gets one, options from its config, summary from its report."""
+
+    def body(cfg, options):
+        return [cfg], "transformed", False, _report_table
+
+    body.__doc__ = (config.__doc__ or config.pass_name()).strip()
+    body.__name__ = config.pass_name().replace("-", "_")
+    pass_command(config)(body)
+
+
+def _register_pass_commands() -> None:
+    from .passes import PASSES
+
+    own = {
+        "prune-bi": _register_prune,
+        "heal": _register_heal,
+        "rotate-sparsify": _register_rotate_sparsify,
+        "absorb": _register_absorb,
+        "kv-compress": _register_kv_compress,
+    }
+    for name, config in PASSES.items():
+        own[name]() if name in own else _register_default(config)
+
+
+_register_pass_commands()
 
 
 recipe_app = typer.Typer(help="Validate recipes and print their JSON schema.", no_args_is_help=True)

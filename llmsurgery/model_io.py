@@ -416,6 +416,7 @@ def save_model(
         )
     out = out.expanduser()
     check_output_free(out, force, loaded.folder)
+    new_passes = loaded.pending if new_passes is None else new_passes  # passes run since loading, by default
     history = dict(loaded.history)
     history["passes"] = list(history.get("passes", [])) + list(new_passes or [])
     with status(f"Saving to {out}"), replacing_folder(out) as tmp:

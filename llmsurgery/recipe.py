@@ -113,7 +113,7 @@ class Recipe(_Strict):
     device: str = Field("cpu", description="cpu, cuda or auto")
     stream: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="on: one decoder layer in memory at a time (prune-bi so far); auto: for large checkpoints",
+        description="on: one decoder layer in memory at a time (one streamable pass); auto: for large checkpoints",
     )
     trust_remote_code: bool = Field(False, alias="trust-remote-code")
     calibration: Calibration = Calibration()

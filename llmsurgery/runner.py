@@ -245,32 +245,55 @@ STREAM_ABOVE = 0.5  # auto streams a checkpoint larger than this share of the me
 
 
 def streams(job: Job, checked: Checked) -> bool:
-    """Whether the job runs layer by layer: asked for (`--stream on`), or auto and the checkpoint is large."""
-    from .streaming import LazyCheckpoint
+    """Whether the job runs layer by layer: asked for (`--stream on`), or auto and the checkpoint is large.
 
+    One pass per streamed job, on a standard (untransformed) local safetensors folder; auto does not stream a
+    job that evaluates (the evaluation loads the whole model anyway, and the in-memory path checks for room).
+    """
     if job.stream not in STREAM_CHOICES:
         raise UserError(f"unknown --stream '{job.stream}'; choose one of {', '.join(STREAM_CHOICES)}")
     if job.stream == "off":
         return False
-    blockers = [cfg.name for cfg in job.passes if not cfg.streamable]
-    standard = not any(checked.config.get(k) for k in ("auto_map", "attention_layout", "sparsity_in"))
-    local = checked.folder is not None and any(checked.folder.glob("*.safetensors"))
+    problem = stream_problem(job, checked)
     if job.stream == "on":
-        if blockers:
+        if problem:
+            raise UserError(f"--stream on: {problem}")
+        if job.eval and job.eval.quantized:
             raise UserError(
-                f"--stream on: only {', '.join(streaming_passes())} run layer by layer "
-                f"so far; {', '.join(blockers)} needs the whole model in memory"
+                "--stream on: a streamed run scores unquantized; drop load-in-8bit / load-in-4bit"
             )
-        if not standard or not local:
-            raise UserError(
-                "--stream on needs a standard (untransformed) checkpoint in a local safetensors folder"
-            )
+        if job.eval and not job.dry_run:
+            need, available, _, _ = memory_estimate(job, checked, 1.25)
+            if need > available:
+                raise UserError(
+                    f"--stream on with an evaluation: scoring loads the whole model (about "
+                    f"{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available); drop the evaluation"
+                )
         return True
-    if blockers or not standard or not local or (job.eval and job.eval.quantized):
+    if problem or job.eval:
         return False
-    ckpt = LazyCheckpoint(checked.folder)
-    size = sum((checked.folder / f).stat().st_size for f in set(ckpt.weight_map.values()))
-    return size > STREAM_ABOVE * available_memory()
+    return sum(path.stat().st_size for path in checked.weights) > STREAM_ABOVE * available_memory()
+
+
+def stream_problem(job: Job, checked: Checked) -> str | None:
+    """Why the job cannot run layer by layer, or None."""
+    blockers = [cfg.name for cfg in job.passes if not cfg.streamable]
+    if blockers:
+        return (
+            f"only {', '.join(streaming_passes())} run layer by layer so far; "
+            f"{', '.join(blockers)} needs the whole model in memory"
+        )
+    if len(job.passes) > 1:
+        return "one pass at a time runs layer by layer; run the passes one after the other"
+    if any(checked.config.get(k) for k in ("auto_map", "attention_layout", "sparsity_in")):
+        return "only a standard (untransformed) checkpoint runs layer by layer"
+    if (
+        checked.folder is None
+        or not checked.weights
+        or any(p.suffix != ".safetensors" for p in checked.weights)
+    ):
+        return "layer by layer needs a local folder of safetensors weights"
+    return None
 
 
 def streaming_passes() -> list[str]:
@@ -279,7 +302,10 @@ def streaming_passes() -> list[str]:
 
 
 def available_memory() -> int:
-    """Bytes this process may still use: MemAvailable, or its memory cgroup's headroom (v1 or v2) when lower."""
+    """Bytes this process may still use: MemAvailable, or its memory cgroup's headroom (v1 or v2) when lower.
+
+    The cgroup's inactive file cache counts as free (the kernel reclaims it first), as docker and kubelet count.
+    """
     found = [1 << 62]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -289,17 +315,33 @@ def available_memory() -> int:
             _, controllers, path = line.split(":", 2)
             if controllers == "memory":  # cgroup v1
                 base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-                limit, used = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
+                names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
             elif controllers == "":  # cgroup v2
                 base = Path("/sys/fs/cgroup") / path.lstrip("/")
-                limit, used = base / "memory.max", base / "memory.current"
+                names = ("memory.max", "memory.current", "inactive_file")
             else:
                 continue
+            limit = base / names[0]
             if limit.is_file() and limit.read_text().strip() != "max":
-                found.append(int(limit.read_text()) - int(used.read_text()))
+                stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
+                used = int((base / names[1]).read_text()) - int(stat.get(names[2], 0))
+                found.append(int(limit.read_text()) - used)
     except (OSError, ValueError):
         pass
     return min(found)
+
+
+def memory_estimate(job: Job, checked: Checked, factor: float) -> tuple[int, int, int, str]:
+    """(bytes the whole model would need, bytes available, parameters, dtype name) for a local checkpoint."""
+    import math
+
+    from .checkpoint import checkpoint_shapes
+    from .model_io import resolve_dtype
+
+    params = sum(math.prod(shape) for shape in checkpoint_shapes(checked.weights).values())
+    dtype = resolve_dtype(job.dtype, checked.config)
+    need = int(params * dtype.itemsize * factor) + (1 << 29)
+    return need, available_memory(), params, str(dtype).removeprefix("torch.")
 
 
 def check_memory(job: Job, checked: Checked) -> None:
@@ -308,30 +350,23 @@ def check_memory(job: Job, checked: Checked) -> None:
     The estimate is the weights at the compute dtype times the largest `memory_factor` of the passes (the
     copies, gradients and optimizer state each needs) plus 0.5 GiB for the runtime and activations.
     """
-    import math
-
-    from .checkpoint import checkpoint_shapes
-    from .model_io import resolve_device, resolve_dtype
+    from .model_io import resolve_device
 
     if not checked.weights or resolve_device(job.device) != "cpu":
         return
-    params = sum(math.prod(shape) for shape in checkpoint_shapes(checked.weights).values())
-    dtype = resolve_dtype(job.dtype, checked.config)
-    factor = max(cfg.memory_factor for cfg in job.passes)
-    need, available = params * dtype.itemsize * factor + (1 << 29), available_memory()
+    need, available, params, dtype = memory_estimate(
+        job, checked, max(cfg.memory_factor for cfg in job.passes)
+    )
     if need <= available:
         return
-    remedy = (
-        "run it with --stream on"
-        if all(cfg.streamable for cfg in job.passes)
-        else ("use a GPU (--device cuda) or a bigger machine")
-    )
+    remedy = "use a GPU (--device cuda) or a bigger machine"
+    if stream_problem(job, checked) is None:
+        remedy = "run it with --stream on" + (" (without the evaluation)" if job.eval else "")
     names = ", ".join(dict.fromkeys(cfg.name for cfg in job.passes))
     count = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
     raise UserError(
         f"{names} would hold the whole model in memory: about {need / 2**30:.1f} GiB "
-        f"({count} parameters in {str(dtype).removeprefix('torch.')}), but "
-        f"{available / 2**30:.1f} GiB is available; {remedy}"
+        f"({count} parameters in {dtype}), but {available / 2**30:.1f} GiB is available; {remedy}"
     )
 
 
@@ -360,9 +395,12 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
 
     folder, (cfg,) = checked.folder, job.passes
     dtype, device = resolve_dtype(job.dtype, checked.config), resolve_device(job.device)
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=job.trust_remote_code)
-        config = AutoConfig.from_pretrained(str(folder))
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=job.trust_remote_code)
+            config = AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - a folder that cannot load is bad input
+        raise UserError(f"could not load {job.model}: {first_line(exc)}") from None
     plan = None if job.dry_run else job.eval
     scoring = {"limit": plan.limit, "batch_size": plan.batch_size, "manager": checked.tasks} if plan else {}
     baseline = None
@@ -383,36 +421,29 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
             on_report(cfg, report)
         return [pass_record(cfg.record_name, cfg.record(), report.record(), seconds, history)]
 
-    if job.dry_run or job.output is None:
-        return Outcome(apply(None), None, streamed.config.to_dict(), streamed=True)
-    with replacing_folder(job.output.expanduser()) as tmp:
-        tmp.mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(tmp)
-        records = apply(writer)
-        with status(f"Saving to {job.output}"):
-            streamed.copy_tensors(
-                writer, lambda name: None if name.startswith(streamed.layer_prefix) else name
-            )
-            writer.close()
-            after = streamed.config
-            after.dtype = dtype
-            after.architectures = checked.config.get(
-                "architectures"
-            )  # as save_pretrained of the loaded class
-            after.save_pretrained(tmp)
-            if (folder / "generation_config.json").is_file():
-                shutil.copyfile(folder / "generation_config.json", tmp / "generation_config.json")
-            history["passes"] = list(history.get("passes", [])) + records
-            write_beside_weights(
-                tmp,
-                history,
-                after.to_dict(),
-                tokenizer,
-                records,
-                job.recipe_yaml,
-                _remote_code_files(after.to_dict(), folder),
-            )
-    streamed.close()
+    try:
+        if job.dry_run or job.output is None:
+            return Outcome(apply(None), None, streamed.config.to_dict(), streamed=True)
+        with replacing_folder(job.output.expanduser()) as tmp:
+            tmp.mkdir(parents=True, exist_ok=True)
+            writer = ShardWriter(tmp)
+            records = apply(writer)
+            with status(f"Saving to {job.output}"):
+                rest = streamed.layer_prefix
+                streamed.copy_tensors(writer, lambda name: None if name.startswith(rest) else name)
+                writer.close()
+                after = streamed.config
+                after.dtype = dtype
+                # what save_pretrained of the class the model loads as would write
+                after.architectures = checked.config.get("architectures") or [causal_lm_class(config)]
+                after.save_pretrained(tmp)
+                if (folder / "generation_config.json").is_file():
+                    shutil.copyfile(folder / "generation_config.json", tmp / "generation_config.json")
+                history["passes"] = list(history.get("passes", [])) + records
+                code = _remote_code_files(after.to_dict(), folder)
+                write_beside_weights(tmp, history, after.to_dict(), tokenizer, records, job.recipe_yaml, code)
+    finally:
+        streamed.close()
     rows = None
     if plan:
         target = load_model(str(job.output), dtype=job.dtype, device=job.device)
@@ -420,6 +451,13 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
             evaluate_model(target, list(plan.tasks), label="the transformed model", **scoring), baseline
         )
     return Outcome(records, rows, after.to_dict(), streamed=True)
+
+
+def causal_lm_class(config) -> str:
+    """The name of transformers' causal-LM class for a config (what `architectures` names)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)].__name__
 
 
 def run_passes(

@@ -8,7 +8,8 @@ the model's own forward with every layer replaced by a recorder, so streamed lay
 in the whole model, and the scores are the same bit for bit.
 
 `ShardWriter` writes the output tensor by tensor into safetensors shards, so the output is never whole in
-memory either. Streaming covers prune-bi today; the other passes still load the whole model.
+memory either. prune-bi, rotate-sparsify, absorb and kv-compress (PCA at uniform ranks) stream; the passes
+that train through the whole network (kv-compress training and search, heal) load the whole model.
 """
 
 from __future__ import annotations
@@ -50,12 +51,24 @@ class LazyCheckpoint:
         return list(self.weight_map)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read now; NaN or inf is refused as a corrupt checkpoint (as when a model loads whole)."""
         from safetensors import safe_open
 
         file = self.weight_map[name]
         if file not in self._open:
             self._open[file] = safe_open(self.folder / file, "pt")
-        return self._open[file].get_tensor(name)
+        tensor = self._open[file].get_tensor(name)
+        if tensor.is_floating_point() and not all(
+            torch.isfinite(part).all() for part in tensor.view(-1).split(1 << 24)
+        ):
+            raise UserError(
+                f"could not load {self.folder}: tensor '{name}' holds NaN or infinite values "
+                "(a corrupt checkpoint)"
+            )
+        return tensor
+
+    def close(self) -> None:
+        self._open.clear()
 
     def state(self, prefix: str, skip: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors under `prefix` (but those under `skip`), names relative to it; only those are read."""
@@ -134,6 +147,11 @@ class StreamedModel:
             )
         return layer.to(self.device).eval()
 
+    def drop_embedding(self) -> None:
+        """Free the embedding once the windows are embedded (passes that do not fold into it)."""
+        embed = self.base.get_input_embeddings()
+        embed.weight = nn.Parameter(embed.weight.detach().to("meta"), requires_grad=False)
+
     def free_layer(self, i: int) -> None:
         self.skeleton.layers[i].to("meta")
 
@@ -145,9 +163,10 @@ class StreamedModel:
                 writer.add(target, self.ckpt.get(name).to(self.dtype))
 
     def close(self) -> None:
-        """Drop the embedding and the recorded arguments (the checkpoint's files stay open for copying)."""
+        """Drop the embedding, the recorded arguments and the open checkpoint files."""
         self.base = None
         self.sink.clear()
+        self.ckpt.close()
 
 
 class ShardWriter:
@@ -170,6 +189,11 @@ class ShardWriter:
         self.pending_bytes += size
         self.total += size
 
+    def flush(self) -> None:
+        """Write the pending tensors as a shard now (nothing when none is pending)."""
+        if self.pending:
+            self._flush()
+
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
@@ -177,13 +201,6 @@ class ShardWriter:
         save_file(self.pending, path, metadata={"format": "pt"})
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
-
-    def copy_tensors(self, writer, rename=lambda name: name) -> None:
-        """Every checkpoint tensor `rename` keeps (None drops it), under its new name, in the compute dtype."""
-        for name in self.ckpt.names():
-            target = rename(name)
-            if target is not None:
-                writer.add(target, self.ckpt.get(name).to(self.dtype))
 
     def close(self) -> None:
         if self.pending or not self.shards:

@@ -172,3 +172,26 @@ def test_gemma3_is_refused_with_one_line(tiny_models, tmp_path):
 def test_bad_options(tiny_models, tmp_path, args, message):
     result = run_cli("rotate-sparsify", tiny_models["llama"], "--output", tmp_path / "o", *args)
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "o").exists()
+
+
+def test_fold_ends_by_row_blocks_equals_whole_matrices(monkeypatch):
+    """The embedding / head folds go row block by row block; the blocks must add up to the whole product."""
+    import torch.nn as nn
+
+    from llmsurgery.arch import arch_for_model_type
+    from llmsurgery.passes import larosa
+
+    spec = arch_for_model_type("llama")
+    gen = torch.Generator().manual_seed(0)
+    embed, head = torch.randn(50, 16, generator=gen), torch.randn(50, 16, generator=gen)
+    q0, q1 = (torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))[0] for _ in range(2))
+    results = []
+    for rows in (7, 10**6):
+        monkeypatch.setattr(larosa, "FOLD_ROWS", rows)
+        norm = nn.Module()
+        norm.weight = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+        results.append(larosa.fold_ends_(embed, head, norm, spec, q0, q1))
+        assert torch.equal(norm.weight, torch.ones(16))
+    for blocked, whole in zip(*results):
+        assert torch.allclose(blocked, whole, atol=1e-6)
+    assert torch.allclose(results[1][0], (embed.double() @ q0).float(), atol=1e-6)

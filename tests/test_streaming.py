@@ -94,9 +94,13 @@ def test_streamed_absorb_is_the_in_memory_absorb(tiny_model, tmp_path, knobs):
 
 
 @pytest.mark.parametrize("method", ["larosa", "magnitude"])
-def test_streamed_rotate_sparsify_is_the_in_memory_one(tiny_models, tmp_path, method):
-    """LaRoSA one layer at a time: the same report, tensors and config; the output runs the same (llama, qwen2)."""
+def test_streamed_rotate_sparsify_is_the_in_memory_one(tiny_models, tmp_path, method, monkeypatch):
+    """LaRoSA one layer at a time: the same report, tensors and config; the output runs the same."""
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(
+        "llmsurgery.passes.larosa.FOLD_ROWS", 7
+    )  # the head and embedding folds in several blocks
 
     for arch in ("llama", "qwen2", "qwen3"):
 
@@ -277,3 +281,18 @@ def test_recipe_stream_setting_is_checked_by_validate(tiny_models, tmp_path):
     assert run_cli("run", recipe, "--output", tmp_path / "out").exit_code == 0
     history = json.loads((tmp_path / "out" / "llmsurgery_history.json").read_text())
     assert history["passes"][0]["report"]["budget_reached"] == 0.5
+
+
+def test_streamed_pass_refuses_nan_weights(tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    source = tmp_path / "nan"
+    import shutil
+
+    shutil.copytree(tiny_models["llama"], source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.3.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = run_cli("prune", "--bi", source, *ARGS, "--output", out, "--stream", "on")
+    assert result.exit_code == 2 and "holds NaN or infinite values" in result.output and not out.exists()

@@ -79,10 +79,12 @@ def v_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[torch.T
 def whitening_factor(cov: torch.Tensor, damp: float) -> torch.Tensor:
     """Lower-triangular L with L L^T = cov + damp * mean(diag) * I (float64)."""
     cov = cov.double()
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
     extra = damp * cov.diagonal().mean()
     for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(cov + extra * eye)
+        damped = cov.clone()  # the damping on the diagonal only (no D x D identity beside it)
+        damped.diagonal().add_(extra)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             return factor
         extra = max(float(extra) * 10, 1e-10 * float(cov.diagonal().mean()) + 1e-12)
@@ -327,6 +329,7 @@ def streamed_absorb(
     """
     spec, config = streamed.spec, streamed.skeleton.config
     hidden, arguments = streamed.layer_inputs(batches) if batches is not None else (None, None)
+    streamed.drop_embedding()
     rows, layouts = [], []
     for i in track(range(streamed.n_layers), "Absorb-decompose (streamed)", total=streamed.n_layers):
         layer = streamed.load_layer(i)
@@ -348,6 +351,9 @@ def streamed_absorb(
                 hidden[w] = out[0] if isinstance(out, tuple) else out
             handle.remove()
             cov = total / max(count, 1)
+            del total
+        if writer is not None:
+            writer.flush()  # no pending shard beside the float64 work of this layer
         row, layout = absorb_layer_(
             get_submodule(layer, spec.attn), full_layout(config), cov, cfg, i, apply=writer is not None
         )

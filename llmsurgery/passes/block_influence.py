@@ -132,6 +132,7 @@ def choose_layers(cfg: PruneBI, capture: ResidualStats, n_layers: int) -> tuple[
 def streamed_residuals(streamed, batches: torch.Tensor) -> ResidualStats:
     """The same statistics as `capture_residuals`, one decoder layer in memory at a time (`streaming.StreamedModel`)."""
     hidden, arguments = streamed.layer_inputs(batches)
+    streamed.drop_embedding()
     stats = ResidualStats(streamed.n_layers)
     for i in track(range(streamed.n_layers), "Scoring layers (streamed)", total=streamed.n_layers):
         layer = streamed.load_layer(i)

@@ -32,7 +32,7 @@ class KVCompress(PassConfig):
     """PCA-initialised, Matryoshka-trained projections per KV head, cut to ranks that meet a cache budget."""
 
     record_name: ClassVar[str] = "kv_compress"
-    stream_note: ClassVar[str] = "kv-compress --no-train --uniform"
+    stream_note: ClassVar[str] = "kv-compress --no-train --uniform --v-init pca"
     saved_as: ClassVar[str] = "KV-compressed model"
 
     pass_: Literal["kv-compress"] = Field("kv-compress", alias="pass", exclude=True)

@@ -120,24 +120,39 @@ def fold_layer_(
     layer.rotation_adapter.data = (previous.T @ q).to(layer.rotation_adapter.dtype)
 
 
+FOLD_ROWS = 4096  # embedding / head rows folded at a time: whole float64 copies of V x D matrices are large
+
+
 @torch.no_grad()
 def fold_ends_(
     embed: torch.Tensor,
-    head: nn.Linear,
+    head: torch.Tensor,
     final_norm: nn.Module,
     spec: ArchSpec,
     first: torch.Tensor | None,
     last: torch.Tensor | None,
-) -> torch.Tensor:
-    """The final norm's scale into the (untied) head, then Q_0 into the embedding and Q_{L-1}^T into the head.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding times Q_0, head with the final norm's scale and Q_{L-1}^T folded in); the norm becomes scale-free.
 
-    Returns the new embedding weight; `head` and `final_norm` change in place.
+    Row block by row block (FOLD_ROWS), in float64, cast back after each step as the per-layer folds do; the
+    in-memory and the streamed pass both go through here, so they agree bit for bit.
     """
-    fuse_norm_into_linears_(final_norm, [head], spec.norm_weight_offset)
+    scale = spec.norm_weight_offset + final_norm.weight.double()
+    new_head = torch.empty_like(head)
+    for start in range(0, head.shape[0], FOLD_ROWS):
+        block = (head[start : start + FOLD_ROWS].double() * scale).to(head.dtype)
+        new_head[start : start + FOLD_ROWS] = (
+            block if last is None else (block.double() @ last.to(block.device)).to(head.dtype)
+        )
+    final_norm.weight.data.fill_(1.0 - spec.norm_weight_offset)
     if first is None:
-        return embed
-    rotate_input_(head, last)
-    return (embed.double() @ first).to(embed.dtype)
+        return embed, new_head
+    new_embed = torch.empty_like(embed)
+    for start in range(0, embed.shape[0], FOLD_ROWS):
+        new_embed[start : start + FOLD_ROWS] = (
+            embed[start : start + FOLD_ROWS].double() @ first.to(embed.device)
+        ).to(embed.dtype)
+    return new_embed, new_head
 
 
 @torch.no_grad()
@@ -154,9 +169,9 @@ def fold_rotations_(model: nn.Module, rotations: list[torch.Tensor] | None) -> N
             rotations[i - 1] if rotations is not None and i else None,
         )
     embed = get_submodule(model, spec.embed)
-    embed.weight.data = fold_ends_(
+    embed.weight.data, head.weight.data = fold_ends_(
         embed.weight.data,
-        head,
+        head.weight.data,
         get_submodule(model, spec.final_norm),
         spec,
         None if rotations is None else rotations[0],
@@ -260,6 +275,7 @@ def streamed_rotate_sparsify(
         w_sum, n_sum = layer_sparsity_weights(layer, spec, cfg)
         weighted, total = weighted + w_sum, total + n_sum
         if writer is not None:
+            writer.flush()  # no pending shard beside the float64 folds of this layer
             fold_layer_(layer, spec, q, previous)
             for name, tensor in layer.state_dict().items():
                 writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
@@ -267,17 +283,22 @@ def streamed_rotate_sparsify(
         previous = q
         streamed.free_layer(i)
     if writer is not None:
-        embed = streamed.ckpt.get(spec.embed + ".weight").to(streamed.dtype)
-        head_weight = (
-            streamed.ckpt.get(spec.lm_head + ".weight")
-            if spec.lm_head + ".weight" in streamed.ckpt.weight_map
-            else embed.clone()
+        writer.flush()  # the folds below hold float64 row blocks; no pending shard beside them
+        embed = get_submodule(
+            streamed.base, spec.embed.split(".", 1)[1]
+        ).weight.data  # loaded, in the compute dtype
+        head_name = spec.lm_head + ".weight"
+        head = (
+            streamed.ckpt.get(head_name).to(streamed.dtype)
+            if head_name in streamed.ckpt.weight_map
+            else embed
         )
-        head = nn.Linear(size, head_weight.shape[0], bias=False, dtype=streamed.dtype)
-        head.weight.data = head_weight.to(streamed.dtype)
         norm = get_submodule(streamed.base, spec.final_norm.split(".", 1)[1])
-        writer.add(spec.embed + ".weight", fold_ends_(embed, head, norm, spec, first, previous))
-        writer.add(spec.lm_head + ".weight", head.weight.data)
+        embed, head = fold_ends_(
+            embed, head, norm, spec, first, previous
+        )  # a tied head gets its own tensor here
+        writer.add(spec.embed + ".weight", embed)
+        writer.add(head_name, head)
         writer.add(spec.final_norm + ".weight", norm.weight.data)
         sparse_config_(config, cfg, first is not None)
     report = {

@@ -544,6 +544,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg: KVCompress, write
     ranks = uniform_ranks(state, cfg.budget)
     state.set_ranks(ranks)
     hidden, arguments = streamed.layer_inputs(windows)
+    streamed.drop_embedding()
     layouts = []
     for i in track(range(streamed.n_layers), "KV projections (streamed)", total=streamed.n_layers):
         layer = streamed.load_layer(i)
