@@ -135,6 +135,16 @@ class StreamedModel:
             arguments.append([(args, kwargs) for _, _, args, kwargs in self.sink])
         return hidden, arguments
 
+    @torch.no_grad()
+    def run_windows(self, i: int, layer: nn.Module, hidden: list, arguments: list, each=None) -> None:
+        """Every window through layer i (`hidden` updated in place); `each(x, y)` sees each input and output."""
+        for w, x in enumerate(hidden):
+            args, kwargs = arguments[w][i]
+            out = layer(x, *args, **kwargs)
+            hidden[w] = out[0] if isinstance(out, tuple) else out
+            if each is not None:
+                each(x, hidden[w])
+
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer i with its weights read from the checkpoint, on the device, in the compute dtype."""
         layer = self.skeleton.layers[i]

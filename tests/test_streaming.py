@@ -53,15 +53,15 @@ def test_streamed_prune_is_the_in_memory_prune(tiny_model, tmp_path):
     assert [p["pass"] for p in history["passes"]] == ["block_influence"]
 
 
-@pytest.mark.parametrize("knobs", [["--keep-ratio", "0.5"], ["--criterion", "weight", "--rank", "3"], []])
-def test_streamed_absorb_is_the_in_memory_absorb(tiny_model, tmp_path, knobs):
-    """Absorb one layer at a time: the same report, tensors and config as in memory; the output loads and runs."""
+def _streamed_equals_whole(folder, *command) -> tuple[dict, dict]:
+    """`command` with --stream off and on: the same report, tensors, config.json and logits; (config, report)."""
+    from transformers import AutoModelForCausalLM
 
-    def absorb(out, stream):
+    reports = {}
+    for stream in ("off", "on"):
+        out = folder / stream
         result = run_cli(
-            "absorb",
-            tiny_model,
-            *knobs,
+            *command,
             "--calib",
             "pydoc",
             "--calib-samples",
@@ -76,114 +76,46 @@ def test_streamed_absorb_is_the_in_memory_absorb(tiny_model, tmp_path, knobs):
             out.with_suffix(".json"),
         )
         assert result.exit_code == 0, result.output
-        return {k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"}
-
-    whole, streamed = absorb(tmp_path / "whole", "off"), absorb(tmp_path / "streamed", "on")
-    assert whole == streamed
-    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+        reports[stream] = {
+            k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"
+        }
+    assert reports["off"] == reports["on"]
+    a, b = _tensors(folder / "off"), _tensors(folder / "on")
     assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-    config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("whole", "streamed")]
-    assert config[0] == config[1] and "auto_map" in config[1]
-    from transformers import AutoModelForCausalLM
-
-    models = [
-        AutoModelForCausalLM.from_pretrained(tmp_path / f, trust_remote_code=True)
-        for f in ("whole", "streamed")
-    ]
+    config = [json.loads((folder / f / "config.json").read_text()) for f in ("off", "on")]
+    assert config[0] == config[1]
+    models = [AutoModelForCausalLM.from_pretrained(folder / f, trust_remote_code=True) for f in ("off", "on")]
     assert torch.equal(logits_of(models[0]), logits_of(models[1]))
+    return config[1], reports["on"]
+
+
+@pytest.mark.parametrize("knobs", [["--keep-ratio", "0.5"], ["--criterion", "weight", "--rank", "3"], []])
+def test_streamed_absorb_is_the_in_memory_absorb(tiny_model, tmp_path, knobs):
+    """Absorb one layer at a time: the same report, tensors and config as in memory; the output loads and runs."""
+    config, _ = _streamed_equals_whole(tmp_path, "absorb", tiny_model, *knobs)
+    assert "auto_map" in config
 
 
 @pytest.mark.parametrize("method", ["larosa", "magnitude"])
 def test_streamed_rotate_sparsify_is_the_in_memory_one(tiny_models, tmp_path, method, monkeypatch):
     """LaRoSA one layer at a time: the same report, tensors and config; the output runs the same."""
-    from transformers import AutoModelForCausalLM
-
     monkeypatch.setattr(
         "llmsurgery.passes.larosa.FOLD_ROWS", 7
     )  # the head and embedding folds in several blocks
-
     for arch in ("llama", "qwen2", "qwen3"):
-
-        def run(out, stream):
-            result = run_cli(
-                "rotate-sparsify",
-                tiny_models[arch],
-                "--sparsity",
-                "0.4",
-                "--method",
-                method,
-                "--calib",
-                "pydoc",
-                "--calib-samples",
-                "3",
-                "--calib-seq-len",
-                "48",
-                "--output",
-                out,
-                "--stream",
-                stream,
-                "--json",
-                out.with_suffix(".json"),
-            )
-            assert result.exit_code == 0, result.output
-            return {
-                k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"
-            }
-
-        whole, streamed = run(tmp_path / f"{arch}-whole", "off"), run(tmp_path / f"{arch}-streamed", "on")
-        assert whole == streamed
-        a, b = _tensors(tmp_path / f"{arch}-whole"), _tensors(tmp_path / f"{arch}-streamed")
-        assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-        config = [
-            json.loads((tmp_path / f"{arch}-{f}" / "config.json").read_text()) for f in ("whole", "streamed")
-        ]
-        assert config[0] == config[1] and config[1]["sparsity_in"] == pytest.approx(0.32)
-        models = [
-            AutoModelForCausalLM.from_pretrained(tmp_path / f"{arch}-{f}", trust_remote_code=True)
-            for f in ("whole", "streamed")
-        ]
-        assert torch.equal(logits_of(models[0]), logits_of(models[1]))
+        (tmp_path / arch).mkdir()
+        config, _ = _streamed_equals_whole(
+            tmp_path / arch, "rotate-sparsify", tiny_models[arch], "--sparsity", "0.4", "--method", method
+        )
+        assert config["sparsity_in"] == pytest.approx(0.32)
 
 
 def test_streamed_kv_compress_is_the_in_memory_one(tiny_model, tmp_path):
     """kv-compress --no-train --uniform one layer at a time: the same report, tensors, config and logits."""
-    from transformers import AutoModelForCausalLM
-
-    def run(out, stream):
-        result = run_cli(
-            "kv-compress",
-            tiny_model,
-            "--budget",
-            "0.5",
-            "--no-train",
-            "--uniform",
-            "--calib",
-            "pydoc",
-            "--calib-samples",
-            "3",
-            "--calib-seq-len",
-            "48",
-            "--output",
-            out,
-            "--stream",
-            stream,
-            "--json",
-            out.with_suffix(".json"),
-        )
-        assert result.exit_code == 0, result.output
-        return {k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"}
-
-    whole, streamed = run(tmp_path / "whole", "off"), run(tmp_path / "streamed", "on")
-    assert whole == streamed and streamed["budget_reached"] == 0.5
-    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
-    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-    config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("whole", "streamed")]
-    assert config[0] == config[1]
-    models = [
-        AutoModelForCausalLM.from_pretrained(tmp_path / f, trust_remote_code=True)
-        for f in ("whole", "streamed")
-    ]
-    assert torch.equal(logits_of(models[0]), logits_of(models[1]))
+    _, report = _streamed_equals_whole(
+        tmp_path, "kv-compress", tiny_model, "--budget", "0.5", "--no-train", "--uniform"
+    )
+    assert report["budget_reached"] == 0.5
 
 
 def test_dtype_auto_keeps_a_bfloat16_checkpoint_bfloat16(tiny_models, tmp_path):

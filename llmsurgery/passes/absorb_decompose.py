@@ -345,10 +345,7 @@ def streamed_absorb(
                 count += x.shape[0]
 
             handle = get_submodule(layer, spec.v_proj).register_forward_pre_hook(accumulate)
-            for w, x in enumerate(hidden):
-                args, kwargs = arguments[w][i]
-                out = layer(x, *args, **kwargs)
-                hidden[w] = out[0] if isinstance(out, tuple) else out
+            streamed.run_windows(i, layer, hidden, arguments)
             handle.remove()
             cov = total / max(count, 1)
             del total

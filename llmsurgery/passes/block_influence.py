@@ -135,12 +135,9 @@ def streamed_residuals(streamed, batches: torch.Tensor) -> ResidualStats:
     streamed.drop_embedding()
     stats = ResidualStats(streamed.n_layers)
     for i in track(range(streamed.n_layers), "Scoring layers (streamed)", total=streamed.n_layers):
-        layer = streamed.load_layer(i)
-        for w, x in enumerate(hidden):
-            args, kwargs = arguments[w][i]
-            out = layer(x, *args, **kwargs)
-            hidden[w] = out[0] if isinstance(out, tuple) else out
-            stats.add(i, x, hidden[w])
+        streamed.run_windows(
+            i, streamed.load_layer(i), hidden, arguments, lambda x, y, i=i: stats.add(i, x, y)
+        )
         streamed.free_layer(i)
     return stats
 

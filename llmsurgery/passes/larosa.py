@@ -110,6 +110,8 @@ def fold_layer_(
     fuse_norm_into_linears_(get_submodule(layer, spec.mlp_norm), readers_mlp, spec.norm_weight_offset)
     if q is None:
         return
+    q = q.to(layer.rotation_adapter.device)  # the rotations are computed on the CPU
+    previous = None if previous is None else previous.to(q.device)
     # Step 2: readers take inputs in basis Q_l, writers emit outputs in basis Q_l.
     for linear in readers_attn + readers_mlp:
         rotate_input_(linear, q)
@@ -264,10 +266,7 @@ def streamed_rotate_sparsify(
                 cov.add_((n.T @ n).cpu())
 
             handle = get_submodule(layer, spec.attn_norm).register_forward_pre_hook(accumulate)
-            for w, x in enumerate(hidden):
-                args, kwargs = arguments[w][i]
-                out = layer(x, *args, **kwargs)
-                hidden[w] = out[0] if isinstance(out, tuple) else out
+            streamed.run_windows(i, layer, hidden, arguments)
             handle.remove()
             q = principal_rotation(cov, cfg.damp)
             explained.append(explained_top_half(cov))

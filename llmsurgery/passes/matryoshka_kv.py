@@ -540,7 +540,9 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg: KVCompress, write
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     step = cfg.rank_step or max(1, head_dim // 8)
     groups = config.num_key_value_heads
-    state = MatryoshkaState(head_dim, [[head_dim] * groups for _ in range(streamed.n_layers)], step)
+    state = MatryoshkaState(head_dim, [[head_dim] * groups for _ in range(streamed.n_layers)], step).to(
+        streamed.device
+    )
     ranks = uniform_ranks(state, cfg.budget)
     state.set_ranks(ranks)
     hidden, arguments = streamed.layer_inputs(windows)
@@ -552,10 +554,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg: KVCompress, write
         reshape_attention_(attn, full_layout(config))  # the runtime forward, at the layer's own widths
         attn.kv_projection = ProjectionHook(state, i)
         state.stats, state.project = {}, False
-        for w, x in enumerate(hidden):
-            args, kwargs = arguments[w][i]
-            out = layer(x, *args, **kwargs)
-            hidden[w] = out[0] if isinstance(out, tuple) else out
+        streamed.run_windows(i, layer, hidden, arguments)
         stats, state.stats = state.stats, None
         del attn.kv_projection
         init_from_stats_(state, stats, v_identity=False)

@@ -63,6 +63,16 @@ class PruneBI(PassConfig):
             "num_hidden_layers": config["num_hidden_layers"] - self.n_remove(config["num_hidden_layers"])
         }
 
+    def _report(self, scores: list[float], removed: list[int], n_layers: int, batches) -> PruneBIReport:
+        return PruneBIReport(
+            scores=scores,
+            score_kind=self.score_kind,
+            removed_layers=removed,
+            layers_before=n_layers,
+            layers_after=n_layers - len(removed),
+            calibration_tokens=int(batches.numel()),
+        )
+
     def apply_(self, model, calibration, dry_run: bool = False) -> PruneBIReport:
         from ..arch import decoder_layers
         from .block_influence import remove_layers_, score_layers
@@ -72,14 +82,7 @@ class PruneBI(PassConfig):
         scores, removed = score_layers(model.model, batches, self)
         if not dry_run:
             remove_layers_(model.model, removed)
-        return PruneBIReport(
-            scores=scores,
-            score_kind=self.score_kind,
-            removed_layers=removed,
-            layers_before=n_layers,
-            layers_after=n_layers - len(removed),
-            calibration_tokens=int(batches.numel()),
-        )
+        return self._report(scores, removed, n_layers, batches)
 
     def apply_streamed_(self, streamed, calibration, writer=None) -> PruneBIReport:
         """Score one layer at a time; with a `writer`, copy the kept layers' tensors, renumbered."""
@@ -106,11 +109,4 @@ class PruneBI(PassConfig):
                 if isinstance(values, list) and len(values) == n_layers:
                     setattr(config, key, [values[i] for i in kept])
             config.num_hidden_layers = len(kept)
-        return PruneBIReport(
-            scores=scores,
-            score_kind=self.score_kind,
-            removed_layers=removed,
-            layers_before=n_layers,
-            layers_after=n_layers - len(removed),
-            calibration_tokens=int(batches.numel()),
-        )
+        return self._report(scores, removed, n_layers, batches)
