@@ -428,22 +428,18 @@ def command_recipe(job) -> str:
     return recipe_text(data, path)
 
 
+def _flag(name: str, help: str, default: bool = False, panel: str | None = None) -> inspect.Parameter:
+    """A command's own on/off option `--name` (a keyword parameter of its derived signature)."""
+    option = typer.Option(f"--{name.replace('_', '-')}", help=help, rich_help_panel=panel)
+    return inspect.Parameter(name, _KW, default=default, annotation=Annotated[bool, option])
+
+
 def _heal_options() -> tuple[inspect.Parameter, ...]:
     from .cli_options import option_parameters
     from .passes import Heal
 
-    flag = inspect.Parameter(
-        "heal",
-        _KW,
-        default=False,
-        annotation=Annotated[
-            bool,
-            typer.Option(
-                "--heal",
-                help="Then heal: distil the pruned model towards the original (see `llmsurgery heal`).",
-                rich_help_panel=HEAL,
-            ),
-        ],
+    flag = _flag(
+        "heal", "Then heal: distil the pruned model towards the original (see `llmsurgery heal`).", panel=HEAL
     )
     return (
         flag,
@@ -455,25 +451,8 @@ def _heal_options() -> tuple[inspect.Parameter, ...]:
 
 def _prune_extras() -> tuple[inspect.Parameter, ...]:
     return (
-        inspect.Parameter(
-            "bi",
-            _KW,
-            default=True,
-            annotation=Annotated[
-                bool,
-                typer.Option(
-                    "--bi", help="Block-Influence layer removal (ShortGPT); the only method for now."
-                ),
-            ],
-        ),
-        inspect.Parameter(
-            "scores_only",
-            _KW,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--scores-only", help="Print the layer scores; write no model.")
-            ],
-        ),
+        _flag("bi", "Block-Influence layer removal (ShortGPT); the only method for now.", default=True),
+        _flag("scores_only", "Print the layer scores; write no model."),
         inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt),
         *_heal_options(),
     )
@@ -605,14 +584,7 @@ def _register_absorb() -> None:
     from .passes import Absorb
 
     extras = (
-        inspect.Parameter(
-            "dry_run",
-            _KW,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--dry-run", help="Print the per-layer table; write no model.")
-            ],
-        ),
+        _flag("dry_run", "Print the per-layer table; write no model."),
         inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt),
     )
 

@@ -19,22 +19,15 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     return found
 
 
-def _prune(model, out, stream: str, *extra):
-    result = run_cli(
-        "prune",
-        "--bi",
-        model,
-        *ARGS,
-        *extra,
-        "--output",
-        out,
-        "--stream",
-        stream,
-        "--json",
-        out.with_suffix(".json"),
-    )
+def _run(out, stream: str, *command) -> dict:
+    """`llmsurgery COMMAND --output OUT --stream STREAM`: it succeeds; its --json results."""
+    result = run_cli(*command, "--output", out, "--stream", stream, "--json", out.with_suffix(".json"))
     assert result.exit_code == 0, result.output
     return json.loads(out.with_suffix(".json").read_text())
+
+
+def _prune(model, out, stream: str, *extra):
+    return _run(out, stream, "prune", "--bi", model, *ARGS, *extra)
 
 
 def test_streamed_prune_is_the_in_memory_prune(tiny_model, tmp_path):
@@ -57,28 +50,9 @@ def _streamed_equals_whole(folder, *command) -> tuple[dict, dict]:
     """`command` with --stream off and on: the same report, tensors, config.json and logits; (config, report)."""
     from transformers import AutoModelForCausalLM
 
-    reports = {}
-    for stream in ("off", "on"):
-        out = folder / stream
-        result = run_cli(
-            *command,
-            "--calib",
-            "pydoc",
-            "--calib-samples",
-            "3",
-            "--calib-seq-len",
-            "48",
-            "--output",
-            out,
-            "--stream",
-            stream,
-            "--json",
-            out.with_suffix(".json"),
-        )
-        assert result.exit_code == 0, result.output
-        reports[stream] = {
-            k: v for k, v in json.loads(out.with_suffix(".json").read_text()).items() if k != "config"
-        }
+    calib = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48")
+    reports = {stream: _run(folder / stream, stream, *command, *calib) for stream in ("off", "on")}
+    reports = {stream: {k: v for k, v in found.items() if k != "config"} for stream, found in reports.items()}
     assert reports["off"] == reports["on"]
     a, b = _tensors(folder / "off"), _tensors(folder / "on")
     assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
