@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ SHAPE = {
 }
 
 
-def write_checkpoint(folder: Path) -> None:
+def write_checkpoint(folder: Path, layers: int = SHAPE["num_hidden_layers"]) -> None:
     """A random-weight Llama-7B-shaped bf16 checkpoint with SmolLM2's tokenizer (skipped when it exists)."""
     from transformers import AutoTokenizer, LlamaConfig
 
@@ -53,7 +54,7 @@ def write_checkpoint(folder: Path) -> None:
         return
     tokenizer = AutoTokenizer.from_pretrained(local_folder(resolve_source("smollm2-135m")))
     config = LlamaConfig(
-        **SHAPE,
+        **(SHAPE | {"num_hidden_layers": layers}),
         vocab_size=len(tokenizer),
         tie_word_embeddings=False,
         dtype="bfloat16",
@@ -92,17 +93,37 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def capped(command: list[str], cap: str) -> tuple[subprocess.CompletedProcess, int | None]:
+    """Run `command` under memcap; (the finished process, peak anonymous MiB of its cgroup).
+
+    memcap prints its own peak, but formats it with awk's %d, which stops at 2047 MiB; this samples the same
+    figure (total_rss of the memcap cgroup, named after memcap's pid) every 0.1 s itself.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen([str(MEMCAP), cap, *command], stdout=out, stderr=err, text=True)
+        stat = Path(f"/sys/fs/cgroup/memory/memcap-{process.pid}/memory.stat")
+        peak = None
+        while process.poll() is None:
+            try:
+                rss = int(re.search(r"^total_rss (\d+)$", stat.read_text(), re.M).group(1))
+                peak = max(peak or 0, rss >> 20)
+            except (OSError, AttributeError):
+                pass
+            time.sleep(0.1)
+        out.seek(0), err.seek(0)
+        done = subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
+    if peak is None:  # too short to sample: memcap's own figure
+        found = re.search(r"peak anonymous (\d+) MiB", done.stderr)
+        peak = int(found.group(1)) if found else None
+    return done, peak
+
+
 def run_capped(cap: str, args: list[str], out: Path) -> dict:
     """One `llmsurgery` command under the memory cap: exit code, peak anonymous memory, time, last line."""
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    done = subprocess.run(
-        [str(MEMCAP), cap, sys.executable, "-m", "llmsurgery", *args, "--output", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    done, peak = capped([sys.executable, "-m", "llmsurgery", *args, "--output", str(out)], cap)
     seconds = time.perf_counter() - started
-    found = re.search(r"peak anonymous (\d+) MiB", done.stderr)
     lines = [
         line for line in (done.stdout + done.stderr).splitlines() if line.strip() and "memcap:" not in line
     ]
@@ -115,7 +136,7 @@ def run_capped(cap: str, args: list[str], out: Path) -> dict:
                 dtypes |= {str(handle.get_slice(k).get_dtype()) for k in handle.keys()}
     return {
         "exit": done.returncode,
-        "peak_mib": int(found.group(1)) if found else None,
+        "peak_mib": peak,
         "seconds": seconds,
         "output_gb": folder_bytes(out) / 1e9 if out.is_dir() else None,
         "dtypes": sorted(dtypes),
@@ -170,13 +191,10 @@ print("loaded", type(model).__name__, "layers", model.config.num_hidden_layers, 
 
 def load_check(out: Path, cap: str) -> str:
     """Load the output with transformers (trust_remote_code for llmsurgery's runtime) and greedy-decode 2 tokens."""
-    done = subprocess.run(
-        [str(MEMCAP), cap, sys.executable, "-c", LOAD_CHECK, str(out)], capture_output=True, text=True
-    )
+    done, peak = capped([sys.executable, "-c", LOAD_CHECK, str(out)], cap)
     lines = [line for line in done.stdout.splitlines() if line.startswith("loaded")]
-    peak = re.search(r"peak anonymous (\d+) MiB", done.stderr)
     return (lines[0] if lines and done.returncode == 0 else f"failed (exit {done.returncode})") + (
-        f", {peak.group(1)} MiB" if peak else ""
+        f", {peak} MiB" if peak is not None else ""
     )
 
 
@@ -194,6 +212,7 @@ RUNS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llama7b-bf16"))
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (fewer: a quick shape check)")
     parser.add_argument("--cap", default="3G")
     parser.add_argument("--load-cap", default="20G", help="memory cap of the load check of each output")
     parser.add_argument("--samples", type=int, default=2)
@@ -205,7 +224,7 @@ def main() -> None:
     console = Console()
     ckpt = args.dir
     started = time.perf_counter()
-    write_checkpoint(ckpt)
+    write_checkpoint(ckpt, args.layers)
     console.print(
         f"checkpoint {ckpt}: {folder_bytes(ckpt) / 1e9:.2f} GB ({time.perf_counter() - started:.0f} s)"
     )

@@ -167,7 +167,9 @@ def print_metrics(rows: list[dict], model: str, baseline: str | None) -> None:
 
 
 def write_json(path: Path | None, payload: dict) -> None:
-    if path is not None:
+    from .data_parallel import is_main
+
+    if path is not None and is_main():
         path.write_text(json.dumps(payload, indent=2, default=str))
         err.print(f"wrote {escape(str(path))}")
 
@@ -236,6 +238,20 @@ def eval_cmd(
             "--load-in-4bit", help="Quantize to NF4 with bitsandbytes while loading.", rich_help_panel=LOAD
         ),
     ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="lm-eval backend: hf (transformers, any model) or vllm (standard architectures, GPUs).",
+            rich_help_panel=EVAL,
+        ),
+    ] = "hf",
+    tensor_parallel: Annotated[
+        int, typer.Option(min=1, max=1024, help="vllm: GPUs per model copy.", rich_help_panel=EVAL)
+    ] = 1,
+    data_parallel: Annotated[
+        int,
+        typer.Option(min=1, max=1024, help="vllm: model copies scoring in parallel.", rich_help_panel=EVAL),
+    ] = 1,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     trust_remote_code: TrustOpt = False,
@@ -243,35 +259,48 @@ def eval_cmd(
 ) -> None:
     """Score MODEL with lm-eval, offline built-in tasks included; with --baseline, side by side."""
     check_files(json=json_path)
-    from .evaluate import check_tasks, compare, evaluate_model, parse_tasks
+    from .evaluate import check_tasks, check_vllm, compare, evaluate_model, evaluate_vllm, parse_tasks
     from .model_io import check_not_an_input, load_model, peek_config
 
     task_list = parse_tasks(tasks)
     manager = check_tasks(task_list)
-    folders = [
-        peek_config(spec, trust_remote_code)[1] for spec in ((model, baseline) if baseline else (model,))
-    ]  # both first
+    specs = (model, baseline) if baseline else (model,)
+    peeked = [peek_config(spec, trust_remote_code) for spec in specs]  # both first
+    folders = [folder for _, folder, _ in peeked]
     if json_path is not None:
         check_not_an_input(json_path, [f for f in folders if f is not None], "--json")
-    load = functools.partial(
-        load_model,
-        dtype=dtype,
-        device=device,
-        load_in_8bit=load_in_8bit,
-        load_in_4bit=load_in_4bit,
-        trust_remote_code=trust_remote_code,
-    )
-    base_metrics = None
-    if baseline:
-        base_metrics = evaluate_model(
-            load(baseline), task_list, limit=limit, batch_size=batch_size, manager=manager
+    if backend not in ("hf", "vllm"):
+        raise UserError(f"unknown --backend '{backend}'; choose hf or vllm")
+    if backend == "hf" and (tensor_parallel > 1 or data_parallel > 1):
+        raise UserError("--tensor-parallel and --data-parallel are for --backend vllm")
+    scoring = {"tasks": task_list, "limit": limit, "batch_size": batch_size, "manager": manager}
+    if backend == "vllm":
+        if load_in_8bit or load_in_4bit:
+            raise UserError("--backend vllm loads its own way; drop --load-in-8bit / --load-in-4bit")
+        for spec, (config, folder, weights) in zip(specs, peeked):
+            check_vllm(spec, config, folder, weights)
+        parallel = {"tensor_parallel": tensor_parallel, "data_parallel": data_parallel}
+
+        def score(i: int):
+            return evaluate_vllm(folders[i], dtype=dtype, **parallel, **scoring)
+    else:
+        load = functools.partial(
+            load_model,
+            dtype=dtype,
+            device=device,
+            load_in_8bit=load_in_8bit,
+            load_in_4bit=load_in_4bit,
+            trust_remote_code=trust_remote_code,
         )
-    metrics = evaluate_model(load(model), task_list, limit=limit, batch_size=batch_size, manager=manager)
-    rows = compare(metrics, base_metrics)
+
+        def score(i: int):
+            return evaluate_model(load(specs[i]), **scoring)
+
+    base_metrics = score(1) if baseline else None
+    rows = compare(score(0), base_metrics)
     print_metrics(rows, model, baseline)
-    write_json(
-        json_path, {"model": model, "baseline": baseline, "tasks": task_list, "limit": limit, "results": rows}
-    )
+    payload = {"model": model, "baseline": baseline, "tasks": task_list, "limit": limit, "backend": backend}
+    write_json(json_path, payload | {"results": rows})
 
 
 HEAL = "Healing (with --heal)"
@@ -848,6 +877,11 @@ def run() -> None:
     _quiet_third_parties()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / accelerate launch
+        from . import data_parallel
+
+        data_parallel.join()
+        out.quiet = err.quiet = not data_parallel.is_main()  # one process prints
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
@@ -869,4 +903,8 @@ def run() -> None:
         err.print(
             f"[bold red]error:[/bold red] {escape(_one_line(message))}", highlight=False, soft_wrap=True
         )
+    if "torch.distributed" in sys.modules:
+        from . import data_parallel
+
+        data_parallel.leave()
     sys.exit(code if isinstance(code, int) else 0)

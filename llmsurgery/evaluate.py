@@ -8,6 +8,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from . import data_parallel
 from .builtin_tasks import BUILTIN_TASKS, task_dir
 from .console import status
 from .errors import UserError
@@ -131,20 +132,29 @@ def evaluate_model(
     label: str | None = None,
 ) -> list[Metric]:
     """Run lm-eval on an already loaded model; returns one Metric per (task, metric)."""
+    from lm_eval.models.huggingface import HFLM
+
+    model = loaded.model
+    lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
+    if data_parallel.world_size() > 1:  # under a launcher: each process scores its share of the requests
+        lm._rank, lm._world_size = data_parallel.rank(), data_parallel.world_size()
+        lm.accelerator = data_parallel.Collectives()
+    results = _simple_evaluate(label or loaded.source.spec, tasks, limit, manager, model=lm)
+    return data_parallel.from_main(_metrics(results) if data_parallel.is_main() else None)
+
+
+def _simple_evaluate(label: str, tasks: list[str], limit: int | None, manager, **model) -> dict | None:
+    """lm-eval's simple_evaluate, quiet, without samples or bootstrap (None on processes other than rank 0)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval
     import lm_eval.evaluator
-    from lm_eval.models.huggingface import HFLM
 
     manager = manager or check_tasks(tasks)
-    lm_eval.evaluator.get_git_commit_hash = lambda: (
-        None
-    )  # it shells out to git, which prints "fatal: not a git repository"
-    model = loaded.model
-    lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
-    with status(f"Evaluating {label or loaded.source.spec} on {', '.join(tasks)}"), _without_library_bars():
-        results = lm_eval.simple_evaluate(
-            model=lm,
+    # it shells out to git, which prints "fatal: not a git repository"
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    with status(f"Evaluating {label} on {', '.join(tasks)}"), _without_library_bars():
+        return lm_eval.simple_evaluate(
+            **model,
             tasks=tasks,
             limit=limit,
             task_manager=manager,
@@ -152,7 +162,6 @@ def evaluate_model(
             bootstrap_iters=0,
             verbosity="ERROR",
         )
-    return _metrics(results)
 
 
 def _metrics(results: dict) -> list[Metric]:
@@ -178,3 +187,54 @@ def compare(model: list[Metric], baseline: list[Metric] | None) -> list[dict]:
             row |= {"baseline": b, "diff": m.value - b, "ratio": m.value / b if b else math.nan}
         rows.append(row)
     return rows
+
+
+# What needs llmsurgery's own modeling code (trust_remote_code / its installed classes): vllm cannot run it.
+_OWN_RUNTIME_KEYS = ("auto_map", "attention_layout", "sparsity_in")
+
+
+def check_vllm(spec: str, config: dict, folder, weights) -> None:
+    """--backend vllm takes a standard-architecture safetensors folder (prune, heal, convert), and vllm itself."""
+    import importlib.util
+
+    if any(config.get(key) for key in _OWN_RUNTIME_KEYS):
+        raise UserError(
+            f"{spec} needs llmsurgery's own modeling code (absorb, kv-compress, rotate-sparsify outputs), "
+            "which vllm cannot run; score it with --backend hf"
+        )
+    if folder is None or not weights or any(p.suffix != ".safetensors" for p in weights):
+        raise UserError(
+            f"--backend vllm reads a local safetensors folder; {spec} is not one "
+            "(write one with `llmsurgery convert`)"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "--backend vllm needs the vllm package, which is not installed (pip install vllm, on a machine "
+            "with a CUDA GPU); or score with --backend hf"
+        )
+
+
+def evaluate_vllm(
+    folder,
+    *,
+    tasks: list[str],
+    limit: int | None,
+    batch_size: int,
+    manager,
+    dtype: str,
+    tensor_parallel: int,
+    data_parallel: int,
+) -> list[Metric]:
+    """lm-eval's vllm backend on a standard checkpoint folder (`check_vllm` first)."""
+    model_args = {
+        "pretrained": str(folder),
+        "dtype": dtype,
+        "tensor_parallel_size": tensor_parallel,
+        "data_parallel_size": data_parallel,
+    }
+    label = f"{folder} with vllm"
+    return _metrics(
+        _simple_evaluate(
+            label, tasks, limit, manager, model="vllm", model_args=model_args, batch_size=batch_size
+        )
+    )

@@ -336,37 +336,60 @@ def memory_estimate(job: Job, checked: Checked, factor: float) -> tuple[int, int
     import math
 
     from .checkpoint import checkpoint_shapes
-    from .model_io import resolve_dtype
+    from .model_io import resolve_device, resolve_dtype
 
     params = sum(math.prod(shape) for shape in checkpoint_shapes(checked.weights).values())
     dtype = resolve_dtype(job.dtype, checked.config)
     need = int(params * dtype.itemsize * factor) + (1 << 29)
-    return need, available_memory(), params, str(dtype).removeprefix("torch.")
+    available = available_memory() if resolve_device(job.device) == "cpu" else gpu_memory()
+    return need, available, params, str(dtype).removeprefix("torch.")
+
+
+def gpu_memory() -> int:
+    """Bytes free on the GPUs a whole model may use: every visible one (it spreads over them), or this
+    process's own under a data-parallel launcher."""
+    import torch
+
+    from .data_parallel import launched
+
+    if launched():
+        return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
+    return sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
 
 
 def check_memory(job: Job, checked: Checked) -> None:
-    """Refuse, before loading, a job whose whole model would not fit the memory this process may use.
+    """Refuse, before loading, a job whose whole model would not fit the memory it may use.
 
     The estimate is the weights at the compute dtype times the largest `memory_factor` of the passes (the
-    copies, gradients and optimizer state each needs) plus 0.5 GiB for the runtime and activations.
+    copies, gradients and optimizer state each needs) plus 0.5 GiB for the runtime and activations. On the
+    CPU it is held against what this process may use; with --device cuda, against the free memory of the
+    visible GPUs together (the model is spread over them).
     """
     from .model_io import resolve_device
 
-    if not checked.weights or resolve_device(job.device) != "cpu":
+    if not checked.weights:
         return
     need, available, params, dtype = memory_estimate(
         job, checked, max(cfg.memory_factor for cfg in job.passes)
     )
     if need <= available:
         return
-    remedy = "use a GPU (--device cuda) or a bigger machine"
+    on_gpu = resolve_device(job.device) == "cuda"
+    streamed = [cfg.stream_note for cfg in job.passes if cfg.stream_note]
     if stream_problem(job, checked) is None:
         remedy = "run it with --stream on" + (" (without the evaluation)" if job.eval else "")
+    else:
+        remedy = (
+            ("use more or larger GPUs" if on_gpu else "use a GPU (--device cuda)")
+            + "".join(f", {note} (runs layer by layer)" for note in streamed)
+            + " or a bigger machine"
+        )
     names = ", ".join(dict.fromkeys(cfg.name for cfg in job.passes))
     count = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
+    where = "is free on the GPUs" if on_gpu else "is available"
     raise UserError(
         f"{names} would hold the whole model in memory: about {need / 2**30:.1f} GiB "
-        f"({count} parameters in {dtype}), but {available / 2**30:.1f} GiB is available; {remedy}"
+        f"({count} parameters in {dtype}), but {available / 2**30:.1f} GiB {where}; {remedy}"
     )
 
 
@@ -378,10 +401,11 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    from . import data_parallel
     from .atomic import replacing_folder
     from .calibration import Calibration
     from .console import quiet_transformers, status
-    from .evaluate import compare, evaluate_model
+    from .evaluate import evaluate_model
     from .model_io import (
         _remote_code_files,
         load_model,
@@ -424,6 +448,10 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
     try:
         if job.dry_run or job.output is None:
             return Outcome(apply(None), None, streamed.config.to_dict(), streamed=True)
+        if not data_parallel.is_main():  # under a launcher the main process writes; the others wait for it
+            records = apply(None)
+            data_parallel.barrier()
+            return _scored(job, plan, scoring, baseline, records, streamed.config.to_dict())
         with replacing_folder(job.output.expanduser()) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
             writer = ShardWriter(tmp)
@@ -442,15 +470,24 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
                 history["passes"] = list(history.get("passes", [])) + records
                 code = _remote_code_files(after.to_dict(), folder)
                 write_beside_weights(tmp, history, after.to_dict(), tokenizer, records, job.recipe_yaml, code)
+        data_parallel.barrier()
     finally:
         streamed.close()
+    return _scored(job, plan, scoring, baseline, records, after.to_dict())
+
+
+def _scored(job: Job, plan, scoring: dict, baseline, records: list[dict], config: dict) -> Outcome:
+    """A streamed job's outcome, with the written output scored when the job evaluates."""
+    from .evaluate import compare, evaluate_model
+    from .model_io import load_model
+
     rows = None
     if plan:
         target = load_model(str(job.output), dtype=job.dtype, device=job.device)
         rows = compare(
             evaluate_model(target, list(plan.tasks), label="the transformed model", **scoring), baseline
         )
-    return Outcome(records, rows, after.to_dict(), streamed=True)
+    return Outcome(records, rows, config, streamed=True)
 
 
 def causal_lm_class(config) -> str:

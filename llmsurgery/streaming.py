@@ -25,6 +25,7 @@ from .errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
 STREAM_SHARD_BYTES = 512 << 20  # a shard is built in memory before it is written: 512 MiB at most
+SETTLE_BYTES = 64 << 20  # after a layer, a pending shard larger than this is written (small layers share one)
 
 
 class LazyCheckpoint:
@@ -164,6 +165,7 @@ class StreamedModel:
 
     def free_layer(self, i: int) -> None:
         self.skeleton.layers[i].to("meta")
+        release_free_memory()
 
     def copy_tensors(self, writer, rename=lambda name: name) -> None:
         """Every checkpoint tensor `rename` keeps (None drops it) and the writer lacks, in the compute dtype."""
@@ -177,6 +179,29 @@ class StreamedModel:
         self.base = None
         self.sink.clear()
         self.ckpt.close()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    A layer's many small temporaries (activations, per-window float64 copies) come from malloc's arenas, and
+    freed arena memory is not returned by itself: without this the process grows by tens of MB per 7B layer.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 class ShardWriter:
@@ -202,6 +227,12 @@ class ShardWriter:
     def flush(self) -> None:
         """Write the pending tensors as a shard now (nothing when none is pending)."""
         if self.pending:
+            self._flush()
+
+    def settle(self) -> None:
+        """After a layer: write the pending shard if it is large (SETTLE_BYTES), so the next layer is read
+        beside nothing pending, while the layers of a small model still share shards."""
+        if self.pending_bytes > SETTLE_BYTES:
             self._flush()
 
     def _flush(self) -> None:

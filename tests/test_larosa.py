@@ -174,24 +174,32 @@ def test_bad_options(tiny_models, tmp_path, args, message):
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "o").exists()
 
 
-def test_fold_ends_by_row_blocks_equals_whole_matrices(monkeypatch):
-    """The embedding / head folds go row block by row block; the blocks must add up to the whole product."""
+def test_folds_by_blocks_equal_whole_matrices(monkeypatch):
+    """Weights are folded block by block (rows for inputs, columns for outputs); the blocks add up to the whole."""
     import torch.nn as nn
 
     from llmsurgery.arch import arch_for_model_type
     from llmsurgery.passes import larosa
 
-    spec = arch_for_model_type("llama")
     gen = torch.Generator().manual_seed(0)
-    embed, head = torch.randn(50, 16, generator=gen), torch.randn(50, 16, generator=gen)
-    q0, q1 = (torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))[0] for _ in range(2))
+    weight = torch.randn(50, 16, generator=gen)
+    wide = torch.randn(16, 50, generator=gen)
+    scale = torch.linspace(0.5, 1.5, 16, dtype=torch.float64)
+    q = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))[0]
     results = []
     for rows in (7, 10**6):
         monkeypatch.setattr(larosa, "FOLD_ROWS", rows)
         norm = nn.Module()
-        norm.weight = nn.Parameter(torch.linspace(0.5, 1.5, 16))
-        results.append(larosa.fold_ends_(embed, head, norm, spec, q0, q1))
+        norm.weight = nn.Parameter(scale.float())
+        head = larosa.fold_head(weight, norm, arch_for_model_type("llama"), q)
         assert torch.equal(norm.weight, torch.ones(16))
+        in_place = weight.clone()
+        larosa.folded_input(in_place, q=q, out=in_place)
+        results.append((head, larosa.folded_input(weight, scale), in_place, larosa.folded_output(wide, q)))
     for blocked, whole in zip(*results):
         assert torch.allclose(blocked, whole, atol=1e-6)
-    assert torch.allclose(results[1][0], (embed.double() @ q0).float(), atol=1e-6)
+    head, scaled, rotated, output = results[1]
+    assert torch.allclose(head, (weight.double() * scale @ q).float(), atol=1e-6)
+    assert torch.equal(scaled, (weight.double() * scale).float())
+    assert torch.allclose(rotated, (weight.double() @ q).float(), atol=1e-6)
+    assert torch.allclose(output, (q.T @ wide.double()).float(), atol=1e-6)

@@ -167,6 +167,23 @@ def test_whole_model_passes_refuse_when_memory_is_short(tiny_models, tmp_path, m
     assert lines[0].endswith("run it with --stream on" if command[0] == "prune" else "or a bigger machine")
 
 
+def test_whole_model_pass_on_gpus_refuses_when_they_are_short(tiny_models, tmp_path, monkeypatch):
+    """--device cuda: the estimate is held against the GPUs' free memory (a GPU is faked here: none exists)."""
+    import llmsurgery.runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(llmsurgery.runner, "gpu_memory", lambda: 1000)
+    out = tmp_path / "out"
+    result = run_cli(
+        "kv-compress", tiny_models["llama"], "--budget", "0.5", "--device", "cuda", "--calib", "pydoc",
+        "--output", out,
+    )  # fmt: skip
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and not out.exists(), result.output
+    assert "GiB is free on the GPUs; use more or larger GPUs" in lines[0]
+    assert "kv-compress --no-train --uniform --v-init pca (runs layer by layer)" in lines[0]
+
+
 def test_recipe_stream_setting_is_checked_by_validate(tiny_models, tmp_path):
     import yaml
 

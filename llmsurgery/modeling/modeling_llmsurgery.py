@@ -50,11 +50,17 @@ def keep_top_k(x: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def add_rotation_adapters_(model: nn.Module) -> None:
-    """One [D, D] parameter per decoder layer (identity until loaded) mapping the incoming basis to the layer's."""
+    """One [D, D] parameter per decoder layer (identity until loaded) mapping the incoming basis to the layer's.
+
+    In the layer's dtype: the runtime casts it to the stream's dtype anyway, so a bf16 model keeps bf16 adapters.
+    """
     size = model.config.hidden_size
     for layer in model.model.layers:
         if not hasattr(layer, "rotation_adapter"):
-            layer.register_parameter("rotation_adapter", nn.Parameter(torch.eye(size), requires_grad=False))
+            dtype = next(layer.parameters()).dtype
+            layer.register_parameter(
+                "rotation_adapter", nn.Parameter(torch.eye(size, dtype=dtype), requires_grad=False)
+            )
 
 
 # Tokens x kept share: the sparse path runs when it reads at most this share of the weight bytes dense reads.

@@ -349,8 +349,6 @@ def streamed_absorb(
             handle.remove()
             cov = total / max(count, 1)
             del total
-        if writer is not None:
-            writer.flush()  # no pending shard beside the float64 work of this layer
         row, layout = absorb_layer_(
             get_submodule(layer, spec.attn), full_layout(config), cov, cfg, i, apply=writer is not None
         )
@@ -359,5 +357,6 @@ def streamed_absorb(
         if writer is not None:
             for name, tensor in layer.state_dict().items():
                 writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
+            writer.settle()  # a large layer is written now, not held beside the next one
         streamed.free_layer(i)
     return absorb_report(rows, cfg), layouts

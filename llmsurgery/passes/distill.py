@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import data_parallel
 from ..arch import arch_for, decoder_layers, get_submodule
 from ..console import stepper
 from ..errors import UserError
@@ -118,12 +119,13 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 def _held_out_kl(
     student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
 ) -> float:
+    """Mean KL over the held-out windows (data parallel: each process scores every world_size-th, summed)."""
     device = next(student.parameters()).device
     total = 0.0
-    for w in windows:
+    for w in data_parallel.strided(windows):
         batch = w.unsqueeze(0).to(device)
         total += float(_kl(teacher_logits(batch), student(input_ids=batch, use_cache=False).logits))
-    return total / len(windows)
+    return data_parallel.sum_float(total) / len(windows)
 
 
 def heal_(
@@ -138,6 +140,7 @@ def heal_(
     out at the end."""
     if len(windows) <= VALIDATION_WINDOWS:
         raise UserError(f"heal needs more than {VALIDATION_WINDOWS} calibration windows")
+    data_parallel.check_batch(cfg.batch_size)
     train_windows, held_out = windows[:-VALIDATION_WINDOWS], windows[-VALIDATION_WINDOWS:]
     near = gap_neighbours(removed, n_teacher) if removed else []
     paths = trainable_modules(student, cfg.train, near)
@@ -153,17 +156,21 @@ def heal_(
     try:
         with stepper("Healing", cfg.steps) as step:
             for s in range(cfg.steps):
-                batch = cycled_batch(train_windows, s, cfg.batch_size).to(device)
+                # data parallel: this process's share of the global batch, its mean weighted by the share
+                batch, weight = data_parallel.share(cycled_batch(train_windows, s, cfg.batch_size))
+                batch = batch.to(device)
                 with torch.no_grad():
                     target = teacher_logits(batch)
-                loss = _kl(target, student(input_ids=batch, use_cache=False).logits)
+                loss = _kl(target, student(input_ids=batch, use_cache=False).logits) * weight
                 del target
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                data_parallel.sum_gradients_(trained.values())
                 optimizer.step()
                 schedule.step()
-                losses.append(round(loss.item(), 5))
-                step(f"KL {loss.item():.4f}")
+                value = data_parallel.sum_float(loss.item())
+                losses.append(round(value, 5))
+                step(f"KL {value:.4f}")
         kl_after = _held_out_kl(student, teacher_logits, held_out)
         kept = kl_after <= kl_before
         if not kept:

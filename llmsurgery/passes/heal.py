@@ -122,10 +122,12 @@ class Heal(PassConfig):
     def check(self, ctx: CheckContext) -> None:
         """The teacher (given; the history's source when heal comes first; else the input) and the layer counts."""
         from ..arch import arch_for_model_type
+        from ..data_parallel import check_batch
         from ..model_io import peek_config, read_history
 
         config = ctx.config
         arch_for_model_type(config.get("model_type"))
+        check_batch(self.batch_size, "--batch-size" if ctx.earlier == [] else "heal's batch size")
         earlier = sorted({p.name for p in ctx.earlier} - {"prune-bi"})
         if self.teacher is None and earlier:
             raise UserError(

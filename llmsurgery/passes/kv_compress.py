@@ -129,8 +129,12 @@ class KVCompress(PassConfig):
         )
 
     def check(self, ctx: CheckContext) -> None:
+        from ..data_parallel import check_batch
+
         config = ctx.config
         check_compressible(config)
+        if self.train:
+            check_batch(self.batch_size)
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         step = self.rank_step or max(1, head_dim // 8)
         if step > head_dim:

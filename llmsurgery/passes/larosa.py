@@ -53,35 +53,56 @@ def normed_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[to
 
 def principal_rotation(cov: torch.Tensor, damp: float) -> torch.Tensor:
     """Eigenvectors of the damped covariance, by descending eigenvalue (float64 [D, D], orthogonal)."""
-    cov = cov.double()
-    cov = cov + damp * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-    values, vectors = torch.linalg.eigh(cov)
+    damped = cov.double().clone()
+    damped.diagonal().add_(damp * cov.diagonal().double().mean())
+    values, vectors = torch.linalg.eigh(damped)
+    del damped
     return vectors[:, values.argsort(descending=True)]
 
 
-def _set_weight_(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    linear.weight.data = weight.to(linear.weight.dtype).contiguous()
-    if bias is not None:
-        linear.bias.data = bias.to(linear.bias.dtype).contiguous()
+# Rows (or columns) of a weight folded at a time: whole float64 copies of 7B-sized matrices are large.
+FOLD_ROWS = 4096
 
 
-def fuse_norm_into_linears_(norm: nn.Module, linears: list[nn.Linear], offset: float = 0.0) -> None:
-    """Scale the inputs of `linears` by the norm's (offset + gamma); the norm becomes scale-free."""
+def folded_input(
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W' with x' W'^T = x W^T for x' = x Q, the norm scale fused first: ((W * scale) cast back) Q, cast back.
+
+    Row block by row block (FOLD_ROWS) in float64, so no whole float64 copy of W exists; every fold goes
+    through here, in memory and streamed alike, so both give the same bits. `out=weight` folds in place.
+    """
+    out = torch.empty_like(weight) if out is None else out
+    q = None if q is None else q.to(weight.device)
+    for start in range(0, weight.shape[0], FOLD_ROWS):
+        block = weight[start : start + FOLD_ROWS]
+        if scale is not None:
+            block = (block.double() * scale).to(weight.dtype)
+        if q is not None:
+            block = (block.double() @ q).to(weight.dtype)
+        out[start : start + FOLD_ROWS] = block
+    return out
+
+
+def folded_output(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """W' = Q^T W (outputs in the basis Q), column block by column block (FOLD_ROWS) in float64."""
+    out = torch.empty_like(weight)
+    qt = q.to(weight.device).T
+    for start in range(0, weight.shape[1], FOLD_ROWS):
+        out[:, start : start + FOLD_ROWS] = (qt @ weight[:, start : start + FOLD_ROWS].double()).to(
+            weight.dtype
+        )
+    return out
+
+
+def _norm_scale_(norm: nn.Module, offset: float) -> torch.Tensor:
+    """The norm's (offset + gamma) in float64; the norm becomes scale-free."""
     scale = offset + norm.weight.double()
-    for linear in linears:
-        _set_weight_(linear, linear.weight.double() * scale)
     norm.weight.data.fill_(1.0 - offset)
-
-
-def rotate_input_(linear: nn.Linear, q: torch.Tensor) -> None:
-    """y = (x Q) W'^T equals x W^T: W' = W Q."""
-    _set_weight_(linear, linear.weight.double() @ q)
-
-
-def rotate_output_(linear: nn.Linear, q: torch.Tensor) -> None:
-    """y' = y Q: W' = Q^T W, b' = b Q."""
-    bias = linear.bias.double() @ q if linear.bias is not None else None
-    _set_weight_(linear, q.T @ linear.weight.double(), bias)
+    return scale
 
 
 def _untie_lm_head_(model: nn.Module, spec: ArchSpec) -> nn.Linear:
@@ -101,60 +122,36 @@ def fold_layer_(
 ) -> None:
     """One decoder layer: norm scales into the linears that read them; with Q_l, the layer in its own basis.
 
-    previous: Q_{l-1} (None for the first layer, whose stream comes from the embedding already in Q_0).
+    q/k/v and gate/up read inputs in basis Q_l (``(W * gamma) Q_l``), o_proj and down_proj write outputs in it
+    (``Q_l^T W``, ``b Q_l``), and the adapter ``Q_{l-1}^T Q_l`` moves the incoming stream (basis Q_{l-1}, or
+    Q_0 from the embedding for the first layer: previous=None).
     """
-    # Step 1: norm scales into the linears that read the normed stream.
-    readers_attn = [get_submodule(layer, p) for p in (spec.q_proj, spec.k_proj, spec.v_proj)]
-    readers_mlp = [get_submodule(layer, p) for p in (spec.gate_proj, spec.up_proj)]
-    fuse_norm_into_linears_(get_submodule(layer, spec.attn_norm), readers_attn, spec.norm_weight_offset)
-    fuse_norm_into_linears_(get_submodule(layer, spec.mlp_norm), readers_mlp, spec.norm_weight_offset)
+    q = None if q is None else q.to(layer.rotation_adapter.device)  # the rotations are computed on the CPU
+    for norm, readers in (
+        (spec.attn_norm, (spec.q_proj, spec.k_proj, spec.v_proj)),
+        (spec.mlp_norm, (spec.gate_proj, spec.up_proj)),
+    ):
+        scale = _norm_scale_(get_submodule(layer, norm), spec.norm_weight_offset)
+        for path in readers:
+            linear = get_submodule(layer, path)
+            linear.weight.data = folded_input(linear.weight.data, scale, q)
     if q is None:
         return
-    q = q.to(layer.rotation_adapter.device)  # the rotations are computed on the CPU
-    previous = None if previous is None else previous.to(q.device)
-    # Step 2: readers take inputs in basis Q_l, writers emit outputs in basis Q_l.
-    for linear in readers_attn + readers_mlp:
-        rotate_input_(linear, q)
     for path in (spec.o_proj, spec.down_proj):
-        rotate_output_(get_submodule(layer, path), q)
-    # Step 3: the adapter moves the incoming stream (basis Q_{l-1}, or Q_0 from the embedding).
-    previous = q if previous is None else previous
+        linear = get_submodule(layer, path)
+        linear.weight.data = folded_output(linear.weight.data, q)
+        if linear.bias is not None:
+            linear.bias.data = (linear.bias.double() @ q).to(linear.bias.dtype)
+    previous = q if previous is None else previous.to(q.device)
     layer.rotation_adapter.data = (previous.T @ q).to(layer.rotation_adapter.dtype)
 
 
-FOLD_ROWS = 4096  # embedding / head rows folded at a time: whole float64 copies of V x D matrices are large
-
-
 @torch.no_grad()
-def fold_ends_(
-    embed: torch.Tensor,
-    head: torch.Tensor,
-    final_norm: nn.Module,
-    spec: ArchSpec,
-    first: torch.Tensor | None,
-    last: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embedding times Q_0, head with the final norm's scale and Q_{L-1}^T folded in); the norm becomes scale-free.
-
-    Row block by row block (FOLD_ROWS), in float64, cast back after each step as the per-layer folds do; the
-    in-memory and the streamed pass both go through here, so they agree bit for bit.
-    """
-    scale = spec.norm_weight_offset + final_norm.weight.double()
-    new_head = torch.empty_like(head)
-    for start in range(0, head.shape[0], FOLD_ROWS):
-        block = (head[start : start + FOLD_ROWS].double() * scale).to(head.dtype)
-        new_head[start : start + FOLD_ROWS] = (
-            block if last is None else (block.double() @ last.to(block.device)).to(head.dtype)
-        )
-    final_norm.weight.data.fill_(1.0 - spec.norm_weight_offset)
-    if first is None:
-        return embed, new_head
-    new_embed = torch.empty_like(embed)
-    for start in range(0, embed.shape[0], FOLD_ROWS):
-        new_embed[start : start + FOLD_ROWS] = (
-            embed[start : start + FOLD_ROWS].double() @ first.to(embed.device)
-        ).to(embed.dtype)
-    return new_embed, new_head
+def fold_head(
+    head: torch.Tensor, final_norm: nn.Module, spec: ArchSpec, last: torch.Tensor | None
+) -> torch.Tensor:
+    """The LM head with the final norm's scale and Q_{L-1}^T folded in; the norm becomes scale-free."""
+    return folded_input(head, _norm_scale_(final_norm, spec.norm_weight_offset), last)
 
 
 @torch.no_grad()
@@ -170,15 +167,15 @@ def fold_rotations_(model: nn.Module, rotations: list[torch.Tensor] | None) -> N
             None if rotations is None else rotations[i],
             rotations[i - 1] if rotations is not None and i else None,
         )
-    embed = get_submodule(model, spec.embed)
-    embed.weight.data, head.weight.data = fold_ends_(
-        embed.weight.data,
+    head.weight.data = fold_head(
         head.weight.data,
         get_submodule(model, spec.final_norm),
         spec,
-        None if rotations is None else rotations[0],
         None if rotations is None else rotations[-1],
     )
+    if rotations is not None:
+        embed = get_submodule(model, spec.embed)
+        embed.weight.data = folded_input(embed.weight.data, q=rotations[0])
 
 
 def layer_sparsity_weights(layer: nn.Module, spec: ArchSpec, cfg: RotateSparsify) -> tuple[float, int]:
@@ -270,22 +267,23 @@ def streamed_rotate_sparsify(
             handle.remove()
             q = principal_rotation(cov, cfg.damp)
             explained.append(explained_top_half(cov))
-            layer.register_parameter("rotation_adapter", nn.Parameter(torch.eye(size), requires_grad=False))
+            del cov
+            layer.register_parameter(
+                "rotation_adapter", nn.Parameter(torch.eye(size, dtype=streamed.dtype), requires_grad=False)
+            )
         w_sum, n_sum = layer_sparsity_weights(layer, spec, cfg)
         weighted, total = weighted + w_sum, total + n_sum
         if writer is not None:
-            writer.flush()  # no pending shard beside the float64 folds of this layer
             fold_layer_(layer, spec, q, previous)
             for name, tensor in layer.state_dict().items():
                 writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
+            writer.settle()  # a large layer is written now: the next one is read beside its statistics only
         first = q if i == 0 else first
         previous = q
         streamed.free_layer(i)
     if writer is not None:
-        writer.flush()  # the folds below hold float64 row blocks; no pending shard beside them
-        embed = get_submodule(
-            streamed.base, spec.embed.split(".", 1)[1]
-        ).weight.data  # loaded, in the compute dtype
+        # The head first (from the embedding when tied), written and freed; then the embedding folded in place.
+        embed = get_submodule(streamed.base, spec.embed.split(".", 1)[1]).weight.data  # in the compute dtype
         head_name = spec.lm_head + ".weight"
         head = (
             streamed.ckpt.get(head_name).to(streamed.dtype)
@@ -293,12 +291,13 @@ def streamed_rotate_sparsify(
             else embed
         )
         norm = get_submodule(streamed.base, spec.final_norm.split(".", 1)[1])
-        embed, head = fold_ends_(
-            embed, head, norm, spec, first, previous
-        )  # a tied head gets its own tensor here
-        writer.add(spec.embed + ".weight", embed)
-        writer.add(head_name, head)
+        writer.add(head_name, fold_head(head, norm, spec, previous))
         writer.add(spec.final_norm + ".weight", norm.weight.data)
+        writer.flush()
+        del head
+        writer.add(
+            spec.embed + ".weight", embed if first is None else folded_input(embed, q=first, out=embed)
+        )
         sparse_config_(config, cfg, first is not None)
     report = {
         "sparsity_in": cfg.sparsity_in,

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import data_parallel
 from ..arch import arch_for, decoder_layers, get_submodule
 from ..calibration import observe_inputs
 from ..console import stepper, track
@@ -242,8 +243,25 @@ def _kl(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
 
 
+def matryoshka_loss(
+    model: nn.Module, state: MatryoshkaState, batch: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """One step's loss on `batch` [b, T]: ranks drawn for every head, then 0.25 KL to the unprojected model's
+    next-token distribution + 0.75 next-token cross-entropy, each a mean over the batch's tokens."""
+    with torch.no_grad():
+        state.project = False
+        teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+    state.project = True
+    state.sample_ranks_(generator)
+    state.refresh_bases()
+    logits = model(input_ids=batch, use_cache=False).logits
+    lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+    return 0.25 * _kl(teacher, logits) + 0.75 * lm
+
+
 def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompress) -> list[float]:
     """Matryoshka distillation of the projections and means only; returns the loss per step."""
+    data_parallel.check_batch(cfg.batch_size)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, cfg.train_steps)
@@ -252,22 +270,17 @@ def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg:
     try:
         with _frozen(model.parameters()), stepper("Training projections", cfg.train_steps) as step:
             for s in range(cfg.train_steps):
-                batch = cycled_batch(windows, s, cfg.batch_size).to(device)  # [b, T]
-                with torch.no_grad():
-                    state.project = False
-                    teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
-                state.project = True
-                state.sample_ranks_(generator)
-                state.refresh_bases()
-                logits = model(input_ids=batch, use_cache=False).logits
-                lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
-                loss = 0.25 * _kl(teacher, logits) + 0.75 * lm
+                # data parallel: this process's share of the global batch [b, T], its mean weighted by the share
+                batch, weight = data_parallel.share(cycled_batch(windows, s, cfg.batch_size))
+                loss = matryoshka_loss(model, state, batch.to(device), generator) * weight
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                data_parallel.sum_gradients_(state.parameters())
                 optimizer.step()
                 schedule.step()
-                losses.append(round(loss.item(), 5))
-                step(f"loss {loss.item():.4f}")
+                value = data_parallel.sum_float(loss.item())
+                losses.append(round(value, 5))
+                step(f"loss {value:.4f}")
     finally:
         state._bases = {}
     return losses
@@ -286,10 +299,13 @@ def uniform_ranks(state: MatryoshkaState, budget: float) -> dict:
 def _total_kl(
     model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int
 ) -> float:
+    """KL summed over the windows (data parallel: this process's windows, summed over the processes)."""
     state.refresh_bases()
-    return sum(
-        float(_kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits))
-        for t, w in zip(teacher, windows)
+    return data_parallel.sum_float(
+        sum(
+            float(_kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits))
+            for t, w in zip(teacher, windows)
+        )
     )
 
 
@@ -309,28 +325,35 @@ def search_ranks(
     windows = windows.to(next(model.parameters()).device)
     split = max(1, 3 * len(windows) // 4)
     profile, check = windows[:split], (windows[split:] if len(windows) > 1 else windows)
+    # data parallel: each process scores every world_size-th window of each set; the sums are reduced
+    profile, check = data_parallel.strided(profile), data_parallel.strided(check)
     keep = max(1, windows.shape[1] // 2)
     state.project = False
-    teacher = [
-        model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits.float().log_softmax(-1)
-        for w in windows
-    ]
+    teacher_profile, teacher_check = (
+        [
+            model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep)
+            .logits.float()
+            .log_softmax(-1)
+            for w in part
+        ]
+        for part in (profile, check)
+    )
     state.project = True
     total = 2 * len(state.v_widths) * state.groups * state.d
     found: dict[float, dict] = {}
     with stepper("Searching ranks", len(budgets) * rounds) as step:
         for b in sorted(budgets, reverse=True):
             state.set_ranks(uniform_ranks(state, b))
-            current = _total_kl(model, state, check, teacher[-len(check) :], keep)
+            current = _total_kl(model, state, check, teacher_check, keep)
             for _ in range(rounds):
                 spare = math.floor((b - state.budget()) * total / state.step + 1e-6)
-                groups = _moves(*_step_gradients(model, state, profile, teacher[: len(profile)], keep), spare)
+                groups = _moves(*_step_gradients(model, state, profile, teacher_profile, keep), spare)
                 applied = 0
                 while groups:
                     saved = state.ranks()
                     for kind, layer, g, delta in (move for group in groups for move in group):
                         getattr(state, f"rank_{kind}")[layer][g] += delta * state.step
-                    new = _total_kl(model, state, check, teacher[-len(check) :], keep)
+                    new = _total_kl(model, state, check, teacher_check, keep)
                     if new < current:
                         current, applied = new, len(groups)
                         break
@@ -374,6 +397,7 @@ def _step_gradients(
                 _kl(
                     t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits
                 ).backward()
+            data_parallel.sum_gradients_(gates.values())  # the windows of every process
     finally:
         state.gates, state._bases = None, {}
         state.set_ranks(ranks)
@@ -563,6 +587,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg: KVCompress, write
             layouts.append(fold_layer_(attn, state, ranks, i, config))
             for name, tensor in layer.state_dict().items():
                 writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
+            writer.settle()  # a large layer is written now, not held beside the next one
         streamed.free_layer(i)
     state._bases = {}
     if writer is not None:

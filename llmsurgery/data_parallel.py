@@ -1,0 +1,155 @@
+"""Data parallel under `torchrun` / `accelerate launch`: the trained passes split each step's batch.
+
+A launcher describes the processes in the environment (WORLD_SIZE, RANK, MASTER_ADDR, ...); `join()` makes
+this process one of them (gloo on CPU processes, NCCL on GPUs, one GPU per process by LOCAL_RANK). Every
+process then runs the same command on the same data. Where a pass trains (kv-compress, heal), each step's
+global batch (`--batch-size`) is cut into one contiguous share per process, each process weights its mean
+loss by its share of the windows, and the gradients are summed over processes before every optimizer step,
+so all of them take the step one process would take on the whole batch (to float rounding). Held-out checks
+and the rank search score a share of the windows each and sum. Only the main process (rank 0) writes the
+output and prints; the others are silent.
+
+Without a launcher every function here is the one-process identity: `share` returns the whole batch with
+weight 1, and nothing is reduced.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def launched() -> bool:
+    """Whether a launcher started several processes for this command."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join() -> None:
+    """Join the process group the launcher describes (once; nothing without a launcher)."""
+    if not launched() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def check_batch(batch_size: int, what: str = "--batch-size") -> None:
+    """Each process needs at least one window of every step's batch."""
+    if batch_size < world_size():
+        raise UserError(
+            f"{what} {batch_size} is smaller than the {world_size()} processes: each needs at least one window "
+            "per step (the batch size is the global batch)"
+        )
+
+
+def share(batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(this process's contiguous part of a global batch, its share of the windows)."""
+    if world_size() == 1:
+        return batch, 1.0
+    part = torch.tensor_split(batch, world_size())[rank()]
+    return part, len(part) / len(batch)
+
+
+def strided(windows: torch.Tensor) -> torch.Tensor:
+    """The windows this process scores of a set that is scored once and summed (every world_size-th)."""
+    return windows[rank() :: world_size()]
+
+
+def sum_gradients_(params: Iterable[torch.Tensor]) -> None:
+    """Sum the parameters' gradients over the processes, in one flat buffer.
+
+    A parameter no process has a gradient for keeps none (an optimizer skips it, as in one process); one that
+    only some processes reached counts 0 on the others.
+    """
+    if world_size() == 1:
+        return
+    params = list(params)
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_wire())
+    dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+    params = [p for p, r in zip(params, reached.tolist()) if r]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params]).to(_wire())
+    dist.all_reduce(flat)
+    for p, part in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(part.view_as(p.grad))
+
+
+def _wire() -> str:
+    """Where reduced tensors live: NCCL reduces GPU tensors only."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def sum_tensor_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the tensor summed over the processes."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sum_float(value: float) -> float:
+    """A number summed over the processes (float64 on the wire)."""
+    if world_size() == 1:
+        return value
+    return float(sum_tensor_(torch.tensor([value], dtype=torch.float64, device=_wire())))
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def from_main(value):
+    """The main process's `value` on every process (a picklable object)."""
+    if world_size() == 1:
+        return value
+    box = [value if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Collectives:
+    """What lm-eval's HFLM asks of an accelerator when it scores data-parallel: gather, wait, unwrap.
+
+    HFLM given a model object assumes one process; with this as its accelerator and the process group's rank
+    and size, lm-eval gives each process every world_size-th request and gathers the scores on rank 0.
+    """
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+    def wait_for_everyone(self) -> None:
+        barrier()
+
+    def unwrap_model(self, model):
+        return model  # never wrapped: each process holds the whole model
