@@ -108,8 +108,19 @@ def _one_line(text: str) -> str:
 def _fail(prefix: str, message: str, code: int) -> typer.Exit:
     if _state["debug"]:
         traceback.print_exc()
-    err.print(f"[bold red]{prefix}:[/bold red] {escape(_one_line(message))}", highlight=False, soft_wrap=True)
+    _print_error(f"[bold red]{prefix}:[/bold red] {escape(_one_line(message))}")
     return typer.Exit(code)
+
+
+def _print_error(line: str) -> None:
+    """An error line on stderr; under a launcher the other processes (quiet otherwise) name their rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if err.quiet and rank:
+        err.quiet = False
+        err.print(f"rank {rank}: {line}", highlight=False, soft_wrap=True)
+        err.quiet = True
+        return
+    err.print(line, highlight=False, soft_wrap=True)
 
 
 def handles_errors(fn: Callable) -> Callable:
@@ -275,6 +286,13 @@ def eval_cmd(
         raise UserError("--tensor-parallel and --data-parallel are for --backend vllm")
     scoring = {"tasks": task_list, "limit": limit, "batch_size": batch_size, "manager": manager}
     if backend == "vllm":
+        from .data_parallel import launched
+
+        if launched():
+            raise UserError(
+                "--backend vllm runs its own processes: start it once (no torchrun / accelerate launch) "
+                "and use --tensor-parallel / --data-parallel"
+            )
         if load_in_8bit or load_in_4bit:
             raise UserError("--backend vllm loads its own way; drop --load-in-8bit / --load-in-4bit")
         for spec, (config, folder, weights) in zip(specs, peeked):
@@ -812,11 +830,12 @@ def convert(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."""
+    from .data_parallel import once
     from .model_io import check_output_free, load_model, peek_config, save_model
 
     check_output_free(output, force, peek_config(model, trust_remote_code)[1])
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    save_model(loaded, output, force=force)
+    once(lambda: save_model(loaded, output, force=force))
     out.print(f"saved {escape(model)} to {escape(str(output))}")
 
 
@@ -900,9 +919,7 @@ def run() -> None:
                 f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
                 1,
             )
-        err.print(
-            f"[bold red]error:[/bold red] {escape(_one_line(message))}", highlight=False, soft_wrap=True
-        )
+        _print_error(f"[bold red]error:[/bold red] {escape(_one_line(message))}")
     if "torch.distributed" in sys.modules:
         from . import data_parallel
 

@@ -16,7 +16,8 @@ weight 1, and nothing is reduced.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,13 @@ def join() -> None:
     """Join the process group the launcher describes (once; nothing without a launcher)."""
     if not launched() or dist.is_initialized():
         return
+    # rank 0 alone writes a large output while the others wait: the default 10-minute watchdog is too short
+    timeout = timedelta(hours=24)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def leave() -> None:
@@ -126,6 +129,36 @@ def barrier() -> None:
         dist.barrier()
 
 
+def once(write: Callable[[], object]) -> None:
+    """`write()` in the main process only; every process returns when it is done (and when it failed)."""
+    try:
+        if is_main():
+            write()
+    finally:
+        barrier()
+
+
+def same_start_(params: Iterable[torch.Tensor], what: str) -> None:
+    """Before training: every process trains the same tensors, from rank 0's values (as DDP starts).
+
+    Refuses, in one line, processes whose earlier steps chose different tensors to train (they would sum
+    gradients of different things).
+    """
+    if world_size() == 1:
+        return
+    params = list(params)
+    shape = torch.tensor([len(params), sum(p.numel() for p in params)], device=_wire())
+    shapes = [torch.empty_like(shape) for _ in range(world_size())]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shapes[0]) for s in shapes):
+        raise UserError(f"the processes would train different {what}; run it in one process")
+    with torch.no_grad():
+        for p in params:
+            wire = p.detach().to(_wire())
+            dist.broadcast(wire, src=0)
+            p.copy_(wire.to(p.device))
+
+
 def from_main(value):
     """The main process's `value` on every process (a picklable object)."""
     if world_size() == 1:
@@ -143,10 +176,11 @@ class Collectives:
     """
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.reshape(1) if tensor.dim() == 0 else tensor.contiguous()
+        where = tensor.device
+        tensor = (tensor.reshape(1) if tensor.dim() == 0 else tensor).contiguous().to(_wire())
         parts = [torch.empty_like(tensor) for _ in range(world_size())]
         dist.all_gather(parts, tensor)
-        return torch.cat(parts)
+        return torch.cat(parts).to(where)
 
     def wait_for_everyone(self) -> None:
         barrier()

@@ -137,6 +137,11 @@ def evaluate_model(
     model = loaded.model
     lm = HFLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(model.device))
     if data_parallel.world_size() > 1:  # under a launcher: each process scores its share of the requests
+        if limit is not None and limit < data_parallel.world_size():
+            raise UserError(
+                f"--limit {limit} leaves some of the {data_parallel.world_size()} processes without a document; "
+                "score at least one document per process"
+            )
         lm._rank, lm._world_size = data_parallel.rank(), data_parallel.world_size()
         lm.accelerator = data_parallel.Collectives()
     results = _simple_evaluate(label or loaded.source.spec, tasks, limit, manager, model=lm)

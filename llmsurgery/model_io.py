@@ -218,15 +218,6 @@ def _check_loading_info(spec: str, info: dict) -> None:
             raise UserError(f"could not load {spec}: tensor '{name}' {what} ({len(names)} such)")
 
 
-def cuda_device_map() -> str:
-    """One process: spread the model over every visible GPU; data parallel: this process's own GPU."""
-    from .data_parallel import launched
-
-    if launched() or torch.cuda.device_count() == 1:
-        return f"cuda:{torch.cuda.current_device()}"
-    return "auto"
-
-
 def load_model(
     spec: str,
     *,
@@ -257,8 +248,8 @@ def load_model(
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = device
-    elif device == "cuda":  # straight onto the GPU(s), no CPU copy first
-        kwargs["device_map"] = cuda_device_map()
+    elif device == "cuda":  # straight onto the GPU (this process's own under a launcher), no CPU copy first
+        kwargs["device_map"] = f"cuda:{torch.cuda.current_device()}"
     loader = checked.own_class or AutoModelForCausalLM
     with (
         status(f"Loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {device})"),
@@ -420,29 +411,7 @@ def save_model(
     extra_files: list[Path] | None = None,
     recipe_yaml: str | None = None,
 ) -> Path:
-    """Write weights, config, tokenizer, history, pass settings, card and `extra_files` to `out`, atomically.
-
-    Data parallel: the main process writes; the others wait until it has.
-    """
-    from . import data_parallel
-
-    if not data_parallel.is_main():
-        data_parallel.barrier()
-        return out.expanduser()
-    try:
-        return _save_model(loaded, out, force, new_passes, extra_files, recipe_yaml)
-    finally:
-        data_parallel.barrier()
-
-
-def _save_model(
-    loaded: LoadedModel,
-    out: Path,
-    force: bool,
-    new_passes: list[dict] | None,
-    extra_files: list[Path] | None,
-    recipe_yaml: str | None,
-) -> Path:
+    """Write weights, config, tokenizer, history, pass settings, card and `extra_files` to `out`, atomically."""
     if loaded.quantized:
         raise UserError(
             "a model loaded in 8-bit or 4-bit is for evaluation only; load it unquantized to save"

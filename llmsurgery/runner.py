@@ -8,6 +8,7 @@ same settings build the same `Job`, so they write the same tensors and the same 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -202,6 +203,7 @@ def run_job(
     job: Job, on_report: Callable[[PassConfig, Report], None] | None = None, checked: Checked | None = None
 ) -> Outcome:
     """Check (unless `checked` is given), load, (baseline), passes, (evaluation), save; the history holds the scores."""
+    from . import data_parallel
     from .evaluate import compare, evaluate_model
     from .model_io import load_model, save_model
 
@@ -230,8 +232,12 @@ def run_job(
             evaluate_model(loaded, list(plan.tasks), label="the transformed model", **scoring), baseline
         )
         records[-1]["eval"] = rows
-    if job.output is not None and not job.dry_run:
-        save_model(loaded, job.output, force=job.force, new_passes=records, recipe_yaml=job.recipe_yaml)
+    if job.output is not None and not job.dry_run:  # data parallel: rank 0 writes, the others wait for it
+        data_parallel.once(
+            lambda: save_model(
+                loaded, job.output, force=job.force, new_passes=records, recipe_yaml=job.recipe_yaml
+            )
+        )
     if plan and quant:  # bitsandbytes quantizes while loading: score the saved model
         target = load_model(str(job.output), **load, **quant)
         rows = compare(
@@ -341,20 +347,18 @@ def memory_estimate(job: Job, checked: Checked, factor: float) -> tuple[int, int
     params = sum(math.prod(shape) for shape in checkpoint_shapes(checked.weights).values())
     dtype = resolve_dtype(job.dtype, checked.config)
     need = int(params * dtype.itemsize * factor) + (1 << 29)
-    available = available_memory() if resolve_device(job.device) == "cpu" else gpu_memory()
+    if resolve_device(job.device) == "cpu":  # data parallel: the processes on this machine share it
+        available = available_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    else:
+        available = gpu_memory()
     return need, available, params, str(dtype).removeprefix("torch.")
 
 
 def gpu_memory() -> int:
-    """Bytes free on the GPUs a whole model may use: every visible one (it spreads over them), or this
-    process's own under a data-parallel launcher."""
+    """Bytes free on the GPU a whole model loads onto (this process's own under a launcher)."""
     import torch
 
-    from .data_parallel import launched
-
-    if launched():
-        return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
-    return sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+    return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
 
 
 def check_memory(job: Job, checked: Checked) -> None:
@@ -362,8 +366,8 @@ def check_memory(job: Job, checked: Checked) -> None:
 
     The estimate is the weights at the compute dtype times the largest `memory_factor` of the passes (the
     copies, gradients and optimizer state each needs) plus 0.5 GiB for the runtime and activations. On the
-    CPU it is held against what this process may use; with --device cuda, against the free memory of the
-    visible GPUs together (the model is spread over them).
+    CPU it is held against what this process may use (its share, under a launcher); with --device cuda,
+    against the free memory of its GPU.
     """
     from .model_io import resolve_device
 
@@ -380,13 +384,13 @@ def check_memory(job: Job, checked: Checked) -> None:
         remedy = "run it with --stream on" + (" (without the evaluation)" if job.eval else "")
     else:
         remedy = (
-            ("use more or larger GPUs" if on_gpu else "use a GPU (--device cuda)")
+            ("use a larger GPU" if on_gpu else "use a GPU (--device cuda)")
             + "".join(f", {note} (runs layer by layer)" for note in streamed)
             + " or a bigger machine"
         )
     names = ", ".join(dict.fromkeys(cfg.name for cfg in job.passes))
     count = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"
-    where = "is free on the GPUs" if on_gpu else "is available"
+    where = "is free on the GPU" if on_gpu else "is available"
     raise UserError(
         f"{names} would hold the whole model in memory: about {need / 2**30:.1f} GiB "
         f"({count} parameters in {dtype}), but {available / 2**30:.1f} GiB {where}; {remedy}"
@@ -470,9 +474,10 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
                 history["passes"] = list(history.get("passes", [])) + records
                 code = _remote_code_files(after.to_dict(), folder)
                 write_beside_weights(tmp, history, after.to_dict(), tokenizer, records, job.recipe_yaml, code)
-        data_parallel.barrier()
     finally:
         streamed.close()
+        if data_parallel.is_main() and not (job.dry_run or job.output is None):
+            data_parallel.barrier()  # also when writing failed: the others are waiting
     return _scored(job, plan, scoring, baseline, records, after.to_dict())
 
 
@@ -520,5 +525,7 @@ def run_passes(
         check_output_free(output, force, model.folder, inputs)
     records = apply_passes(model, list(passes), on_report=lambda cfg, report: reports.append(report))
     if output is not None:
-        save_model(model, output, force=force, new_passes=records)
+        from . import data_parallel
+
+        data_parallel.once(lambda: save_model(model, output, force=force, new_passes=records))
     return reports

@@ -204,3 +204,12 @@ def test_one_step_gradients_in_two_processes_are_one_process_gradients(tiny_mode
         two = torch.load(tmp_path / f"grads-2-{rank}.pt")
         scale = max(float(g.abs().max()) for g in one)
         assert scale > 0 and max(float((a - b).abs().max()) for a, b in zip(one, two)) < 1e-5 * scale
+
+
+def test_eval_limit_below_the_processes_is_refused(tiny_models, tmp_path):
+    done = launch(
+        2, "eval", tiny_models["llama"], "--tasks", "news_ppl", "--limit", "1", "--json", tmp_path / "r.json"
+    )
+    assert done.returncode != 0 and not (tmp_path / "r.json").exists()
+    assert "--limit 1 leaves some of the 2 processes without a document" in done.stderr
+    assert "rank 1: error:" in done.stderr  # the other process names itself

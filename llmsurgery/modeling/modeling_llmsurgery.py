@@ -52,14 +52,16 @@ def keep_top_k(x: torch.Tensor, sparsity: float) -> torch.Tensor:
 def add_rotation_adapters_(model: nn.Module) -> None:
     """One [D, D] parameter per decoder layer (identity until loaded) mapping the incoming basis to the layer's.
 
-    In the layer's dtype: the runtime casts it to the stream's dtype anyway, so a bf16 model keeps bf16 adapters.
+    In the layer's dtype and device: the runtime casts it to the stream's dtype anyway, so a bf16 model keeps bf16
+    adapters.
     """
     size = model.config.hidden_size
     for layer in model.model.layers:
         if not hasattr(layer, "rotation_adapter"):
-            dtype = next(layer.parameters()).dtype
+            like = next(layer.parameters())
             layer.register_parameter(
-                "rotation_adapter", nn.Parameter(torch.eye(size, dtype=dtype), requires_grad=False)
+                "rotation_adapter",
+                nn.Parameter(torch.eye(size, dtype=like.dtype, device=like.device), requires_grad=False),
             )
 
 

@@ -147,6 +147,7 @@ def heal_(
     was_training, grad_was = student.training, {id(p): p.requires_grad for p in student.parameters()}
     student.eval()  # no dropout: the student should match the teacher's deterministic outputs
     trained = _detach_parameters_(student, paths)
+    data_parallel.same_start_(trained.values(), "tensors")
     before = {name: p.detach().clone() for name, p in trained.items()}
     kl_before = _held_out_kl(student, teacher_logits, held_out)
     optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=0.0)

@@ -141,7 +141,7 @@ def fold_layer_(
         linear = get_submodule(layer, path)
         linear.weight.data = folded_output(linear.weight.data, q)
         if linear.bias is not None:
-            linear.bias.data = (linear.bias.double() @ q).to(linear.bias.dtype)
+            linear.bias.data = (linear.bias.double() @ q.to(linear.bias.device)).to(linear.bias.dtype)
     previous = q if previous is None else previous.to(q.device)
     layer.rotation_adapter.data = (previous.T @ q).to(layer.rotation_adapter.dtype)
 
