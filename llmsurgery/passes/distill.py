@@ -140,7 +140,6 @@ def heal_(
     out at the end."""
     if len(windows) <= VALIDATION_WINDOWS:
         raise UserError(f"heal needs more than {VALIDATION_WINDOWS} calibration windows")
-    data_parallel.check_batch(cfg.batch_size)
     train_windows, held_out = windows[:-VALIDATION_WINDOWS], windows[-VALIDATION_WINDOWS:]
     near = gap_neighbours(removed, n_teacher) if removed else []
     paths = trainable_modules(student, cfg.train, near)

@@ -261,7 +261,6 @@ def matryoshka_loss(
 
 def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompress) -> list[float]:
     """Matryoshka distillation of the projections and means only; returns the loss per step."""
-    data_parallel.check_batch(cfg.batch_size)
     data_parallel.same_start_(state.parameters(), "projections")
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
