@@ -44,9 +44,7 @@ def measure(args: argparse.Namespace) -> dict:
     cfg = Heal(steps=args.steps, lr=args.lr, train=tuple(args.train.split(",")))
     windows = calibration_batches(tok, cfg.calib)  # training windows, then the held-out ones
     started = time.perf_counter()
-    report = heal_(
-        model, lambda batch: teacher(input_ids=batch, use_cache=False).logits, cfg, windows, removed, n_layers
-    )
+    report = heal_(model, teacher, cfg, windows, removed, n_layers)
     seconds = time.perf_counter() - started
     healed = token_perplexity(model, held_out)
     curve = report["loss_curve"]

@@ -437,6 +437,7 @@ def _run_pass_command(config: type, options: dict, body: Callable) -> None:
         dry_run=dry_run,
         files={"json": json_path, "plot": plot},
         stream=options["stream"],
+        fsdp=options.get("fsdp", False),
     )
     job.recipe_yaml = command_recipe(job)
     outcome = run_job(job, on_report=summary)
@@ -481,6 +482,15 @@ def _flag(name: str, help: str, default: bool = False, panel: str | None = None)
     return inspect.Parameter(name, _KW, default=default, annotation=Annotated[bool, option])
 
 
+def _fsdp_flag() -> inspect.Parameter:
+    return _flag(
+        "fsdp",
+        "Under torchrun / accelerate launch: shard the model over the processes while it trains (FSDP), so "
+        "that several GPUs hold what one cannot.",
+        panel=LOAD,
+    )
+
+
 def _heal_options() -> tuple[inspect.Parameter, ...]:
     from .cli_options import option_parameters
     from .passes import Heal
@@ -502,6 +512,7 @@ def _prune_extras() -> tuple[inspect.Parameter, ...]:
         _flag("scores_only", "Print the layer scores; write no model."),
         inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt),
         *_heal_options(),
+        _fsdp_flag(),
     )
 
 
@@ -573,7 +584,9 @@ def _heal_summary(cfg, report) -> None:
 def _register_heal() -> None:
     from .passes import Heal
 
-    @pass_command(Heal, model_help="The pruned model (folder, .gguf, built-in name or hub id).")
+    @pass_command(
+        Heal, extras=(_fsdp_flag(),), model_help="The pruned model (folder, .gguf, built-in name or hub id)."
+    )
     def heal(cfg, options):
         """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a
         standard checkpoint."""
@@ -678,7 +691,7 @@ def _register_kv_compress() -> None:
             )
         out.print(table)
 
-    @pass_command(KVCompress)
+    @pass_command(KVCompress, extras=(_fsdp_flag(),))
     def kv_compress(cfg, options):
         """MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."""
         return [cfg], "compressed", False, summary
@@ -896,6 +909,17 @@ def run() -> None:
     _quiet_third_parties()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
+    if os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
+        from . import data_parallel
+
+        processes = data_parallel.accelerate_cpu_processes()
+        if processes:  # accelerate launch --cpu --num_processes N ran one process: start the N with torchrun
+            err.print(
+                f"accelerate launch --cpu runs one process without --mpirun_hostfile: "
+                f"starting {processes} with torchrun",
+                soft_wrap=True,
+            )
+            data_parallel.relaunch_with_torchrun(processes)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / accelerate launch
         from . import data_parallel
 

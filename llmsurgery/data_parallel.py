@@ -16,8 +16,10 @@ weight 1, and nothing is reduced.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,57 @@ from .errors import UserError
 def launched() -> bool:
     """Whether a launcher started several processes for this command."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def accelerate_cpu_processes() -> int | None:
+    """The `--num_processes` N > 1 of an `accelerate launch --cpu` that started this as its only process.
+
+    Without `--mpirun_hostfile`, accelerate's CPU launcher runs the script once, in one process, whatever
+    --num_processes says (accelerate 1.x). Read from the launcher's command line (Linux /proc); None when
+    this process was not started that way, or the launcher cannot be read.
+    """
+    if launched() or os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
+        return None
+    try:
+        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
+        # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
+        start = next(i for i, a in enumerate(argv) if a in ("launch", "accelerate.commands.launch")) + 1
+        from accelerate.commands.launch import launch_command_parser
+
+        args, _ = launch_command_parser().parse_known_args(argv[start:])
+    except (OSError, StopIteration, ImportError, SystemExit, UnicodeDecodeError):
+        return None
+    if args.mpirun_hostfile or (args.num_machines or 1) > 1 or not args.num_processes:
+        return None
+    return args.num_processes if args.num_processes > 1 else None
+
+
+def launcher_command(launcher: str, processes: int, port: int | str, address: str = "127.0.0.1") -> list[str]:
+    """The start of a command line that runs `llmsurgery ...` in `processes` processes on this machine:
+    torchrun, or `accelerate launch --cpu` (which then relaunches with torchrun, see above)."""
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+        start += ["--master-addr", address, "--master-port", str(port)]
+    else:
+        start = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            str(processes),
+        ]
+        start += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        start += ["--main_process_ip", address, "--main_process_port", str(port)]
+    return [*start, "-m", "llmsurgery"]
+
+
+def relaunch_with_torchrun(processes: int) -> None:
+    """Replace this process by torchrun starting `processes` copies of the same llmsurgery command."""
+    port, address = os.environ.get("MASTER_PORT", "29500"), os.environ.get("MASTER_ADDR", "127.0.0.1")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*launcher_command("torchrun", processes, port, address), *sys.argv[1:]])
 
 
 def join() -> None:
@@ -88,10 +141,10 @@ def sum_gradients_(params: Iterable[torch.Tensor]) -> None:
     A parameter no process has a gradient for keeps none (an optimizer skips it, as in one process); one that
     only some processes reached counts 0 on the others.
     """
-    if world_size() == 1:
-        return
     params = list(params)
-    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_wire())
+    if world_size() == 1 or not params:  # the same list in every process (`same_start_` checks)
+        return
+    reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=wire_device())
     dist.all_reduce(reached, op=dist.ReduceOp.MAX)
     params = [p for p, r in zip(params, reached.tolist()) if r]
     for p in params:
@@ -99,14 +152,14 @@ def sum_gradients_(params: Iterable[torch.Tensor]) -> None:
             p.grad = torch.zeros_like(p)
     if not params:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in params]).to(_wire())
+    flat = torch.cat([p.grad.reshape(-1) for p in params]).to(wire_device())
     dist.all_reduce(flat)
     for p, part in zip(params, flat.split([p.numel() for p in params])):
         p.grad.copy_(part.view_as(p.grad))
 
 
-def _wire() -> str:
-    """Where reduced tensors live: NCCL reduces GPU tensors only."""
+def wire_device() -> str:
+    """Where reduced tensors and FSDP shards live: NCCL reduces GPU tensors only."""
     return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
@@ -121,7 +174,7 @@ def sum_float(value: float) -> float:
     """A number summed over the processes (float64 on the wire)."""
     if world_size() == 1:
         return value
-    return float(sum_tensor_(torch.tensor([value], dtype=torch.float64, device=_wire())))
+    return float(sum_tensor_(torch.tensor([value], dtype=torch.float64, device=wire_device())))
 
 
 def barrier() -> None:
@@ -147,14 +200,14 @@ def same_start_(params: Iterable[torch.Tensor], what: str) -> None:
     if world_size() == 1:
         return
     params = list(params)
-    shape = torch.tensor([len(params), sum(p.numel() for p in params)], device=_wire())
+    shape = torch.tensor([len(params), sum(p.numel() for p in params)], device=wire_device())
     shapes = [torch.empty_like(shape) for _ in range(world_size())]
     dist.all_gather(shapes, shape)
     if any(not torch.equal(s, shapes[0]) for s in shapes):
         raise UserError(f"the processes would train different {what}; run it in one process")
     with torch.no_grad():
         for p in params:
-            wire = p.detach().to(_wire())
+            wire = p.detach().to(wire_device())
             dist.broadcast(wire, src=0)
             p.copy_(wire.to(p.device))
 
@@ -177,7 +230,7 @@ class Collectives:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         where = tensor.device
-        tensor = (tensor.reshape(1) if tensor.dim() == 0 else tensor).contiguous().to(_wire())
+        tensor = (tensor.reshape(1) if tensor.dim() == 0 else tensor).contiguous().to(wire_device())
         parts = [torch.empty_like(tensor) for _ in range(world_size())]
         dist.all_gather(parts, tensor)
         return torch.cat(parts).to(where)

@@ -218,6 +218,13 @@ def _check_loading_info(spec: str, info: dict) -> None:
             raise UserError(f"could not load {spec}: tensor '{name}' {what} ({len(names)} such)")
 
 
+def _processes() -> str:
+    """ ", 2 processes" under a launcher: each process loads the model."""
+    from . import data_parallel
+
+    return f", {data_parallel.world_size()} processes" if data_parallel.world_size() > 1 else ""
+
+
 def load_model(
     spec: str,
     *,
@@ -252,7 +259,7 @@ def load_model(
         kwargs["device_map"] = f"cuda:{torch.cuda.current_device()}"
     loader = checked.own_class or AutoModelForCausalLM
     with (
-        status(f"Loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {device})"),
+        status(f"Loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {device}{_processes()})"),
         quiet_transformers(),
     ):
         try:

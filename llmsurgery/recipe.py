@@ -115,6 +115,9 @@ class Recipe(_Strict):
         "auto",
         description="on: one decoder layer in memory at a time (one streamable pass); auto: for large checkpoints",
     )
+    fsdp: bool = Field(
+        False, description="under torchrun / accelerate launch: shard the model while a pass trains (FSDP)"
+    )
     trust_remote_code: bool = Field(False, alias="trust-remote-code")
     calibration: Calibration = Calibration()
     passes: list[PassEntry] = Field(min_length=1)
@@ -329,6 +332,7 @@ def recipe_job(
         recipe_yaml=recipe_text(data, model_path),
         where=lambda i, name: f"passes[{i}] ({name}): ",
         stream=recipe.stream,
+        fsdp=recipe.fsdp,
     )
 
 

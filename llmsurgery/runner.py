@@ -53,6 +53,7 @@ class Job:
     reads: tuple[Path, ...] = ()  # what else the run reads (the recipe)
     recipe_yaml: str | None = None  # saved beside the model: the recipe that reproduces it
     stream: str = "auto"  # on: one decoder layer in memory at a time; auto: when the checkpoint is large; off
+    fsdp: bool = False  # under a launcher: the trained passes shard the model over the processes
     where: Callable[[int, str], str] = lambda i, name: ""  # how errors locate a pass ("passes[1] (heal): ")
 
 
@@ -78,10 +79,12 @@ def check_job(job: Job) -> Checked:
     """Everything about a job that can be told before loading weights; raises UserError on the first problem."""
     from .evaluate import check_tasks
     from .model_io import check_not_an_input, check_output_free, peek_config, resolve_device
+    from .sharding import check as check_fsdp
 
     if not job.passes:
         raise UserError("no passes to run")
     resolve_device(job.device)
+    check_fsdp(job.fsdp, [cfg.name for cfg in job.passes if cfg.trains])
     config, folder, weights = peek_config(job.model, job.trust_remote_code)
     inputs = check_passes(job.passes, config, folder, job.trust_remote_code, job.where) + list(job.reads)
     for option, path in job.files.items():
@@ -203,15 +206,24 @@ def run_job(
     job: Job, on_report: Callable[[PassConfig, Report], None] | None = None, checked: Checked | None = None
 ) -> Outcome:
     """Check (unless `checked` is given), load, (baseline), passes, (evaluation), save; the history holds the scores."""
-    from . import data_parallel
-    from .evaluate import compare, evaluate_model
-    from .model_io import load_model, save_model
+    from . import sharding
 
     checked = checked or check_job(job)
     if checked.streamed:
         return run_streamed(job, checked, on_report)
+    with sharding.asked(job.fsdp):
+        return _run_whole(job, checked, on_report)
+
+
+def _run_whole(job: Job, checked: Checked, on_report) -> Outcome:
+    from . import data_parallel, sharding
+    from .evaluate import compare, evaluate_model
+    from .model_io import load_model, save_model
+
     check_memory(job, checked)
-    load = {"dtype": job.dtype, "device": job.device, "trust_remote_code": job.trust_remote_code}
+    # sharded (FSDP): the model loads in CPU memory and each process moves its shards onto its own device
+    device = "cpu" if sharding.active() and any(cfg.trains for cfg in job.passes) else job.device
+    load = {"dtype": job.dtype, "device": device, "trust_remote_code": job.trust_remote_code}
     plan = None if job.dry_run else job.eval
     quant = (
         {"load_in_8bit": plan.load_in_8bit, "load_in_4bit": plan.load_in_4bit}
@@ -367,24 +379,29 @@ def check_memory(job: Job, checked: Checked) -> None:
     The estimate is the weights at the compute dtype times the largest `memory_factor` of the passes (the
     copies, gradients and optimizer state each needs) plus 0.5 GiB for the runtime and activations. On the
     CPU it is held against what this process may use (its share, under a launcher); with --device cuda,
-    against the free memory of its GPU.
+    against the free memory of its GPU. Sharded (--fsdp), a process holds 1/N of the trained passes' share.
     """
+    from . import data_parallel, sharding
     from .model_io import resolve_device
 
     if not checked.weights:
         return
-    need, available, params, dtype = memory_estimate(
-        job, checked, max(cfg.memory_factor for cfg in job.passes)
-    )
+    on_gpu = resolve_device(job.device) == "cuda"
+    factor = max(cfg.memory_factor for cfg in job.passes)
+    trains = any(cfg.trains for cfg in job.passes)
+    if sharding.active() and trains:  # each process's shards (with their training state) on its device;
+        # on the CPU beside the model loaded whole
+        factor = factor / data_parallel.world_size() + (0 if on_gpu else 1)
+    need, available, params, dtype = memory_estimate(job, checked, factor)
     if need <= available:
         return
-    on_gpu = resolve_device(job.device) == "cuda"
     streamed = [cfg.stream_note for cfg in job.passes if cfg.stream_note]
     if stream_problem(job, checked) is None:
         remedy = "run it with --stream on" + (" (without the evaluation)" if job.eval else "")
     else:
         remedy = (
             ("use a larger GPU" if on_gpu else "use a GPU (--device cuda)")
+            + (", shard it over more GPUs (--fsdp under torchrun)" if trains else "")
             + "".join(f", {note} (runs layer by layer)" for note in streamed)
             + " or a bigger machine"
         )

@@ -198,6 +198,11 @@ CASES = [
         "rank step 64 is larger than head_dim 16",
     ),
     ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--lr", "inf", *TINY], "finite"),
+    (
+        "kv-compress",
+        ["{model}", "--budget", "0.5", "-o", "{out}", "--fsdp", *TINY],
+        "start the command with torchrun",
+    ),
     ("kv-compress", ["{model}", "--budget", "0.5", "-o", "{out}", "--v-init", "zz", *TINY], "--v-init"),
     (
         "kv-compress",

@@ -1,15 +1,17 @@
-"""Data parallel under torchrun: two gloo CPU processes train what one process trains on the same global batch."""
+"""Data parallel and FSDP under torchrun / accelerate launch: two gloo CPU processes train what one process
+trains on the same global batch."""
 
 import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 from helpers import run_cli
 from safetensors.torch import load_file
+
+from llmsurgery.data_parallel import launcher_command
 
 CALIB = ("--calib", "pydoc", "--calib-samples", "10", "--calib-seq-len", "32")
 
@@ -23,14 +25,8 @@ def _free_port() -> int:
 def launch(processes: int, *args, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     """`llmsurgery ARGS` in `processes` processes started by torchrun (or accelerate launch), on the CPU."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    if launcher == "torchrun":
-        start = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
-        start += ["--master-port", str(_free_port())]
-    else:
-        start = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes"]
-        start += [str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        start += ["--main_process_port", str(_free_port())]
-    command = [*start, "-m", "llmsurgery", *map(str, args)]
+    # accelerate launch --cpu runs one process: llmsurgery starts the others with torchrun
+    command = [*launcher_command(launcher, processes, _free_port()), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -64,16 +60,20 @@ def test_heal_in_two_processes_trains_what_one_process_trains(tiny_models, tmp_p
     heal = ("heal", pruned, "--teacher", tiny_models["llama"], *CALIB, "--steps", "6", "--batch-size", "3")
     one = launch(1, *heal, "--output", tmp_path / "one", "--lr", "3e-3")
     two = launch(2, *heal, "--output", tmp_path / "two", "--lr", "3e-3")
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    _only_outputs(tmp_path, {"pruned", "one", "two"})
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert _max_difference(a, b) < 1e-5
+    sharded = launch(2, *heal, "--output", tmp_path / "sharded", "--lr", "3e-3", "--fsdp")
+    for done in (one, two, sharded):
+        assert done.returncode == 0, done.stderr[-3000:]
+    _only_outputs(tmp_path, {"pruned", "one", "two", "sharded"})
+    a = _weights(tmp_path / "one")
     changed = [k for k in a if not torch.equal(a[k], _weights(pruned)[k])]
     assert changed  # the comparison is about trained tensors, not untouched ones
-    ra, rb = _history(tmp_path / "one")["report"], _history(tmp_path / "two")["report"]
-    assert ra["loss_curve"] == pytest.approx(rb["loss_curve"], abs=1e-4)
-    assert ra["held_out_kl_after"] == pytest.approx(rb["held_out_kl_after"], abs=1e-5)
-    assert ra["kept"] == rb["kept"] and ra["tokens"] == rb["tokens"]
+    ra = _history(tmp_path / "one")["report"]
+    for name in ("two", "sharded"):  # plain data parallel, and FSDP (the weights sharded over the two)
+        assert _max_difference(a, _weights(tmp_path / name)) < 1e-5
+        rb = _history(tmp_path / name)["report"]
+        assert ra["loss_curve"] == pytest.approx(rb["loss_curve"], abs=1e-4)
+        assert ra["held_out_kl_after"] == pytest.approx(rb["held_out_kl_after"], abs=1e-5)
+        assert ra["kept"] == rb["kept"] and ra["tokens"] == rb["tokens"]
     assert one.stdout.count("saved the") == two.stdout.count("saved the") == 1  # one process prints
 
 
@@ -93,6 +93,11 @@ def test_kv_compress_in_two_processes_trains_what_one_process_trains(tiny_models
     ra, rb = _history(tmp_path / "one")["report"], _history(tmp_path / "two")["report"]
     assert ra["budget_reached"] == rb["budget_reached"] == 0.5
     assert ra["loss_curve"] == pytest.approx(rb["loss_curve"], abs=1e-3)
+    # FSDP: the frozen model sharded over the two processes, the projections whole: the same sums as above
+    sharded = launch(2, *kv, "--batch-size", "2", "--output", tmp_path / "sharded", "--fsdp")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert _max_difference(b, _weights(tmp_path / "sharded")) < 1e-6
+    assert _history(tmp_path / "sharded")["report"]["loss_curve"] == pytest.approx(rb["loss_curve"], abs=1e-5)
 
 
 def test_kv_compress_rank_search_in_two_processes_is_one_process_search(tiny_models, tmp_path):
@@ -118,6 +123,25 @@ def test_eval_in_two_processes_gives_one_process_figures(tiny_models, tmp_path):
     assert [(r["task"], r["metric"]) for r in a] == [(r["task"], r["metric"]) for r in b] and len(a) >= 3
     assert [r["value"] for r in a] == pytest.approx([r["value"] for r in b], rel=1e-6)
     assert two.stdout.count("Evaluation") == 1  # one table, from the main process
+    # accelerate launch --cpu alone would have run one process; the two are started with torchrun
+    assert "starting 2 with torchrun" in two.stderr and "2 processes" in two.stderr
+
+
+def test_fsdp_is_refused_where_it_cannot_act(tiny_models, tmp_path, monkeypatch):
+    """--fsdp in one process, or under a launcher with nothing that trains: one line, before loading."""
+    from llmsurgery import sharding
+    from llmsurgery.errors import UserError
+    from llmsurgery.passes import KVCompress, PruneBI
+    from llmsurgery.runner import Job, check_job
+
+    model = str(tiny_models["llama"])
+    with pytest.raises(UserError, match="start the command with torchrun"):
+        check_job(Job(model, [KVCompress(budget=0.5)], tmp_path / "out", fsdp=True))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher says; nothing here joins a process group
+    for passes in ([PruneBI(remove=1)], [KVCompress(budget=0.5, train=False)]):
+        with pytest.raises(UserError, match="this job trains nothing"):
+            check_job(Job(model, passes, tmp_path / "out", fsdp=True))
+    assert not sharding.active()  # one process: nothing to shard over
 
 
 def test_a_batch_smaller_than_the_processes_is_refused(tiny_models, tmp_path):
@@ -213,3 +237,43 @@ def test_eval_limit_below_the_processes_is_refused(tiny_models, tmp_path):
     assert done.returncode != 0 and not (tmp_path / "r.json").exists()
     assert "--limit 1 leaves some of the 2 processes without a document" in done.stderr
     assert "rank 1: error:" in done.stderr  # the other process names itself
+
+
+def _sharded_copy_checks(rank: int, world: int, model: str, out: str) -> None:
+    """In each of `world` gloo processes: the FSDP copy holds this process's share of every tensor, gives the
+    whole model's logits, and hands its trained values back without touching anything else."""
+    import torch.distributed as dist
+
+    from llmsurgery import sharding
+    from llmsurgery.model_io import load_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/shards", rank=rank, world_size=world)
+    loaded = load_model(model)
+    whole = loaded.model
+    before = {name: p.detach().clone() for name, p in whole.named_parameters()}
+    objects = {name: id(p) for name, p in whole.named_parameters()}
+    trained = {name: p for name, p in whole.named_parameters() if name.startswith("model.layers.0.mlp.")}
+    assert trained
+    batch = torch.randint(0, whole.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = whole(input_ids=batch).logits
+    with sharding.asked(True), sharding.training_copies([whole], trained) as ((run,), shards):
+        assert sharding.active()
+        held = sum(p.to_local().numel() for p in run.parameters())
+        total = sum(p.numel() for p in whole.parameters())
+        assert held < 0.6 * total  # about half of every tensor (rows split, the last share shorter)
+        with torch.no_grad():
+            assert torch.allclose(run(input_ids=batch).logits, expected, atol=1e-5)
+            for p in shards.values():
+                p.to_local().add_(1.0)  # this process's rows of every trained tensor
+    for name, p in whole.named_parameters():
+        assert id(p) == objects[name] and p.device.type == "cpu"
+        assert torch.equal(p, before[name] + 1.0 if name in trained else before[name]), name
+    dist.destroy_process_group()
+
+
+def test_the_sharded_copy_splits_the_weights_and_gives_the_trained_values_back(tiny_models, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_copy_checks, args=(2, str(tiny_models["llama"]), str(tmp_path)), nprocs=2)

@@ -105,6 +105,9 @@ class PassConfig(BaseModel):
 
     record_name: ClassVar[str]
     whole_model: ClassVar[bool] = False
+    trains: ClassVar[bool] = (
+        False  # takes gradient steps (data parallel splits them; --fsdp shards the model)
+    )
     streamable: ClassVar[bool] = False  # has `apply_streamed_`: runs one decoder layer in memory at a time
     stream_note: ClassVar[str] = ""  # when only some settings stream: which (for messages)
     memory_factor: ClassVar[float] = 1.25  # peak memory of the whole-model path, in units of the weights

@@ -13,17 +13,15 @@ KL before and after; if healing made it worse, the trained tensors go back to th
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import data_parallel
+from .. import data_parallel, sharding
 from ..arch import arch_for, decoder_layers, get_submodule
 from ..console import stepper
 from ..errors import UserError
-from ..training import cycled_batch, warmup_cosine
+from ..training import cycled_batch, take_step, warmup_cosine
 from .heal import VALIDATION_WINDOWS, Heal
 
 
@@ -115,29 +113,61 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
     return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
+def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, use_cache=False).logits
+
+
 @torch.no_grad()
-def _held_out_kl(
-    student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor
-) -> float:
-    """Mean KL over the held-out windows (data parallel: each process scores every world_size-th, summed)."""
+def _held_out_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> float:
+    """Mean KL over the held-out windows. Data parallel: each process scores every world_size-th window and
+    the sums are added; sharded (FSDP), every process runs every window, as the layers gather together."""
     device = next(student.parameters()).device
+    together = sharding.active()
     total = 0.0
-    for w in data_parallel.strided(windows):
+    for w in windows if together else data_parallel.strided(windows):
         batch = w.unsqueeze(0).to(device)
-        total += float(_kl(teacher_logits(batch), student(input_ids=batch, use_cache=False).logits))
-    return data_parallel.sum_float(total) / len(windows)
+        total += float(_kl(_logits(teacher, batch), _logits(student, batch)))
+    return (total if together else data_parallel.sum_float(total)) / len(windows)
+
+
+def _train_(
+    student: nn.Module,
+    teacher: nn.Module,
+    trained: dict[str, nn.Parameter],
+    cfg: Heal,
+    train_windows: torch.Tensor,
+) -> list[float]:
+    """The distillation steps; returns the loss curve."""
+    optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, cfg.steps)
+    device = next(student.parameters()).device
+    losses: list[float] = []
+    with stepper("Healing", cfg.steps) as step:
+        for s in range(cfg.steps):
+            # data parallel: this process's share of the global batch, its mean weighted by the share
+            batch, weight = data_parallel.share(cycled_batch(train_windows, s, cfg.batch_size))
+            batch = batch.to(device)
+            with torch.no_grad():
+                target = _logits(teacher, batch)
+            loss = _kl(target, _logits(student, batch)) * weight
+            del target
+            # FSDP sums the sharded tensors' gradients itself
+            value = take_step(loss, optimizer, schedule, [] if sharding.active() else trained.values())
+            losses.append(round(value, 5))
+            step(f"KL {value:.4f}")
+    return losses
 
 
 def heal_(
     student: nn.Module,
-    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
+    teacher: nn.Module,
     cfg: Heal,
     windows: torch.Tensor,
     removed: list[int] | None,
     n_teacher: int,
 ) -> dict:
     """Distil in place; returns the report. windows: [N, T] training windows plus VALIDATION_WINDOWS held
-    out at the end."""
+    out at the end. Under FSDP the steps and the held-out checks run on sharded copies of both models."""
     if len(windows) <= VALIDATION_WINDOWS:
         raise UserError(f"heal needs more than {VALIDATION_WINDOWS} calibration windows")
     train_windows, held_out = windows[:-VALIDATION_WINDOWS], windows[-VALIDATION_WINDOWS:]
@@ -145,33 +175,14 @@ def heal_(
     paths = trainable_modules(student, cfg.train, near)
     was_training, grad_was = student.training, {id(p): p.requires_grad for p in student.parameters()}
     student.eval()  # no dropout: the student should match the teacher's deterministic outputs
-    trained = _detach_parameters_(student, paths)
-    data_parallel.same_start_(trained.values(), "tensors")
-    before = {name: p.detach().clone() for name, p in trained.items()}
-    kl_before = _held_out_kl(student, teacher_logits, held_out)
-    optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, cfg.steps)
-    device = next(student.parameters()).device
-    losses: list[float] = []
     try:
-        with stepper("Healing", cfg.steps) as step:
-            for s in range(cfg.steps):
-                # data parallel: this process's share of the global batch, its mean weighted by the share
-                batch, weight = data_parallel.share(cycled_batch(train_windows, s, cfg.batch_size))
-                batch = batch.to(device)
-                with torch.no_grad():
-                    target = teacher_logits(batch)
-                loss = _kl(target, student(input_ids=batch, use_cache=False).logits) * weight
-                del target
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                data_parallel.sum_gradients_(trained.values())
-                optimizer.step()
-                schedule.step()
-                value = data_parallel.sum_float(loss.item())
-                losses.append(round(value, 5))
-                step(f"KL {value:.4f}")
-        kl_after = _held_out_kl(student, teacher_logits, held_out)
+        trained = _detach_parameters_(student, paths)
+        data_parallel.same_start_(trained.values(), "tensors")
+        before = {name: p.detach().clone() for name, p in trained.items()}
+        with sharding.training_copies([student, teacher], trained) as ((run_student, run_teacher), shards):
+            kl_before = _held_out_kl(run_student, run_teacher, held_out)
+            losses = _train_(run_student, run_teacher, shards, cfg, train_windows)
+            kl_after = _held_out_kl(run_student, run_teacher, held_out)
         kept = kl_after <= kl_before
         if not kept:
             with torch.no_grad():
@@ -279,7 +290,7 @@ def heal_loaded_(loaded, cfg: Heal, windows: torch.Tensor, pending_passes: list[
     teacher.eval()
     report = heal_(
         student,
-        lambda batch: teacher(input_ids=batch, use_cache=False).logits,
+        teacher,
         cfg.model_copy(update={"train": train}),
         windows,
         removed,

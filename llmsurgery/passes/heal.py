@@ -52,6 +52,7 @@ class Heal(PassConfig):
 
     record_name: ClassVar[str] = "heal"
     whole_model: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
     memory_factor: ClassVar[float] = (
         2.25  # a teacher loaded beside the student, gradients and AdamW of a few tensors
     )

@@ -88,6 +88,10 @@ class KVCompress(PassConfig):
         return 1.5 if self.whole_model else 1.25
 
     @property
+    def trains(self) -> bool:
+        return self.train
+
+    @property
     def whole_model(self) -> bool:  # training and the search backpropagate through every layer
         return self.train or not self.uniform
 

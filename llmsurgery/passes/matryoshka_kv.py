@@ -31,14 +31,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import data_parallel
+from .. import data_parallel, sharding
 from ..arch import arch_for, decoder_layers, get_submodule
 from ..calibration import observe_inputs
 from ..console import stepper, track
 from ..errors import UserError
 from ..modeling import use_surgery_modeling_
 from ..modeling.modeling_llmsurgery import full_layout, reshape_attention_
-from ..training import cycled_batch, warmup_cosine
+from ..training import cycled_batch, take_step, warmup_cosine
 from .kv_compress import KVCompress, check_compressible
 
 
@@ -80,6 +80,12 @@ class MatryoshkaState(nn.Module):
         self.stats: dict | None = None
         self.gates: dict | None = None
         self._bases: dict = {}
+
+    def move_(self, device: torch.device) -> None:
+        """Parameters and initial bases onto `device` (the bases are plain lists, which .to() skips)."""
+        self.to(device)
+        self.init_k = [t.to(device) for t in self.init_k]
+        self.init_v = [t.to(device) for t in self.init_v]
 
     def max_rank(self, layer: int, group: int, kind: str) -> int:
         return self.d if kind == "k" else self.v_widths[layer][group]
@@ -260,29 +266,34 @@ def matryoshka_loss(
 
 
 def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompress) -> list[float]:
-    """Matryoshka distillation of the projections and means only; returns the loss per step."""
+    """Matryoshka distillation of the projections and means only; returns the loss per step.
+
+    Under FSDP the frozen model runs as a sharded copy; the projections stay whole on every process and
+    their gradients are summed as in plain data parallel."""
     data_parallel.same_start_(state.parameters(), "projections")
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, cfg.train_steps)
+    home = state.x_k[0].device
     generator = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     try:
-        with _frozen(model.parameters()), stepper("Training projections", cfg.train_steps) as step:
+        with (
+            _frozen(model.parameters()),
+            sharding.training_copies([model], {}, shared=(state,)) as ((run,), _),
+            stepper("Training projections", cfg.train_steps) as step,
+        ):
+            device = next(run.parameters()).device
+            state.move_(device)  # the sharded copy's device under FSDP (a GPU per process with NCCL)
+            optimizer = torch.optim.AdamW(state.parameters(), lr=cfg.lr, weight_decay=0.0)
+            schedule = warmup_cosine(optimizer, cfg.train_steps)
             for s in range(cfg.train_steps):
                 # data parallel: this process's share of the global batch [b, T], its mean weighted by the share
                 batch, weight = data_parallel.share(cycled_batch(windows, s, cfg.batch_size))
-                loss = matryoshka_loss(model, state, batch.to(device), generator) * weight
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                data_parallel.sum_gradients_(state.parameters())
-                optimizer.step()
-                schedule.step()
-                value = data_parallel.sum_float(loss.item())
+                loss = matryoshka_loss(run, state, batch.to(device), generator) * weight
+                value = take_step(loss, optimizer, schedule, state.parameters())
                 losses.append(round(value, 5))
                 step(f"loss {value:.4f}")
     finally:
         state._bases = {}
+        state.move_(home)
     return losses
 
 
