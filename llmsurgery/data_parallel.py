@@ -43,8 +43,9 @@ def accelerate_cpu_processes() -> int | None:
         return None
     try:
         argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
-        # `accelerate launch ...` or `python -m accelerate.commands.launch ...`
-        start = next(i for i, a in enumerate(argv) if a in ("launch", "accelerate.commands.launch")) + 1
+        # `accelerate launch ...`, `accelerate-launch ...` or `python -m accelerate.commands.launch ...`
+        starts = ("launch", "accelerate.commands.launch")
+        start = next(i for i, a in enumerate(argv) if a in starts or Path(a).name == "accelerate-launch") + 1
         from accelerate.commands.launch import launch_command_parser
 
         args, _ = launch_command_parser().parse_known_args(argv[start:])
@@ -57,19 +58,14 @@ def accelerate_cpu_processes() -> int | None:
 
 def launcher_command(launcher: str, processes: int, port: int | str, address: str = "127.0.0.1") -> list[str]:
     """The start of a command line that runs `llmsurgery ...` in `processes` processes on this machine:
-    torchrun, or `accelerate launch --cpu` (which then relaunches with torchrun, see above)."""
+    `torchrun`, `accelerate` (launch --cpu, which then relaunches with torchrun, see above) or
+    `accelerate-fsdp` (launch --use_fsdp)."""
     if launcher == "torchrun":
         start = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
         start += ["--master-addr", address, "--master-port", str(port)]
     else:
-        start = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--cpu",
-            "--num_processes",
-            str(processes),
-        ]
+        mode = "--use_fsdp" if launcher == "accelerate-fsdp" else "--cpu"
+        start = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", str(processes)]
         start += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         start += ["--main_process_ip", address, "--main_process_port", str(port)]
     return [*start, "-m", "llmsurgery"]
@@ -84,12 +80,13 @@ def relaunch_with_torchrun(processes: int) -> None:
 
 
 def join() -> None:
-    """Join the process group the launcher describes (once; nothing without a launcher)."""
+    """Join the process group the launcher describes (once; nothing without a launcher): NCCL with a GPU per
+    process where CUDA is present (unless `accelerate launch --cpu`), else gloo."""
     if not launched() or dist.is_initialized():
         return
     # rank 0 alone writes a large output while the others wait: the default 10-minute watchdog is too short
     timeout = timedelta(hours=24)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl", timeout=timeout)
     else:

@@ -84,7 +84,7 @@ def check_job(job: Job) -> Checked:
     if not job.passes:
         raise UserError("no passes to run")
     resolve_device(job.device)
-    check_fsdp(job.fsdp, [cfg.name for cfg in job.passes if cfg.trains])
+    check_fsdp(job.fsdp, [cfg.name for cfg in job.passes if cfg.trains], resolve_device(job.device))
     config, folder, weights = peek_config(job.model, job.trust_remote_code)
     inputs = check_passes(job.passes, config, folder, job.trust_remote_code, job.where) + list(job.reads)
     for option, path in job.files.items():
@@ -389,9 +389,19 @@ def check_memory(job: Job, checked: Checked) -> None:
     on_gpu = resolve_device(job.device) == "cuda"
     factor = max(cfg.memory_factor for cfg in job.passes)
     trains = any(cfg.trains for cfg in job.passes)
-    if sharding.active() and trains:  # each process's shards (with their training state) on its device;
-        # on the CPU beside the model loaded whole
-        factor = factor / data_parallel.world_size() + (0 if on_gpu else 1)
+    sharded = sharding.active() and trains
+    if sharded:  # each process's shards, with their training state, on its GPU or beside the loaded model
+        shards = factor / data_parallel.world_size()
+        if on_gpu:  # the model (and heal's teacher) load whole in CPU memory first, in every process
+            host = memory_estimate(job, checked, factor)[0]
+            share = available_memory() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if host > share:
+                raise UserError(
+                    f"with --fsdp each process loads the whole model in CPU memory before sharding it: about "
+                    f"{host / 2**30:.1f} GiB, but {share / 2**30:.1f} GiB is available to each; "
+                    "use fewer processes per machine or a machine with more memory"
+                )
+        factor = shards if on_gpu else factor + shards
     need, available, params, dtype = memory_estimate(job, checked, factor)
     if need <= available:
         return
@@ -401,7 +411,7 @@ def check_memory(job: Job, checked: Checked) -> None:
     else:
         remedy = (
             ("use a larger GPU" if on_gpu else "use a GPU (--device cuda)")
-            + (", shard it over more GPUs (--fsdp under torchrun)" if trains else "")
+            + (", shard it over several GPUs (--fsdp under torchrun)" if trains and not sharded else "")
             + "".join(f", {note} (runs layer by layer)" for note in streamed)
             + " or a bigger machine"
         )

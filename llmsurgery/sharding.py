@@ -34,8 +34,15 @@ def from_accelerate() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1")
 
 
-def check(flag: bool, trained: list[str]) -> None:
-    """Refuse `--fsdp` (the flag; accelerate's own setting is only followed) where it cannot act."""
+def check(flag: bool, trained: list[str], device: str) -> None:
+    """Refuse `--fsdp` where it cannot act (accelerate's own FSDP setting is followed where it can), and
+    sharding onto GPUs that `--device cpu` did not ask for (NCCL reduces GPU tensors only)."""
+    if (flag or from_accelerate()) and trained and device == "cpu" and data_parallel.world_size() > 1:
+        if data_parallel.wire_device() == "cuda":
+            raise UserError(
+                "FSDP here shards onto the processes' GPUs (NCCL): add --device cuda "
+                "(or start CPU processes with accelerate launch --cpu)"
+            )
     if not flag:
         return
     if not data_parallel.launched():
@@ -88,7 +95,8 @@ def _sharded_copy(model: nn.Module, shared: tuple[object, ...]) -> nn.Module:
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     sharded = _wrapped_copy(model, shared)
     for unit in [*decoder_layers(sharded), sharded]:  # a layer moves to the device and is cut, then the next
-        fully_shard(unit, mesh=mesh, mp_policy=policy)
+        # the root too gives its gathered embedding and head back after every forward (also no-grad ones)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain sum on the wire (gloo has no PREMUL_SUM)
     return sharded
@@ -106,7 +114,10 @@ def training_copies(
     if not active():
         yield models, trained
         return
-    copies = [_sharded_copy(m, shared) for m in models]
+    from .console import status
+
+    with status(f"Sharding the model over {data_parallel.world_size()} processes (FSDP)"):
+        copies = [_sharded_copy(m, shared) for m in models]
     own = dict(copies[0].named_parameters())
     missing = [name for name in trained if name not in own]
     if missing:

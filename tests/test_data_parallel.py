@@ -68,6 +68,7 @@ def test_heal_in_two_processes_trains_what_one_process_trains(tiny_models, tmp_p
     changed = [k for k in a if not torch.equal(a[k], _weights(pruned)[k])]
     assert changed  # the comparison is about trained tensors, not untouched ones
     ra = _history(tmp_path / "one")["report"]
+    assert "Sharding the model over 2 processes (FSDP)" in sharded.stderr
     for name in ("two", "sharded"):  # plain data parallel, and FSDP (the weights sharded over the two)
         assert _max_difference(a, _weights(tmp_path / name)) < 1e-5
         rb = _history(tmp_path / name)["report"]
@@ -93,9 +94,14 @@ def test_kv_compress_in_two_processes_trains_what_one_process_trains(tiny_models
     ra, rb = _history(tmp_path / "one")["report"], _history(tmp_path / "two")["report"]
     assert ra["budget_reached"] == rb["budget_reached"] == 0.5
     assert ra["loss_curve"] == pytest.approx(rb["loss_curve"], abs=1e-3)
-    # FSDP: the frozen model sharded over the two processes, the projections whole: the same sums as above
-    sharded = launch(2, *kv, "--batch-size", "2", "--output", tmp_path / "sharded", "--fsdp")
+    # FSDP (here from accelerate launch --use_fsdp): the frozen model sharded over the two processes, the
+    # projections whole: the same sums as above
+    sharded = launch(
+        2, *kv, "--batch-size", "2", "--output", tmp_path / "sharded", launcher="accelerate-fsdp"
+    )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "Sharding the model over 2 processes (FSDP)" in sharded.stderr
+    assert "Sharding" not in two.stderr
     assert _max_difference(b, _weights(tmp_path / "sharded")) < 1e-6
     assert _history(tmp_path / "sharded")["report"]["loss_curve"] == pytest.approx(rb["loss_curve"], abs=1e-5)
 

@@ -127,7 +127,9 @@ def _held_out_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor) 
     for w in windows if together else data_parallel.strided(windows):
         batch = w.unsqueeze(0).to(device)
         total += float(_kl(_logits(teacher, batch), _logits(student, batch)))
-    return (total if together else data_parallel.sum_float(total)) / len(windows)
+    # sharded: the mean of the processes' (equal) totals, so that all take the same keep-or-undo decision
+    total = data_parallel.sum_float(total) / (data_parallel.world_size() if together else 1)
+    return total / len(windows)
 
 
 def _train_(
