@@ -28,7 +28,8 @@ from rich.table import Table
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.absorb_decompose import Absorb, absorb_decompose_, v_input_covariances
+from llmsurgery.passes import Absorb
+from llmsurgery.passes.absorb.maths import absorb_decompose_, v_input_covariances
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 
@@ -53,11 +54,13 @@ def measure(args: argparse.Namespace) -> dict:
         }
     ]
     for setting in args.settings.split(","):
-        plan = absorb_decompose_(loaded.model, covs, Absorb(calib=calib, **_knob(setting)), apply=False)
+        plan = absorb_decompose_(loaded.model, Absorb(calib=calib, **_knob(setting)), covs=covs, apply=False)
         widths = [row["v_after"] for row in plan["layers"]]
         for variant, criterion in (("whitened", "whitened"), ("weight", "weight"), ("vanilla", "norm")):
             model = copy.deepcopy(loaded.model)
-            report = absorb_decompose_(model, covs, Absorb(calib=calib, criterion=criterion), v_widths=widths)
+            report = absorb_decompose_(
+                model, Absorb(calib=calib, criterion=criterion), covs=covs, v_widths=widths
+            )
             rows.append(
                 {
                     "setting": setting,

@@ -24,9 +24,9 @@ from llmsurgery.arch import decoder_layers
 from llmsurgery.calibration import calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes import Heal
-from llmsurgery.passes.block_influence import PruneBI, remove_layers_, score_layers
-from llmsurgery.passes.distill import heal_, shared_copy
+from llmsurgery.passes import Heal, PruneBI
+from llmsurgery.passes.heal.maths import heal_, shared_copy
+from llmsurgery.passes.prune_bi.maths import remove_layers_, score_layers
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 
@@ -38,7 +38,7 @@ def measure(args: argparse.Namespace) -> dict:
     teacher = shared_copy(model)
     n_layers = len(decoder_layers(model))
     prune = PruneBI(remove=args.remove)
-    _, removed = score_layers(model, calibration_batches(tok, prune.calib), prune)
+    _, removed = score_layers(model, calibration_batches(tok, prune.calib), prune.remove)
     remove_layers_(model, removed)
     pruned = token_perplexity(model, held_out)
     cfg = Heal(steps=args.steps, lr=args.lr, train=tuple(args.train.split(",")))

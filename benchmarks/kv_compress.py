@@ -26,8 +26,8 @@ from rich.table import Table
 from llmsurgery.calibration import calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.matryoshka_kv import (
-    KVCompress,
+from llmsurgery.passes import KVCompress
+from llmsurgery.passes.kv_compress.maths import (
     MatryoshkaState,
     attach_,
     init_from_pca_,
@@ -66,11 +66,9 @@ def measure(args: argparse.Namespace) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     cfg = KVCompress(budget=1.0, train_steps=args.train_steps, v_init=args.v_init)
     if args.v_init == "vo":
-        from llmsurgery.passes.absorb_decompose import Absorb, absorb_decompose_, v_input_covariances
+        from llmsurgery.passes.absorb.maths import Truncation, absorb_decompose_
 
-        absorb_decompose_(
-            model, v_input_covariances(model, calibration_batches(tok, cfg.calib)), Absorb(calib=cfg.calib)
-        )
+        absorb_decompose_(model, Truncation(), batches=calibration_batches(tok, cfg.calib))
     windows = {
         "eval": document_windows(tok, evaluation_documents("news")[: args.docs], max_tokens=args.max_tokens),
         "pca": calibration_batches(tok, cfg.calib),

@@ -6,7 +6,7 @@
 2. Runs each pass with `llmsurgery` under `../shared/tools/memcap LIMIT` (a memory cgroup; page cache is
    reclaimed under the cap, the command is killed if its own memory needs more): peak anonymous memory,
    wall time, exit code, output size and dtype.
-3. In this process: BI scoring (`streamed_residuals`) against a plain layer-by-layer forward over the same
+3. In this process: BI scoring (`residual_stats`) against a plain layer-by-layer forward over the same
    calibration tokens (the same streaming loop without the statistics), measured plain, BI, plain.
 
     python benchmarks/large_model.py [--dir /tmp/llama7b] [--cap 3G] [--samples 2] [--seq-len 128] [--json FILE]
@@ -149,7 +149,7 @@ def bi_against_plain(folder: Path, samples: int, seq_len: int) -> dict:
     """Seconds of BI scoring and of a plain layer-by-layer forward over the same windows (plain, BI, plain)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmsurgery.passes.block_influence import streamed_residuals
+    from llmsurgery.passes.prune_bi.maths import residual_stats
 
     config = AutoConfig.from_pretrained(folder)
     windows = calibration_batches(
@@ -172,7 +172,7 @@ def bi_against_plain(folder: Path, samples: int, seq_len: int) -> dict:
     first = plain()
     streamed = StreamedModel(folder, config, torch.bfloat16)
     started = time.perf_counter()
-    streamed_residuals(streamed, windows)
+    residual_stats(streamed, windows)
     bi = time.perf_counter() - started
     second = plain()
     return {"plain_seconds": [first, second], "bi_seconds": bi, "ratio": bi / ((first + second) / 2)}

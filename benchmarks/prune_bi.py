@@ -6,7 +6,7 @@ Measures, in one run, for one model (a built-in name, a folder, a .gguf or a hub
    own window (BOS + its tokens, truncated to 1024 tokens), perplexity = exp(total NLL / predicted
    tokens). Rows: the dense model; N lowest-BI layers removed (``score_layers``); N random layers
    removed (median and every draw, seeded); the last N layers removed.
-2. The wall time of Block-Influence scoring (``capture_residuals`` over the calibration batches) as
+2. The wall time of Block-Influence scoring (``residual_stats`` over the calibration batches) as
    a ratio to one plain forward pass of the full causal LM over the same windows (one window at a
    time, ``torch.no_grad``), timed side by side, best of 3 each. Target: at most 1.3x.
 
@@ -34,7 +34,7 @@ from llmsurgery.arch import decoder_layers
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import PruneBI, capture_residuals, remove_layers_, score_layers
+from llmsurgery.passes.prune_bi.maths import remove_layers_, residual_stats, score_layers
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 TARGET_RATIO = 1.3
@@ -66,7 +66,7 @@ def time_scoring(model: torch.nn.Module, batches: torch.Tensor, repeats: int = 3
     """Best-of-`repeats` seconds of BI scoring and of a plain forward, interleaved."""
     bi, fwd = [], []
     for _ in range(repeats):
-        bi.append(wall(lambda: capture_residuals(model, batches)))
+        bi.append(wall(lambda: residual_stats(model, batches)))
         fwd.append(wall(lambda: plain_forward(model, batches)))
     return {"bi_s": min(bi), "forward_s": min(fwd), "ratio": min(bi) / min(fwd)}
 
@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace) -> dict:
     n_layers = len(decoder_layers(model))
     windows = document_windows(tok, evaluation_documents("news"))
     batches = calibration_batches(tok, CalibConfig(source="news", samples=8, seq_len=512, seed=args.seed))
-    scores, bi_layers = score_layers(model, batches, PruneBI(remove=args.remove))
+    scores, bi_layers = score_layers(model, batches, args.remove)
     rng = random.Random(args.seed)
     draws = [sorted(rng.sample(range(n_layers), args.remove)) for _ in range(args.draws)]
     last = list(range(n_layers - args.remove, n_layers))

@@ -23,7 +23,8 @@ from rich.table import Table
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.larosa import RotateSparsify, rotate_sparsify_
+from llmsurgery.passes import RotateSparsify
+from llmsurgery.passes.rotate_sparsify.maths import rotate_sparsify_
 from llmsurgery.perplexity import document_windows, token_perplexity
 
 

@@ -37,7 +37,8 @@ from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.llmsurgery_sparse_kernel import kernel_status, load_kernel
 from llmsurgery.modeling.modeling_llmsurgery import sparse_kernel_calls
-from llmsurgery.passes.larosa import RotateSparsify, rotate_sparsify_
+from llmsurgery.passes import RotateSparsify
+from llmsurgery.passes.rotate_sparsify.maths import rotate_sparsify_
 
 SPARSITY = 0.4
 

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn as nn
 
-from .arch import arch_for, get_submodule
-from .console import track
-from .corpora import source_documents
+from .corpora import CalibConfig, source_documents
 from .errors import UserError
-from .passes.base import CalibConfig
 
 
 def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
@@ -71,30 +65,3 @@ class Calibration:
 
     def windows(self, cfg: CalibConfig) -> torch.Tensor:
         return calibration_batches(self.tokenizer, cfg)
-
-
-@torch.no_grad()
-def observe_inputs(
-    model: nn.Module,
-    batches: torch.Tensor,
-    modules: list[nn.Module],
-    on_input: Callable[[int, torch.Tensor], None],
-    description: str,
-) -> None:
-    """Run the base model (no LM head) over each window; `on_input(i, x)` sees the first input of `modules[i]`.
-
-    The hooks are removed afterwards, also when a window fails. With no modules, this only runs the
-    windows (for passes whose patched modules collect statistics themselves).
-    """
-    handles = [
-        module.register_forward_pre_hook(lambda _m, args, i=i: on_input(i, args[0]))
-        for i, module in enumerate(modules)
-    ]
-    base = get_submodule(model, arch_for(model).layers.rpartition(".")[0])
-    device = next(model.parameters()).device
-    try:
-        for window in track(batches, description, total=len(batches)):
-            base(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()

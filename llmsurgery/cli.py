@@ -464,6 +464,8 @@ def command_recipe(job) -> str:
 
     data = {"version": 1, "model": job.model, "dtype": job.dtype, "device": job.device}
     data |= {"trust-remote-code": True} if job.trust_remote_code else {}
+    data |= {"stream": job.stream} if job.stream != "auto" else {}
+    data |= {"fsdp": True} if job.fsdp else {}
     data["passes"] = [cfg.recipe_entry() for cfg in job.passes]
     if job.eval:
         data["eval"] = {"tasks": list(job.eval.tasks)} | ({"limit": job.eval.limit} if job.eval.limit else {})

@@ -19,6 +19,9 @@ import json
 import re
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import defaults
 from .errors import UserError, first_line
 
 BUILTIN_CORPORA = ("news", "pydoc")
@@ -180,3 +183,23 @@ def source_documents(source: str) -> list[str]:
         return _hub_documents(source)
     check_source(source)
     return file_documents(Path(source).expanduser())
+
+
+class CalibConfig(BaseModel):
+    """Which token windows a pass draws: source, count, length and the seed choosing them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    source: str = "news"
+    samples: int = Field(8, gt=0, le=defaults.MAX_WINDOWS)
+    seq_len: int = Field(512, gt=1, le=defaults.MAX_SEQ_LEN)
+    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        try:
+            check_source(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value

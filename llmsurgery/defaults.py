@@ -18,6 +18,7 @@ HEAL_LR = 3e-4
 HEAL_BATCH_SIZE = 2
 HEAL_TRAIN = ("norms", "mlp-near-gaps")
 HEAL_WINDOWS = (200, 256)
+HEAL_HELD_OUT_WINDOWS = 4  # after the training ones: the KL there decides whether the new weights stay
 
 # Upper bounds on the integer knobs: beyond them a value is a typo, not a plan (and would overflow torch's int64).
 MAX_SEED = 2**62  # seeds of the train/search/heal windows are offset from the one given

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import defaults
 from .errors import UserError
@@ -30,6 +38,12 @@ CALIBRATION_DEFAULTS = {
     "seq-len": "calib-seq-len",
     "seed": "seed",
 }
+
+
+def yaml_word(value):
+    """YAML reads on/off, yes/no and true/false as booleans: a job option that takes a word gets the word back
+    (true: on, false: off), so `stream: on` means what it says."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class _Strict(BaseModel):
@@ -111,7 +125,7 @@ class Recipe(_Strict):
         description="auto keeps the checkpoint's dtype (bfloat16 stays bfloat16); or float32, bfloat16, float16",
     )
     device: str = Field("cpu", description="cpu, cuda or auto")
-    stream: Literal["auto", "on", "off"] = Field(
+    stream: Annotated[Literal["auto", "on", "off"], BeforeValidator(yaml_word)] = Field(
         "auto",
         description="on: one decoder layer in memory at a time (one streamable pass); auto: for large checkpoints",
     )

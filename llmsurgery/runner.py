@@ -179,7 +179,7 @@ def apply_passes(
     from .model_io import pass_record
 
     if any(getattr(cfg, "teacher", "") is None and i > 0 for i, cfg in enumerate(passes)):
-        from .passes.distill import shared_copy
+        from .passes.heal.maths import shared_copy
 
         loaded.original = shared_copy(loaded.model)
     calibration = Calibration(loaded.tokenizer)
@@ -190,7 +190,7 @@ def apply_passes(
             so_far = {"passes": [*loaded.history.get("passes", []), *loaded.pending]}
             loaded.pending.append(
                 pass_record(
-                    cfg.record_name, cfg.record(), report.record(), time.perf_counter() - started, so_far
+                    cfg.name, cfg.record(), report.record(), time.perf_counter() - started, so_far
                 )
             )
             if on_report is not None:
@@ -474,7 +474,7 @@ def run_streamed(job: Job, checked: Checked, on_report=None) -> Outcome:
         seconds = time.perf_counter() - started
         if on_report is not None:
             on_report(cfg, report)
-        return [pass_record(cfg.record_name, cfg.record(), report.record(), seconds, history)]
+        return [pass_record(cfg.name, cfg.record(), report.record(), seconds, history)]
 
     try:
         if job.dry_run or job.output is None:

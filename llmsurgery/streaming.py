@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .layer_walk import record_layer_inputs, recorders
 
 INDEX_FILE = "model.safetensors.index.json"
 STREAM_SHARD_BYTES = 512 << 20  # a shard is built in memory before it is written: 512 MiB at most
@@ -83,25 +84,14 @@ class LazyCheckpoint:
         return self.get(next(iter(self.weight_map))).dtype
 
 
-class _Recorder(nn.Module):
-    """Stands in for decoder layer i: records what the model hands the layer, returns its input unchanged."""
-
-    def __init__(self, index: int, sink: list, attention_type: str | None) -> None:
-        super().__init__()
-        self.index, self.sink = index, sink
-        if attention_type is not None:
-            self.attention_type = attention_type
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.sink.append((self.index, hidden_states if self.index == 0 else None, args, kwargs))
-        return hidden_states
-
-
 class StreamedModel:
     """A checkpoint run layer by layer: `layer_inputs` records the windows' arguments, `load_layer(i)` builds layer i.
 
-    `config` is the output's config: streamed passes change it as they change the layers.
+    `config` is the output's config: streamed passes change it as they change the layers. `layer_walk.walk_layers`
+    walks it as it walks a model in memory (`layer_walk.ModelLayers`).
     """
+
+    streamed = True
 
     def __init__(self, folder: Path, config, dtype: torch.dtype, device: str = "cpu") -> None:
         from transformers import AutoModel
@@ -122,29 +112,11 @@ class StreamedModel:
             self.skeleton = AutoModel.from_config(copy.deepcopy(config), dtype=dtype)
         self.base.to(device)
         self.sink: list = []
-        types = getattr(config, "layer_types", None) or [None] * self.n_layers
-        self.base.layers = nn.ModuleList([_Recorder(i, self.sink, types[i]) for i in range(self.n_layers)])
+        self.base.layers = recorders(self.n_layers, self.sink, config)
 
-    @torch.no_grad()
     def layer_inputs(self, windows: torch.Tensor) -> tuple[list[torch.Tensor], list[list[tuple]]]:
         """(hidden states entering layer 0 per window, per window and layer the other arguments the layer gets)."""
-        hidden, arguments = [], []
-        for window in windows:
-            self.sink.clear()
-            self.base(input_ids=window.unsqueeze(0).to(self.device), use_cache=False)
-            hidden.append(self.sink[0][1])
-            arguments.append([(args, kwargs) for _, _, args, kwargs in self.sink])
-        return hidden, arguments
-
-    @torch.no_grad()
-    def run_windows(self, i: int, layer: nn.Module, hidden: list, arguments: list, each=None) -> None:
-        """Every window through layer i (`hidden` updated in place); `each(x, y)` sees each input and output."""
-        for w, x in enumerate(hidden):
-            args, kwargs = arguments[w][i]
-            out = layer(x, *args, **kwargs)
-            hidden[w] = out[0] if isinstance(out, tuple) else out
-            if each is not None:
-                each(x, hidden[w])
+        return record_layer_inputs(self.base, self.sink, windows, self.device)
 
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer i with its weights read from the checkpoint, on the device, in the compute dtype."""

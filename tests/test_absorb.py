@@ -7,7 +7,8 @@ from helpers import PROMPT, logits_of, run_cli
 from llmsurgery.arch import decoder_layers
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model, save_model
-from llmsurgery.passes.absorb_decompose import Absorb, absorb_decompose_, absorb_vo_group, v_input_covariances
+from llmsurgery.passes import Absorb
+from llmsurgery.passes.absorb.maths import absorb_decompose_, absorb_vo_group, v_input_covariances
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 
@@ -20,7 +21,7 @@ def _absorbed(folder, **knobs):
         if cfg.needs_calibration
         else None
     )
-    report = absorb_decompose_(loaded.model, covs, cfg)
+    report = absorb_decompose_(loaded.model, cfg, covs=covs)
     return loaded, report
 
 
@@ -204,7 +205,7 @@ def test_cli_dry_run_writes_nothing_and_absorb_composes_with_prune(tiny_models, 
         == 0
     )
     history = json.loads((tmp_path / "both" / "llmsurgery_history.json").read_text())
-    assert [p["pass"] for p in history["passes"]] == ["block_influence", "absorb"]
+    assert [p["pass"] for p in history["passes"]] == ["prune-bi", "absorb"]
     config = json.loads((tmp_path / "both" / "config.json").read_text())
     assert len(config["attention_layout"]) == 4 and all(
         layout["v"] == [12, 12] for layout in config["attention_layout"]

@@ -8,13 +8,7 @@ from helpers import PROMPT, logits_of, run_cli, stock_load
 from llmsurgery.arch import arch_for, decoder_layers, get_submodule
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import (
-    PruneBI,
-    capture_residuals,
-    choose_layers,
-    remove_layers_,
-    score_layers,
-)
+from llmsurgery.passes.prune_bi.maths import choose_layers, remove_layers_, residual_stats, score_layers
 
 CALIB = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 
@@ -32,7 +26,7 @@ def _independent_residuals(model, batches):
 def test_scores_match_the_definition(tiny_model):
     loaded = load_model(str(tiny_model))
     batches = calibration_batches(loaded.tokenizer, CALIB)
-    scores, removed = score_layers(loaded.model, batches, PruneBI(remove=2, calib=CALIB))
+    scores, removed = score_layers(loaded.model, batches, 2)
     states = _independent_residuals(loaded.model, batches)
     n_layers = len(states[0]) - 1
     expected = []
@@ -51,8 +45,7 @@ def test_scores_match_the_definition(tiny_model):
 def test_angular_block_matches_definition(tiny_models):
     loaded = load_model(str(tiny_models["llama"]))
     batches = calibration_batches(loaded.tokenizer, CALIB)
-    cfg = PruneBI(remove=2, metric="angular", block=True, calib=CALIB)
-    scores, removed = score_layers(loaded.model, batches, cfg)
+    scores, removed = score_layers(loaded.model, batches, 2, metric="angular", block=True)
     states = _independent_residuals(loaded.model, batches)
     expected = []
     for start in range(len(states[0]) - 2):
@@ -70,8 +63,8 @@ def test_angular_block_matches_definition(tiny_models):
 
 def test_bi_block_is_contiguous(tiny_models):
     loaded = load_model(str(tiny_models["llama"]))
-    capture = capture_residuals(loaded.model, calibration_batches(loaded.tokenizer, CALIB))
-    _, removed = choose_layers(PruneBI(remove=3, block=True, calib=CALIB), capture, 6)
+    capture = residual_stats(loaded.model, calibration_batches(loaded.tokenizer, CALIB))
+    _, removed = choose_layers(capture, 3, block=True)
     assert removed == list(range(removed[0], removed[0] + 3))
 
 
@@ -124,7 +117,7 @@ def test_error_grows_with_layers_removed(tiny_models):
             for path in (spec.o_proj, spec.down_proj):
                 get_submodule(layer, path).weight.mul_(0.1)
     batches = calibration_batches(loaded.tokenizer, CALIB)
-    capture = capture_residuals(loaded.model, batches)
+    capture = residual_stats(loaded.model, batches)
 
     def final_hidden(model):
         with torch.no_grad():
@@ -133,7 +126,7 @@ def test_error_grows_with_layers_removed(tiny_models):
     dense = final_hidden(loaded.model)
     errors = []
     for n in (1, 3, 5):
-        _, removed = choose_layers(PruneBI(remove=n, calib=CALIB), capture, 6)
+        _, removed = choose_layers(capture, n)
         pruned = copy.deepcopy(loaded.model)
         remove_layers_(pruned, removed)
         errors.append(((final_hidden(pruned) - dense).norm() / dense.norm()).item())

@@ -195,7 +195,7 @@ def _one_step_gradients(rank: int, world: int, model: str, out: str) -> None:
 
     from llmsurgery import data_parallel
     from llmsurgery.model_io import load_model
-    from llmsurgery.passes import matryoshka_kv as kv
+    from llmsurgery.passes.kv_compress import maths as kv
 
     torch.set_num_threads(1)
     if world > 1:

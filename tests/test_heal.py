@@ -7,8 +7,8 @@ from helpers import PROMPT, run_cli, stock_load
 
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import remove_layers_
-from llmsurgery.passes.distill import gap_neighbours, removed_from_history
+from llmsurgery.passes.heal.maths import gap_neighbours, removed_from_history
+from llmsurgery.passes.prune_bi.maths import remove_layers_
 from llmsurgery.perplexity import document_windows
 
 CALIB = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48")
@@ -41,9 +41,9 @@ def test_gap_neighbours_and_removed_from_history():
     assert gap_neighbours([5], 6) == [4]
     history = {
         "passes": [
-            {"pass": "block_influence", "report": {"removed_layers": [1], "layers_before": 6}},
+            {"pass": "block_influence", "report": {"removed_layers": [1], "layers_before": 6}},  # an old record
             {"pass": "absorb", "report": {}},
-            {"pass": "block_influence", "report": {"removed_layers": [1, 3], "layers_before": 5}},
+            {"pass": "prune-bi", "report": {"removed_layers": [1, 3], "layers_before": 5}},
         ]
     }
     assert removed_from_history(history) == ([1, 2, 4], 6)  # second prune's 1 and 3 are the original 2 and 4
@@ -141,7 +141,7 @@ def test_prune_heal_in_one_go_equals_prune_then_heal(tiny_models, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     passes = [p["pass"] for p in json.loads((both / "llmsurgery_history.json").read_text())["passes"]]
-    assert passes == ["block_influence", "heal"]
+    assert passes == ["prune-bi", "heal"]
 
 
 def test_removed_layers_found_by_weights_and_unpruned_model_healed_all_the_same(tiny_models, tmp_path):
@@ -269,7 +269,7 @@ def test_heal_in_a_recipe_distils_towards_the_input_model(tiny_models, tmp_path)
     result = run_cli("run", path, "--output", tmp_path / "out")
     assert result.exit_code == 0, result.output
     passes = json.loads((tmp_path / "out" / "llmsurgery_history.json").read_text())["passes"]
-    assert [p["pass"] for p in passes] == ["block_influence", "heal"]
+    assert [p["pass"] for p in passes] == ["prune-bi", "heal"]
     assert passes[1]["report"]["removed_layers"] == sorted(passes[0]["report"]["removed_layers"])
     assert passes[1]["report"]["teacher"] == "the input model" and passes[1]["input_passes"] == 1
     recipe["passes"][0] = {"pass": "absorb", "keep-ratio": 0.75}

@@ -9,8 +9,8 @@ from llmsurgery.arch import arch_for, decoder_layers, get_submodule
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model
 from llmsurgery.modeling.modeling_llmsurgery import keep_top_k
-from llmsurgery.passes.larosa import (
-    RotateSparsify,
+from llmsurgery.passes import RotateSparsify
+from llmsurgery.passes.rotate_sparsify.maths import (
     normed_input_covariances,
     principal_rotation,
     rotate_sparsify_,
@@ -179,7 +179,7 @@ def test_folds_by_blocks_equal_whole_matrices(monkeypatch):
     import torch.nn as nn
 
     from llmsurgery.arch import arch_for_model_type
-    from llmsurgery.passes import larosa
+    from llmsurgery.passes.rotate_sparsify import maths as larosa
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(50, 16, generator=gen)

@@ -6,7 +6,8 @@ from helpers import PROMPT, logits_of, run_cli
 
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model, save_model
-from llmsurgery.passes.matryoshka_kv import KVCompress, cayley, kv_compress_, principal_basis
+from llmsurgery.passes import KVCompress
+from llmsurgery.passes.kv_compress.maths import cayley, kv_compress_, principal_basis
 
 PCA = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 TRAIN = CalibConfig(source="pydoc", samples=6, seq_len=32, seed=1)
@@ -114,7 +115,7 @@ def test_training_lowers_the_loss_and_search_meets_the_budget(tiny_models):
 
 
 def test_search_beats_uniform_ranks_on_held_out_search_windows(tiny_models):
-    from llmsurgery.passes.matryoshka_kv import (
+    from llmsurgery.passes.kv_compress.maths import (
         MatryoshkaState,
         _total_kl,
         attach_,
@@ -170,7 +171,7 @@ def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
     )
     assert result.exit_code == 0, result.output
     history = json.loads((out / "llmsurgery_history.json").read_text())["passes"][-1]
-    assert history["pass"] == "kv_compress" and len(history["report"]["loss_curve"]) == 4
+    assert history["pass"] == "kv-compress" and len(history["report"]["loss_curve"]) == 4
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -206,7 +207,7 @@ def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):
 def test_step_gates_reproduce_the_ranks_and_their_gradients_are_the_kl_slope(tiny_models):
     """The search's first-order profile: gates at the current ranks give the truncated model exactly, and
     the estimate for each step is minus the KL's derivative along its gate (checked by central differences)."""
-    from llmsurgery.passes.matryoshka_kv import (
+    from llmsurgery.passes.kv_compress.maths import (
         MatryoshkaState,
         _step_gradients,
         _total_kl,

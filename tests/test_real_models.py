@@ -12,7 +12,7 @@ from helpers import logits_of, run_cli, stock_load
 from llmsurgery.builtin_tasks import task_dir
 from llmsurgery.corpora import evaluation_documents
 from llmsurgery.model_io import load_model
-from llmsurgery.passes.block_influence import remove_layers_
+from llmsurgery.passes.prune_bi.maths import remove_layers_
 
 pytestmark = pytest.mark.real
 PROMPT = "The prime minister said on Tuesday that the government"
@@ -136,7 +136,8 @@ def test_rotate_sparsify_smollm2_beats_magnitude(smollm2, tmp_path):
     import copy
 
     from llmsurgery.calibration import CalibConfig, calibration_batches
-    from llmsurgery.passes.larosa import RotateSparsify, rotate_sparsify_
+    from llmsurgery.passes import RotateSparsify
+    from llmsurgery.passes.rotate_sparsify.maths import rotate_sparsify_
     from llmsurgery.perplexity import document_windows, token_perplexity
 
     windows = document_windows(smollm2.tokenizer, evaluation_documents("news")[:8], max_tokens=256)
@@ -183,7 +184,8 @@ def test_absorb_smollm2_beats_vanilla_and_runs_everywhere(smollm2, tmp_path):
     import copy
 
     from llmsurgery.calibration import CalibConfig, calibration_batches
-    from llmsurgery.passes.absorb_decompose import Absorb, absorb_decompose_, v_input_covariances
+    from llmsurgery.passes import Absorb
+    from llmsurgery.passes.absorb.maths import absorb_decompose_, v_input_covariances
     from llmsurgery.perplexity import document_windows, token_perplexity
 
     windows = document_windows(smollm2.tokenizer, evaluation_documents("news")[:8], max_tokens=256)
@@ -194,7 +196,7 @@ def test_absorb_smollm2_beats_vanilla_and_runs_everywhere(smollm2, tmp_path):
     for keep in (0.875, 0.75):
         for criterion in ("whitened", "norm"):
             model = copy.deepcopy(smollm2.model)
-            absorb_decompose_(model, covs, Absorb(criterion=criterion, keep_ratio=keep, calib=calib))
+            absorb_decompose_(model, Absorb(criterion=criterion, keep_ratio=keep, calib=calib), covs=covs)
             ppl[criterion, keep] = token_perplexity(model, windows)
     assert dense < ppl["whitened", 0.875] < ppl["whitened", 0.75]
     assert (
@@ -226,8 +228,8 @@ def test_kv_compress_smollm2_training_helps_and_cache_shrinks(smollm2, tmp_path)
     import copy
 
     from llmsurgery.calibration import CalibConfig, calibration_batches
-    from llmsurgery.passes.matryoshka_kv import (
-        KVCompress,
+    from llmsurgery.passes import KVCompress
+    from llmsurgery.passes.kv_compress.maths import (
         MatryoshkaState,
         attach_,
         detach_,
@@ -317,4 +319,4 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     reports = namespace["reports"]
     assert len(reports[0].removed_layers) == 7 and 0 < reports[1].attention_reduction < 0.2
     history = json.loads((tmp_path / "smollm2-api" / "llmsurgery_history.json").read_text())
-    assert [p["pass"] for p in history["passes"]] == ["block_influence", "absorb"]
+    assert [p["pass"] for p in history["passes"]] == ["prune-bi", "absorb"]

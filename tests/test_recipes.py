@@ -147,7 +147,7 @@ def test_saved_recipe_reproduces_the_output_bit_for_bit(tiny_models, tmp_path):
     saved = first / "llmsurgery_recipe.yaml"
     assert yaml.safe_load(saved.read_text())["passes"][1]["keep-ratio"] == 0.75
     history = json.loads((first / "llmsurgery_history.json").read_text())
-    assert [p["pass"] for p in history["passes"]] == ["block_influence", "absorb"]
+    assert [p["pass"] for p in history["passes"]] == ["prune-bi", "absorb"]
     second = tmp_path / "second"
     result = run_cli("run", saved, "--output", second)
     assert result.exit_code == 0, result.output
@@ -218,3 +218,30 @@ def test_recipe_schema_documents_every_pass_option_with_its_bounds():
                 ), f"{name}.{option} has no bounds: {prop}"
     # and the command line reads the same fields: a default changed in the config shows in --help
     assert "[default: 40]" in run_cli("rotate-sparsify", "--help").output.replace("\n", " ").replace("│", "")
+
+
+@pytest.mark.parametrize("word, means", [("on", "on"), ("off", "off"), ("yes", "on"), ("true", "on")])
+def test_yaml_booleans_mean_the_word_the_user_wrote(word, means):
+    """YAML 1.1 reads `stream: on` as a boolean; the recipe takes it as the word."""
+    from llmsurgery.recipe import load_yaml, parse_recipe
+
+    data = load_yaml(
+        f"version: 1\nmodel: m\nstream: {word}\npasses:\n  - pass: prune-bi\n    remove: 1\n", "r"
+    )
+    assert data["stream"] in (True, False)  # what YAML made of it
+    assert parse_recipe(data).stream == means
+
+
+def test_a_streamed_command_saves_a_recipe_that_streams(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    args = ["--remove", "2", "--calib", "pydoc", "--calib-samples", "2", "--calib-seq-len", "32"]
+    assert (
+        run_cli("prune", "--bi", tiny_models["llama"], *args, "--stream", "on", "--output", out).exit_code
+        == 0
+    )
+    saved = yaml.safe_load((out / "llmsurgery_recipe.yaml").read_text())
+    assert saved["stream"] in ("on", True)
+    again = tmp_path / "again"
+    result = run_cli("run", out / "llmsurgery_recipe.yaml", "--output", again)
+    assert result.exit_code == 0, result.output
+    assert load_file(again / "model.safetensors").keys() == load_file(out / "model.safetensors").keys()

@@ -43,7 +43,7 @@ def test_streamed_prune_is_the_in_memory_prune(tiny_model, tmp_path):
         logits_of(stock_load(tmp_path / "whole")), logits_of(stock_load(tmp_path / "streamed"))
     )
     history = json.loads((tmp_path / "streamed" / "llmsurgery_history.json").read_text())
-    assert [p["pass"] for p in history["passes"]] == ["block_influence"]
+    assert [p["pass"] for p in history["passes"]] == ["prune-bi"]
 
 
 def _streamed_equals_whole(folder, *command) -> tuple[dict, dict]:

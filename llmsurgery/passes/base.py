@@ -15,32 +15,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .. import defaults
-from ..errors import UserError
+from ..corpora import CalibConfig
 
 CALIBRATION = "Calibration"  # the --help panel of the calibration options
 CALIB_SOURCE_HELP = "calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD]"
-
-
-class CalibConfig(BaseModel):
-    """Which token windows a pass draws: source, count, length and the seed choosing them."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    source: str = "news"
-    samples: int = Field(8, gt=0, le=defaults.MAX_WINDOWS)
-    seq_len: int = Field(512, gt=1, le=defaults.MAX_SEQ_LEN)
-    seed: int = Field(0, ge=0, lt=defaults.MAX_SEED)
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value: str) -> str:
-        from ..corpora import check_source
-
-        try:
-            check_source(value)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
-        return value
 
 
 def _comma_list(value: Any) -> Any:
@@ -75,6 +53,19 @@ def seq_len_field(default: int, what: str, alias: str, panel: str | None = CALIB
     )
 
 
+# What earlier versions wrote in the history for the passes named otherwise there; they still read.
+OLD_RECORD_NAMES = {
+    "block_influence": "prune-bi",
+    "rotate_sparsify": "rotate-sparsify",
+    "kv_compress": "kv-compress",
+}
+
+
+def record_pass(record: dict) -> str:
+    """The pass a history record names, by its name today."""
+    return OLD_RECORD_NAMES.get(record.get("pass"), record.get("pass"))
+
+
 @dataclass
 class CheckContext:
     """What a pass may check before any weight loads."""
@@ -97,13 +88,13 @@ class Report(BaseModel):
 class PassConfig(BaseModel):
     """One pass's settings. Subclasses add `pass_` (the pass's name), their knobs and `apply_`.
 
-    Class attributes: `record_name`, the pass's name in the history; `whole_model`, whether the pass
-    needs every layer in memory at once (training through the whole network) rather than one at a time.
+    The pass's name (`pass_`) is its name in recipes and in the history. Class attributes: `whole_model`,
+    whether the pass needs every layer in memory at once (training through the whole network) rather than one
+    at a time.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
 
-    record_name: ClassVar[str]
     whole_model: ClassVar[bool] = False
     trains: ClassVar[bool] = (
         False  # takes gradient steps (data parallel splits them; --fsdp shards the model)

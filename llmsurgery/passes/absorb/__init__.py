@@ -9,9 +9,9 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .. import defaults
-from ..errors import UserError
-from .base import CheckContext, CommaList, PassConfig, Report, windows_field
+from ... import defaults
+from ...errors import UserError
+from ..base import CheckContext, CommaList, PassConfig, Report, windows_field
 
 
 class AbsorbLayer(Report):
@@ -39,7 +39,6 @@ class AbsorbReport(Report):
 class Absorb(PassConfig):
     """Re-factor each KV head's V-O product by SVD and drop its weakest directions (and, with qk, RoPE pairs)."""
 
-    record_name: ClassVar[str] = "absorb"
     streamable: ClassVar[bool] = True
     saved_as: ClassVar[str] = "absorbed model"
 
@@ -101,29 +100,22 @@ class Absorb(PassConfig):
         }
 
     def apply_(self, model, calibration, dry_run: bool = False) -> AbsorbReport:
-        from .absorb_decompose import absorb_decompose_, v_input_covariances
+        from .maths import absorb_decompose_
 
         batches = calibration.windows(self.calib) if self.needs_calibration else None
-        covs = None if batches is None else v_input_covariances(model.model, batches)
-        report = absorb_decompose_(model.model, covs, self, apply=not dry_run)
-        return AbsorbReport(**report, calibration_tokens=None if batches is None else int(batches.numel()))
+        return AbsorbReport(**absorb_decompose_(model.model, self, batches=batches, apply=not dry_run))
 
     def apply_streamed_(self, streamed, calibration, writer=None) -> AbsorbReport:
         """One layer at a time (its v_proj covariance from the windows passing through it); writes each layer."""
-        from ..modeling import use_surgery_modeling_
-        from .absorb_decompose import streamed_absorb
+        from .maths import absorb_decompose_
 
-        check_absorbable(streamed.config.model_type, self, streamed.config.to_dict())
         batches = calibration.windows(self.calib) if self.needs_calibration else None
-        report, layouts = streamed_absorb(streamed, batches, self, writer)
-        if writer is not None:
-            streamed.config.attention_layout = layouts
-            use_surgery_modeling_(streamed.config)
-        return AbsorbReport(**report, calibration_tokens=None if batches is None else int(batches.numel()))
+        report = absorb_decompose_(streamed, self, batches=batches, apply=writer is not None, writer=writer)
+        return AbsorbReport(**report)
 
 
 def check_absorbable(model_type: str, cfg: Absorb, config: dict | None = None) -> None:
-    from ..arch import arch_for_model_type
+    from ...arch import arch_for_model_type
 
     kv_compressed = any(layout.get("k") for layout in (config or {}).get("attention_layout") or [])
     if "qk" in cfg.pairs and kv_compressed:

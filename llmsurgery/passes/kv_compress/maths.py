@@ -31,15 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import data_parallel, sharding
-from ..arch import arch_for, decoder_layers, get_submodule
-from ..calibration import observe_inputs
-from ..console import stepper, track
-from ..errors import UserError
-from ..modeling import use_surgery_modeling_
-from ..modeling.modeling_llmsurgery import full_layout, reshape_attention_
-from ..training import cycled_batch, take_step, warmup_cosine
-from .kv_compress import KVCompress, check_compressible
+from ... import data_parallel, sharding
+from ...arch import arch_for, decoder_layers, get_submodule
+from ...console import stepper
+from ...layer_walk import as_layers, walk_layers
+from ...modeling import use_surgery_modeling_
+from ...modeling.modeling_llmsurgery import full_layout, reshape_attention_
+from ...training import cycled_batch, take_step, warmup_cosine
 
 
 def cayley(x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +210,7 @@ def detach_(saved: list) -> None:
 def init_from_pca_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, v_identity: bool) -> None:
     """Means and PCA bases of post-RoPE keys and of values per (layer, KV head)."""
     state.stats, state.project = {}, False
-    observe_inputs(model, windows, [], lambda i, x: None, "Collecting key/value statistics")
+    walk_layers(as_layers(model), windows, lambda i, layer, run: run(), "Collecting key/value statistics")
     stats, state.stats = state.stats, None
     init_from_stats_(state, stats, v_identity)
 
@@ -265,7 +263,7 @@ def matryoshka_loss(
     return 0.25 * _kl(teacher, logits) + 0.75 * lm
 
 
-def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg: KVCompress) -> list[float]:
+def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg) -> list[float]:
     """Matryoshka distillation of the projections and means only; returns the loss per step.
 
     Under FSDP the frozen model runs as a sharded copy; the projections stay whole on every process and
@@ -448,11 +446,12 @@ def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
     standard-loadable one."""
     state.set_ranks(ranks)
     state.refresh_bases()
-    spec = arch_for(model)
-    layouts = [
-        fold_layer_(get_submodule(layer, spec.attn), state, ranks, i, model.config)
-        for i, layer in enumerate(decoder_layers(model))
-    ]
+    spec, layouts = arch_for(model), []
+
+    def visit(i: int, layer: nn.Module, run) -> None:
+        layouts.append(fold_layer_(get_submodule(layer, spec.attn), state, ranks, i, model.config))
+
+    walk_layers(as_layers(model), None, visit, "Folding projections")
     model.config.attention_layout = layouts
     use_surgery_modeling_(model.config)
     state._bases = {}
@@ -507,24 +506,19 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
     return attn.attention_layout
 
 
-def kv_compress_(model: nn.Module, cfg: KVCompress, batches: dict[str, torch.Tensor]) -> dict:
+def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor]) -> dict:
     """The whole pass in place: init, optional training, ranks for the budget, folding. Returns the report.
 
     batches: "pca", "train" and "search" token windows ([N, T] each).
     """
     config = model.config
-    check_compressible(config.to_dict())
     spec = arch_for(model)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    step = cfg.rank_step or max(1, head_dim // 8)
-    if step > head_dim:
-        raise UserError(f"rank step {step} is larger than head_dim {head_dim}")
+    head_dim, step = cfg.head_dim_and_step(config.to_dict())
     report: dict = {"rank_step": step, "head_dim": head_dim}
-    if cfg.v_init == "vo":
-        from .absorb import Absorb
-        from .absorb_decompose import absorb_decompose_, v_input_covariances
+    if cfg.v_init == "vo":  # the whitened, exact V-O re-factorisation first (absorb's maths, at no knob)
+        from ..absorb.maths import Truncation, absorb_decompose_
 
-        absorb_decompose_(model, v_input_covariances(model, batches["pca"]), Absorb(calib=cfg.calib))
+        absorb_decompose_(model, Truncation(), batches=batches["pca"])
     layers = decoder_layers(model)
     v_widths = [
         list((getattr(get_submodule(layer, spec.attn), "attention_layout", None) or full_layout(config))["v"])
@@ -550,7 +544,7 @@ def kv_compress_(model: nn.Module, cfg: KVCompress, batches: dict[str, torch.Ten
     return report
 
 
-def kv_report(state: MatryoshkaState, ranks: dict, cfg: KVCompress) -> dict:
+def kv_report(state: MatryoshkaState, ranks: dict, cfg) -> dict:
     layers, d = len(state.v_widths), state.d
     return {
         "ranks_k": ranks["k"],
@@ -563,7 +557,7 @@ def kv_report(state: MatryoshkaState, ranks: dict, cfg: KVCompress) -> dict:
 
 
 @torch.no_grad()
-def streamed_kv_compress(streamed, windows: torch.Tensor, cfg: KVCompress, writer=None) -> dict:
+def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> dict:
     """`kv_compress_` without training, at uniform ranks, one decoder layer in memory at a time.
 
     Layer l runs the windows through the runtime attention (projections off) collecting its key/value
@@ -571,35 +565,29 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg: KVCompress, write
     with a `writer` it is folded at the uniform ranks and written. The windows go on through the unfolded layer.
     """
     config, spec = streamed.config, streamed.spec
-    check_compressible(config.to_dict())
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    step = cfg.rank_step or max(1, head_dim // 8)
+    head_dim, step = cfg.head_dim_and_step(config.to_dict())
     groups = config.num_key_value_heads
     state = MatryoshkaState(head_dim, [[head_dim] * groups for _ in range(streamed.n_layers)], step).to(
         streamed.device
     )
     ranks = uniform_ranks(state, cfg.budget)
     state.set_ranks(ranks)
-    hidden, arguments = streamed.layer_inputs(windows)
-    streamed.drop_embedding()
     layouts = []
-    for i in track(range(streamed.n_layers), "KV projections (streamed)", total=streamed.n_layers):
-        layer = streamed.load_layer(i)
+
+    def visit(i: int, layer: nn.Module, run) -> None:
         attn = get_submodule(layer, spec.attn)
         reshape_attention_(attn, full_layout(config))  # the runtime forward, at the layer's own widths
         attn.kv_projection = ProjectionHook(state, i)
         state.stats, state.project = {}, False
-        streamed.run_windows(i, layer, hidden, arguments)
+        run()
         stats, state.stats = state.stats, None
         del attn.kv_projection
         init_from_stats_(state, stats, v_identity=False)
         if writer is not None:
             state.refresh_bases(i)
             layouts.append(fold_layer_(attn, state, ranks, i, config))
-            for name, tensor in layer.state_dict().items():
-                writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
-            writer.settle()  # a large layer is written now, not held beside the next one
-        streamed.free_layer(i)
+
+    walk_layers(streamed, windows, visit, "KV projections", writer)
     state._bases = {}
     if writer is not None:
         config.attention_layout = layouts

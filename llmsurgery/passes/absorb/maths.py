@@ -29,18 +29,33 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..arch import arch_for, decoder_layers, get_submodule
-from ..calibration import observe_inputs
-from ..console import track
-from ..errors import UserError
-from ..modeling import use_surgery_modeling_
-from ..modeling.modeling_llmsurgery import full_layout, qk_widths, reshape_attention_
-from .absorb import Absorb, check_absorbable
+from ...arch import ArchSpec, get_submodule
+from ...errors import UserError
+from ...layer_walk import as_layers, observe_input, walk_layers
+from ...modeling import use_surgery_modeling_
+from ...modeling.modeling_llmsurgery import full_layout, qk_widths, reshape_attention_
 
 EXACT_RTOL = 1e-5  # singular values below this fraction of the largest count as zero (float32 weights)
 
 
-def kept_count(scores: torch.Tensor, current: int, cfg: Absorb, per: int = 1) -> int:
+@dataclass(frozen=True)
+class Truncation:
+    """What absorb keeps (the `absorb` pass's knobs; its config carries the same names): no knob keeps every
+    direction of nonzero singular value (exact)."""
+
+    threshold: float | None = None
+    keep_ratio: float | None = None
+    rank: int | None = None
+    pairs: tuple[str, ...] = ("vo",)
+    criterion: str = "whitened"
+    damp: float = 0.01
+
+    @property
+    def exact(self) -> bool:
+        return self.threshold is None and self.keep_ratio is None and self.rank is None
+
+
+def kept_count(scores: torch.Tensor, current: int, cfg, per: int = 1) -> int:
     """How many of `scores` (descending) to keep: the knob, never past the numerical rank, at least one.
 
     per: dims per scored item (2 for frequency pairs, so that `rank` counts dims).
@@ -57,23 +72,38 @@ def kept_count(scores: torch.Tensor, current: int, cfg: Absorb, per: int = 1) ->
     return max(1, min(wanted, nonzero, len(scores)))
 
 
-@torch.no_grad()
-def v_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, the mean of [x, 1]^T [x, 1] over calibration tokens of the v_proj input x, float64 [D+1, D+1]."""
-    layers = decoder_layers(model)
-    size = model.config.hidden_size + 1
-    sums = [torch.zeros(size, size, dtype=torch.float64) for _ in layers]
-    counts = [0] * len(layers)
+def v_input_covariance(layer: nn.Module, spec: ArchSpec, run) -> torch.Tensor:
+    """The mean of [x, 1]^T [x, 1] over the windows' tokens of the layer's v_proj input x, float64 [D+1, D+1];
+    `run` sends the windows through the layer (`layer_walk`)."""
+    size = get_submodule(layer, spec.v_proj).weight.shape[1] + 1
+    total, count = torch.zeros(size, size, dtype=torch.float64), 0
 
-    def accumulate(i: int, x: torch.Tensor) -> None:
+    def accumulate(x: torch.Tensor) -> None:
+        nonlocal total, count
         x = x.double().flatten(0, -2)  # x: [B*T, D]
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # [B*T, D+1]
-        sums[i] += (x.T @ x).cpu()
-        counts[i] += x.shape[0]
+        total += (x.T @ x).cpu()
+        count += x.shape[0]
 
-    v_projs = [get_submodule(layer, arch_for(model).v_proj) for layer in layers]
-    observe_inputs(model, batches, v_projs, accumulate, "Collecting covariances")
-    return [s / max(c, 1) for s, c in zip(sums, counts)]
+    handle = observe_input(get_submodule(layer, spec.v_proj), accumulate)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def v_input_covariances(model, batches: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, `v_input_covariance` over the batches (the model unchanged)."""
+    layers, covs = as_layers(model), []
+    walk_layers(
+        layers,
+        batches,
+        lambda i, layer, run: covs.append(v_input_covariance(layer, layers.spec, run)),
+        "Collecting covariances",
+    )
+    return covs
 
 
 def whitening_factor(cov: torch.Tensor, damp: float) -> torch.Tensor:
@@ -142,7 +172,7 @@ def plan_vo(
     attn: nn.Module,
     layout: dict,
     cov: torch.Tensor | None,
-    cfg: Absorb,
+    cfg,
     plan: LayerPlan,
     widths_wanted: list[int] | None = None,
 ) -> None:
@@ -191,7 +221,7 @@ def _row_energy(w: torch.Tensor, cov: torch.Tensor | None, bias: torch.Tensor | 
     return ((w @ cov) * w).sum(1).clamp_min(0)
 
 
-def plan_qk(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg: Absorb, plan: LayerPlan) -> None:
+def plan_qk(attn: nn.Module, layout: dict, cov: torch.Tensor | None, cfg, plan: LayerPlan) -> None:
     """Drop whole RoPE frequency pairs per KV head (from its key and from the queries that read it). Lossy."""
     d, n_rep = attn.head_dim, attn.num_key_value_groups
     wq, bq = _linear_parts(attn.q_proj)
@@ -246,7 +276,7 @@ def absorb_layer_(
     attn: nn.Module,
     layout: dict,
     cov: torch.Tensor | None,
-    cfg: Absorb,
+    cfg,
     index: int,
     apply: bool = True,
     v_widths: list[int] | None = None,
@@ -274,7 +304,7 @@ def absorb_layer_(
     return row, plan.layout
 
 
-def absorb_report(rows: list[dict], cfg: Absorb) -> dict:
+def absorb_report(rows: list[dict], cfg) -> dict:
     before, after = sum(r["params_before"] for r in rows), sum(r["params_after"] for r in rows)
     return {
         "layers": rows,
@@ -286,77 +316,46 @@ def absorb_report(rows: list[dict], cfg: Absorb) -> dict:
     }
 
 
+@torch.no_grad()
 def absorb_decompose_(
-    model: nn.Module,
-    covs: list[torch.Tensor] | None,
-    cfg: Absorb,
+    model,
+    cfg,
+    *,
+    batches: torch.Tensor | None = None,
+    covs: list[torch.Tensor] | None = None,
     apply: bool = True,
     v_widths: list[list[int]] | None = None,
+    writer=None,
 ) -> dict:
-    """Plan (and with apply, perform) absorb-decompose on every layer; returns the report.
+    """Plan (and with apply, perform) absorb-decompose on every layer of `model` (in memory, or a
+    `streaming.StreamedModel` written by `writer`); returns the report.
 
-    v_widths: per layer and KV head, V widths to keep instead of the knob's (to compare criteria at equal widths).
+    The v_proj input covariance of layer l comes from `covs`, else from the `batches` passing through the
+    original layer (`layer_walk`); `cfg` is a `Truncation` or the pass's config. v_widths: per layer and KV
+    head, V widths to keep instead of the knob's (to compare criteria at equal widths).
     """
-    check_absorbable(model.config.model_type, cfg, model.config.to_dict())
-    spec = arch_for(model)
-    n_layers = len(decoder_layers(model))
-    layouts = getattr(model.config, "attention_layout", None) or [full_layout(model.config)] * n_layers
+    layers = as_layers(model)
+    spec, config = layers.spec, layers.config
+    layouts = getattr(config, "attention_layout", None) or [full_layout(config)] * layers.n_layers
     rows, new_layouts = [], []
-    for i, layer in enumerate(track(decoder_layers(model), "Absorb-decompose", total=n_layers)):
+
+    def visit(i: int, layer: nn.Module, run) -> None:
+        cov = covs[i] if covs is not None else None
+        if batches is not None and covs is None:
+            cov = v_input_covariance(layer, spec, run)
         attn = get_submodule(layer, spec.attn)
         layout = getattr(attn, "attention_layout", None) or layouts[i]
-        cov = covs[i] if covs is not None else None
         row, new_layout = absorb_layer_(
             attn, layout, cov, cfg, i, apply, None if v_widths is None else v_widths[i]
         )
         rows.append(row)
         new_layouts.append(new_layout)
+
+    walk_layers(layers, batches if covs is None else None, visit, "Absorb-decompose", writer)
     if apply:
-        model.config.attention_layout = new_layouts
-        use_surgery_modeling_(model.config)
-    return absorb_report(rows, cfg)
-
-
-@torch.no_grad()
-def streamed_absorb(
-    streamed, batches: torch.Tensor | None, cfg: Absorb, writer=None
-) -> tuple[dict, list[dict]]:
-    """`absorb_decompose_` one decoder layer in memory at a time (`streaming.StreamedModel`); (report, layouts).
-
-    The v_proj input covariance of layer l is summed over the windows as in `v_input_covariances`; the
-    windows go on to layer l+1 through the original layer, as in the in-memory pass. With a `writer`, each
-    transformed layer's tensors are written as soon as it is done.
-    """
-    spec, config = streamed.spec, streamed.skeleton.config
-    hidden, arguments = streamed.layer_inputs(batches) if batches is not None else (None, None)
-    streamed.drop_embedding()
-    rows, layouts = [], []
-    for i in track(range(streamed.n_layers), "Absorb-decompose (streamed)", total=streamed.n_layers):
-        layer = streamed.load_layer(i)
-        cov = None
-        if hidden is not None:
-            total, count = torch.zeros(config.hidden_size + 1, config.hidden_size + 1, dtype=torch.float64), 0
-
-            def accumulate(module, args):
-                nonlocal total, count
-                x = args[0].double().flatten(0, -2)  # [B*T, D]
-                x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-                total += (x.T @ x).cpu()
-                count += x.shape[0]
-
-            handle = get_submodule(layer, spec.v_proj).register_forward_pre_hook(accumulate)
-            streamed.run_windows(i, layer, hidden, arguments)
-            handle.remove()
-            cov = total / max(count, 1)
-            del total
-        row, layout = absorb_layer_(
-            get_submodule(layer, spec.attn), full_layout(config), cov, cfg, i, apply=writer is not None
-        )
-        rows.append(row)
-        layouts.append(layout)
-        if writer is not None:
-            for name, tensor in layer.state_dict().items():
-                writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
-            writer.settle()  # a large layer is written now, not held beside the next one
-        streamed.free_layer(i)
-    return absorb_report(rows, cfg), layouts
+        config.attention_layout = new_layouts
+        use_surgery_modeling_(config)
+    report = absorb_report(rows, cfg)
+    if batches is not None:
+        report["calibration_tokens"] = int(batches.numel())
+    return report

@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import data_parallel, sharding
-from ..arch import arch_for, decoder_layers, get_submodule
-from ..console import stepper
-from ..errors import UserError
-from ..training import cycled_batch, take_step, warmup_cosine
-from .heal import VALIDATION_WINDOWS, Heal
+from ... import data_parallel, sharding
+from ...arch import arch_for, decoder_layers, get_submodule
+from ...console import stepper
+from ...defaults import HEAL_HELD_OUT_WINDOWS as VALIDATION_WINDOWS
+from ...errors import UserError
+from ...training import cycled_batch, take_step, warmup_cosine
+from ..base import record_pass
 
 
 def removed_from_history(history: dict) -> tuple[list[int], int] | None:
@@ -31,7 +32,7 @@ def removed_from_history(history: dict) -> tuple[list[int], int] | None:
     passes = [
         p
         for p in history.get("passes", [])
-        if p.get("pass") == "block_influence" and p.get("report", {}).get("removed_layers")
+        if record_pass(p) == "prune-bi" and p.get("report", {}).get("removed_layers")
     ]
     if not passes:
         return None
@@ -136,7 +137,7 @@ def _train_(
     student: nn.Module,
     teacher: nn.Module,
     trained: dict[str, nn.Parameter],
-    cfg: Heal,
+    cfg,
     train_windows: torch.Tensor,
 ) -> list[float]:
     """The distillation steps; returns the loss curve."""
@@ -163,7 +164,7 @@ def _train_(
 def heal_(
     student: nn.Module,
     teacher: nn.Module,
-    cfg: Heal,
+    cfg,
     windows: torch.Tensor,
     removed: list[int] | None,
     n_teacher: int,
@@ -239,37 +240,24 @@ def match_removed(student: nn.Module, teacher: nn.Module) -> list[int] | None:
     return [i for i in range(len(prints)) if i not in set(found)]
 
 
-def heal_loaded_(loaded, cfg: Heal, windows: torch.Tensor, pending_passes: list[dict] | None = None) -> dict:
+def heal_loaded_(loaded, cfg, windows: torch.Tensor, pending_passes: list[dict] | None = None) -> dict:
     """Resolve teacher and removed layers for a loaded student, then `heal_` it in place.
 
     The teacher is cfg.teacher if given, else `loaded.original` (the model as loaded before this run's
     passes), else the history's source. Removed layers: cfg.removed, else the history (including this
     run's `pending_passes`), else found by matching weights.
     """
-    from ..model_io import load_model
+    from ...model_io import load_model
 
     student = loaded.model
     teacher = loaded.original if not cfg.teacher else None
     teacher_id = cfg.teacher or ("the input model" if teacher is not None else None)
-    if teacher is None:
-        if not cfg.teacher and not loaded.history.get("passes"):
-            raise UserError(
-                "give --teacher (the model before pruning): this model has no llmsurgery history naming its source"
-            )
+    if teacher is None:  # the teacher's folder, vocabulary and architecture were checked with the pass
         teacher_id = cfg.teacher or loaded.history["source"]["id"]
         param = next(student.parameters())
         teacher = load_model(
             teacher_id, dtype=str(param.dtype).removeprefix("torch."), device=param.device.type
         ).model
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise UserError(
-            f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
-            f"({student.config.vocab_size})"
-        )
-    if arch_for(teacher).model_type != arch_for(student).model_type:
-        raise UserError(
-            f"the teacher is {teacher.config.model_type}, the student {student.config.model_type}"
-        )
     n_teacher, n_student = len(decoder_layers(teacher)), len(decoder_layers(student))
     history = {"passes": list(loaded.history.get("passes", [])) + list(pending_passes or [])}
     removed: list[int] | None = list(cfg.removed) if cfg.removed is not None else None

@@ -24,30 +24,43 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..arch import ArchSpec, arch_for, decoder_layers, get_submodule
-from ..calibration import observe_inputs
-from ..console import track
-from ..modeling import use_surgery_modeling_
-from ..modeling.modeling_llmsurgery import add_rotation_adapters_, install_sparsity_hooks_
-from .rotate_sparsify import RotateSparsify, check_foldable
+from ...arch import ArchSpec, arch_for, decoder_layers, get_submodule
+from ...layer_walk import as_layers, observe_input, walk_layers
+from ...modeling import use_surgery_modeling_
+from ...modeling.modeling_llmsurgery import install_sparsity_hooks_
+
+
+def normed_input_covariance(layer: nn.Module, spec: ArchSpec, run, eps: float) -> torch.Tensor:
+    """Sum over the windows' tokens of n^T n, n = x / rms(x) (no norm scale) of the layer's attention input,
+    float64 [D, D]; `run` sends the windows through the layer (`layer_walk`)."""
+    size = get_submodule(layer, spec.attn_norm).weight.shape[0]
+    cov = torch.zeros(size, size, dtype=torch.float64)
+
+    def accumulate(x: torch.Tensor) -> None:
+        x = x.double().flatten(0, -2)  # x: [B*T, D]
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        cov.add_((n.T @ n).cpu())
+
+    handle = observe_input(get_submodule(layer, spec.attn_norm), accumulate)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return cov
 
 
 @torch.no_grad()
-def normed_input_covariances(model: nn.Module, batches: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, sum over calibration tokens of n^T n with n = x / rms(x) (no norm scale), float64 [D, D]."""
-    layers = decoder_layers(model)
-    covs = [
-        torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64) for _ in layers
-    ]
-    eps = model.config.rms_norm_eps
-
-    def accumulate(i: int, x: torch.Tensor) -> None:
-        x = x.double().flatten(0, -2)  # x: [B*T, D]
-        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        covs[i] += (n.T @ n).cpu()
-
-    norms = [get_submodule(layer, arch_for(model).attn_norm) for layer in layers]
-    observe_inputs(model, batches, norms, accumulate, "Collecting covariances")
+def normed_input_covariances(model, batches: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, `normed_input_covariance` over the batches (the model unchanged)."""
+    layers = as_layers(model)
+    eps, covs = layers.config.rms_norm_eps, []
+    walk_layers(
+        layers,
+        batches,
+        lambda i, layer, run: covs.append(normed_input_covariance(layer, layers.spec, run, eps)),
+        "Collecting covariances",
+        keep_embedding=True,
+    )
     return covs
 
 
@@ -154,31 +167,7 @@ def fold_head(
     return folded_input(head, _norm_scale_(final_norm, spec.norm_weight_offset), last)
 
 
-@torch.no_grad()
-def fold_rotations_(model: nn.Module, rotations: list[torch.Tensor] | None) -> None:
-    """Fuse norm scales and fold per-layer rotations into the weights (rotations=None: norms only)."""
-    spec = arch_for(model)
-    layers = decoder_layers(model)
-    head = _untie_lm_head_(model, spec)
-    for i, layer in enumerate(layers):
-        fold_layer_(
-            layer,
-            spec,
-            None if rotations is None else rotations[i],
-            rotations[i - 1] if rotations is not None and i else None,
-        )
-    head.weight.data = fold_head(
-        head.weight.data,
-        get_submodule(model, spec.final_norm),
-        spec,
-        None if rotations is None else rotations[-1],
-    )
-    if rotations is not None:
-        embed = get_submodule(model, spec.embed)
-        embed.weight.data = folded_input(embed.weight.data, q=rotations[0])
-
-
-def layer_sparsity_weights(layer: nn.Module, spec: ArchSpec, cfg: RotateSparsify) -> tuple[float, int]:
+def layer_sparsity_weights(layer: nn.Module, spec: ArchSpec, cfg) -> tuple[float, int]:
     """(sum of sparsity x parameters, parameters) over the linears of one layer that read sparse inputs."""
     weighted = total = 0
     for paths, s in (
@@ -191,7 +180,7 @@ def layer_sparsity_weights(layer: nn.Module, spec: ArchSpec, cfg: RotateSparsify
     return weighted, total
 
 
-def effective_sparsity(model: nn.Module, cfg: RotateSparsify) -> float:
+def effective_sparsity(model: nn.Module, cfg) -> float:
     """Model-level sparsity: each input's sparsity weighted by the parameters it feeds."""
     spec = arch_for(model)
     parts = [layer_sparsity_weights(layer, spec, cfg) for layer in decoder_layers(model)]
@@ -202,7 +191,7 @@ def explained_top_half(cov: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(cov).flip(0)[: cov.shape[0] // 2].sum() / cov.trace())
 
 
-def sparse_config_(config, cfg: RotateSparsify, rotated: bool) -> None:
+def sparse_config_(config, cfg, rotated: bool) -> None:
     """What the saved model's runtime reads: input sparsities, the rotation flag, the sparse decode path."""
     config.sparsity_in, config.sparsity_out = cfg.sparsity_in, cfg.sparsity_out
     config.rotated = rotated
@@ -212,99 +201,92 @@ def sparse_config_(config, cfg: RotateSparsify, rotated: bool) -> None:
     use_surgery_modeling_(config)
 
 
-def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg: RotateSparsify) -> dict:
-    """Fold (rotations +) norms into `model`, make it a sparse model in place; returns the report."""
-    check_foldable(model.config.model_type)
-    report: dict = {}
-    rotations = None
-    if cfg.method == "larosa":
-        covs = normed_input_covariances(model, batches)
-        rotations = [principal_rotation(c, cfg.damp) for c in covs]
-        add_rotation_adapters_(model)
-        report["explained_top_half"] = [explained_top_half(c) for c in covs]
-        report["calibration_tokens"] = int(batches.numel())
-    fold_rotations_(model, rotations)
-    sparse_config_(model.config, cfg, rotations is not None)
-    install_sparsity_hooks_(model)
-    report |= {
+def add_rotation_adapter_(layer: nn.Module, size: int) -> None:
+    """The layer's [D, D] `rotation_adapter` (identity until folded), in the layer's dtype and on its device."""
+    like = next(layer.parameters())
+    layer.register_parameter(
+        "rotation_adapter",
+        nn.Parameter(torch.eye(size, dtype=like.dtype, device=like.device), requires_grad=False),
+    )
+
+
+@torch.no_grad()
+def rotate_layers_(layers, batches: torch.Tensor | None, cfg, writer=None) -> tuple[dict, dict]:
+    """Rotate and fold every decoder layer (in memory or streamed, `layer_walk`); (report, Q_{L-1}).
+
+    Q_l comes from the normed inputs of layer l summed over the windows; the windows go on through the original
+    layer, then the layer is folded (norm scales, and with Q_l its own basis) and, with a `writer`, written.
+    `cfg`: the pass's settings (damp, sparsity_in, sparsity_out). Returns (report, {"first": Q_0, "previous":
+    Q_{L-1}}), the rotations the embedding and the head take (None: not rotated).
+    """
+    spec, config = layers.spec, layers.config
+    eps, size = config.rms_norm_eps, config.hidden_size
+    explained, totals, rotations = [], [0.0, 0], {"first": None, "previous": None}
+
+    def visit(i: int, layer: nn.Module, run) -> None:
+        q = None
+        if batches is not None:
+            cov = normed_input_covariance(layer, spec, run, eps)
+            q = principal_rotation(cov, cfg.damp)
+            explained.append(explained_top_half(cov))
+            del cov
+            add_rotation_adapter_(layer, size)
+        weighted, total = layer_sparsity_weights(layer, spec, cfg)
+        totals[0], totals[1] = totals[0] + weighted, totals[1] + total
+        fold_layer_(layer, spec, q, rotations["previous"])
+        rotations["first"] = q if i == 0 else rotations["first"]
+        rotations["previous"] = q
+
+    walk_layers(layers, batches, visit, "Rotate-sparsify", writer, keep_embedding=True)
+    report = {
         "sparsity_in": cfg.sparsity_in,
         "sparsity_out": cfg.sparsity_out,
-        "effective_sparsity": effective_sparsity(model, cfg),
-        "rotated": rotations is not None,
+        "effective_sparsity": totals[0] / totals[1],
+        "rotated": rotations["first"] is not None,
     }
+    if batches is not None:
+        report |= {"explained_top_half": explained, "calibration_tokens": int(batches.numel())}
+    return report, rotations
+
+
+@torch.no_grad()
+def rotate_sparsify_(model: nn.Module, batches: torch.Tensor | None, cfg) -> dict:
+    """Fold (rotations +) norms into `model`, make it a sparse model in place; returns the report."""
+    spec = arch_for(model)
+    report, rotations = rotate_layers_(as_layers(model), batches, cfg)
+    head = _untie_lm_head_(model, spec)
+    head.weight.data = fold_head(
+        head.weight.data, get_submodule(model, spec.final_norm), spec, rotations["previous"]
+    )
+    if rotations["first"] is not None:
+        embed = get_submodule(model, spec.embed)
+        embed.weight.data = folded_input(embed.weight.data, q=rotations["first"])
+    sparse_config_(model.config, cfg, report["rotated"])
+    install_sparsity_hooks_(model)
     return report
 
 
 @torch.no_grad()
-def streamed_rotate_sparsify(
-    streamed, batches: torch.Tensor | None, cfg: RotateSparsify, writer=None
-) -> dict:
+def streamed_rotate_sparsify(streamed, batches: torch.Tensor | None, cfg, writer=None) -> dict:
     """`rotate_sparsify_` one decoder layer in memory at a time (`streaming.StreamedModel`); returns the report.
 
-    Q_l comes from the normed inputs of layer l summed over the windows, as in `normed_input_covariances`; the
-    windows go on through the original layer. With a `writer`, each folded layer is written when it is done,
-    then the embedding (times Q_0), the scale-free final norm and the head (norm scale and Q_{L-1}^T folded in).
+    With a `writer`, each folded layer is written when it is done, then the head (norm scale and Q_{L-1}^T
+    folded in, from the embedding when tied), the scale-free final norm and the embedding (times Q_0).
     """
-    spec, config = streamed.spec, streamed.config
-    check_foldable(config.model_type)
-    hidden, arguments = streamed.layer_inputs(batches) if batches is not None else (None, None)
-    eps, size = config.rms_norm_eps, config.hidden_size
-    first = previous = None
-    explained, weighted, total = [], 0.0, 0
-    for i in track(range(streamed.n_layers), "Rotate-sparsify (streamed)", total=streamed.n_layers):
-        layer = streamed.load_layer(i)
-        q = None
-        if hidden is not None:
-            cov = torch.zeros(size, size, dtype=torch.float64)
-
-            def accumulate(module, args):
-                x = args[0].double().flatten(0, -2)  # [B*T, D]
-                n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-                cov.add_((n.T @ n).cpu())
-
-            handle = get_submodule(layer, spec.attn_norm).register_forward_pre_hook(accumulate)
-            streamed.run_windows(i, layer, hidden, arguments)
-            handle.remove()
-            q = principal_rotation(cov, cfg.damp)
-            explained.append(explained_top_half(cov))
-            del cov
-            layer.register_parameter(
-                "rotation_adapter", nn.Parameter(torch.eye(size, dtype=streamed.dtype), requires_grad=False)
-            )
-        w_sum, n_sum = layer_sparsity_weights(layer, spec, cfg)
-        weighted, total = weighted + w_sum, total + n_sum
-        if writer is not None:
-            fold_layer_(layer, spec, q, previous)
-            for name, tensor in layer.state_dict().items():
-                writer.add(f"{streamed.layer_prefix}{i}.{name}", tensor)
-            writer.settle()  # a large layer is written now: the next one is read beside its statistics only
-        first = q if i == 0 else first
-        previous = q
-        streamed.free_layer(i)
-    if writer is not None:
-        # The head first (from the embedding when tied), written and freed; then the embedding folded in place.
-        embed = get_submodule(streamed.base, spec.embed.split(".", 1)[1]).weight.data  # in the compute dtype
-        head_name = spec.lm_head + ".weight"
-        head = (
-            streamed.ckpt.get(head_name).to(streamed.dtype)
-            if head_name in streamed.ckpt.weight_map
-            else embed
-        )
-        norm = get_submodule(streamed.base, spec.final_norm.split(".", 1)[1])
-        writer.add(head_name, fold_head(head, norm, spec, previous))
-        writer.add(spec.final_norm + ".weight", norm.weight.data)
-        writer.flush()
-        del head
-        writer.add(
-            spec.embed + ".weight", embed if first is None else folded_input(embed, q=first, out=embed)
-        )
-        sparse_config_(config, cfg, first is not None)
-    report = {
-        "sparsity_in": cfg.sparsity_in,
-        "sparsity_out": cfg.sparsity_out,
-        "effective_sparsity": weighted / total,
-        "rotated": first is not None,
-    }
-    if batches is not None:
-        report |= {"explained_top_half": explained, "calibration_tokens": int(batches.numel())}
+    spec = streamed.spec
+    report, rotations = rotate_layers_(streamed, batches, cfg, writer)
+    if writer is None:
+        return report
+    # The head first (from the embedding when tied), written and freed; then the embedding folded in place.
+    embed = get_submodule(streamed.base, spec.embed.split(".", 1)[1]).weight.data  # in the compute dtype
+    head_name = spec.lm_head + ".weight"
+    head = streamed.ckpt.get(head_name).to(streamed.dtype) if head_name in streamed.ckpt.weight_map else embed
+    norm = get_submodule(streamed.base, spec.final_norm.split(".", 1)[1])
+    writer.add(head_name, fold_head(head, norm, spec, rotations["previous"]))
+    writer.add(spec.final_norm + ".weight", norm.weight.data)
+    writer.flush()
+    del head
+    first = rotations["first"]
+    writer.add(spec.embed + ".weight", embed if first is None else folded_input(embed, q=first, out=embed))
+    sparse_config_(streamed.config, cfg, first is not None)
     return report

@@ -9,8 +9,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from ..errors import UserError
-from .base import CheckContext, PassConfig, Report, windows_field
+from ...errors import UserError
+from ..base import CheckContext, PassConfig, Report, windows_field
 
 FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -38,7 +38,6 @@ class RotateSparsifyReport(Report):
 class RotateSparsify(PassConfig):
     """Fold rotations into the weights and keep each layer input's largest entries per token."""
 
-    record_name: ClassVar[str] = "rotate_sparsify"
     streamable: ClassVar[bool] = True
     saved_as: ClassVar[str] = "sparse model"
 
@@ -79,7 +78,7 @@ class RotateSparsify(PassConfig):
         return [self.calib] if self.method == "larosa" else []
 
     def check(self, ctx: CheckContext) -> None:
-        from ..modeling import uses_surgery_modeling
+        from ...modeling import uses_surgery_modeling
 
         check_foldable(ctx.config.get("model_type"))
         if ctx.config.get("sparsity_in") is not None or (
@@ -93,14 +92,14 @@ class RotateSparsify(PassConfig):
         return config | {"sparsity_in": self.sparsity_in}
 
     def apply_(self, model, calibration, dry_run: bool = False) -> RotateSparsifyReport:
-        from .larosa import rotate_sparsify_
+        from .maths import rotate_sparsify_
 
         batches = calibration.windows(self.calib) if self.needs_calibration else None
         return RotateSparsifyReport(**rotate_sparsify_(model.model, batches, self))
 
     def apply_streamed_(self, streamed, calibration, writer=None) -> RotateSparsifyReport:
         """One layer at a time (its rotation from the windows passing through it); writes each folded layer."""
-        from .larosa import streamed_rotate_sparsify
+        from .maths import streamed_rotate_sparsify
 
         batches = calibration.windows(self.calib) if self.needs_calibration else None
         return RotateSparsifyReport(**streamed_rotate_sparsify(streamed, batches, self, writer))

@@ -9,9 +9,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .. import defaults
-from ..errors import UserError
-from .base import CheckContext, PassConfig, Report
+from ... import defaults
+from ...errors import UserError
+from ..base import CheckContext, PassConfig, Report
 
 
 class PruneBIReport(Report):
@@ -26,7 +26,6 @@ class PruneBIReport(Report):
 class PruneBI(PassConfig):
     """Remove the decoder layers whose output is most like their input (lowest Block Influence)."""
 
-    record_name: ClassVar[str] = "block_influence"
     streamable: ClassVar[bool] = True
 
     pass_: Literal["prune-bi"] = Field("prune-bi", alias="pass", exclude=True)
@@ -73,40 +72,27 @@ class PruneBI(PassConfig):
             calibration_tokens=int(batches.numel()),
         )
 
-    def apply_(self, model, calibration, dry_run: bool = False) -> PruneBIReport:
-        from ..arch import decoder_layers
-        from .block_influence import remove_layers_, score_layers
+    def _choose(self, model, calibration) -> tuple[list[float], list[int], int, object]:
+        from .maths import choose_layers, residual_stats
 
         batches = calibration.windows(self.calib)
-        n_layers = len(decoder_layers(model.model))
-        scores, removed = score_layers(model.model, batches, self)
+        stats = residual_stats(model, batches)
+        scores, removed = choose_layers(stats, self.n_remove(stats.n), self.metric, self.block)
+        return scores, removed, stats.n, batches
+
+    def apply_(self, model, calibration, dry_run: bool = False) -> PruneBIReport:
+        from .maths import remove_layers_
+
+        scores, removed, n_layers, batches = self._choose(model.model, calibration)
         if not dry_run:
             remove_layers_(model.model, removed)
         return self._report(scores, removed, n_layers, batches)
 
     def apply_streamed_(self, streamed, calibration, writer=None) -> PruneBIReport:
         """Score one layer at a time; with a `writer`, copy the kept layers' tensors, renumbered."""
-        from .block_influence import choose_layers, streamed_residuals
+        from .maths import write_kept_layers
 
-        batches = calibration.windows(self.calib)
-        n_layers = streamed.n_layers
-        self.n_remove(n_layers)
-        scores, removed = choose_layers(self, streamed_residuals(streamed, batches), n_layers)
+        scores, removed, n_layers, batches = self._choose(streamed, calibration)
         if writer is not None:
-            kept = [i for i in range(n_layers) if i not in set(removed)]
-            renumber, prefix = {old: new for new, old in enumerate(kept)}, streamed.layer_prefix
-
-            def rename(name: str) -> str | None:
-                if not name.startswith(prefix):
-                    return None
-                index, _, rest = name[len(prefix) :].partition(".")
-                return f"{prefix}{renumber[int(index)]}.{rest}" if int(index) in renumber else None
-
-            streamed.copy_tensors(writer, rename)
-            config = streamed.config
-            for key in streamed.spec.per_layer_config_lists:
-                values = getattr(config, key, None)
-                if isinstance(values, list) and len(values) == n_layers:
-                    setattr(config, key, [values[i] for i in kept])
-            config.num_hidden_layers = len(kept)
+            write_kept_layers(streamed, writer, removed)
         return self._report(scores, removed, n_layers, batches)

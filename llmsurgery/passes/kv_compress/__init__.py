@@ -9,9 +9,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .. import defaults
-from ..errors import UserError
-from .base import CalibConfig, CheckContext, PassConfig, Report, seq_len_field, windows_field
+from ... import defaults
+from ...errors import UserError
+from ..base import CalibConfig, CheckContext, PassConfig, Report, seq_len_field, windows_field
 
 
 class KVCompressReport(Report):
@@ -31,7 +31,6 @@ class KVCompressReport(Report):
 class KVCompress(PassConfig):
     """PCA-initialised, Matryoshka-trained projections per KV head, cut to ranks that meet a cache budget."""
 
-    record_name: ClassVar[str] = "kv_compress"
     stream_note: ClassVar[str] = "kv-compress --no-train --uniform --v-init pca"
     saved_as: ClassVar[str] = "KV-compressed model"
 
@@ -101,7 +100,7 @@ class KVCompress(PassConfig):
 
     def apply_streamed_(self, streamed, calibration, writer=None) -> KVCompressReport:
         """PCA bases one layer at a time, folded at the uniform ranks and written as each layer is done."""
-        from .matryoshka_kv import streamed_kv_compress
+        from .maths import streamed_kv_compress
 
         batches = calibration.windows(self.calib)
         report = streamed_kv_compress(streamed, batches, self, writer)
@@ -133,14 +132,13 @@ class KVCompress(PassConfig):
         )
 
     def check(self, ctx: CheckContext) -> None:
-        from ..data_parallel import check_batch
+        from ...data_parallel import check_batch
 
         config = ctx.config
         check_compressible(config)
         if self.train:
             check_batch(self.batch_size)
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        step = self.rank_step or max(1, head_dim // 8)
+        head_dim, step = self.head_dim_and_step(config)
         if step > head_dim:
             raise UserError(f"rank step {step} is larger than head_dim {head_dim}")
         if head_dim % step:
@@ -154,12 +152,17 @@ class KVCompress(PassConfig):
                 f"per head: {step / head_dim:g}; lower --rank-step for smaller budgets"
             )
 
+    def head_dim_and_step(self, config: dict) -> tuple[int, int]:
+        """(head_dim, rank step) for a config.json: the step is --rank-step, else head_dim / 8."""
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return head_dim, self.rank_step or max(1, head_dim // 8)
+
     def config_after(self, config: dict) -> dict:
         layouts = config.get("attention_layout") or [{} for _ in range(config["num_hidden_layers"])]
         return config | {"attention_layout": [layout | {"k": layout.get("k") or [0]} for layout in layouts]}
 
     def apply_(self, model, calibration, dry_run: bool = False) -> KVCompressReport:
-        from .matryoshka_kv import kv_compress_
+        from .maths import kv_compress_
 
         batches = {
             "pca": calibration.windows(self.calib),

@@ -10,14 +10,12 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, field_validator
 
-from .. import defaults
-from ..errors import UserError
-from .base import CalibConfig, CheckContext, CommaList, PassConfig, Report, seq_len_field, windows_field
+from ... import defaults
+from ...errors import UserError
+from ..base import CalibConfig, CheckContext, CommaList, PassConfig, Report, seq_len_field, windows_field
 
 TRAIN_CHOICES = ("norms", "mlp-near-gaps", "layers-near-gaps", "all-mlp", "all")
-VALIDATION_WINDOWS = (
-    4  # held-out windows after the training ones: the KL there decides whether the new weights stay
-)
+VALIDATION_WINDOWS = defaults.HEAL_HELD_OUT_WINDOWS
 SEED_OFFSET = 3  # heal's windows differ from those of a prune drawn with the same seed
 
 
@@ -50,7 +48,6 @@ class HealReport(Report):
 class Heal(PassConfig):
     """Train a few tensors of the student so that its next-token distribution matches the teacher's."""
 
-    record_name: ClassVar[str] = "heal"
     whole_model: ClassVar[bool] = True
     trains: ClassVar[bool] = True
     memory_factor: ClassVar[float] = (
@@ -122,9 +119,9 @@ class Heal(PassConfig):
 
     def check(self, ctx: CheckContext) -> None:
         """The teacher (given; the history's source when heal comes first; else the input) and the layer counts."""
-        from ..arch import arch_for_model_type
-        from ..data_parallel import check_batch
-        from ..model_io import peek_config, read_history
+        from ...arch import arch_for_model_type
+        from ...data_parallel import check_batch
+        from ...model_io import peek_config, read_history
 
         config = ctx.config
         arch_for_model_type(config.get("model_type"))
@@ -186,6 +183,6 @@ class Heal(PassConfig):
             raise UserError(f"the student has more layers ({n_student}) than the teacher ({n_teacher})")
 
     def apply_(self, model, calibration, dry_run: bool = False) -> HealReport:
-        from .distill import heal_loaded_
+        from .maths import heal_loaded_
 
         return HealReport(**heal_loaded_(model, self, calibration.windows(self.calib), model.pending))

@@ -1,7 +1,7 @@
 """Block-Influence layer removal (ShortGPT, Men et al. 2024, arXiv 2403.03853).
 
 ``BI_i = 1 - mean_t cos(x_i[t], x_{i+1}[t])`` where x_i is the residual stream entering decoder
-layer i and x_{i+1} the stream leaving it, captured with hooks (not the final-normed
+layer i and x_{i+1} the stream leaving it, seen by the layer walker (not the final-normed
 ``hidden_states[-1]``), accumulated in float64 over every calibration token. The N layers with the
 lowest BI are removed at once.
 
@@ -21,9 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..arch import arch_for, decoder_layers, get_submodule, set_decoder_layers_
-from ..console import track
-from .prune_bi import PruneBI
+from ...arch import ArchSpec, arch_for, decoder_layers, set_decoder_layers_
+from ...layer_walk import as_layers, walk_layers
 
 
 def cosine_per_token(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,34 +54,6 @@ class ResidualStats:
             self.last[i + 1].append(y[:, -1].double().cpu())
 
 
-class ResidualCapture(ResidualStats):
-    """`ResidualStats` fed by hooks on every decoder layer of a model in memory."""
-
-    def __init__(self, layers: nn.ModuleList):
-        super().__init__(len(layers))
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._handles = []
-        for i, layer in enumerate(layers):
-            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(self._post_hook(i)))
-
-    def _pre_hook(self, i: int):
-        def hook(module, args, kwargs):
-            self._inputs[i] = args[0] if args else kwargs["hidden_states"]  # x: [B, T, D]
-
-        return hook
-
-    def _post_hook(self, i: int):
-        def hook(module, args, output):
-            self.add(i, self._inputs.pop(i), output[0] if isinstance(output, tuple) else output)
-
-        return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def block_influence_scores(capture: ResidualStats) -> torch.Tensor:
     """BI per layer: 1 - mean cosine between the layer's input and output residual streams."""
     return 1.0 - capture.cos_sum / capture.tokens
@@ -98,53 +69,46 @@ def angular_block_scores(capture: ResidualStats, n: int) -> torch.Tensor:
     return torch.stack(scores)
 
 
-@torch.no_grad()
-def capture_residuals(model: nn.Module, batches: torch.Tensor) -> ResidualCapture:
-    """Run the decoder stack (not the LM head) over the batches with capture hooks attached."""
-    spec = arch_for(model)
-    base = get_submodule(model, spec.layers.rpartition(".")[0])
-    capture = ResidualCapture(decoder_layers(model))
-    device = next(model.parameters()).device
-    try:
-        for window in track(batches, "Scoring layers", total=len(batches)):
-            base(input_ids=window.unsqueeze(0).to(device), use_cache=False)
-    finally:
-        capture.remove()
-    return capture
+def residual_stats(model, windows: torch.Tensor) -> ResidualStats:
+    """The BI statistics of every layer over the windows: a model in memory or a `streaming.StreamedModel`."""
+    layers = as_layers(model)
+    stats = ResidualStats(layers.n_layers)
+    walk_layers(layers, windows, lambda i, layer, run: run(lambda x, y: stats.add(i, x, y)), "Scoring layers")
+    return stats
 
 
-def choose_layers(cfg: PruneBI, capture: ResidualStats, n_layers: int) -> tuple[list[float], list[int]]:
-    """(scores as printed, 0-based layers to remove) for the configured metric."""
-    n = cfg.n_remove(n_layers)
-    if cfg.metric == "angular":
-        scores = angular_block_scores(capture, n)
+def choose_layers(stats: ResidualStats, n: int, metric: str = "bi", block: bool = False) -> tuple[list, list]:
+    """(scores as printed, the n 0-based layers to remove): lowest BI (`block`: the contiguous block of lowest
+    summed BI), or with metric "angular" the block whose ends are closest (Gromov et al.)."""
+    n_layers = stats.n
+    if metric == "angular":
+        scores = angular_block_scores(stats, n)
         start = int(scores.argmin())
         return scores.tolist(), list(range(start, start + n))
-    scores = block_influence_scores(capture)
-    if cfg.block:
+    scores = block_influence_scores(stats)
+    if block:
         sums = torch.stack([scores[s : s + n].sum() for s in range(n_layers - n + 1)])
         start = int(sums.argmin())
         return scores.tolist(), list(range(start, start + n))
     return scores.tolist(), sorted(torch.argsort(scores)[:n].tolist())
 
 
-@torch.no_grad()
-def streamed_residuals(streamed, batches: torch.Tensor) -> ResidualStats:
-    """The same statistics as `capture_residuals`, one decoder layer in memory at a time (`streaming.StreamedModel`)."""
-    hidden, arguments = streamed.layer_inputs(batches)
-    streamed.drop_embedding()
-    stats = ResidualStats(streamed.n_layers)
-    for i in track(range(streamed.n_layers), "Scoring layers (streamed)", total=streamed.n_layers):
-        streamed.run_windows(
-            i, streamed.load_layer(i), hidden, arguments, lambda x, y, i=i: stats.add(i, x, y)
-        )
-        streamed.free_layer(i)
-    return stats
+def score_layers(model, windows: torch.Tensor, n: int, metric: str = "bi", block: bool = False):
+    """Scores (per layer for bi, per block start for angular) and the 0-based layers to remove."""
+    return choose_layers(residual_stats(model, windows), n, metric, block)
+
+
+def keep_layer_entries_(config, spec: ArchSpec, kept: list[int], n_layers: int) -> None:
+    """config.json after pruning: the per-layer lists keep the kept layers' entries, the layer count drops."""
+    for key in spec.per_layer_config_lists:
+        values = getattr(config, key, None)
+        if isinstance(values, list) and len(values) == n_layers:
+            setattr(config, key, [values[i] for i in kept])
+    config.num_hidden_layers = len(kept)
 
 
 def remove_layers_(model: nn.Module, remove: list[int]) -> None:
     """Delete decoder layers in place; renumber the rest and rewrite the config to match."""
-    spec = arch_for(model)
     layers = decoder_layers(model)
     keep = [i for i in range(len(layers)) if i not in set(remove)]
     kept = nn.ModuleList([layers[i] for i in keep])
@@ -153,16 +117,20 @@ def remove_layers_(model: nn.Module, remove: list[int]) -> None:
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
     set_decoder_layers_(model, kept)
-    config = model.config
-    for key in spec.per_layer_config_lists:
-        values = getattr(config, key, None)
-        if isinstance(values, list) and len(values) == len(layers):
-            setattr(config, key, [values[i] for i in keep])
-    config.num_hidden_layers = len(keep)
+    keep_layer_entries_(model.config, arch_for(model), keep, len(layers))
 
 
-def score_layers(model: nn.Module, batches: torch.Tensor, cfg: PruneBI) -> tuple[list[float], list[int]]:
-    """Scores (per layer for bi, per block start for angular) and the 0-based layers to remove."""
-    n_layers = len(decoder_layers(model))
-    cfg.n_remove(n_layers)  # fail on a bad amount before the forward passes
-    return choose_layers(cfg, capture_residuals(model, batches), n_layers)
+def write_kept_layers(streamed, writer, remove: list[int]) -> None:
+    """A streamed prune's output: every tensor but the removed layers', renumbered; config.json to match."""
+    n_layers = streamed.n_layers
+    kept = [i for i in range(n_layers) if i not in set(remove)]
+    renumber, prefix = {old: new for new, old in enumerate(kept)}, streamed.layer_prefix
+
+    def rename(name: str) -> str | None:
+        if not name.startswith(prefix):
+            return None
+        index, _, rest = name[len(prefix) :].partition(".")
+        return f"{prefix}{renumber[int(index)]}.{rest}" if int(index) in renumber else None
+
+    streamed.copy_tensors(writer, rename)
+    keep_layer_entries_(streamed.config, streamed.spec, kept, n_layers)
