@@ -6,7 +6,6 @@ import functools
 import inspect
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -20,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__, defaults
-from .console import err, out
+from .console import err, fmt, out
 from .errors import GateFailed, UserError
 
 app = typer.Typer(
@@ -105,11 +104,37 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
 
-def _fail(prefix: str, message: str, code: int) -> typer.Exit:
-    if _state["debug"]:
+def report_failure(exc: BaseException) -> int:
+    """One line on stderr for what ended a command; returns its exit code.
+
+    Bad input -> 2, a failed gate -> 1, a kill (SIGINT, SIGTERM) -> 130. An OSError (a full disk, a permission)
+    is the machine's answer to the user's input: 2 as well. Usage errors (unknown option, bad value) carry their
+    own code. Anything else is a bug: 1; `--debug` shows the traceback of every one of them.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        err.print("interrupted; nothing was written")
+        return 130
+    if isinstance(exc, typer.Abort):
+        err.print("aborted")
+        return 1
+    if _state["debug"] or "--debug" in sys.argv:
         traceback.print_exc()
+    prefix, code = "error", 2
+    if isinstance(exc, UserError):
+        message = str(exc)
+    elif isinstance(exc, GateFailed):
+        prefix, message, code = "gate failed", str(exc), 1
+    elif isinstance(exc, OSError):
+        message = f"{exc.strerror or exc}" + (f" ({exc.filename})" if getattr(exc, "filename", None) else "")
+    elif hasattr(exc, "format_message"):  # click's UsageError and friends (typer vendors click)
+        message, code = exc.format_message(), getattr(exc, "exit_code", 2)
+    else:
+        message, code = (
+            f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
+            1,
+        )
     _print_error(f"[bold red]{prefix}:[/bold red] {escape(_one_line(message))}")
-    return typer.Exit(code)
+    return code
 
 
 def _print_error(line: str) -> None:
@@ -124,42 +149,18 @@ def _print_error(line: str) -> None:
 
 
 def handles_errors(fn: Callable) -> Callable:
-    """Bad input -> one line on stderr and exit 2; a failed gate -> exit 1; a kill (SIGINT, SIGTERM) -> exit 130.
-
-    An OSError (a full disk, a permission) is the machine's answer to the user's input: exit 2 as well. Anything
-    else is a bug: one line and exit 1; `--debug` shows the traceback of every one of them.
-    """
+    """A command whose failures end in one line and their exit code (`report_failure`), never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as exc:
-            raise _fail("error", str(exc), 2) from None
-        except GateFailed as exc:
-            raise _fail("gate failed", str(exc), 1) from None
-        except KeyboardInterrupt:
-            err.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
-        except OSError as exc:
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            raise _fail("error", f"{exc.strerror or exc}{where}", 2) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception as exc:  # noqa: BLE001 - never a traceback on the user's terminal
-            raise _fail(
-                "error",
-                f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
-                1,
-            ) from None
+        except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - never a traceback on the user's terminal
+            raise typer.Exit(report_failure(exc)) from None
 
     return wrapper
-
-
-def _fmt(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
 
 
 def print_metrics(rows: list[dict], model: str, baseline: str | None) -> None:
@@ -170,9 +171,9 @@ def print_metrics(rows: list[dict], model: str, baseline: str | None) -> None:
         for column in (f"{baseline} (baseline)", "diff", "ratio"):
             table.add_column(column, justify="right")
     for row in rows:
-        cells = [row["task"], row["metric"], _fmt(row["value"])]
+        cells = [row["task"], row["metric"], fmt(row["value"])]
         if baseline:
-            cells += [_fmt(row.get("baseline")), _fmt(row.get("diff")), _fmt(row.get("ratio"))]
+            cells += [fmt(row.get("baseline")), fmt(row.get("diff")), fmt(row.get("ratio"))]
         table.add_row(*cells)
     out.print(table)
 
@@ -270,7 +271,15 @@ def eval_cmd(
 ) -> None:
     """Score MODEL with lm-eval, offline built-in tasks included; with --baseline, side by side."""
     check_files(json=json_path)
-    from .evaluate import check_tasks, check_vllm, compare, evaluate_model, evaluate_vllm, parse_tasks
+    from .evaluate import (
+        check_backend,
+        check_tasks,
+        check_vllm,
+        compare,
+        evaluate_model,
+        evaluate_vllm,
+        parse_tasks,
+    )
     from .model_io import check_not_an_input, load_model, peek_config
 
     task_list = parse_tasks(tasks)
@@ -280,21 +289,9 @@ def eval_cmd(
     folders = [folder for _, folder, _ in peeked]
     if json_path is not None:
         check_not_an_input(json_path, [f for f in folders if f is not None], "--json")
-    if backend not in ("hf", "vllm"):
-        raise UserError(f"unknown --backend '{backend}'; choose hf or vllm")
-    if backend == "hf" and (tensor_parallel > 1 or data_parallel > 1):
-        raise UserError("--tensor-parallel and --data-parallel are for --backend vllm")
+    check_backend(backend, tensor_parallel * data_parallel, load_in_8bit or load_in_4bit)
     scoring = {"tasks": task_list, "limit": limit, "batch_size": batch_size, "manager": manager}
     if backend == "vllm":
-        from .data_parallel import launched
-
-        if launched():
-            raise UserError(
-                "--backend vllm runs its own processes: start it once (no torchrun / accelerate launch) "
-                "and use --tensor-parallel / --data-parallel"
-            )
-        if load_in_8bit or load_in_4bit:
-            raise UserError("--backend vllm loads its own way; drop --load-in-8bit / --load-in-4bit")
         for spec, (config, folder, weights) in zip(specs, peeked):
             check_vllm(spec, config, folder, weights)
         parallel = {"tensor_parallel": tensor_parallel, "data_parallel": data_parallel}
@@ -374,56 +371,99 @@ def _common_parameters(output_required: bool) -> list[inspect.Parameter]:
     ]
 
 
-def pass_command(
-    config: type,
-    *,
-    extras: tuple[inspect.Parameter, ...] = (),
-    output_required: bool = True,
-    model_help: str | None = None,
-    name: str | None = None,
-):
-    """Register `body` as the command of `config`'s pass, its options derived from the config (`cli_options`).
+def _flag(name: str, help: str, default: bool = False, panel: str | None = None) -> inspect.Parameter:
+    """A command's own on/off option `--name` (a keyword parameter of its derived signature)."""
+    option = typer.Option(f"--{name.replace('_', '-')}", help=help, rich_help_panel=panel)
+    return inspect.Parameter(name, _KW, default=default, annotation=Annotated[bool, option])
 
-    body(options) -> (pass configs, column, dry_run, summary): what to run; the runner does the rest.
-    """
+
+def _own_options(config: type, then_heal: bool = False) -> list[inspect.Parameter]:
+    """The options a pass's config declares beside its fields: its dry run, --plot, (--heal), --fsdp."""
+    from .cli_options import option_parameters
+    from .passes import Heal
+
+    found = []
+    if config.dry_run_flag:
+        found.append(_flag(config.dry_run_flag.replace("-", "_"), config.dry_run_help))
+    if config.plots:
+        found.append(inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt))
+    if then_heal:
+        helps = "Then heal: distil the pruned model towards the original (see `llmsurgery heal`)."
+        found.append(_flag("heal", helps, panel=HEAL))
+        exclude = ("teacher", "removed", "calib_source", "seed")
+        found += option_parameters(Heal, prefix="heal-", exclude=exclude, panel=HEAL)
+    if config.may_train or then_heal:
+        helps = (
+            "Under torchrun / accelerate launch: shard the model over the processes while it trains (FSDP), "
+            "so that several GPUs hold what one cannot."
+        )
+        found.append(_flag("fsdp", helps, panel=LOAD))
+    return found
+
+
+def pass_command(config: type, name: str | None = None, first: tuple[inspect.Parameter, ...] = ()) -> None:
+    """The command of `config`'s pass: options from its fields (`cli_options`), then `first` (prune's --bi),
+    then those it declares (`_own_options`). The runner does the work; the reports print themselves."""
     from .cli_options import option_parameters
 
-    def register(body: Callable) -> Callable:
-        model = inspect.Parameter(
-            "model",
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            annotation=Annotated[str, typer.Argument(help=model_help, show_default=False)]
-            if model_help
-            else ModelArg,
-        )
-        params = [model, *option_parameters(config), *extras, *_common_parameters(output_required)]
+    then_heal = config.pass_name() == "prune-bi"
+    argument = typer.Argument(help=config.model_help, show_default=False) if config.model_help else None
+    model = inspect.Parameter(
+        "model",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[str, argument] if argument else ModelArg,
+    )
+    params = [model, *option_parameters(config), *first, *_own_options(config, then_heal)]
+    params += _common_parameters(output_required=config.dry_run_flag is None)
 
-        def command(**options):
-            _run_pass_command(config, options, body)
+    def command(**options):
+        _run_pass_command(config, options)
 
-        command.__signature__ = inspect.Signature(params)
-        command.__doc__ = body.__doc__
-        command.__name__ = body.__name__
-        app.command(name or config.pass_name())(handles_errors(command))
-        return body
-
-    return register
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = config.command_help or (config.__doc__ or config.pass_name()).strip()
+    command.__name__ = config.pass_name().replace("-", "_")
+    app.command(name or config.pass_name())(handles_errors(command))
 
 
-def _run_pass_command(config: type, options: dict, body: Callable) -> None:
+def _passes_of(config: type, cfg, options: dict) -> list:
+    """The passes a command runs: its own, and for prune --heal a heal with prune's calibration."""
+    from .cli_options import config_from_options
+    from .passes import Heal
+
+    if not options.get("heal") or options.get(_dry_run_key(config)):
+        return [cfg]
+    return [
+        cfg,
+        config_from_options(Heal, options, prefix="heal-", calib_source=cfg.calib_source, seed=cfg.seed),
+    ]
+
+
+def _dry_run_key(config: type) -> str | None:
+    return config.dry_run_flag.replace("-", "_") if config.dry_run_flag else None
+
+
+def _run_pass_command(config: type, options: dict) -> None:
     from .cli_options import config_from_options
     from .evaluate import parse_tasks
     from .runner import EvalPlan, Job, run_job
 
     output, json_path, plot = options["output"], options["json_path"], options.get("plot")
     check_files(output, json=json_path, plot=plot)
+    if not options.get("bi", True):
+        raise UserError("only --bi (Block Influence) pruning exists for now")
     cfg = config_from_options(config, options)
-    passes, column, dry_run, summary = body(cfg, options)
+    passes = _passes_of(config, cfg, options)
+    dry_run = bool(options.get(_dry_run_key(config)))
     if output is None and not dry_run:
-        raise UserError(
-            f"give --output DIR, or {'--scores-only' if config.pass_name() == 'prune-bi' else '--dry-run'} "
-            "to only print"
-        )
+        raise UserError(f"give --output DIR, or --{config.dry_run_flag} to only print")
+
+    def summary(done, report) -> None:
+        for part in report.summary(done):
+            out.print(part)
+        if plot is not None and done.plots:
+            report.plot(done, plot)
+            err.print(f"wrote {escape(str(plot))}")
+
     tasks = options["eval_tasks"]
     job = Job(
         options["model"],
@@ -442,7 +482,7 @@ def _run_pass_command(config: type, options: dict, body: Callable) -> None:
     job.recipe_yaml = command_recipe(job)
     outcome = run_job(job, on_report=summary)
     if outcome.eval is not None:
-        print_metrics(outcome.eval, column, options["model"])
+        print_metrics(outcome.eval, passes[-1].column, options["model"])
     if not dry_run:
         layers = outcome.config["num_hidden_layers"]
         what = (
@@ -478,259 +518,15 @@ def command_recipe(job) -> str:
     return recipe_text(data, path)
 
 
-def _flag(name: str, help: str, default: bool = False, panel: str | None = None) -> inspect.Parameter:
-    """A command's own on/off option `--name` (a keyword parameter of its derived signature)."""
-    option = typer.Option(f"--{name.replace('_', '-')}", help=help, rich_help_panel=panel)
-    return inspect.Parameter(name, _KW, default=default, annotation=Annotated[bool, option])
-
-
-def _fsdp_flag() -> inspect.Parameter:
-    return _flag(
-        "fsdp",
-        "Under torchrun / accelerate launch: shard the model over the processes while it trains (FSDP), so "
-        "that several GPUs hold what one cannot.",
-        panel=LOAD,
-    )
-
-
-def _heal_options() -> tuple[inspect.Parameter, ...]:
-    from .cli_options import option_parameters
-    from .passes import Heal
-
-    flag = _flag(
-        "heal", "Then heal: distil the pruned model towards the original (see `llmsurgery heal`).", panel=HEAL
-    )
-    return (
-        flag,
-        *option_parameters(
-            Heal, prefix="heal-", exclude=("teacher", "removed", "calib_source", "seed"), panel=HEAL
-        ),
-    )
-
-
-def _prune_extras() -> tuple[inspect.Parameter, ...]:
-    return (
-        _flag("bi", "Block-Influence layer removal (ShortGPT); the only method for now.", default=True),
-        _flag("scores_only", "Print the layer scores; write no model."),
-        inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt),
-        *_heal_options(),
-        _fsdp_flag(),
-    )
-
-
-def _prune_summary(plot: Path | None):
-    from .plotting import save_score_plot, score_table
-
-    def summary(cfg, report) -> None:
-        if cfg.name == "heal":
-            return _heal_summary(cfg, report)
-        index_label = "block start" if cfg.metric == "angular" else "layer"
-        chosen = [report.removed_layers[0]] if cfg.metric == "angular" else report.removed_layers
-        out.print(score_table(report.scores, chosen, report.score_kind, index_label))
-        out.print(
-            f"layers to remove (0-based): {report.removed_layers}  ({report.layers_before} -> "
-            f"{report.layers_after} layers)"
-        )
-        if plot is not None:
-            save_score_plot(plot, report.scores, chosen, report.score_kind, index_label)
-            err.print(f"wrote {escape(str(plot))}")
-
-    return summary
-
-
-def _register_prune() -> None:
-    from .cli_options import config_from_options
-    from .passes import Heal, PruneBI
-
-    @pass_command(PruneBI, extras=_prune_extras(), output_required=False, name="prune")
-    def prune(cfg, options):
-        """Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."""
-        if not options["bi"]:
-            raise UserError("only --bi (Block Influence) pruning exists for now")
-        passes = [cfg]
-        if options["heal"] and not options["scores_only"]:
-            passes.append(
-                config_from_options(
-                    Heal, options, prefix="heal-", calib_source=cfg.calib_source, seed=cfg.seed
-                )
-            )
-        return (
-            passes,
-            "healed" if len(passes) > 1 else "pruned",
-            options["scores_only"],
-            _prune_summary(options["plot"]),
-        )
-
-
-def _heal_summary(cfg, report) -> None:
-    table = Table(title="heal (distillation towards the teacher)", show_header=False)
-    table.add_row("teacher", str(report.teacher))
-    table.add_row("removed layers (teacher numbering)", ", ".join(map(str, report.removed_layers)) or "none")
-    table.add_row(
-        "trained", f"{report.trained_parameter_count:,} parameters in {len(report.trained_modules)} modules"
-    )
-    table.add_row("steps / tokens", f"{report.steps} / {report.tokens:,}")
-    curve = report.loss_curve
-    table.add_row(
-        "KL, first / last 10 steps",
-        f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}",
-    )
-    table.add_row(
-        "held-out KL before / after",
-        f"{report.held_out_kl_before:.4f} / {report.held_out_kl_after:.4f}"
-        + ("" if report.kept else "  (worse: the old weights were kept)"),
-    )
-    out.print(table)
-
-
-def _register_heal() -> None:
-    from .passes import Heal
-
-    @pass_command(
-        Heal, extras=(_fsdp_flag(),), model_help="The pruned model (folder, .gguf, built-in name or hub id)."
-    )
-    def heal(cfg, options):
-        """Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a
-        standard checkpoint."""
-        return [cfg], "healed", False, _heal_summary
-
-
-def _register_rotate_sparsify() -> None:
-    from .passes import RotateSparsify
-
-    def summary(cfg, report) -> None:
-        table = Table(title=f"rotate-sparsify ({cfg.method})", show_header=False)
-        for key, value in report.record().items():
-            if key != "explained_top_half":
-                table.add_row(key.replace("_", " "), _fmt(value) if isinstance(value, float) else str(value))
-        out.print(table)
-
-    @pass_command(RotateSparsify)
-    def rotate_sparsify(cfg, options):
-        """LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."""
-        return [cfg], "sparse", False, summary
-
-
-def absorb_table(report) -> Table:
-    """Per layer: V and Q-K widths kept per KV head, attention parameters, and the spectrum's spread."""
-    table = Table(title="absorb-decompose (per layer; widths per KV head)")
-    for column in ("layer", "v kept", "v dropped", "qk kept", "attention params", "after", "σ_min/σ_max"):
-        table.add_column(column, justify="right")
-    for row in report.layers:
-        dropped = sum(row.v_before) - sum(row.v_after)
-        spreads = [s[-1] / s[0] for s in row.spectra if s and s[0] > 0]
-        table.add_row(
-            str(row.layer),
-            ",".join(map(str, row.v_after)),
-            str(dropped),
-            ",".join(map(str, row.qk_after)),
-            f"{row.params_before:,}",
-            f"{row.params_after:,}",
-            f"{min(spreads):.2e}" if spreads else "-",
-        )
-    before, after = report.attention_params_before, report.attention_params_after
-    table.add_row(
-        "all",
-        "",
-        "",
-        "",
-        f"{before:,}",
-        f"{after:,} (-{100 * report.attention_reduction:.1f}%)",
-        "",
-        style="bold",
-    )
-    return table
-
-
-def _register_absorb() -> None:
-    from .passes import Absorb
-
-    extras = (
-        _flag("dry_run", "Print the per-layer table; write no model."),
-        inspect.Parameter("plot", _KW, default=None, annotation=PlotOpt),
-    )
-
-    @pass_command(Absorb, extras=extras, output_required=False)
-    def absorb(cfg, options):
-        """Absorb-Decompose (CLOVER): re-factor attention V-O pairs by SVD and drop their weakest directions.
-
-        Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless).
-        """
-        from .plotting import save_spectra_plot
-
-        plot = options["plot"]
-
-        def summary(cfg, report) -> None:
-            out.print(absorb_table(report))
-            if report.lossy_qk:
-                out.print(
-                    "[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting"
-                )
-            if plot is not None:
-                save_spectra_plot(
-                    plot,
-                    [row.record() for row in report.layers],
-                    f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)",
-                )
-                err.print(f"wrote {escape(str(plot))}")
-
-        return [cfg], "absorbed", options["dry_run"], summary
-
-
-def _register_kv_compress() -> None:
-    from .passes import KVCompress
-
-    def summary(cfg, report) -> None:
-        table = Table(title="kv-compress (MatryoshkaKV)", show_header=False)
-        table.add_row("budget asked / reached", f"{cfg.budget:.4g} / {report.budget_reached:.4g}")
-        table.add_row("keys / values share", f"{report.keys_share:.3f} / {report.values_share:.3f}")
-        table.add_row("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)")
-        if report.loss_curve:
-            curve = report.loss_curve
-            table.add_row(
-                "training loss, first / last 10 steps",
-                f"{sum(curve[:10]) / len(curve[:10]):.4f} / {sum(curve[-10:]) / len(curve[-10:]):.4f}",
-            )
-        out.print(table)
-
-    @pass_command(KVCompress, extras=(_fsdp_flag(),))
-    def kv_compress(cfg, options):
-        """MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."""
-        return [cfg], "compressed", False, summary
-
-
-def _report_table(cfg, report) -> None:
-    """The summary of a pass without its own: the report's numbers and short lists."""
-    table = Table(title=cfg.name, show_header=False)
-    for key, value in report.record().items():
-        if not isinstance(value, (list, dict)) or len(value) <= 8:
-            table.add_row(key.replace("_", " "), _fmt(value) if isinstance(value, float) else str(value))
-    out.print(table)
-
-
-def _register_default(config: type) -> None:
-    """A pass with no command of its own above gets one, options from its config, summary from its report."""
-
-    def body(cfg, options):
-        return [cfg], "transformed", False, _report_table
-
-    body.__doc__ = (config.__doc__ or config.pass_name()).strip()
-    body.__name__ = config.pass_name().replace("-", "_")
-    pass_command(config)(body)
-
-
 def _register_pass_commands() -> None:
     from .passes import PASSES
 
-    own = {
-        "prune-bi": _register_prune,
-        "heal": _register_heal,
-        "rotate-sparsify": _register_rotate_sparsify,
-        "absorb": _register_absorb,
-        "kv-compress": _register_kv_compress,
-    }
+    bi = _flag("bi", "Block-Influence layer removal (ShortGPT); the only method for now.", default=True)
     for name, config in PASSES.items():
-        own[name]() if name in own else _register_default(config)
+        if name == "prune-bi":  # users type `llmsurgery prune --bi`
+            pass_command(config, "prune", first=(bi,))
+        else:
+            pass_command(config)
 
 
 _register_pass_commands()
@@ -911,41 +707,18 @@ def run() -> None:
     _quiet_third_parties()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    if os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
+    if "WORLD_SIZE" in os.environ or os.environ.get(
+        "ACCELERATE_USE_CPU"
+    ):  # under torchrun / accelerate launch
         from . import data_parallel
 
-        processes = data_parallel.accelerate_cpu_processes()
-        if processes:  # accelerate launch --cpu --num_processes N ran one process: start the N with torchrun
-            err.print(
-                f"accelerate launch --cpu runs one process without --mpirun_hostfile: "
-                f"starting {processes} with torchrun",
-                soft_wrap=True,
-            )
-            data_parallel.relaunch_with_torchrun(processes)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun / accelerate launch
-        from . import data_parallel
-
-        data_parallel.join()
-        out.quiet = err.quiet = not data_parallel.is_main()  # one process prints
+        data_parallel.start_processes()
     try:
         code = app(standalone_mode=False)
-    except typer.Abort:
-        err.print("aborted")
-        code = 1
-    except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
-        code = 130
-    except Exception as exc:  # click's UsageError and friends (typer vendors click)
-        if "--debug" in sys.argv:
-            traceback.print_exc()
-        if hasattr(exc, "format_message"):
-            message, code = exc.format_message(), getattr(exc, "exit_code", 2)
-        else:
-            message, code = (
-                f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
-                1,
-            )
-        _print_error(f"[bold red]error:[/bold red] {escape(_one_line(message))}")
+    except Exception as exc:  # noqa: BLE001
+        code = report_failure(exc)
+    except KeyboardInterrupt as exc:
+        code = report_failure(exc)
     if "torch.distributed" in sys.modules:
         from . import data_parallel
 

@@ -74,3 +74,17 @@ def quiet_transformers():
         logging.set_verbosity(verbosity)
         if bars:
             logging.enable_progress_bar()
+
+
+def fmt(value) -> str:
+    """A number as the summaries print it: 4 significant digits, "-" for none or NaN."""
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
+
+
+def ends_mean(curve: list[float], n: int = 10) -> str:
+    """ "first / last" : the means of a loss curve's first and last n steps."""
+    return f"{sum(curve[:n]) / len(curve[:n]):.4f} / {sum(curve[-n:]) / len(curve[-n:]):.4f}"

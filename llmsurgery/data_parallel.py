@@ -79,6 +79,25 @@ def relaunch_with_torchrun(processes: int) -> None:
     os.execv(sys.executable, [*launcher_command("torchrun", processes, port, address), *sys.argv[1:]])
 
 
+def start_processes() -> None:
+    """At a command's start under a launcher: relaunch `accelerate launch --cpu --num_processes N` (which runs one
+    process) as N under torchrun; join the process group; only the main process prints."""
+    from .console import err, out
+
+    if os.environ.get("ACCELERATE_USE_CPU") and "WORLD_SIZE" not in os.environ:
+        processes = accelerate_cpu_processes()
+        if processes:  # accelerate launch --cpu --num_processes N ran one process: start the N with torchrun
+            err.print(
+                f"accelerate launch --cpu runs one process without --mpirun_hostfile: "
+                f"starting {processes} with torchrun",
+                soft_wrap=True,
+            )
+            relaunch_with_torchrun(processes)
+    if launched():
+        join()
+        out.quiet = err.quiet = not is_main()  # one process prints
+
+
 def join() -> None:
     """Join the process group the launcher describes (once; nothing without a launcher): NCCL with a GPU per
     process where CUDA is present (unless `accelerate launch --cpu`), else gloo."""

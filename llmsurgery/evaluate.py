@@ -198,6 +198,24 @@ def compare(model: list[Metric], baseline: list[Metric] | None) -> list[dict]:
 _OWN_RUNTIME_KEYS = ("auto_map", "attention_layout", "sparsity_in")
 
 
+def check_backend(backend: str, gpus: int, quantized: bool) -> None:
+    """`eval --backend`: hf or vllm; vllm's parallel options (`gpus`: their product) only with vllm, which runs its
+    own processes and loads its own way."""
+    if backend not in ("hf", "vllm"):
+        raise UserError(f"unknown --backend '{backend}'; choose hf or vllm")
+    if backend == "hf" and gpus > 1:
+        raise UserError("--tensor-parallel and --data-parallel are for --backend vllm")
+    if backend == "hf":
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "--backend vllm runs its own processes: start it once (no torchrun / accelerate launch) "
+            "and use --tensor-parallel / --data-parallel"
+        )
+    if quantized:
+        raise UserError("--backend vllm loads its own way; drop --load-in-8bit / --load-in-4bit")
+
+
 def check_vllm(spec: str, config: dict, folder, weights) -> None:
     """--backend vllm takes a standard-architecture safetensors folder (prune, heal, convert), and vllm itself."""
     import importlib.util

@@ -189,9 +189,7 @@ def apply_passes(
             report = cfg.apply_(loaded, calibration, dry_run=dry_run)
             so_far = {"passes": [*loaded.history.get("passes", []), *loaded.pending]}
             loaded.pending.append(
-                pass_record(
-                    cfg.name, cfg.record(), report.record(), time.perf_counter() - started, so_far
-                )
+                pass_record(cfg.name, cfg.record(), report.record(), time.perf_counter() - started, so_far)
             )
             if on_report is not None:
                 on_report(cfg, report)

@@ -74,7 +74,7 @@ def test_streamed_absorb_is_the_in_memory_absorb(tiny_model, tmp_path, knobs):
 def test_streamed_rotate_sparsify_is_the_in_memory_one(tiny_models, tmp_path, method, monkeypatch):
     """LaRoSA one layer at a time: the same report, tensors and config; the output runs the same."""
     monkeypatch.setattr(
-        "llmsurgery.passes.larosa.FOLD_ROWS", 7
+        "llmsurgery.passes.rotate_sparsify.maths.FOLD_ROWS", 7
     )  # the head and embedding folds in several blocks
     for arch in ("llama", "qwen2", "qwen3"):
         (tmp_path / arch).mkdir()

@@ -77,12 +77,31 @@ class CheckContext:
 
 
 class Report(BaseModel):
-    """What a pass found and did; saved in the history under `report`."""
+    """What a pass found and did; saved in the history under `report`, printed by `summary`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def record(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
+
+    def summary(self, cfg: PassConfig) -> list:
+        """What the command prints after the pass (rich renderables): here the numbers and short lists."""
+        return [self.table(cfg.name)]
+
+    def table(self, title: str, skip: tuple[str, ...] = ()) -> Any:
+        from rich.table import Table
+
+        from ..console import fmt
+
+        table = Table(title=title, show_header=False)
+        for key, value in self.record().items():
+            if key not in skip and (not isinstance(value, (list, dict)) or len(value) <= 8):
+                table.add_row(key.replace("_", " "), fmt(value) if isinstance(value, float) else str(value))
+        return table
+
+    def plot(self, cfg: PassConfig, path: Path) -> None:
+        """Save a chart of the report (passes whose config sets `plots`)."""
+        raise NotImplementedError
 
 
 class PassConfig(BaseModel):
@@ -103,6 +122,15 @@ class PassConfig(BaseModel):
     stream_note: ClassVar[str] = ""  # when only some settings stream: which (for messages)
     memory_factor: ClassVar[float] = 1.25  # peak memory of the whole-model path, in units of the weights
     saved_as: ClassVar[str] = "model"  # the kind of model the pass writes, for the command's last line
+    column: ClassVar[str] = "transformed"  # the result's column in the evaluation table
+    command_help: ClassVar[str] = ""  # the command's --help text (default: the class's docstring)
+    model_help: ClassVar[str | None] = None  # the command's MODEL argument, when not any model
+    dry_run_flag: ClassVar[str | None] = (
+        None  # the command's option that plans only ("scores-only"), and its help
+    )
+    dry_run_help: ClassVar[str] = ""
+    plots: ClassVar[bool] = False  # the command takes --plot (its report's `plot`)
+    may_train: ClassVar[bool] = False  # some settings take gradient steps: the command takes --fsdp
 
     calib_source: str = Field(
         "news", alias="calib", description=CALIB_SOURCE_HELP, json_schema_extra={"panel": CALIBRATION}

@@ -5,6 +5,7 @@ With no knob only directions of zero singular value go (exact up to float roundi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -35,12 +36,57 @@ class AbsorbReport(Report):
     lossy_qk: bool
     calibration_tokens: int | None = None
 
+    def summary(self, cfg: Absorb) -> list:
+        found = [self.per_layer_table()]
+        if self.lossy_qk:
+            found.append(
+                "[yellow]note:[/yellow] qk drops RoPE frequency pairs, which is lossy at any setting"
+            )
+        return found
+
+    def per_layer_table(self):
+        """Per layer: V and Q-K widths kept per KV head, attention parameters, and the spectrum's spread."""
+        from rich.table import Table
+
+        table = Table(title="absorb-decompose (per layer; widths per KV head)")
+        for column in ("layer", "v kept", "v dropped", "qk kept", "attention params", "after", "σ_min/σ_max"):
+            table.add_column(column, justify="right")
+        for row in self.layers:
+            spreads = [s[-1] / s[0] for s in row.spectra if s and s[0] > 0]
+            table.add_row(
+                str(row.layer),
+                ",".join(map(str, row.v_after)),
+                str(sum(row.v_before) - sum(row.v_after)),
+                ",".join(map(str, row.qk_after)),
+                f"{row.params_before:,}",
+                f"{row.params_after:,}",
+                f"{min(spreads):.2e}" if spreads else "-",
+            )
+        before, after = self.attention_params_before, self.attention_params_after
+        reduction = f"{after:,} (-{100 * self.attention_reduction:.1f}%)"
+        table.add_row("all", "", "", "", f"{before:,}", reduction, "", style="bold")
+        return table
+
+    def plot(self, cfg: Absorb, path: Path) -> None:
+        from ...plotting import save_spectra_plot
+
+        title = f"{cfg.criterion} V-O singular values per KV head (dotted: dropped)"
+        save_spectra_plot(path, [row.record() for row in self.layers], title)
+
 
 class Absorb(PassConfig):
     """Re-factor each KV head's V-O product by SVD and drop its weakest directions (and, with qk, RoPE pairs)."""
 
     streamable: ClassVar[bool] = True
     saved_as: ClassVar[str] = "absorbed model"
+    column: ClassVar[str] = "absorbed"
+    command_help: ClassVar[str] = (
+        "Absorb-Decompose (CLOVER): re-factor attention V-O pairs by SVD and drop their weakest directions.\n\n"
+        "Without --threshold/--keep-ratio/--rank only directions of zero singular value go (lossless)."
+    )
+    dry_run_flag: ClassVar[str | None] = "dry-run"
+    dry_run_help: ClassVar[str] = "Print the per-layer table; write no model."
+    plots: ClassVar[bool] = True
 
     pass_: Literal["absorb"] = Field("absorb", alias="pass", exclude=True)
     threshold: float | None = Field(

@@ -44,6 +44,28 @@ class HealReport(Report):
     teacher: str
     calibration_tokens: int
 
+    def summary(self, cfg: Heal) -> list:
+        from rich.table import Table
+
+        from ...console import ends_mean
+
+        table = Table(title="heal (distillation towards the teacher)", show_header=False)
+        table.add_row("teacher", str(self.teacher))
+        table.add_row(
+            "removed layers (teacher numbering)", ", ".join(map(str, self.removed_layers)) or "none"
+        )
+        table.add_row(
+            "trained", f"{self.trained_parameter_count:,} parameters in {len(self.trained_modules)} modules"
+        )
+        table.add_row("steps / tokens", f"{self.steps} / {self.tokens:,}")
+        table.add_row("KL, first / last 10 steps", ends_mean(self.loss_curve))
+        table.add_row(
+            "held-out KL before / after",
+            f"{self.held_out_kl_before:.4f} / {self.held_out_kl_after:.4f}"
+            + ("" if self.kept else "  (worse: the old weights were kept)"),
+        )
+        return [table]
+
 
 class Heal(PassConfig):
     """Train a few tensors of the student so that its next-token distribution matches the teacher's."""
@@ -54,6 +76,13 @@ class Heal(PassConfig):
         2.25  # a teacher loaded beside the student, gradients and AdamW of a few tensors
     )
     saved_as: ClassVar[str] = "healed model"
+    column: ClassVar[str] = "healed"
+    command_help: ClassVar[str] = (
+        "Distil a pruned model towards its original (KL on logits), training only a few tensors; writes a "
+        "standard checkpoint."
+    )
+    model_help: ClassVar[str | None] = "The pruned model (folder, .gguf, built-in name or hub id)."
+    may_train: ClassVar[bool] = True
 
     pass_: Literal["heal"] = Field("heal", alias="pass", exclude=True)
     teacher: str | None = Field(

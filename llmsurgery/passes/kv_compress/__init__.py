@@ -27,12 +27,30 @@ class KVCompressReport(Report):
     values_share: float
     calibration_tokens: int
 
+    def summary(self, cfg: KVCompress) -> list:
+        from rich.table import Table
+
+        from ...console import ends_mean
+
+        table = Table(title="kv-compress (MatryoshkaKV)", show_header=False)
+        table.add_row("budget asked / reached", f"{cfg.budget:.4g} / {self.budget_reached:.4g}")
+        table.add_row("keys / values share", f"{self.keys_share:.3f} / {self.values_share:.3f}")
+        table.add_row("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)")
+        if self.loss_curve:
+            table.add_row("training loss, first / last 10 steps", ends_mean(self.loss_curve))
+        return [table]
+
 
 class KVCompress(PassConfig):
     """PCA-initialised, Matryoshka-trained projections per KV head, cut to ranks that meet a cache budget."""
 
     stream_note: ClassVar[str] = "kv-compress --no-train --uniform --v-init pca"
     saved_as: ClassVar[str] = "KV-compressed model"
+    column: ClassVar[str] = "compressed"
+    command_help: ClassVar[str] = (
+        "MatryoshkaKV: orthogonal per-KV-head projections (PCA init, Matryoshka training) that shrink the KV cache."
+    )
+    may_train: ClassVar[bool] = True
 
     pass_: Literal["kv-compress"] = Field("kv-compress", alias="pass", exclude=True)
     budget: float = Field(gt=0, le=1, description="cached K+V dims to keep, a fraction of the original")

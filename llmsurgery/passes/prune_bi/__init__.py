@@ -5,6 +5,7 @@ Lossy. Every kept layer is untouched and the output is a standard checkpoint wit
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -22,11 +23,41 @@ class PruneBIReport(Report):
     layers_after: int
     calibration_tokens: int
 
+    def _chosen(self, cfg: PruneBI) -> tuple[list[int], str]:
+        return (
+            ([self.removed_layers[0]], "block start")
+            if cfg.metric == "angular"
+            else (self.removed_layers, "layer")
+        )
+
+    def summary(self, cfg: PruneBI) -> list:
+        from ...plotting import score_table
+
+        chosen, index_label = self._chosen(cfg)
+        return [
+            score_table(self.scores, chosen, self.score_kind, index_label),
+            f"layers to remove (0-based): {self.removed_layers}  ({self.layers_before} -> "
+            f"{self.layers_after} layers)",
+        ]
+
+    def plot(self, cfg: PruneBI, path: Path) -> None:
+        from ...plotting import save_score_plot
+
+        chosen, index_label = self._chosen(cfg)
+        save_score_plot(path, self.scores, chosen, self.score_kind, index_label)
+
 
 class PruneBI(PassConfig):
     """Remove the decoder layers whose output is most like their input (lowest Block Influence)."""
 
     streamable: ClassVar[bool] = True
+    column: ClassVar[str] = "pruned"
+    command_help: ClassVar[str] = (
+        "Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."
+    )
+    dry_run_flag: ClassVar[str | None] = "scores-only"
+    dry_run_help: ClassVar[str] = "Print the layer scores; write no model."
+    plots: ClassVar[bool] = True
 
     pass_: Literal["prune-bi"] = Field("prune-bi", alias="pass", exclude=True)
     remove: int | None = Field(None, ge=1, le=defaults.MAX_DIM, description="number of layers to remove")

@@ -34,12 +34,19 @@ class RotateSparsifyReport(Report):
     explained_top_half: list[float] | None = None
     calibration_tokens: int | None = None
 
+    def summary(self, cfg: RotateSparsify) -> list:
+        return [self.table(f"rotate-sparsify ({cfg.method})", skip=("explained_top_half",))]
+
 
 class RotateSparsify(PassConfig):
     """Fold rotations into the weights and keep each layer input's largest entries per token."""
 
     streamable: ClassVar[bool] = True
     saved_as: ClassVar[str] = "sparse model"
+    column: ClassVar[str] = "sparse"
+    command_help: ClassVar[str] = (
+        "LaRoSA: fold layerwise rotations into the weights and Top-K the layer inputs per token."
+    )
 
     pass_: Literal["rotate-sparsify"] = Field("rotate-sparsify", alias="pass", exclude=True)
     sparsity: float = Field(ge=0, lt=1, description="target sparsity S of the layer inputs")
