@@ -30,9 +30,13 @@ def foldable(request, tiny_models):
 def test_sparsity_zero_is_exact(foldable, method):
     loaded, batches = foldable
     expected = logits_of(loaded.model)
-    rotate_sparsify_(loaded.model, batches, RotateSparsify(sparsity=0.0, method=method, calib=CALIB))
+    report = rotate_sparsify_(loaded.model, batches, RotateSparsify(sparsity=0.0, method=method, calib=CALIB))
     # float32 weights, float64 folding: observed max |diff| ~5e-7 on logits of magnitude ~1
     torch.testing.assert_close(logits_of(loaded.model), expected, rtol=0, atol=1e-5)
+    # magnitude never rotates, also when handed windows
+    assert (
+        report["rotated"] == (method == "larosa") == hasattr(loaded.model.model.layers[0], "rotation_adapter")
+    )
 
 
 def test_rotations_are_orthogonal_and_descending():

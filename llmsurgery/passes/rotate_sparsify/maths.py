@@ -216,12 +216,13 @@ def rotate_layers_(layers, batches: torch.Tensor | None, cfg, writer=None) -> tu
 
     Q_l comes from the normed inputs of layer l summed over the windows; the windows go on through the original
     layer, then the layer is folded (norm scales, and with Q_l its own basis) and, with a `writer`, written.
-    `cfg`: the pass's settings (damp, sparsity_in, sparsity_out). Returns (report, {"first": Q_0, "previous":
+    `cfg`: the pass's settings (method, damp, sparsity_in, sparsity_out). Returns (report, {"first": Q_0, "previous":
     Q_{L-1}}), the rotations the embedding and the head take (None: not rotated).
     """
     spec, config = layers.spec, layers.config
     eps, size = config.rms_norm_eps, config.hidden_size
     explained, totals, rotations = [], [0.0, 0], {"first": None, "previous": None}
+    batches = batches if cfg.method == "larosa" else None  # magnitude: Q = I, no statistics
 
     def visit(i: int, layer: nn.Module, run) -> None:
         q = None
