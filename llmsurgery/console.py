@@ -76,6 +76,16 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
+def key_value_table(title: str, rows: Iterable[tuple[str, str]]):
+    """A two-column table without a header: what the pass summaries print."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
 def fmt(value) -> str:
     """A number as the summaries print it: 4 significant digits, "-" for none or NaN."""
     import math

@@ -207,7 +207,9 @@ def check_backend(backend: str, gpus: int, quantized: bool) -> None:
         raise UserError("--tensor-parallel and --data-parallel are for --backend vllm")
     if backend == "hf":
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .data_parallel import launched
+
+    if launched():
         raise UserError(
             "--backend vllm runs its own processes: start it once (no torchrun / accelerate launch) "
             "and use --tensor-parallel / --data-parallel"

@@ -11,7 +11,8 @@ and both give the same bits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -133,6 +134,11 @@ def _run_windows(layer: nn.Module, hidden: list, arguments: list, each: Callable
             each(x, hidden[w])
 
 
-def observe_input(module: nn.Module, on_input: Callable[[torch.Tensor], None]):
-    """A forward pre-hook handing `on_input` the first input of `module`; `.remove()` it afterwards."""
-    return module.register_forward_pre_hook(lambda _m, args: on_input(args[0]))
+@contextmanager
+def watching(module: nn.Module, on_input: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Inside the block, `on_input` sees the first input of every call of `module` (a pre-hook, removed after)."""
+    handle = module.register_forward_pre_hook(lambda _m, args: on_input(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()

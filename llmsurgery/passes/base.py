@@ -89,15 +89,16 @@ class Report(BaseModel):
         return [self.table(cfg.name)]
 
     def table(self, title: str, skip: tuple[str, ...] = ()) -> Any:
-        from rich.table import Table
+        from ..console import fmt, key_value_table
 
-        from ..console import fmt
-
-        table = Table(title=title, show_header=False)
-        for key, value in self.record().items():
-            if key not in skip and (not isinstance(value, (list, dict)) or len(value) <= 8):
-                table.add_row(key.replace("_", " "), fmt(value) if isinstance(value, float) else str(value))
-        return table
+        return key_value_table(
+            title,
+            (
+                (key.replace("_", " "), fmt(value) if isinstance(value, float) else str(value))
+                for key, value in self.record().items()
+                if key not in skip and (not isinstance(value, (list, dict)) or len(value) <= 8)
+            ),
+        )
 
     def plot(self, cfg: PassConfig, path: Path) -> None:
         """Save a chart of the report (passes whose config sets `plots`)."""
@@ -125,9 +126,8 @@ class PassConfig(BaseModel):
     column: ClassVar[str] = "transformed"  # the result's column in the evaluation table
     command_help: ClassVar[str] = ""  # the command's --help text (default: the class's docstring)
     model_help: ClassVar[str | None] = None  # the command's MODEL argument, when not any model
-    dry_run_flag: ClassVar[str | None] = (
-        None  # the command's option that plans only ("scores-only"), and its help
-    )
+    # the command's option that plans only ("scores-only"), and its help
+    dry_run_flag: ClassVar[str | None] = None
     dry_run_help: ClassVar[str] = ""
     plots: ClassVar[bool] = False  # the command takes --plot (its report's `plot`)
     may_train: ClassVar[bool] = False  # some settings take gradient steps: the command takes --fsdp

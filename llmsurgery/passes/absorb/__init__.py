@@ -1,4 +1,4 @@
-"""`absorb`: Absorb-Decompose of attention (CLOVER, arXiv 2411.17426); the maths is in `absorb_decompose`.
+"""`absorb`: Absorb-Decompose of attention (CLOVER, arXiv 2411.17426); the maths is in `maths.py`.
 
 With no knob only directions of zero singular value go (exact up to float rounding); knobs and qk are lossy.
 """

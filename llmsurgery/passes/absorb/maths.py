@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ...arch import ArchSpec, get_submodule
 from ...errors import UserError
-from ...layer_walk import as_layers, observe_input, walk_layers
+from ...layer_walk import as_layers, walk_layers, watching
 from ...modeling import use_surgery_modeling_
 from ...modeling.modeling_llmsurgery import full_layout, qk_widths, reshape_attention_
 
@@ -85,11 +85,8 @@ def v_input_covariance(layer: nn.Module, spec: ArchSpec, run) -> torch.Tensor:
         total += (x.T @ x).cpu()
         count += x.shape[0]
 
-    handle = observe_input(get_submodule(layer, spec.v_proj), accumulate)
-    try:
+    with watching(get_submodule(layer, spec.v_proj), accumulate):
         run()
-    finally:
-        handle.remove()
     return total / max(count, 1)
 
 

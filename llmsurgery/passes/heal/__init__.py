@@ -1,4 +1,4 @@
-"""`heal`: distil a layer-pruned model towards its original (KL on logits); the maths is in `distill`.
+"""`heal`: distil a layer-pruned model towards its original (KL on logits); the maths is in `maths.py`.
 
 Only the chosen tensors change; the output is the same standard checkpoint.
 """
@@ -45,26 +45,24 @@ class HealReport(Report):
     calibration_tokens: int
 
     def summary(self, cfg: Heal) -> list:
-        from rich.table import Table
+        from ...console import ends_mean, key_value_table
 
-        from ...console import ends_mean
-
-        table = Table(title="heal (distillation towards the teacher)", show_header=False)
-        table.add_row("teacher", str(self.teacher))
-        table.add_row(
-            "removed layers (teacher numbering)", ", ".join(map(str, self.removed_layers)) or "none"
-        )
-        table.add_row(
-            "trained", f"{self.trained_parameter_count:,} parameters in {len(self.trained_modules)} modules"
-        )
-        table.add_row("steps / tokens", f"{self.steps} / {self.tokens:,}")
-        table.add_row("KL, first / last 10 steps", ends_mean(self.loss_curve))
-        table.add_row(
-            "held-out KL before / after",
-            f"{self.held_out_kl_before:.4f} / {self.held_out_kl_after:.4f}"
-            + ("" if self.kept else "  (worse: the old weights were kept)"),
-        )
-        return [table]
+        kept = "" if self.kept else "  (worse: the old weights were kept)"
+        rows = [
+            ("teacher", str(self.teacher)),
+            ("removed layers (teacher numbering)", ", ".join(map(str, self.removed_layers)) or "none"),
+            (
+                "trained",
+                f"{self.trained_parameter_count:,} parameters in {len(self.trained_modules)} modules",
+            ),
+            ("steps / tokens", f"{self.steps} / {self.tokens:,}"),
+            ("KL, first / last 10 steps", ends_mean(self.loss_curve)),
+            (
+                "held-out KL before / after",
+                f"{self.held_out_kl_before:.4f} / {self.held_out_kl_after:.4f}{kept}",
+            ),
+        ]
+        return [key_value_table("heal (distillation towards the teacher)", rows)]
 
 
 class Heal(PassConfig):

@@ -1,6 +1,6 @@
 """`kv-compress`: MatryoshkaKV (arXiv 2410.14731), orthogonal projections of the cached keys and values.
 
-The maths is in `matryoshka_kv`. Budget 1.0 reproduces the logits; lower budgets are lossy.
+The maths is in `maths.py`. Budget 1.0 reproduces the logits; lower budgets are lossy.
 """
 
 from __future__ import annotations
@@ -28,17 +28,16 @@ class KVCompressReport(Report):
     calibration_tokens: int
 
     def summary(self, cfg: KVCompress) -> list:
-        from rich.table import Table
+        from ...console import ends_mean, key_value_table
 
-        from ...console import ends_mean
-
-        table = Table(title="kv-compress (MatryoshkaKV)", show_header=False)
-        table.add_row("budget asked / reached", f"{cfg.budget:.4g} / {self.budget_reached:.4g}")
-        table.add_row("keys / values share", f"{self.keys_share:.3f} / {self.values_share:.3f}")
-        table.add_row("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)")
+        rows = [
+            ("budget asked / reached", f"{cfg.budget:.4g} / {self.budget_reached:.4g}"),
+            ("keys / values share", f"{self.keys_share:.3f} / {self.values_share:.3f}"),
+            ("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)"),
+        ]
         if self.loss_curve:
-            table.add_row("training loss, first / last 10 steps", ends_mean(self.loss_curve))
-        return [table]
+            rows.append(("training loss, first / last 10 steps", ends_mean(self.loss_curve)))
+        return [key_value_table("kv-compress (MatryoshkaKV)", rows)]
 
 
 class KVCompress(PassConfig):

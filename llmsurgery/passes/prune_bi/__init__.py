@@ -1,4 +1,4 @@
-"""`prune-bi`: Block-Influence layer removal (ShortGPT, arXiv 2403.03853); the maths is in `block_influence`.
+"""`prune-bi`: Block-Influence layer removal (ShortGPT, arXiv 2403.03853); the maths is in `maths.py`.
 
 Lossy. Every kept layer is untouched and the output is a standard checkpoint with fewer layers.
 """

@@ -1,4 +1,4 @@
-"""`rotate-sparsify`: LaRoSA (arXiv 2507.01299), layerwise rotations + per-token Top-K; the maths is in `larosa`.
+"""`rotate-sparsify`: LaRoSA (arXiv 2507.01299), layerwise rotations + per-token Top-K; the maths is in `maths.py`.
 
 Exact at sparsity 0 (up to float32 rounding), lossy above; the output runs on llmsurgery's modeling code.
 """

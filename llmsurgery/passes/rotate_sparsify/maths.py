@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ...arch import ArchSpec, arch_for, decoder_layers, get_submodule
-from ...layer_walk import as_layers, observe_input, walk_layers
+from ...layer_walk import as_layers, walk_layers, watching
 from ...modeling import use_surgery_modeling_
 from ...modeling.modeling_llmsurgery import install_sparsity_hooks_
 
@@ -41,11 +41,8 @@ def normed_input_covariance(layer: nn.Module, spec: ArchSpec, run, eps: float) -
         n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         cov.add_((n.T @ n).cpu())
 
-    handle = observe_input(get_submodule(layer, spec.attn_norm), accumulate)
-    try:
+    with watching(get_submodule(layer, spec.attn_norm), accumulate):
         run()
-    finally:
-        handle.remove()
     return cov
 
 
