@@ -30,22 +30,12 @@ def check_window_count(tokenizer, cfg: CalibConfig, stream: torch.Tensor) -> int
     return body
 
 
-def check_calibration_sizes(tokenizer, configs: list[CalibConfig]) -> None:
-    """Before any model loads: every source holds the windows asked of it (each source tokenized once)."""
-    streams: dict[str, torch.Tensor] = {}
-    for cfg in configs:
-        if cfg.source not in streams:
-            streams[cfg.source] = token_stream(tokenizer, source_documents(cfg.source))
-        check_window_count(tokenizer, cfg, streams[cfg.source])
-
-
-def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
-    """`cfg.samples` non-overlapping windows of `cfg.seq_len` tokens, chosen by `cfg.seed`.
+def draw_windows(tokenizer, cfg: CalibConfig, stream: torch.Tensor) -> torch.Tensor:
+    """`cfg.samples` non-overlapping windows of `cfg.seq_len` tokens of `stream`, chosen by `cfg.seed`.
 
     Returns input ids of shape [samples, seq_len]. A BOS token, when the tokenizer has one,
     starts every window, as the model saw it in training.
     """
-    stream = token_stream(tokenizer, source_documents(cfg.source))
     bos = tokenizer.bos_token_id
     body = check_window_count(tokenizer, cfg, stream)
     n_windows = len(stream) // body
@@ -57,11 +47,32 @@ def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
     return windows  # [N, seq_len]
 
 
-class Calibration:
-    """Draws a pass's token windows with the model's tokenizer (what `PassConfig.apply_` is handed)."""
+class TokenStreams:
+    """The calibration text of each source, tokenized once with the model's tokenizer; draws the passes' windows.
+
+    The runner makes one per job: the checks count the windows each source holds with it, and the passes draw
+    their windows from the same streams, so no source is read or tokenized twice.
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._streams: dict[str, torch.Tensor] = {}
+
+    def stream(self, source: str) -> torch.Tensor:
+        if source not in self._streams:
+            self._streams[source] = token_stream(self.tokenizer, source_documents(source))
+        return self._streams[source]
+
+    def check(self, configs: list[CalibConfig]) -> None:
+        """Before any model loads: every source holds the windows asked of it."""
+        for cfg in configs:
+            check_window_count(self.tokenizer, cfg, self.stream(cfg.source))
 
     def windows(self, cfg: CalibConfig) -> torch.Tensor:
-        return calibration_batches(self.tokenizer, cfg)
+        """The token windows [samples, seq_len] that `cfg` names (see `draw_windows`)."""
+        return draw_windows(self.tokenizer, cfg, self.stream(cfg.source))
+
+
+def calibration_batches(tokenizer, cfg: CalibConfig) -> torch.Tensor:
+    """The windows `cfg` names, from a tokenizer alone (`TokenStreams` keeps the tokenized text for more)."""
+    return TokenStreams(tokenizer).windows(cfg)

@@ -9,9 +9,12 @@ bad input, never a freshly initialised weight.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .arch import ArchSpec, arch_for_model_type
 from .errors import UserError, first_line
@@ -168,9 +171,12 @@ def _index_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a folder, checked: safetensors shards (whole, and as the index says) or PyTorch
-    .bin files."""
+def read_weights(folder: Path) -> tuple[list[Path], dict[str, tuple[int, ...]]]:
+    """(the weight files of a folder, tensor name -> shape over all of them), checked; each header read once.
+
+    Safetensors shards are checked whole and against their index; PyTorch .bin files (when there are no
+    safetensors) are unpickled with weights_only, on meta.
+    """
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _index_map(index)
@@ -178,44 +184,48 @@ def weight_files(folder: Path) -> list[Path]:
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise UserError(f"{folder} is missing shard(s) listed in its index: {', '.join(missing)}")
-        files = [folder / n for n in names]
-        headers = {n: safetensors_header(folder / n) for n in names}
+        headers = {folder / n: safetensors_header(folder / n) for n in names}
         for tensor, shard in weight_map.items():
-            if tensor not in headers[shard]:
+            if tensor not in headers[folder / shard]:
                 raise UserError(f"{index} places tensor '{tensor}' in {shard}, which does not hold it")
-        for shard, header in headers.items():
-            stray = [t for t in header if t != "__metadata__" and weight_map.get(t) != shard]
+        for path, header in headers.items():
+            stray = [t for t in header if t != "__metadata__" and weight_map.get(t) != path.name]
             if stray:
-                raise UserError(
-                    f"{folder / shard} holds tensor '{stray[0]}', which its index does not place there"
-                )
+                raise UserError(f"{path} holds tensor '{stray[0]}', which its index does not place there")
     else:
-        files = sorted(folder.glob("*.safetensors"))
-        for path in files:
-            safetensors_header(path)
-    if not files:
-        files = sorted(p for p in folder.glob("pytorch_model*.bin") if p.is_file())
-    if not files:
+        headers = {path: safetensors_header(path) for path in sorted(folder.glob("*.safetensors"))}
+    if headers:
+        entries = {path: _header_shapes(header) for path, header in headers.items()}
+    else:
+        entries = {p: _bin_shapes(p) for p in sorted(folder.glob("pytorch_model*.bin")) if p.is_file()}
+    if not entries:
         raise UserError(f"{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
-    return files
+    return list(entries), _merged(entries)
 
 
-def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape over all weight files, from the headers (.bin files: unpickled with
-    weights_only, on meta)."""
+def _header_shapes(header: dict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _merged(entries: dict[Path, dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """One name -> shape map over the weight files; a tensor in two files is a corrupt checkpoint."""
     shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        if path.suffix == ".safetensors":
-            entries = {
-                k: tuple(v["shape"]) for k, v in safetensors_header(path).items() if k != "__metadata__"
-            }
-        else:
-            entries = _bin_shapes(path)
-        for name, shape in entries.items():
+    for path, found in entries.items():
+        for name, shape in found.items():
             if name in shapes:
                 raise UserError(f"tensor '{name}' appears in more than one weight file ({path.name})")
             shapes[name] = shape
     return shapes
+
+
+def checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape over the given weight files, from their headers (.bin files: on meta)."""
+    return _merged(
+        {
+            p: _header_shapes(safetensors_header(p)) if p.suffix == ".safetensors" else _bin_shapes(p)
+            for p in files
+        }
+    )
 
 
 def _bin_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -232,18 +242,24 @@ def _bin_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def parameter_count(files: list[Path]) -> int:
-    total = 0
-    for shape in checkpoint_shapes(files).values():
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count
-    return total
+def parameter_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
-def expected_shapes(folder: Path, model_class=None) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
-    """(name -> shape of every tensor the config's model holds, groups of names tied to one tensor), built on meta."""
+@dataclass
+class Checkpoint:
+    """A checkpoint folder as `check_folder` found it: its weights match its config."""
+
+    config: dict  # config.json
+    spec: ArchSpec
+    files: list[Path]  # the weight files
+    shapes: dict[str, tuple[int, ...]]  # every tensor's shape, from the headers
+    hf_config: Any = None  # the transformers config the model was built from (None with foreign code)
+
+
+def expected_shapes(folder: Path, model_class=None) -> tuple[dict[str, tuple[int, ...]], list[set[str]], Any]:
+    """(name -> shape of every tensor the config's model holds, groups of names tied to one tensor, the
+    transformers config), built on meta."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -266,7 +282,7 @@ def expected_shapes(folder: Path, model_class=None) -> tuple[dict[str, tuple[int
     by_tensor: dict[int, set[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(param), set()).add(name)
-    return shapes, [names for names in by_tensor.values() if len(names) > 1]
+    return shapes, [names for names in by_tensor.values() if len(names) > 1], config
 
 
 def check_tensors(
@@ -295,8 +311,8 @@ def check_tensors(
             )
 
 
-def check_folder(folder: Path, model_class=None) -> tuple[dict, ArchSpec, list[Path]]:
-    """(config dict, architecture spec, weight files) of a folder whose weights match its config, or a UserError.
+def check_folder(folder: Path, model_class=None) -> Checkpoint:
+    """A folder whose weights match its config (headers read once, the model built once on meta), or a UserError.
 
     model_class: the class that will load it, when not the stock one (llmsurgery's own, for transformed models);
     None with foreign modeling code skips the tensor check (its model cannot be built without running that code).
@@ -304,15 +320,14 @@ def check_folder(folder: Path, model_class=None) -> tuple[dict, ArchSpec, list[P
     config = read_config(folder)
     spec = arch_for_model_type(config.get("model_type"))
     check_config_sizes(config, str(folder / "config.json"))
-    files = weight_files(folder)
+    files, found = read_weights(folder)
+    hf_config = None
     if model_class is not None or not config.get("auto_map"):
-        found = checkpoint_shapes(files)
-        check_layer_count(
-            found, config["num_hidden_layers"], spec, folder
-        )  # before building: a config may claim millions
-        expected, tied = expected_shapes(folder, model_class)
+        # the layer count before building: a config may claim millions
+        check_layer_count(found, config["num_hidden_layers"], spec, folder)
+        expected, tied, hf_config = expected_shapes(folder, model_class)
         check_tensors(found, expected, tied, folder)
-    return config, spec, files
+    return Checkpoint(config, spec, files, found, hf_config)
 
 
 def check_layer_count(found: dict[str, tuple[int, ...]], n_layers: int, spec: ArchSpec, folder: Path) -> None:

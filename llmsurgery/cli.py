@@ -1,4 +1,9 @@
-"""The `llmsurgery` command line: parse, validate, call the library, print a summary."""
+"""The `llmsurgery` command line: parse, call the library, print what it found.
+
+Each command's options are declared once, outside this module: a pass's in its config (`passes/<name>`), the
+job options every pass command shares in `job.JobOptions`, `eval`'s in `job.EvalJob`. `cli_options` turns them
+into Typer options; the runner does the work; reports print themselves.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,17 @@ import logging
 import os
 import signal
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from . import __version__, defaults
-from .console import err, fmt, out
+from . import __version__
+from .console import err, metrics_table, out, report_failure
 from .errors import GateFailed, UserError
+from .job import IO, MODEL_HELP
 
 app = typer.Typer(
     help="Model surgery and compression for causal language models.",
@@ -30,58 +34,34 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 _state = {"debug": False}
+_KW = inspect.Parameter.KEYWORD_ONLY
 
-IO, LOAD, CALIB, EVAL = "Input / output", "Loading", "Calibration", "Evaluation"
-ModelArg = Annotated[
-    str,
-    typer.Argument(
-        help="A model folder, a .gguf file, a built-in name (smollm2-135m, gemma3-270m) or a hub id.",
-        show_default=False,
-    ),
-]
-DtypeOpt = Annotated[
-    str,
-    typer.Option(
-        help="auto (the checkpoint's own: bfloat16 stays bfloat16; the built-ins are float32), float32, bfloat16 "
-        "or float16.",
-        rich_help_panel=LOAD,
-    ),
-]
-StreamOpt = Annotated[
-    str,
-    typer.Option(
-        help="on: one decoder layer in memory at a time (prune, rotate-sparsify, absorb, kv-compress --no-train "
-        "--uniform); auto: when the checkpoint is larger "
-        "than half the memory available; off: load the whole model.",
-        rich_help_panel=LOAD,
-    ),
-]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.", rich_help_panel=LOAD)]
-TrustOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-remote-code",
-        help="Run modeling code shipped with a model not written by llmsurgery.",
-        rich_help_panel=LOAD,
-    ),
-]
-OutputOpt = Annotated[
-    Path,
-    typer.Option(
-        "--output",
-        "-o",
-        help="Folder to write the model to (must not exist).",
-        rich_help_panel=IO,
-        show_default=False,
-    ),
-]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Replace an existing output folder.", rich_help_panel=IO)
-]
+ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)]
 JsonOpt = Annotated[
     Optional[Path],
     typer.Option("--json", help="Also write the results as JSON to this file.", rich_help_panel=IO),
 ]
+PlotOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="Save a chart of the scores (.png, .pdf, .svg, .jpg).", rich_help_panel=IO),
+]
+RecipeOutputOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output folder (overrides the recipe's).",
+        rich_help_panel=IO,
+        show_default=False,
+    ),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set", help="Override a recipe value: KEY=VALUE (e.g. eval.limit=5, passes[1].sparsity=0.3)."
+    ),
+]
+HEAL = "Healing (with --heal)"
 
 
 def _version(value: bool) -> None:
@@ -100,56 +80,8 @@ def main(
     _state["debug"] = debug
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) or "(no message)"
-
-
-def report_failure(exc: BaseException) -> int:
-    """One line on stderr for what ended a command; returns its exit code.
-
-    Bad input -> 2, a failed gate -> 1, a kill (SIGINT, SIGTERM) -> 130. An OSError (a full disk, a permission)
-    is the machine's answer to the user's input: 2 as well. Usage errors (unknown option, bad value) carry their
-    own code. Anything else is a bug: 1; `--debug` shows the traceback of every one of them.
-    """
-    if isinstance(exc, KeyboardInterrupt):
-        err.print("interrupted; nothing was written")
-        return 130
-    if isinstance(exc, typer.Abort):
-        err.print("aborted")
-        return 1
-    if _state["debug"] or "--debug" in sys.argv:
-        traceback.print_exc()
-    prefix, code = "error", 2
-    if isinstance(exc, UserError):
-        message = str(exc)
-    elif isinstance(exc, GateFailed):
-        prefix, message, code = "gate failed", str(exc), 1
-    elif isinstance(exc, OSError):
-        message = f"{exc.strerror or exc}" + (f" ({exc.filename})" if getattr(exc, "filename", None) else "")
-    elif hasattr(exc, "format_message"):  # click's UsageError and friends (typer vendors click)
-        message, code = exc.format_message(), getattr(exc, "exit_code", 2)
-    else:
-        message, code = (
-            f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for the traceback",
-            1,
-        )
-    _print_error(f"[bold red]{prefix}:[/bold red] {escape(_one_line(message))}")
-    return code
-
-
-def _print_error(line: str) -> None:
-    """An error line on stderr; under a launcher the other processes (quiet otherwise) name their rank."""
-    rank = int(os.environ.get("RANK", "0"))
-    if err.quiet and rank:
-        err.quiet = False
-        err.print(f"rank {rank}: {line}", highlight=False, soft_wrap=True)
-        err.quiet = True
-        return
-    err.print(line, highlight=False, soft_wrap=True)
-
-
 def handles_errors(fn: Callable) -> Callable:
-    """A command whose failures end in one line and their exit code (`report_failure`), never a traceback."""
+    """A command whose failures end in one line and their exit code (`console.report_failure`), never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -158,24 +90,9 @@ def handles_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - never a traceback on the user's terminal
-            raise typer.Exit(report_failure(exc)) from None
+            raise typer.Exit(report_failure(exc, _state["debug"])) from None
 
     return wrapper
-
-
-def print_metrics(rows: list[dict], model: str, baseline: str | None) -> None:
-    table = Table(title="Evaluation", show_lines=False)
-    for column in ("task", "metric", model):
-        table.add_column(column, justify="right" if column == model else "left")
-    if baseline:
-        for column in (f"{baseline} (baseline)", "diff", "ratio"):
-            table.add_column(column, justify="right")
-    for row in rows:
-        cells = [row["task"], row["metric"], fmt(row["value"])]
-        if baseline:
-            cells += [fmt(row.get("baseline")), fmt(row.get("diff")), fmt(row.get("ratio"))]
-        table.add_row(*cells)
-    out.print(table)
 
 
 def write_json(path: Path | None, payload: dict) -> None:
@@ -186,189 +103,52 @@ def write_json(path: Path | None, payload: dict) -> None:
         err.print(f"wrote {escape(str(path))}")
 
 
-PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-
-
-def check_files(output: Path | None = None, **paths: Path | None) -> None:
-    """Files a command will write at the end (--json, --plot), checked before any work; they may go into `output`."""
-    from .model_io import check_file_target
-
-    given = [p.expanduser().resolve() for p in paths.values() if p is not None]
-    if len(given) != len(set(given)):
-        raise UserError(f"{' and '.join('--' + o for o in paths)} name the same file")
-    for option, path in paths.items():
-        if path is None:
-            continue
-        if output is not None and path.expanduser().resolve() == output.expanduser().resolve():
-            raise UserError(f"--{option} {path} is the output folder; give a file name")
-        into_output = (
-            output is not None and path.expanduser().resolve().parent == output.expanduser().resolve()
-        )
-        if not (
-            option == "json" and into_output
-        ):  # --json is written after the save, so the output folder exists by then
-            check_file_target(path, f"--{option}")
-        if option == "plot" and path.suffix.lower() not in PLOT_FORMATS:
-            raise UserError(f"--plot {path}: the file name should end in {', '.join(PLOT_FORMATS)}")
-
-
-@app.command("eval")
-@handles_errors
-def eval_cmd(
-    model: ModelArg,
-    tasks: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated tasks: news_ppl, pydoc_ppl, news_cloze, or lm-eval names.",
-            rich_help_panel=EVAL,
-        ),
-    ] = "news_ppl,news_cloze",
-    baseline: Annotated[
-        Optional[str], typer.Option(help="A second model scored side by side.", rich_help_panel=EVAL)
-    ] = None,
-    limit: Annotated[
-        Optional[int],
-        typer.Option(
-            min=1,
-            max=defaults.MAX_WINDOWS,
-            help="Score only the first N documents of each task.",
-            rich_help_panel=EVAL,
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option(min=1, max=defaults.MAX_BATCH, help="lm-eval batch size.", rich_help_panel=EVAL)
-    ] = 8,
-    load_in_8bit: Annotated[
-        bool,
-        typer.Option(
-            "--load-in-8bit", help="Quantize to int8 with bitsandbytes while loading.", rich_help_panel=LOAD
-        ),
-    ] = False,
-    load_in_4bit: Annotated[
-        bool,
-        typer.Option(
-            "--load-in-4bit", help="Quantize to NF4 with bitsandbytes while loading.", rich_help_panel=LOAD
-        ),
-    ] = False,
-    backend: Annotated[
-        str,
-        typer.Option(
-            help="lm-eval backend: hf (transformers, any model) or vllm (standard architectures, GPUs).",
-            rich_help_panel=EVAL,
-        ),
-    ] = "hf",
-    tensor_parallel: Annotated[
-        int, typer.Option(min=1, max=1024, help="vllm: GPUs per model copy.", rich_help_panel=EVAL)
-    ] = 1,
-    data_parallel: Annotated[
-        int,
-        typer.Option(min=1, max=1024, help="vllm: model copies scoring in parallel.", rich_help_panel=EVAL),
-    ] = 1,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "cpu",
-    trust_remote_code: TrustOpt = False,
-    json_path: JsonOpt = None,
+def derived_command(
+    name: str, params: list[inspect.Parameter], doc: str, body: Callable[[dict], None]
 ) -> None:
-    """Score MODEL with lm-eval, offline built-in tasks included; with --baseline, side by side."""
-    check_files(json=json_path)
-    from .evaluate import (
-        check_backend,
-        check_tasks,
-        check_vllm,
-        compare,
-        evaluate_model,
-        evaluate_vllm,
-        parse_tasks,
-    )
-    from .model_io import check_not_an_input, load_model, peek_config
+    """A command whose signature is `params` (derived from option models); `body` gets the parsed values."""
 
-    task_list = parse_tasks(tasks)
-    manager = check_tasks(task_list)
-    specs = (model, baseline) if baseline else (model,)
-    peeked = [peek_config(spec, trust_remote_code) for spec in specs]  # both first
-    folders = [folder for _, folder, _ in peeked]
-    if json_path is not None:
-        check_not_an_input(json_path, [f for f in folders if f is not None], "--json")
-    check_backend(backend, tensor_parallel * data_parallel, load_in_8bit or load_in_4bit)
-    scoring = {"tasks": task_list, "limit": limit, "batch_size": batch_size, "manager": manager}
-    if backend == "vllm":
-        for spec, (config, folder, weights) in zip(specs, peeked):
-            check_vllm(spec, config, folder, weights)
-        parallel = {"tensor_parallel": tensor_parallel, "data_parallel": data_parallel}
+    def command(**options):
+        body(options)
 
-        def score(i: int):
-            return evaluate_vllm(folders[i], dtype=dtype, **parallel, **scoring)
-    else:
-        load = functools.partial(
-            load_model,
-            dtype=dtype,
-            device=device,
-            load_in_8bit=load_in_8bit,
-            load_in_4bit=load_in_4bit,
-            trust_remote_code=trust_remote_code,
-        )
-
-        def score(i: int):
-            return evaluate_model(load(specs[i]), **scoring)
-
-    base_metrics = score(1) if baseline else None
-    rows = compare(score(0), base_metrics)
-    print_metrics(rows, model, baseline)
-    payload = {"model": model, "baseline": baseline, "tasks": task_list, "limit": limit, "backend": backend}
-    write_json(json_path, payload | {"results": rows})
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = doc
+    command.__name__ = name.replace("-", "_")
+    app.command(name)(handles_errors(command))
 
 
-HEAL = "Healing (with --heal)"
-EvalTasksOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--eval",
-        help="Score the transformed model on these tasks, the original as baseline.",
-        rich_help_panel=EVAL,
-    ),
-]
-EvalLimitOpt = Annotated[
-    Optional[int],
-    typer.Option(
-        "--eval-limit",
-        min=1,
-        max=defaults.MAX_WINDOWS,
-        help="Documents per task for --eval.",
-        rich_help_panel=EVAL,
-    ),
-]
-PlotOpt = Annotated[
-    Optional[Path],
-    typer.Option(help="Save a chart of the scores (.png, .pdf, .svg, .jpg).", rich_help_panel=IO),
-]
-_KW = inspect.Parameter.KEYWORD_ONLY
+# ----------------------------------------------------------------------------- eval
 
 
-def _common_parameters(output_required: bool) -> list[inspect.Parameter]:
-    """The options every pass command shares, after its own: evaluation, output, loading, --json."""
-    output = (
-        OutputOpt
-        if output_required
-        else Annotated[
-            Optional[Path],
-            typer.Option(
-                "--output", "-o", help="Folder to write the model to.", rich_help_panel=IO, show_default=False
-            ),
-        ]
-    )
-    return [
-        inspect.Parameter("eval_tasks", _KW, default=None, annotation=EvalTasksOpt),
-        inspect.Parameter("eval_limit", _KW, default=None, annotation=EvalLimitOpt),
-        inspect.Parameter(
-            "output", _KW, default=inspect.Parameter.empty if output_required else None, annotation=output
-        ),
-        inspect.Parameter("force", _KW, default=False, annotation=ForceOpt),
-        inspect.Parameter("dtype", _KW, default="auto", annotation=DtypeOpt),
-        inspect.Parameter("device", _KW, default="cpu", annotation=DeviceOpt),
-        inspect.Parameter("trust_remote_code", _KW, default=False, annotation=TrustOpt),
-        inspect.Parameter("stream", _KW, default="auto", annotation=StreamOpt),
-        inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt),
-    ]
+def _eval(options: dict) -> None:
+    from .cli_options import job_options
+    from .evaluate import score_models
+    from .job import EvalJob
+    from .model_io import check_file_targets
+
+    json_path = options.pop("json_path")
+    check_file_targets(json=json_path)
+    job = job_options(options, EvalJob)
+    rows = score_models(job, [json_path] if json_path is not None else [])
+    out.print(metrics_table(rows, job.model, job.baseline))
+    payload = {"model": job.model, "baseline": job.baseline, "tasks": job.tasks, "limit": job.limit}
+    write_json(json_path, payload | {"backend": job.backend, "results": rows})
+
+
+def _register_eval() -> None:
+    from .cli_options import option_parameters
+    from .job import EvalJob
+
+    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ModelArg)
+    json_path = inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt)
+    params = [model, *option_parameters(EvalJob), json_path]
+    derived_command("eval", params, EvalJob.__doc__, _eval)
+
+
+_register_eval()
+
+
+# ----------------------------------------------------------------------------- the pass commands
 
 
 def _flag(name: str, help: str, default: bool = False, panel: str | None = None) -> inspect.Parameter:
@@ -377,8 +157,8 @@ def _flag(name: str, help: str, default: bool = False, panel: str | None = None)
     return inspect.Parameter(name, _KW, default=default, annotation=Annotated[bool, option])
 
 
-def _own_options(config: type, then_heal: bool = False) -> list[inspect.Parameter]:
-    """The options a pass's config declares beside its fields: its dry run, --plot, (--heal), --fsdp."""
+def _own_options(config: type, then_heal: bool) -> list[inspect.Parameter]:
+    """The options a pass's config declares beside its fields: its dry run, --plot, (--heal)."""
     from .cli_options import option_parameters
     from .passes import Heal
 
@@ -392,19 +172,13 @@ def _own_options(config: type, then_heal: bool = False) -> list[inspect.Paramete
         found.append(_flag("heal", helps, panel=HEAL))
         exclude = ("teacher", "removed", "calib_source", "seed")
         found += option_parameters(Heal, prefix="heal-", exclude=exclude, panel=HEAL)
-    if config.may_train or then_heal:
-        helps = (
-            "Under torchrun / accelerate launch: shard the model over the processes while it trains (FSDP), "
-            "so that several GPUs hold what one cannot."
-        )
-        found.append(_flag("fsdp", helps, panel=LOAD))
     return found
 
 
 def pass_command(config: type, name: str | None = None, first: tuple[inspect.Parameter, ...] = ()) -> None:
-    """The command of `config`'s pass: options from its fields (`cli_options`), then `first` (prune's --bi),
-    then those it declares (`_own_options`). The runner does the work; the reports print themselves."""
-    from .cli_options import option_parameters
+    """The command of `config`'s pass: options from its fields, then `first` (prune's --bi), then those it
+    declares (`_own_options`), then the job options (`cli_options.job_parameters`) and --json."""
+    from .cli_options import job_parameters, option_parameters
 
     then_heal = config.pass_name() == "prune-bi"
     argument = typer.Argument(help=config.model_help, show_default=False) if config.model_help else None
@@ -414,48 +188,40 @@ def pass_command(config: type, name: str | None = None, first: tuple[inspect.Par
         annotation=Annotated[str, argument] if argument else ModelArg,
     )
     params = [model, *option_parameters(config), *first, *_own_options(config, then_heal)]
-    params += _common_parameters(output_required=config.dry_run_flag is None)
-
-    def command(**options):
-        _run_pass_command(config, options)
-
-    command.__signature__ = inspect.Signature(params)
-    command.__doc__ = config.command_help or (config.__doc__ or config.pass_name()).strip()
-    command.__name__ = config.pass_name().replace("-", "_")
-    app.command(name or config.pass_name())(handles_errors(command))
+    params += job_parameters(
+        trains=config.may_train or then_heal, output_required=config.dry_run_flag is None
+    )
+    params.append(inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt))
+    doc = config.command_help or (config.__doc__ or config.pass_name()).strip()
+    derived_command(name or config.pass_name(), params, doc, functools.partial(_run_pass_command, config))
 
 
-def _passes_of(config: type, cfg, options: dict) -> list:
+def _passes_of(config: type, cfg, options: dict, dry_run: bool) -> list:
     """The passes a command runs: its own, and for prune --heal a heal with prune's calibration."""
     from .cli_options import config_from_options
     from .passes import Heal
 
-    if not options.get("heal") or options.get(_dry_run_key(config)):
+    if not options.get("heal") or dry_run:
         return [cfg]
-    return [
-        cfg,
-        config_from_options(Heal, options, prefix="heal-", calib_source=cfg.calib_source, seed=cfg.seed),
-    ]
-
-
-def _dry_run_key(config: type) -> str | None:
-    return config.dry_run_flag.replace("-", "_") if config.dry_run_flag else None
+    heal = config_from_options(Heal, options, prefix="heal-", calib_source=cfg.calib_source, seed=cfg.seed)
+    return [cfg, heal]
 
 
 def _run_pass_command(config: type, options: dict) -> None:
-    from .cli_options import config_from_options
-    from .evaluate import parse_tasks
-    from .runner import EvalPlan, Job, run_job
+    from .cli_options import config_from_options, job_options
+    from .model_io import check_file_targets
+    from .recipe import command_recipe
+    from .runner import Job, run_job
 
     output, json_path, plot = options["output"], options["json_path"], options.get("plot")
-    check_files(output, json=json_path, plot=plot)
+    check_file_targets(output, json=json_path, plot=plot)
     if not options.get("bi", True):
         raise UserError("only --bi (Block Influence) pruning exists for now")
     cfg = config_from_options(config, options)
-    passes = _passes_of(config, cfg, options)
-    dry_run = bool(options.get(_dry_run_key(config)))
+    dry_run = bool(config.dry_run_flag and options[config.dry_run_flag.replace("-", "_")])
     if output is None and not dry_run:
         raise UserError(f"give --output DIR, or --{config.dry_run_flag} to only print")
+    passes = _passes_of(config, cfg, options, dry_run)
 
     def summary(done, report) -> None:
         for part in report.summary(done):
@@ -464,30 +230,14 @@ def _run_pass_command(config: type, options: dict) -> None:
             report.plot(done, plot)
             err.print(f"wrote {escape(str(plot))}")
 
-    tasks = options["eval_tasks"]
-    job = Job(
-        options["model"],
-        passes,
-        output,
-        options["force"],
-        options["dtype"],
-        options["device"],
-        options["trust_remote_code"],
-        EvalPlan(tuple(parse_tasks(tasks)), options["eval_limit"]) if tasks else None,
-        dry_run=dry_run,
-        files={"json": json_path, "plot": plot},
-        stream=options["stream"],
-        fsdp=options.get("fsdp", False),
-    )
+    job = Job(job_options(options), passes, dry_run=dry_run, files={"json": json_path, "plot": plot})
     job.recipe_yaml = command_recipe(job)
     outcome = run_job(job, on_report=summary)
     if outcome.eval is not None:
-        print_metrics(outcome.eval, passes[-1].column, options["model"])
+        out.print(metrics_table(outcome.eval, passes[-1].column, options["model"]))
     if not dry_run:
         layers = outcome.config["num_hidden_layers"]
-        what = (
-            f"{layers}-layer {passes[-1].saved_as}" if passes[0].name == "prune-bi" else passes[-1].saved_as
-        )
+        what = f"{layers}-layer {passes[-1].saved_as}" if cfg.name == "prune-bi" else passes[-1].saved_as
         trust = " (load with trust_remote_code=True)" if "auto_map" in outcome.config else ""
         out.print(f"saved the {what} to {escape(str(output))}{trust}")
     records = outcome.records
@@ -495,27 +245,6 @@ def _run_pass_command(config: type, options: dict) -> None:
     payload |= {"eval": outcome.eval} if outcome.eval is not None else {}
     payload |= {records[1]["pass"]: records[1]["report"]} if len(records) > 1 else {}
     write_json(json_path, payload)
-
-
-def command_recipe(job) -> str:
-    """The recipe `llmsurgery run` would follow to make the same model, saved beside it."""
-    from .recipe import recipe_text
-    from .sources import resolve_source
-
-    data = {"version": 1, "model": job.model, "dtype": job.dtype, "device": job.device}
-    data |= {"trust-remote-code": True} if job.trust_remote_code else {}
-    data |= {"stream": job.stream} if job.stream != "auto" else {}
-    data |= {"fsdp": True} if job.fsdp else {}
-    data["passes"] = [cfg.recipe_entry() for cfg in job.passes]
-    if job.eval:
-        data["eval"] = {"tasks": list(job.eval.tasks)} | ({"limit": job.eval.limit} if job.eval.limit else {})
-    source = resolve_source(job.model)
-    path = (
-        str(Path(source.path).resolve())
-        if getattr(source, "path", None) and source.kind in ("folder", "gguf")
-        else None
-    )
-    return recipe_text(data, path)
 
 
 def _register_pass_commands() -> None:
@@ -532,14 +261,10 @@ def _register_pass_commands() -> None:
 _register_pass_commands()
 
 
+# ----------------------------------------------------------------------------- recipes, convert, inspect
+
 recipe_app = typer.Typer(help="Validate recipes and print their JSON schema.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--set", help="Override a recipe value: KEY=VALUE (e.g. eval.limit=5, passes[1].sparsity=0.3)."
-    ),
-]
 
 
 @app.command("run")
@@ -551,32 +276,23 @@ def run_cmd(
             help="A YAML recipe (see recipes/ and `llmsurgery recipe schema`).", show_default=False
         ),
     ],
-    output: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--output",
-            "-o",
-            help="Output folder (overrides the recipe's).",
-            rich_help_panel=IO,
-            show_default=False,
-        ),
-    ] = None,
+    output: RecipeOutputOpt = None,
     overrides: SetOpt = None,
-    force: ForceOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing output folder.", rich_help_panel=IO)
+    ] = False,
     json_path: JsonOpt = None,
 ) -> None:
     """Run a recipe: its passes in order, then its evaluation; exit 1 if a quality gate fails."""
-    check_files(output, json=json_path)
+    from .model_io import check_file_targets
     from .recipe import run_recipe
 
+    check_file_targets(output, json=json_path)
     results = run_recipe(recipe, output, overrides or [], force, files={"json": json_path})
     out.print(f"saved {' -> '.join(results['passes'])} to {escape(str(results['output']))}")
     if "eval" in results:
-        print_metrics(
-            results["eval"],
-            "transformed",
-            "original" if any("baseline" in r for r in results["eval"]) else None,
-        )
+        baseline = "original" if any("baseline" in r for r in results["eval"]) else None
+        out.print(metrics_table(results["eval"], "transformed", baseline))
         for name, gate in results["gates"].items():
             failed = [f for f in results["failed_gates"] if f.startswith(name + ":")]
             out.print(
@@ -631,51 +347,54 @@ def recipe_schema() -> None:
     sys.stdout.write(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2) + "\n")
 
 
-@app.command()
-@handles_errors
-def convert(
-    model: ModelArg,
-    output: OutputOpt,
-    force: ForceOpt = False,
-    dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False,
-) -> None:
-    """Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."""
+def _convert(options: dict) -> None:
+    from .cli_options import job_options
     from .data_parallel import once
-    from .model_io import check_output_free, load_model, peek_config, save_model
+    from .model_io import check_model, check_output_free, load_model, save_model
 
-    check_output_free(output, force, peek_config(model, trust_remote_code)[1])
-    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    once(lambda: save_model(loaded, output, force=force))
-    out.print(f"saved {escape(model)} to {escape(str(output))}")
+    given = job_options(options)
+    checked = check_model(given.model, given.trust_remote_code)
+    check_output_free(given.output, given.force, checked.folder)
+    loaded = load_model(given.model, dtype=given.dtype, trust_remote_code=given.trust_remote_code, checked=checked)
+    once(lambda: save_model(loaded, given.output, force=given.force))
+    out.print(f"saved {escape(given.model)} to {escape(str(given.output))}")
 
 
-@app.command()
+def _register_convert() -> None:
+    from .cli_options import job_parameters
+
+    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ModelArg)
+    params = [
+        model,
+        *job_parameters(output_required=True, only=("output", "force", "dtype", "trust_remote_code")),
+    ]
+    doc = (
+        "Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."
+    )
+    derived_command("convert", params, doc, _convert)
+
+
+_register_convert()
+
+
+@app.command("inspect")
 @handles_errors
-def inspect(
+def inspect_cmd(
     model: ModelArg,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Architecture, shapes, parameters, bytes on disk, KV-cache bytes per token and surgery history."""
-    from .inspection import describe
+    from .inspection import describe, description_table
 
     info = describe(model)
     if json_out:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
         return
-    table = Table(title=f"{model}", show_header=False)
-    for key, value in info.items():
-        if key != "history" and value is not None:
-            table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
-    out.print(table)
-    passes = (info["history"] or {}).get("passes", [])
-    if info["history"]:
-        src = info["history"]["source"]
-        out.print(f"source: {src.get('id')} sha256={src.get('sha256', src.get('revision'))}")
-    for i, entry in enumerate(passes, 1):
-        out.print(f"  pass {i}: {entry['pass']} {entry['config']} ({entry['seconds']} s)")
-    if info["history"] and not passes:
-        out.print("  no passes (converted only)")
+    for part in description_table(model, info):
+        out.print(part)
+
+
+# ----------------------------------------------------------------------------- the entry point
 
 
 def _interrupt(signum, frame) -> None:
@@ -715,10 +434,8 @@ def run() -> None:
         data_parallel.start_processes()
     try:
         code = app(standalone_mode=False)
-    except Exception as exc:  # noqa: BLE001
-        code = report_failure(exc)
-    except KeyboardInterrupt as exc:
-        code = report_failure(exc)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        code = report_failure(exc, _state["debug"])
     if "torch.distributed" in sys.modules:
         from . import data_parallel
 

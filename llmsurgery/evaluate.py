@@ -263,3 +263,35 @@ def evaluate_vllm(
             label, tasks, limit, manager, model="vllm", model_args=model_args, batch_size=batch_size
         )
     )
+
+
+def score_models(job, writes: list | None = None) -> list[dict]:
+    """`llmsurgery eval` (a `job.EvalJob`): score its model, and its baseline first when it names one; returns
+    the rows of `compare`. Both models are checked before either loads; `writes`: files the command writes,
+    which may not replace an input."""
+    from .model_io import check_model, check_not_an_input, load_model
+
+    manager = check_tasks(job.tasks)
+    specs = [job.model, job.baseline] if job.baseline else [job.model]
+    checked = [check_model(spec, job.trust_remote_code) for spec in specs]  # both first
+    for path in writes or []:
+        check_not_an_input(path, [c.folder for c in checked if c.folder is not None], "--json")
+    quantized = {"load_in_8bit": job.load_in_8bit, "load_in_4bit": job.load_in_4bit}
+    check_backend(job.backend, job.tensor_parallel * job.data_parallel, any(quantized.values()))
+    scoring = {"tasks": job.tasks, "limit": job.limit, "batch_size": job.batch_size, "manager": manager}
+    if job.backend == "vllm":
+        for c in checked:
+            check_vllm(c.spec, c.config, c.folder, c.weights)
+        parallel = {"tensor_parallel": job.tensor_parallel, "data_parallel": job.data_parallel}
+
+        def score(c) -> list[Metric]:
+            return evaluate_vllm(c.folder, dtype=job.dtype, **parallel, **scoring)
+    else:
+        loading = {"dtype": job.dtype, "device": job.device, "trust_remote_code": job.trust_remote_code}
+
+        def score(c) -> list[Metric]:
+            loaded = load_model(c.spec, **loading, **quantized, checked=c)
+            return evaluate_model(loaded, **scoring)
+
+    base = score(checked[1]) if job.baseline else None
+    return compare(score(checked[0]), base)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import parameter_count
-from .model_io import peek_config, read_history, read_json_record
+from .model_io import check_model, read_history, read_json_record
 from .modeling import foreign_code
 from .modeling.modeling_llmsurgery import key_cache_widths
 from .sources import SOURCE_FILE
@@ -27,7 +27,8 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 
 def describe(spec: str) -> dict:
     """A JSON-ready description of a model folder, .gguf, built-in name or hub id."""
-    config, folder, files = peek_config(spec, read_only=True)
+    checked = check_model(spec, read_only=True)
+    config, folder, files = checked.config, checked.folder, checked.weights
     history = read_history(Path(folder)) if folder is not None else None
     if (
         history is None and folder is not None and (Path(folder) / SOURCE_FILE).is_file()
@@ -50,7 +51,7 @@ def describe(spec: str) -> dict:
         "vocab_size": config.get("vocab_size"),
         "layer_types": ({t: layer_types.count(t) for t in sorted(set(layer_types))} if layer_types else None),
         "sliding_window": config.get("sliding_window") if layer_types else None,
-        "parameters": parameter_count(files) if files else None,
+        "parameters": parameter_count(checked.shapes) if files else None,
         "bytes_on_disk": sum(p.stat().st_size for p in files) if files else None,
         "dtype": dtype,
         "kv_cache_bytes_per_token": kv_bytes_per_token(config, _DTYPE_BYTES.get(dtype, 4)),
@@ -90,3 +91,24 @@ def _sparse_decode_path(config: dict) -> str | None:
     if config.get("sparse_decode") is False:
         return "off (sparse_decode is false in config.json): dense products on masked inputs"
     return kernel_status()
+
+
+def description_table(spec: str, info: dict) -> list:
+    """What `llmsurgery inspect` prints: the description as a table, then the source and each pass."""
+    from rich.table import Table
+
+    table = Table(title=f"{spec}", show_header=False)
+    for key, value in info.items():
+        if key != "history" and value is not None:
+            table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+    lines: list = [table]
+    history = info["history"]
+    if history:
+        src = history["source"]
+        lines.append(f"source: {src.get('id')} sha256={src.get('sha256', src.get('revision'))}")
+        passes = history.get("passes", [])
+        lines += [
+            f"  pass {i}: {p['pass']} {p['config']} ({p['seconds']} s)" for i, p in enumerate(passes, 1)
+        ]
+        lines += [] if passes else ["  no passes (converted only)"]
+    return lines

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,11 +128,6 @@ def _source_record(source: Source, folder: Path | None, weights: list[Path], con
     return {"format": HISTORY_FORMAT, "source": source_info, "passes": []}
 
 
-def source_history(spec: str, folder: Path | None, weights: list[Path], config: dict) -> dict:
-    """The history a transformed copy of `spec` starts from (its own, or a new one naming it and its hash)."""
-    return _source_record(resolve_source(spec), folder, weights, config)
-
-
 def _quantization_config(load_in_8bit: bool, load_in_4bit: bool):
     if load_in_8bit and load_in_4bit:
         raise UserError("choose one of --load-in-8bit and --load-in-4bit")
@@ -161,24 +158,50 @@ def _hub_config(spec: str, trust_remote_code: bool) -> dict:
     return config.to_dict()
 
 
-@dataclass(frozen=True)
+@dataclass
 class CheckedModel:
-    """A model checked without loading its weights: config, folder (None for a hub id), weight files, loading class."""
+    """A model checked without loading its weights, each file read once: what loading and saving it need.
 
+    config: config.json; folder: the local folder (a GGUF's or built-in's converted one; None for a hub id);
+    weights: its weight files; shapes: every tensor's shape (from the headers); own_class: llmsurgery's
+    installed class for folders written by llmsurgery (see modeling.foreign_code); hf_config: the transformers
+    config the model was built from on meta. `history()` is the record a transformed copy starts from (its
+    content hash computed once, when first asked).
+    """
+
+    source: Source
     config: dict
     folder: Path | None
-    weights: list[Path]
-    own_class: Any = (
-        None  # llmsurgery's installed class, for folders written by llmsurgery (see modeling.foreign_code)
-    )
+    weights: list[Path] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    own_class: Any = None
+    hf_config: Any = None
+    trust_remote_code: bool = False
+    _history: dict | None = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> str:
+        return self.source.spec
+
+    def history(self) -> dict:
+        if self._history is None:
+            self._history = _source_record(self.source, self.folder, self.weights, self.config)
+        return copy.deepcopy(self._history)
 
 
-def _checked(source: Source, trust_remote_code: bool, read_only: bool = False) -> CheckedModel:
+def check_model(spec: str, trust_remote_code: bool = False, read_only: bool = False) -> CheckedModel:
+    """A model checked without loading its weights (folder, .gguf, built-in name or hub id), or a UserError.
+
+    read_only: only files are read (inspect), so a folder with foreign modeling code is described, not refused.
+    """
     from .modeling import foreign_code, surgery_class
 
+    source = resolve_source(spec)
     folder = local_folder(source)
     if folder is None:
-        return CheckedModel(_hub_config(source.spec, trust_remote_code), None, [])
+        return CheckedModel(
+            source, _hub_config(spec, trust_remote_code), None, trust_remote_code=trust_remote_code
+        )
     config = read_config(folder)
     own = None
     if config.get("auto_map"):
@@ -189,20 +212,36 @@ def _checked(source: Source, trust_remote_code: bool, read_only: bool = False) -
         if why is None:
             own = surgery_class(config)
         elif not (trust_remote_code or read_only):
-            raise UserError(f"{source.spec} {why}; it runs only with --trust-remote-code")
-    config, _, weights = check_folder(folder, own)
-    return CheckedModel(config, folder, weights, own)
+            raise UserError(f"{spec} {why}; it runs only with --trust-remote-code")
+    found = check_folder(folder, own)
+    return CheckedModel(
+        source, found.config, folder, found.files, found.shapes, own, found.hf_config, trust_remote_code
+    )
 
 
 def peek_config(
     spec: str, trust_remote_code: bool = False, read_only: bool = False
 ) -> tuple[dict, Path | None, list[Path]]:
-    """(config dict, local folder or None, weight files) of a model, checked, without loading weights.
-
-    read_only: only files are read (inspect), so a folder with foreign modeling code is described, not refused.
-    """
-    checked = _checked(resolve_source(spec), trust_remote_code, read_only)
+    """(config dict, local folder or None, weight files) of a model, checked (`check_model`)."""
+    checked = check_model(spec, trust_remote_code, read_only)
     return checked.config, checked.folder, checked.weights
+
+
+class CheckedModels:
+    """The models one job names (its input, heal's teacher), each checked once (`check_model`), by spec."""
+
+    def __init__(self, trust_remote_code: bool = False) -> None:
+        self.trust_remote_code = trust_remote_code
+        self._found: dict[str, CheckedModel] = {}
+
+    def add(self, checked: CheckedModel) -> CheckedModel:
+        self._found[checked.spec] = checked
+        return checked
+
+    def get(self, spec: str) -> CheckedModel:
+        if spec not in self._found:
+            self._found[spec] = check_model(spec, self.trust_remote_code)
+        return self._found[spec]
 
 
 def _check_loading_info(spec: str, info: dict) -> None:
@@ -225,6 +264,18 @@ def _processes() -> str:
     return f", {data_parallel.world_size()} processes" if data_parallel.world_size() > 1 else ""
 
 
+def load_tokenizer(checked: CheckedModel):
+    """The model's tokenizer (from its folder, or the hub); a tokenizer that cannot load is bad input."""
+    from transformers import AutoTokenizer
+
+    where = str(checked.folder) if checked.folder is not None else checked.spec
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(where, trust_remote_code=checked.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer that cannot load is bad input
+        raise UserError(f"could not load the tokenizer of {where}: {first_line(exc)}") from None
+
+
 def load_model(
     spec: str,
     *,
@@ -233,21 +284,22 @@ def load_model(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
+    checked: CheckedModel | None = None,
+    tokenizer=None,
 ) -> LoadedModel:
     """Load model + tokenizer + surgery history from a folder, .gguf, built-in name or hub id.
 
-    dtype "auto" keeps the checkpoint's own (the dequantized built-ins are float32).
+    dtype "auto" keeps the checkpoint's own (the dequantized built-ins are float32). checked, tokenizer: what a
+    job's checks already read (`runner.check_job`), so that nothing is read twice.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     resolve_dtype(dtype)  # a bad name fails before any file is read
     device = resolve_device(device)
     quant = _quantization_config(load_in_8bit, load_in_4bit)
-    source = resolve_source(spec)
-    checked = _checked(source, trust_remote_code)
+    checked = checked or check_model(spec, trust_remote_code)
     config, folder = checked.config, checked.folder
     torch_dtype = resolve_dtype(dtype, config)
-    history = _source_record(source, folder, checked.weights, config)
     where = str(folder) if folder is not None else spec
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True}
     if checked.own_class is None:
@@ -262,10 +314,8 @@ def load_model(
         status(f"Loading {spec} ({str(torch_dtype).removeprefix('torch.')}, {device}{_processes()})"),
         quiet_transformers(),
     ):
+        tokenizer = tokenizer or load_tokenizer(checked)  # first: it is cheap
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                where, trust_remote_code=trust_remote_code
-            )  # first: it is cheap
             model, info = loader.from_pretrained(where, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a broken checkpoint is bad input, not a crash
             raise UserError(f"could not load {spec}: {first_line(exc)}") from None
@@ -275,7 +325,9 @@ def load_model(
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, source, folder, history, quantized=quant is not None)
+    return LoadedModel(
+        model, tokenizer, checked.source, folder, checked.history(), quantized=quant is not None
+    )
 
 
 def check_writable_parent(path: Path, what: str) -> None:
@@ -301,6 +353,27 @@ def check_file_target(path: Path | None, what: str) -> None:
         raise UserError(f"{what} {path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"{what} {path} is not writable")
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_file_targets(output: Path | None = None, **paths: Path | None) -> None:
+    """Files a command writes at the end (--json, --plot, by option), checked before any work; they may go into
+    `output`, the model folder it writes (--json only: it is written after the model)."""
+    given = [p.expanduser().resolve() for p in paths.values() if p is not None]
+    if len(given) != len(set(given)):
+        raise UserError(f"{' and '.join('--' + o for o in paths)} name the same file")
+    folder = output.expanduser().resolve() if output is not None else None
+    for option, path in paths.items():
+        if path is None:
+            continue
+        if path.expanduser().resolve() == folder:
+            raise UserError(f"--{option} {path} is the output folder; give a file name")
+        if not (option == "json" and path.expanduser().resolve().parent == folder):
+            check_file_target(path, f"--{option}")
+        if option == "plot" and path.suffix.lower() not in PLOT_FORMATS:
+            raise UserError(f"--plot {path}: the file name should end in {', '.join(PLOT_FORMATS)}")
 
 
 @torch.no_grad()
@@ -445,6 +518,51 @@ def save_model(
     loaded.history = history
     loaded.pending = []
     return out
+
+
+@dataclass
+class StreamedSave:
+    """A streamed job's output while it is written: the pass adds the decoder layers' tensors to `writer` as
+    it goes, and the runner sets `records` (the new history entries) before the save ends."""
+
+    writer: Any  # streaming.ShardWriter
+    records: list[dict] = field(default_factory=list)
+
+
+@contextmanager
+def streamed_save(out: Path, streamed, checked: CheckedModel, tokenizer, recipe_yaml: str | None = None):
+    """Write a model one layer at a time into `out`, atomically: yields a `StreamedSave`; on leaving, the
+    tensors the pass did not write (embedding, norm, head) are copied in the compute dtype, then the config
+    (the pass's `streamed.config`), generation config, tokenizer, history, settings, card and code, as
+    `save_model` writes them for a model in memory."""
+    from .streaming import ShardWriter
+
+    with replacing_folder(out.expanduser()) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save = StreamedSave(ShardWriter(tmp))
+        yield save
+        with status(f"Saving to {out}"):
+            layers = streamed.layer_prefix
+            streamed.copy_tensors(save.writer, lambda name: None if name.startswith(layers) else name)
+            save.writer.close()
+            config = streamed.config
+            config.dtype = streamed.dtype
+            # what save_pretrained of the class the model loads as would write
+            config.architectures = checked.config.get("architectures") or [causal_lm_class(config)]
+            config.save_pretrained(tmp)
+            if (checked.folder / "generation_config.json").is_file():
+                shutil.copyfile(checked.folder / "generation_config.json", tmp / "generation_config.json")
+            history = checked.history()
+            history["passes"] = list(history.get("passes", [])) + save.records
+            code = _remote_code_files(config.to_dict(), checked.folder)
+            write_beside_weights(tmp, history, config.to_dict(), tokenizer, save.records, recipe_yaml, code)
+
+
+def causal_lm_class(config) -> str:
+    """The name of transformers' causal-LM class for a config (what `architectures` names)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(config)].__name__
 
 
 def write_beside_weights(

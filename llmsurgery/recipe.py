@@ -13,18 +13,11 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from . import defaults
 from .errors import UserError
+from .job import EvalOptions, JobOptions, Strict, saved_options
 from .passes import PASSES
 from .passes.base import CALIB_SOURCE_HELP
 
@@ -40,18 +33,9 @@ CALIBRATION_DEFAULTS = {
 }
 
 
-def yaml_word(value):
-    """YAML reads on/off, yes/no and true/false as booleans: a job option that takes a word gets the word back
-    (true: on, false: off), so `stream: on` means what it says."""
-    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=False, allow_inf_nan=False)
-
-
-class Calibration(_Strict):
-    """Defaults for every pass's calibration options (calib, calib-samples, calib-seq-len, seed) it does not set."""
+class CalibrationDefaults(Strict):
+    """A recipe's `calibration:` block: defaults for every pass's calibration options (calib, calib-samples,
+    calib-seq-len, seed) that the pass does not set."""
 
     source: str | None = Field(None, description=CALIB_SOURCE_HELP)
     samples: int | None = Field(
@@ -65,7 +49,7 @@ class Calibration(_Strict):
     )
 
 
-class Gate(_Strict):
+class Gate(Strict):
     """Bounds on one metric: absolute (max/min) or relative to the baseline (ratio = value / baseline)."""
 
     max: float | None = None
@@ -87,13 +71,9 @@ class Gate(_Strict):
         return any(v is not None for v in (self.max_ratio, self.min_ratio, self.min_recovery))
 
 
-class EvalBlock(_Strict):
-    tasks: list[str] = Field(min_length=1)
-    limit: int | None = Field(None, gt=0, le=defaults.MAX_WINDOWS)
-    batch_size: int = Field(8, alias="batch-size", gt=0, le=defaults.MAX_BATCH)
-    baseline: bool = Field(True, description="score the source model in the same run")
-    load_in_8bit: bool = Field(False, alias="load-in-8bit")
-    load_in_4bit: bool = Field(False, alias="load-in-4bit")
+class EvalBlock(EvalOptions):
+    """A recipe's `eval:` block: the job's evaluation and the quality gates that decide the exit code."""
+
     gates: dict[str, Gate] = {}
 
     @field_validator("gates")
@@ -106,8 +86,6 @@ class EvalBlock(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.load_in_8bit and self.load_in_4bit:
-            raise ValueError("choose one of load-in-8bit and load-in-4bit")
         for name, gate in self.gates.items():
             if name.split(".")[0] not in self.tasks:
                 raise ValueError(f"gate '{name}' names a task that is not in eval.tasks")
@@ -116,24 +94,12 @@ class EvalBlock(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class Recipe(JobOptions):
+    """A recipe: the job options (`job.JobOptions`, spelled as on the command line), calibration defaults, the
+    passes in order and the evaluation with its gates."""
+
     version: Literal[1] = Field(description="recipe format version")
-    model: str = Field(description="a model folder, .gguf, built-in name or hub id")
-    output: str | None = Field(None, description="folder to write the transformed model to")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
-        description="auto keeps the checkpoint's dtype (bfloat16 stays bfloat16); or float32, bfloat16, float16",
-    )
-    device: str = Field("cpu", description="cpu, cuda or auto")
-    stream: Annotated[Literal["auto", "on", "off"], BeforeValidator(yaml_word)] = Field(
-        "auto",
-        description="on: one decoder layer in memory at a time (one streamable pass); auto: for large checkpoints",
-    )
-    fsdp: bool = Field(
-        False, description="under torchrun / accelerate launch: shard the model while a pass trains (FSDP)"
-    )
-    trust_remote_code: bool = Field(False, alias="trust-remote-code")
-    calibration: Calibration = Calibration()
+    calibration: CalibrationDefaults = CalibrationDefaults()
     passes: list[PassEntry] = Field(min_length=1)
     eval: EvalBlock | None = None
 
@@ -317,46 +283,48 @@ def recipe_job(
     files: dict | None = None,
 ):
     """The runner's job for a recipe (the same one the pass commands build from their options)."""
-    from .runner import EvalPlan, Job
-    from .sources import resolve_source
+    from .runner import Job
 
-    ev = recipe.eval
-    plan = (
-        EvalPlan(tuple(ev.tasks), ev.limit, ev.batch_size, ev.baseline, ev.load_in_8bit, ev.load_in_4bit)
-        if ev
-        else None
-    )
-    source = resolve_source(recipe.model)
-    model_path = (
-        str(Path(source.path).resolve())
-        if getattr(source, "path", None) and source.kind in ("folder", "gguf")
-        else None
-    )
+    options = recipe.model_copy(update={"output": output, "force": force or recipe.force})
     return Job(
-        recipe.model,
+        options,
         list(recipe.passes),
-        output,
-        force,
-        recipe.dtype,
-        recipe.device,
-        recipe.trust_remote_code,
-        plan,
         files=files or {},
         reads=reads,
-        recipe_yaml=recipe_text(data, model_path),
+        recipe_yaml=recipe_text(data, _model_path(recipe.model)),
         where=lambda i, name: f"passes[{i}] ({name}): ",
-        stream=recipe.stream,
-        fsdp=recipe.fsdp,
     )
+
+
+def _model_path(spec: str) -> str | None:
+    """A local model's absolute path (what a saved recipe names), None for built-in names and hub ids."""
+    from .sources import resolve_source
+
+    source = resolve_source(spec)
+    return (
+        str(Path(source.path).resolve())
+        if source.path is not None and source.kind in ("folder", "gguf")
+        else None
+    )
+
+
+def command_recipe(job) -> str:
+    """The recipe `llmsurgery run` would follow to make the same model as a pass command's job, saved beside it."""
+    data = {"version": 1} | saved_options(job.options)
+    eval_block = data.pop("eval", None)
+    data["passes"] = [cfg.recipe_entry() for cfg in job.passes]
+    if eval_block:
+        data["eval"] = eval_block
+    return recipe_text(data, _model_path(job.options.model))
 
 
 def check_recipe(job):
-    """Everything checkable before loading weights (the runner's checks, device and gate metrics located)."""
+    """Everything checkable before loading weights (the runner's checks, the device located)."""
     from .model_io import resolve_device
     from .runner import check_job
 
     try:
-        resolve_device(job.device)
+        resolve_device(job.options.device)
     except UserError as exc:
         raise UserError(f"device: {exc}") from None
     return check_job(job)
@@ -407,7 +375,7 @@ def prepare_recipe(
     force: bool = False,
     files: dict | None = None,
 ):
-    """Read and check a recipe as `run` will run it: (recipe, runner job, checks).
+    """Read and check a recipe as `run` will run it: (recipe, runner job, runner plan).
 
     `recipe validate` calls this too, so it refuses exactly what `run` would refuse before any work.
     """
@@ -418,10 +386,10 @@ def prepare_recipe(
     if output is None:
         raise UserError(f"{path}: give an output folder (output: in the recipe, or --output)")
     job = recipe_job(recipe, data, output, force, (path,), files)
-    checked = check_recipe(job)
+    plan = check_recipe(job)
     if recipe.eval:
-        check_gate_metrics(checked.tasks, recipe.eval.gates)
-    return recipe, job, checked
+        check_gate_metrics(plan.tasks, recipe.eval.gates)
+    return recipe, job, plan
 
 
 def run_recipe(
@@ -435,11 +403,11 @@ def run_recipe(
     1 on them)."""
     from .runner import run_job
 
-    recipe, job, checked = prepare_recipe(path, output, overrides, force, files)
-    outcome = run_job(job, checked=checked)
+    recipe, job, plan = prepare_recipe(path, output, overrides, force, files)
+    outcome = run_job(job, plan=plan)
     results: dict = {
         "recipe": str(path),
-        "output": str(job.output),
+        "output": str(job.options.output),
         "passes": [r["pass"] for r in outcome.records],
     }
     if recipe.eval:

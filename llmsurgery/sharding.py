@@ -26,8 +26,6 @@ import torch.nn as nn
 from . import data_parallel
 from .errors import UserError
 
-_asked = False
-
 
 def from_accelerate() -> bool:
     """`accelerate launch --use_fsdp` (or an accelerate config with FSDP) started this process."""
@@ -57,20 +55,10 @@ def check(flag: bool, trained: list[str], device: str) -> None:
         )
 
 
-@contextmanager
-def asked(flag: bool) -> Iterator[None]:
-    """While the block runs: the trained passes shard their models (`--fsdp`, or accelerate's FSDP)."""
-    global _asked
-    before, _asked = _asked, flag or from_accelerate()
-    try:
-        yield
-    finally:
-        _asked = before
-
-
-def active() -> bool:
-    """Whether the training loops run on sharded copies (FSDP asked for, several processes)."""
-    return _asked and data_parallel.world_size() > 1
+def shards(fsdp: bool) -> bool:
+    """Whether a job's trained passes run on sharded copies: FSDP asked for (`--fsdp`, or accelerate's own FSDP
+    setting) and several processes to shard over. The runner decides once per job (`RunContext.sharded`)."""
+    return (fsdp or from_accelerate()) and data_parallel.world_size() > 1
 
 
 def _wrapped_copy(model: nn.Module, shared: tuple[object, ...]) -> nn.Module:
@@ -104,14 +92,17 @@ def _sharded_copy(model: nn.Module, shared: tuple[object, ...]) -> nn.Module:
 
 @contextmanager
 def training_copies(
-    models: list[nn.Module], trained: dict[str, nn.Parameter], shared: tuple[object, ...] = ()
+    models: list[nn.Module],
+    trained: dict[str, nn.Parameter],
+    shared: tuple[object, ...] = (),
+    sharded: bool = False,
 ) -> Iterator[tuple[list[nn.Module], dict[str, nn.Parameter]]]:
-    """(the models to run, the tensors to train): sharded copies and their shards of `trained` (names as in
-    models[0]) under FSDP, else the models and `trained` themselves.
+    """(the models to run, the tensors to train): with `sharded` (`shards`), FSDP copies and their shards of
+    `trained` (names as in models[0]), else the models and `trained` themselves.
 
     On leaving, the trained shards' full values are copied into `trained` on every process.
     """
-    if not active():
+    if not sharded:
         yield models, trained
         return
     from .console import status

@@ -70,7 +70,7 @@ CASES = [
     ("eval", ["{model}", "--tasks", "news_ppl", "--load-in-8bit", "--load-in-4bit"], "choose one of"),
     ("eval", ["{model}", "--tasks", "news_ppl", "--limit", "0"], "--limit"),
     ("eval", ["{model}", "--tasks", "news_ppl", "--device", "cuda"], "CUDA"),
-    ("eval", ["{model}", "--tasks", "news_ppl", "--backend", "tgi"], "unknown --backend 'tgi'"),
+    ("eval", ["{model}", "--tasks", "news_ppl", "--backend", "tgi"], "--backend: unknown backend 'tgi'"),
     ("eval", ["{model}", "--tasks", "news_ppl", "--tensor-parallel", "0"], "--tensor-parallel"),
     ("eval", ["{model}", "--tasks", "news_ppl", "--data-parallel", "2"], "are for --backend vllm"),
     # ---------------------------------------------------------------- prune

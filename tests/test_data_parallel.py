@@ -138,16 +138,17 @@ def test_fsdp_is_refused_where_it_cannot_act(tiny_models, tmp_path, monkeypatch)
     from llmsurgery import sharding
     from llmsurgery.errors import UserError
     from llmsurgery.passes import KVCompress, PruneBI
+    from llmsurgery.job import JobOptions
     from llmsurgery.runner import Job, check_job
 
-    model = str(tiny_models["llama"])
+    options = JobOptions(model=str(tiny_models["llama"]), output=tmp_path / "out", fsdp=True)
     with pytest.raises(UserError, match="start the command with torchrun"):
-        check_job(Job(model, [KVCompress(budget=0.5)], tmp_path / "out", fsdp=True))
+        check_job(Job(options, [KVCompress(budget=0.5)]))
     monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher says; nothing here joins a process group
     for passes in ([PruneBI(remove=1)], [KVCompress(budget=0.5, train=False)]):
         with pytest.raises(UserError, match="this job trains nothing"):
-            check_job(Job(model, passes, tmp_path / "out", fsdp=True))
-    assert not sharding.active()  # one process: nothing to shard over
+            check_job(Job(options, passes))
+    assert not sharding.shards(True)  # one process: nothing to shard over
 
 
 def test_a_batch_smaller_than_the_processes_is_refused(tiny_models, tmp_path):
@@ -180,7 +181,7 @@ def test_eval_backend_vllm_refuses_in_one_line_what_it_cannot_run(tiny_models, t
         (absorbed, [], "needs llmsurgery's own modeling code"),
         (tiny_models["llama"], ["--load-in-8bit"], "drop --load-in-8bit"),
         (tiny_models["llama"], ["--backend", "hf", "--tensor-parallel", "2"], "are for --backend vllm"),
-        (tiny_models["llama"], ["--backend", "tgi"], "unknown --backend 'tgi'"),
+        (tiny_models["llama"], ["--backend", "tgi"], "--backend: unknown backend 'tgi'"),
     ]:
         backend = [] if "--backend" in args else ["--backend", "vllm"]
         result = run_cli("eval", model, "--tasks", "news_ppl", *backend, *args, "--json", tmp_path / "r.json")
@@ -264,8 +265,7 @@ def _sharded_copy_checks(rank: int, world: int, model: str, out: str) -> None:
     batch = torch.randint(0, whole.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = whole(input_ids=batch).logits
-    with sharding.asked(True), sharding.training_copies([whole], trained) as ((run,), shards):
-        assert sharding.active()
+    with sharding.training_copies([whole], trained, sharded=True) as ((run,), shards):
         held = sum(p.to_local().numel() for p in run.parameters())
         total = sum(p.numel() for p in whole.parameters())
         assert held < 0.6 * total  # about half of every tensor (rows split, the last share shorter)

@@ -131,7 +131,7 @@ def test_shard_writer_splits_and_indexes(tiny_models, tmp_path):
         ),
         (
             ["prune", "--bi", "{model}", "--remove", "1", "--stream", "sometimes"],
-            "unknown --stream 'sometimes'",
+            "--stream: unknown stream 'sometimes'",
         ),
     ],
 )
@@ -151,11 +151,11 @@ def test_stream_refusals(tiny_models, tmp_path, args, message):
 )
 def test_whole_model_passes_refuse_when_memory_is_short(tiny_models, tmp_path, monkeypatch, command):
     """Before loading: one line with the estimate and the remedy, exit 2, nothing written (memory made short)."""
-    import llmsurgery.runner
+    import llmsurgery.memory
 
     pruned = tmp_path / "pruned"
     _prune(tiny_models["llama"], pruned, "on")
-    monkeypatch.setattr(llmsurgery.runner, "available_memory", lambda: 1000)
+    monkeypatch.setattr(llmsurgery.memory, "available_memory", lambda: 1000)
     out = tmp_path / "out"
     args = [a.replace("{model}", str(tiny_models["llama"])).replace("{pruned}", str(pruned)) for a in command]
     result = run_cli(
@@ -169,10 +169,10 @@ def test_whole_model_passes_refuse_when_memory_is_short(tiny_models, tmp_path, m
 
 def test_whole_model_pass_on_gpus_refuses_when_they_are_short(tiny_models, tmp_path, monkeypatch):
     """--device cuda: the estimate is held against the GPUs' free memory (a GPU is faked here: none exists)."""
-    import llmsurgery.runner
+    import llmsurgery.memory
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(llmsurgery.runner, "gpu_memory", lambda: 1000)
+    monkeypatch.setattr(llmsurgery.memory, "gpu_memory", lambda: 1000)
     out = tmp_path / "out"
     result = run_cli(
         "kv-compress", tiny_models["llama"], "--budget", "0.5", "--device", "cuda", "--calib", "pydoc",

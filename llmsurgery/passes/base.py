@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .. import defaults
 from ..corpora import CalibConfig
 
-CALIBRATION = "Calibration"  # the --help panel of the calibration options
+CALIBRATION_PANEL = "Calibration"  # the --help panel of the calibration options
 CALIB_SOURCE_HELP = "calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD]"
 
 
@@ -31,7 +31,7 @@ def _comma_list(value: Any) -> Any:
 CommaList = BeforeValidator(_comma_list)
 
 
-def windows_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION) -> Any:
+def windows_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION_PANEL) -> Any:
     return Field(
         default,
         alias=alias,
@@ -42,7 +42,7 @@ def windows_field(default: int, what: str, alias: str, panel: str | None = CALIB
     )
 
 
-def seq_len_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION) -> Any:
+def seq_len_field(default: int, what: str, alias: str, panel: str | None = CALIBRATION_PANEL) -> Any:
     return Field(
         default,
         alias=alias,
@@ -74,6 +74,27 @@ class CheckContext:
     folder: Path | None  # the input model's folder (None: a hub model not yet downloaded)
     earlier: list = field(default_factory=list)  # the configs of the passes before this one
     input_config: dict = field(default_factory=dict)  # the input's config.json, before any pass
+    models: Any = (
+        None  # model_io.CheckedModels: other models a pass names (heal's teacher), each checked once
+    )
+
+
+@dataclass
+class RunContext:
+    """What the runner hands a pass besides the model: its calibration windows and the job's settings."""
+
+    streams: Any  # calibration.TokenStreams: each source tokenized once per job
+    dry_run: bool = False  # plan only (prune --scores-only, absorb --dry-run): leave the model as it is
+    sharded: bool = (
+        False  # FSDP: the trained passes run sharded copies of the model (sharding.training_copies)
+    )
+    load: Callable[[str], Any] | None = (
+        None  # another model (heal's teacher), loaded as the job loads its own
+    )
+
+    def windows(self, cfg: CalibConfig) -> Any:
+        """The token windows [samples, seq_len] that `cfg` names."""
+        return self.streams.windows(cfg)
 
 
 class Report(BaseModel):
@@ -108,20 +129,16 @@ class Report(BaseModel):
 class PassConfig(BaseModel):
     """One pass's settings. Subclasses add `pass_` (the pass's name), their knobs and `apply_`.
 
-    The pass's name (`pass_`) is its name in recipes and in the history. Class attributes: `whole_model`,
-    whether the pass needs every layer in memory at once (training through the whole network) rather than one
-    at a time.
+    The pass's name (`pass_`) is its name in recipes and in the history. What the runner asks of a config with
+    its settings (`trains`, `streamable`, `memory_factor`) are properties; class attributes describe the pass
+    and its command.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
 
-    whole_model: ClassVar[bool] = False
-    trains: ClassVar[bool] = (
-        False  # takes gradient steps (data parallel splits them; --fsdp shards the model)
+    streams_as: ClassVar[str | None] = (
+        None  # the settings that run one decoder layer at a time (for messages)
     )
-    streamable: ClassVar[bool] = False  # has `apply_streamed_`: runs one decoder layer in memory at a time
-    stream_note: ClassVar[str] = ""  # when only some settings stream: which (for messages)
-    memory_factor: ClassVar[float] = 1.25  # peak memory of the whole-model path, in units of the weights
     saved_as: ClassVar[str] = "model"  # the kind of model the pass writes, for the command's last line
     column: ClassVar[str] = "transformed"  # the result's column in the evaluation table
     command_help: ClassVar[str] = ""  # the command's --help text (default: the class's docstring)
@@ -133,7 +150,7 @@ class PassConfig(BaseModel):
     may_train: ClassVar[bool] = False  # some settings take gradient steps: the command takes --fsdp
 
     calib_source: str = Field(
-        "news", alias="calib", description=CALIB_SOURCE_HELP, json_schema_extra={"panel": CALIBRATION}
+        "news", alias="calib", description=CALIB_SOURCE_HELP, json_schema_extra={"panel": CALIBRATION_PANEL}
     )
     calib_samples: int = windows_field(8, "number of calibration windows", "calib-samples")
     calib_seq_len: int = seq_len_field(512, "tokens per calibration window", "calib-seq-len")
@@ -142,7 +159,7 @@ class PassConfig(BaseModel):
         ge=0,
         lt=defaults.MAX_SEED,
         description="seed choosing the calibration windows",
-        json_schema_extra={"panel": CALIBRATION},
+        json_schema_extra={"panel": CALIBRATION_PANEL},
     )
 
     @model_validator(mode="before")
@@ -187,6 +204,21 @@ class PassConfig(BaseModel):
     def needs_calibration(self) -> bool:
         return bool(self.windows())
 
+    @property
+    def trains(self) -> bool:
+        """Takes gradient steps (data parallel splits them; --fsdp shards the model)."""
+        return False
+
+    @property
+    def streamable(self) -> bool:
+        """Runs one decoder layer in memory at a time with these settings (has `apply_streamed_`)."""
+        return self.streams_as is not None
+
+    @property
+    def memory_factor(self) -> float:
+        """Peak memory of the whole-model path with these settings, in units of the weights."""
+        return 1.25
+
     def check(self, ctx: CheckContext) -> None:
         """Refuse, with a UserError, what config.json already shows this pass cannot do."""
 
@@ -194,13 +226,12 @@ class PassConfig(BaseModel):
         """config.json as this pass leaves it, in what later passes' checks read."""
         return config
 
-    def apply_(self, model, calibration, dry_run: bool = False) -> Report:
-        """Transform `model` (a `model_io.LoadedModel`) in place; `calibration` draws the windows. dry_run:
-        plan only."""
+    def apply_(self, model, run: RunContext) -> Report:
+        """Transform `model` (a `model_io.LoadedModel`) in place; `run` draws the windows (`run.dry_run`: plan only)."""
         raise NotImplementedError
 
-    def apply_streamed_(self, streamed, calibration) -> Report:
-        """Score a `streaming.StreamedModel` one layer at a time (streamable passes only)."""
+    def apply_streamed_(self, streamed, run: RunContext, writer=None) -> Report:
+        """Transform a `streaming.StreamedModel` one layer at a time, each written by `writer` (streamable passes)."""
         raise NotImplementedError
 
     def record(self) -> dict:

@@ -77,7 +77,7 @@ class AbsorbReport(Report):
 class Absorb(PassConfig):
     """Re-factor each KV head's V-O product by SVD and drop its weakest directions (and, with qk, RoPE pairs)."""
 
-    streamable: ClassVar[bool] = True
+    streams_as: ClassVar[str | None] = "absorb"
     saved_as: ClassVar[str] = "absorbed model"
     column: ClassVar[str] = "absorbed"
     command_help: ClassVar[str] = (
@@ -145,17 +145,17 @@ class Absorb(PassConfig):
             "attention_layout": [layout | {"qk": layout.get("qk") or [[]]} for layout in layouts]
         }
 
-    def apply_(self, model, calibration, dry_run: bool = False) -> AbsorbReport:
+    def apply_(self, model, run) -> AbsorbReport:
         from .maths import absorb_decompose_
 
-        batches = calibration.windows(self.calib) if self.needs_calibration else None
-        return AbsorbReport(**absorb_decompose_(model.model, self, batches=batches, apply=not dry_run))
+        batches = run.windows(self.calib) if self.needs_calibration else None
+        return AbsorbReport(**absorb_decompose_(model.model, self, batches=batches, apply=not run.dry_run))
 
-    def apply_streamed_(self, streamed, calibration, writer=None) -> AbsorbReport:
+    def apply_streamed_(self, streamed, run, writer=None) -> AbsorbReport:
         """One layer at a time (its v_proj covariance from the windows passing through it); writes each layer."""
         from .maths import absorb_decompose_
 
-        batches = calibration.windows(self.calib) if self.needs_calibration else None
+        batches = run.windows(self.calib) if self.needs_calibration else None
         report = absorb_decompose_(streamed, self, batches=batches, apply=writer is not None, writer=writer)
         return AbsorbReport(**report)
 

@@ -68,11 +68,6 @@ class HealReport(Report):
 class Heal(PassConfig):
     """Train a few tensors of the student so that its next-token distribution matches the teacher's."""
 
-    whole_model: ClassVar[bool] = True
-    trains: ClassVar[bool] = True
-    memory_factor: ClassVar[float] = (
-        2.25  # a teacher loaded beside the student, gradients and AdamW of a few tensors
-    )
     saved_as: ClassVar[str] = "healed model"
     column: ClassVar[str] = "healed"
     command_help: ClassVar[str] = (
@@ -148,7 +143,7 @@ class Heal(PassConfig):
         """The teacher (given; the history's source when heal comes first; else the input) and the layer counts."""
         from ...arch import arch_for_model_type
         from ...data_parallel import check_batch
-        from ...model_io import peek_config, read_history
+        from ...model_io import check_model, read_history
 
         config = ctx.config
         arch_for_model_type(config.get("model_type"))
@@ -172,7 +167,8 @@ class Heal(PassConfig):
             teacher_config = ctx.input_config  # the input model, as loaded before the earlier passes
         else:
             try:
-                teacher_config, teacher_folder, _ = peek_config(str(teacher))
+                found = ctx.models.get(str(teacher)) if ctx.models is not None else check_model(str(teacher))
+                teacher_config, teacher_folder = found.config, found.folder
             except UserError as exc:
                 raise UserError(f"teacher {teacher}: {exc}") from None
             if (
@@ -209,7 +205,18 @@ class Heal(PassConfig):
         elif n_student > n_teacher:
             raise UserError(f"the student has more layers ({n_student}) than the teacher ({n_teacher})")
 
-    def apply_(self, model, calibration, dry_run: bool = False) -> HealReport:
+    @property
+    def trains(self) -> bool:
+        return True
+
+    @property
+    def memory_factor(
+        self,
+    ) -> float:  # a teacher loaded beside the student, gradients and AdamW of a few tensors
+        return 2.25
+
+    def apply_(self, model, run) -> HealReport:
         from .maths import heal_loaded_
 
-        return HealReport(**heal_loaded_(model, self, calibration.windows(self.calib), model.pending))
+        windows = run.windows(self.calib)
+        return HealReport(**heal_loaded_(model, self, windows, run.load, model.pending, sharded=run.sharded))

@@ -119,11 +119,10 @@ def _logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _held_out_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> float:
+def _held_out_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, together: bool) -> float:
     """Mean KL over the held-out windows. Data parallel: each process scores every world_size-th window and
-    the sums are added; sharded (FSDP), every process runs every window, as the layers gather together."""
+    the sums are added; `together` (FSDP), every process runs every window, as the layers gather together."""
     device = next(student.parameters()).device
-    together = sharding.active()
     total = 0.0
     for w in windows if together else data_parallel.strided(windows):
         batch = w.unsqueeze(0).to(device)
@@ -139,8 +138,9 @@ def _train_(
     trained: dict[str, nn.Parameter],
     cfg,
     train_windows: torch.Tensor,
+    sharded: bool,
 ) -> list[float]:
-    """The distillation steps; returns the loss curve."""
+    """The distillation steps; returns the loss curve. sharded: FSDP sums the trained shards' gradients."""
     optimizer = torch.optim.AdamW(trained.values(), lr=cfg.lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, cfg.steps)
     device = next(student.parameters()).device
@@ -155,7 +155,7 @@ def _train_(
             loss = _kl(target, _logits(student, batch)) * weight
             del target
             # FSDP sums the sharded tensors' gradients itself
-            value = take_step(loss, optimizer, schedule, [] if sharding.active() else trained.values())
+            value = take_step(loss, optimizer, schedule, [] if sharded else trained.values())
             losses.append(round(value, 5))
             step(f"KL {value:.4f}")
     return losses
@@ -168,9 +168,10 @@ def heal_(
     windows: torch.Tensor,
     removed: list[int] | None,
     n_teacher: int,
+    sharded: bool = False,
 ) -> dict:
     """Distil in place; returns the report. windows: [N, T] training windows plus VALIDATION_WINDOWS held
-    out at the end. Under FSDP the steps and the held-out checks run on sharded copies of both models."""
+    out at the end. sharded (FSDP): the steps and the held-out checks run on sharded copies of both models."""
     if len(windows) <= VALIDATION_WINDOWS:
         raise UserError(f"heal needs more than {VALIDATION_WINDOWS} calibration windows")
     train_windows, held_out = windows[:-VALIDATION_WINDOWS], windows[-VALIDATION_WINDOWS:]
@@ -182,10 +183,11 @@ def heal_(
         trained = _detach_parameters_(student, paths)
         data_parallel.same_start_(trained.values(), "tensors")
         before = {name: p.detach().clone() for name, p in trained.items()}
-        with sharding.training_copies([student, teacher], trained) as ((run_student, run_teacher), shards):
-            kl_before = _held_out_kl(run_student, run_teacher, held_out)
-            losses = _train_(run_student, run_teacher, shards, cfg, train_windows)
-            kl_after = _held_out_kl(run_student, run_teacher, held_out)
+        copies = sharding.training_copies([student, teacher], trained, sharded=sharded)
+        with copies as ((run_student, run_teacher), shards):
+            kl_before = _held_out_kl(run_student, run_teacher, held_out, sharded)
+            losses = _train_(run_student, run_teacher, shards, cfg, train_windows, sharded)
+            kl_after = _held_out_kl(run_student, run_teacher, held_out, sharded)
         kept = kl_after <= kl_before
         if not kept:
             with torch.no_grad():
@@ -240,24 +242,27 @@ def match_removed(student: nn.Module, teacher: nn.Module) -> list[int] | None:
     return [i for i in range(len(prints)) if i not in set(found)]
 
 
-def heal_loaded_(loaded, cfg, windows: torch.Tensor, pending_passes: list[dict] | None = None) -> dict:
+def heal_loaded_(
+    loaded,
+    cfg,
+    windows: torch.Tensor,
+    load,
+    pending_passes: list[dict] | None = None,
+    sharded: bool = False,
+) -> dict:
     """Resolve teacher and removed layers for a loaded student, then `heal_` it in place.
 
     The teacher is cfg.teacher if given, else `loaded.original` (the model as loaded before this run's
-    passes), else the history's source. Removed layers: cfg.removed, else the history (including this
-    run's `pending_passes`), else found by matching weights.
+    passes), else the history's source; `load(spec)` loads it as the job loads its model (dtype, device,
+    trust). Removed layers: cfg.removed, else the history (including this run's `pending_passes`), else found
+    by matching weights.
     """
-    from ...model_io import load_model
-
     student = loaded.model
     teacher = loaded.original if not cfg.teacher else None
     teacher_id = cfg.teacher or ("the input model" if teacher is not None else None)
     if teacher is None:  # the teacher's folder, vocabulary and architecture were checked with the pass
         teacher_id = cfg.teacher or loaded.history["source"]["id"]
-        param = next(student.parameters())
-        teacher = load_model(
-            teacher_id, dtype=str(param.dtype).removeprefix("torch."), device=param.device.type
-        ).model
+        teacher = load(teacher_id).model
     n_teacher, n_student = len(decoder_layers(teacher)), len(decoder_layers(student))
     history = {"passes": list(loaded.history.get("passes", [])) + list(pending_passes or [])}
     removed: list[int] | None = list(cfg.removed) if cfg.removed is not None else None
@@ -285,5 +290,6 @@ def heal_loaded_(loaded, cfg, windows: torch.Tensor, pending_passes: list[dict] 
         windows,
         removed,
         n_teacher,
+        sharded,
     )
     return report | {"teacher": teacher_id, "calibration_tokens": int(windows.numel())}

@@ -43,7 +43,7 @@ class KVCompressReport(Report):
 class KVCompress(PassConfig):
     """PCA-initialised, Matryoshka-trained projections per KV head, cut to ranks that meet a cache budget."""
 
-    stream_note: ClassVar[str] = "kv-compress --no-train --uniform --v-init pca"
+    streams_as: ClassVar[str | None] = "kv-compress --no-train --uniform --v-init pca"
     saved_as: ClassVar[str] = "KV-compressed model"
     column: ClassVar[str] = "compressed"
     command_help: ClassVar[str] = (
@@ -101,25 +101,21 @@ class KVCompress(PassConfig):
 
     @property
     def memory_factor(self) -> float:  # training and the search keep activations for the backward pass
-        return 1.5 if self.whole_model else 1.25
+        return 1.5 if self.train or not self.uniform else 1.25
 
     @property
     def trains(self) -> bool:
         return self.train
 
     @property
-    def whole_model(self) -> bool:  # training and the search backpropagate through every layer
-        return self.train or not self.uniform
-
-    @property
     def streamable(self) -> bool:  # PCA init and folding are per layer; training and the search are not
         return not self.train and self.uniform and self.v_init == "pca"
 
-    def apply_streamed_(self, streamed, calibration, writer=None) -> KVCompressReport:
+    def apply_streamed_(self, streamed, run, writer=None) -> KVCompressReport:
         """PCA bases one layer at a time, folded at the uniform ranks and written as each layer is done."""
         from .maths import streamed_kv_compress
 
-        batches = calibration.windows(self.calib)
+        batches = run.windows(self.calib)
         report = streamed_kv_compress(streamed, batches, self, writer)
         return KVCompressReport(**report, calibration_tokens=int(batches.numel()))
 
@@ -178,15 +174,15 @@ class KVCompress(PassConfig):
         layouts = config.get("attention_layout") or [{} for _ in range(config["num_hidden_layers"])]
         return config | {"attention_layout": [layout | {"k": layout.get("k") or [0]} for layout in layouts]}
 
-    def apply_(self, model, calibration, dry_run: bool = False) -> KVCompressReport:
+    def apply_(self, model, run) -> KVCompressReport:
         from .maths import kv_compress_
 
         batches = {
-            "pca": calibration.windows(self.calib),
-            "train": calibration.windows(self.train_calib) if self.train else None,
-            "search": calibration.windows(self.search_calib) if not self.uniform else None,
+            "pca": run.windows(self.calib),
+            "train": run.windows(self.train_calib) if self.train else None,
+            "search": run.windows(self.search_calib) if not self.uniform else None,
         }
-        report = kv_compress_(model.model, self, batches)
+        report = kv_compress_(model.model, self, batches, sharded=run.sharded)
         return KVCompressReport(**report, calibration_tokens=int(batches["pca"].numel()))
 
 

@@ -263,10 +263,12 @@ def matryoshka_loss(
     return 0.25 * _kl(teacher, logits) + 0.75 * lm
 
 
-def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg) -> list[float]:
+def train_(
+    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg, sharded: bool = False
+) -> list[float]:
     """Matryoshka distillation of the projections and means only; returns the loss per step.
 
-    Under FSDP the frozen model runs as a sharded copy; the projections stay whole on every process and
+    sharded (FSDP): the frozen model runs as a sharded copy; the projections stay whole on every process and
     their gradients are summed as in plain data parallel."""
     data_parallel.same_start_(state.parameters(), "projections")
     home = state.x_k[0].device
@@ -275,7 +277,7 @@ def train_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg)
     try:
         with (
             _frozen(model.parameters()),
-            sharding.training_copies([model], {}, shared=(state,)) as ((run,), _),
+            sharding.training_copies([model], {}, shared=(state,), sharded=sharded) as ((run,), _),
             stepper("Training projections", cfg.train_steps) as step,
         ):
             device = next(run.parameters()).device
@@ -506,10 +508,10 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
     return attn.attention_layout
 
 
-def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor]) -> dict:
+def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharded: bool = False) -> dict:
     """The whole pass in place: init, optional training, ranks for the budget, folding. Returns the report.
 
-    batches: "pca", "train" and "search" token windows ([N, T] each).
+    batches: "pca", "train" and "search" token windows ([N, T] each). sharded: train under FSDP (`train_`).
     """
     config = model.config
     spec = arch_for(model)
@@ -529,7 +531,7 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor]) -> dic
     try:
         init_from_pca_(model, state, batches["pca"], v_identity=cfg.v_init == "vo")
         if cfg.train:
-            report["loss_curve"] = train_(model, state, batches["train"], cfg)
+            report["loss_curve"] = train_(model, state, batches["train"], cfg, sharded)
             report["train_tokens"] = cfg.train_steps * cfg.batch_size * batches["train"].shape[1]
         ranks = (
             uniform_ranks(state, cfg.budget)

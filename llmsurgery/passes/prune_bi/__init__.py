@@ -50,7 +50,7 @@ class PruneBIReport(Report):
 class PruneBI(PassConfig):
     """Remove the decoder layers whose output is most like their input (lowest Block Influence)."""
 
-    streamable: ClassVar[bool] = True
+    streams_as: ClassVar[str | None] = "prune-bi"
     column: ClassVar[str] = "pruned"
     command_help: ClassVar[str] = (
         "Remove the least influential decoder layers and write a standard checkpoint (--heal: then distil it)."
@@ -103,27 +103,27 @@ class PruneBI(PassConfig):
             calibration_tokens=int(batches.numel()),
         )
 
-    def _choose(self, model, calibration) -> tuple[list[float], list[int], int, object]:
+    def _choose(self, model, run) -> tuple[list[float], list[int], int, object]:
         from .maths import choose_layers, residual_stats
 
-        batches = calibration.windows(self.calib)
+        batches = run.windows(self.calib)
         stats = residual_stats(model, batches)
         scores, removed = choose_layers(stats, self.n_remove(stats.n), self.metric, self.block)
         return scores, removed, stats.n, batches
 
-    def apply_(self, model, calibration, dry_run: bool = False) -> PruneBIReport:
+    def apply_(self, model, run) -> PruneBIReport:
         from .maths import remove_layers_
 
-        scores, removed, n_layers, batches = self._choose(model.model, calibration)
-        if not dry_run:
+        scores, removed, n_layers, batches = self._choose(model.model, run)
+        if not run.dry_run:
             remove_layers_(model.model, removed)
         return self._report(scores, removed, n_layers, batches)
 
-    def apply_streamed_(self, streamed, calibration, writer=None) -> PruneBIReport:
+    def apply_streamed_(self, streamed, run, writer=None) -> PruneBIReport:
         """Score one layer at a time; with a `writer`, copy the kept layers' tensors, renumbered."""
         from .maths import write_kept_layers
 
-        scores, removed, n_layers, batches = self._choose(streamed, calibration)
+        scores, removed, n_layers, batches = self._choose(streamed, run)
         if writer is not None:
             write_kept_layers(streamed, writer, removed)
         return self._report(scores, removed, n_layers, batches)

@@ -41,7 +41,7 @@ class RotateSparsifyReport(Report):
 class RotateSparsify(PassConfig):
     """Fold rotations into the weights and keep each layer input's largest entries per token."""
 
-    streamable: ClassVar[bool] = True
+    streams_as: ClassVar[str | None] = "rotate-sparsify"
     saved_as: ClassVar[str] = "sparse model"
     column: ClassVar[str] = "sparse"
     command_help: ClassVar[str] = (
@@ -98,17 +98,17 @@ class RotateSparsify(PassConfig):
     def config_after(self, config: dict) -> dict:
         return config | {"sparsity_in": self.sparsity_in}
 
-    def apply_(self, model, calibration, dry_run: bool = False) -> RotateSparsifyReport:
+    def apply_(self, model, run) -> RotateSparsifyReport:
         from .maths import rotate_sparsify_
 
-        batches = calibration.windows(self.calib) if self.needs_calibration else None
+        batches = run.windows(self.calib) if self.needs_calibration else None
         return RotateSparsifyReport(**rotate_sparsify_(model.model, batches, self))
 
-    def apply_streamed_(self, streamed, calibration, writer=None) -> RotateSparsifyReport:
+    def apply_streamed_(self, streamed, run, writer=None) -> RotateSparsifyReport:
         """One layer at a time (its rotation from the windows passing through it); writes each folded layer."""
         from .maths import streamed_rotate_sparsify
 
-        batches = calibration.windows(self.calib) if self.needs_calibration else None
+        batches = run.windows(self.calib) if self.needs_calibration else None
         return RotateSparsifyReport(**streamed_rotate_sparsify(streamed, batches, self, writer))
 
 
