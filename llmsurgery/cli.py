@@ -355,7 +355,9 @@ def _convert(options: dict) -> None:
     given = job_options(options)
     checked = check_model(given.model, given.trust_remote_code)
     check_output_free(given.output, given.force, checked.folder)
-    loaded = load_model(given.model, dtype=given.dtype, trust_remote_code=given.trust_remote_code, checked=checked)
+    loaded = load_model(
+        given.model, dtype=given.dtype, trust_remote_code=given.trust_remote_code, checked=checked
+    )
     once(lambda: save_model(loaded, given.output, force=given.force))
     out.print(f"saved {escape(given.model)} to {escape(str(given.output))}")
 

@@ -73,7 +73,9 @@ def bounds_text(info: FieldInfo) -> str:
 def _help(info: FieldInfo, choices: tuple | None, text: str | None = None) -> str:
     text = (text or info.description or "").rstrip(".")
     first = text.split(" ")[0]
-    if first.isalpha() and first not in (choices or ()):  # a choice, or a name such as lm-eval, keeps its case
+    if first.isalpha() and first not in (
+        choices or ()
+    ):  # a choice, or a name such as lm-eval, keeps its case
         text = text[:1].upper() + text[1:]
     extra = [f"one of {', '.join(choices)}"] if choices and not all(c in text for c in choices) else []
     bounds = bounds_text(info)

@@ -251,4 +251,6 @@ def saved_options(options: JobOptions) -> dict:
     given = options.model_dump(mode="json", by_alias=True, exclude_defaults=True)
     always = options.model_dump(mode="json", by_alias=True, include={"model", "dtype", "device"})
     order = ("model", "dtype", "device", "trust-remote-code", "stream", "fsdp", "eval")
-    return {key: always[key] if key in always else given[key] for key in order if key in always or key in given}
+    return {
+        key: always[key] if key in always else given[key] for key in order if key in always or key in given
+    }

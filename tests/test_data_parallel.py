@@ -137,8 +137,8 @@ def test_fsdp_is_refused_where_it_cannot_act(tiny_models, tmp_path, monkeypatch)
     """--fsdp in one process, or under a launcher with nothing that trains: one line, before loading."""
     from llmsurgery import sharding
     from llmsurgery.errors import UserError
-    from llmsurgery.passes import KVCompress, PruneBI
     from llmsurgery.job import JobOptions
+    from llmsurgery.passes import KVCompress, PruneBI
     from llmsurgery.runner import Job, check_job
 
     options = JobOptions(model=str(tiny_models["llama"]), output=tmp_path / "out", fsdp=True)
