@@ -652,6 +652,40 @@ def convert(
 
 @app.command()
 @handles_errors
+def export(
+    model: ModelArg,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The file to write (FILE.gguf).", rich_help_panel=IO, show_default=False
+        ),
+    ],
+    file_format: Annotated[
+        str, typer.Option("--format", help="gguf (llama.cpp, ollama, LM Studio).")
+    ] = "gguf",
+    outtype: Annotated[
+        str, typer.Option("--outtype", help="Weight storage: f32, f16, bf16 or q8_0 (norms stay f32).")
+    ] = "f16",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing file.", rich_help_panel=IO)
+    ] = False,
+) -> None:
+    """Write MODEL as one GGUF file that llama.cpp and ollama run (standard architectures: prune, heal, convert)."""
+    from .export import export_gguf
+    from .export.refusals import check_format
+
+    check_format(file_format)
+    result = export_gguf(model, output, outtype=outtype, force=force)
+    for note in result.notes:
+        err.print(f"note: {escape(note)}")
+    out.print(
+        f"wrote {escape(str(result.path))}: {result.architecture}, {result.layers} layers, {result.tensors} tensors "
+        f"({result.outtype}), {result.bytes / 2**20:.1f} MiB; tokenizer {escape(result.tokenizer)}"
+    )
+
+
+@app.command()
+@handles_errors
 def inspect(
     model: ModelArg,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
