@@ -199,9 +199,26 @@ def pre_tokenizer_name(spec: dict) -> str:
 
 
 def _special_vocab(folder: Path, n_rows: int, merges: bool):
+    """gguf-py's special tokens, merges and chat template of the folder, with add_bos / add_eos set to what the
+    folder's tokenizer does (it is run on a word: llama.cpp's defaults differ per vocabulary type)."""
     import gguf
+    from transformers import AutoTokenizer
 
-    return gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_rows)
+    from ..console import quiet_transformers
+
+    special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_rows)
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - a tokenizer that does not load is bad input
+        raise UserError(f"could not load the tokenizer of {folder}: {first_line(exc)}") from None
+    with_specials = tokenizer("word")["input_ids"]
+    plain = tokenizer("word", add_special_tokens=False)["input_ids"]
+    extra = len(with_specials) - len(plain)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    special.add_special_token["bos"] = extra > 0 and bos is not None and with_specials[0] == bos
+    special.add_special_token["eos"] = extra > 0 and eos is not None and with_specials[-1] == eos
+    return special
 
 
 def _gpt2_vocabulary(folder: Path, tokens: list[str], types: list[int], pre: str, n_rows: int) -> Vocabulary:
