@@ -7,13 +7,15 @@ In one run:
 2. Every architecture: a tiny random model of each (llama, mistral, qwen2, qwen3, gemma3_text with a sliding
    window shorter than the prompt) exported at f32; llama.cpp's logits on 24 tokens against transformers'
    (f32 KV cache), as max |difference| / max |logit|.
-3. Tokens, SmolLM2-135M dense (30 layers) and pruned by Block Influence (`prune --bi --remove 7`, 23 layers),
+3. Tokenizers read from tokenizer.json (byte-level BPE: SmolLM2's converted folder; SentencePiece-style BPE:
+   Gemma3's): llama.cpp's tokenization of 24 texts against transformers'.
+4. Tokens, SmolLM2-135M dense (30 layers) and pruned by Block Influence (`prune --bi --remove 7`, 23 layers),
    and Gemma3-270M pruned by a block of 6 (`prune --bi --block --remove 6`, 12 layers, the pattern kept):
    llama.cpp's tokenizer on the prompt equals HF's, then 32 greedy tokens from the same prompt ids, llama.cpp
    against transformers (float32 safetensors). The check is at f32 with an f32 KV cache (the same numbers);
    f16 and q8_0 (llama.cpp's default f16 KV cache) round the weights, so their agreement is printed as the
    number of leading tokens equal.
-4. Speed, SmolLM2 in llama.cpp, batch 1, default settings: prompt processing (one batch of `--prompt-tokens`
+5. Speed, SmolLM2 in llama.cpp, batch 1, default settings: prompt processing (one batch of `--prompt-tokens`
    tokens) and decoding (`--decode-tokens` tokens one at a time) in tokens/s, dense and pruned interleaved in
    every repetition (median of `--reps`), with the pruned/dense ratio, at f16 and q8_0.
 
@@ -106,7 +108,7 @@ TINY_ARCHS = {
 
 
 def tiny_model(arch: str, folder: Path, tokenizer_folder: Path) -> Path:
-    """A 7-layer random model of `arch` (random norms too) with the SmolLM2 tokenizer, saved once."""
+    """A 7-layer random model of `arch` (random norms too) with the tokenizer of `tokenizer_folder`, saved once."""
     if folder.is_dir():
         return folder
     import shutil
@@ -115,7 +117,7 @@ def tiny_model(arch: str, folder: Path, tokenizer_folder: Path) -> Path:
 
     config = AutoConfig.for_model(
         arch,
-        vocab_size=49152,
+        vocab_size=json.loads((tokenizer_folder / "config.json").read_text())["vocab_size"],
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=7,
@@ -212,8 +214,10 @@ def speed(llm, text: list[int], n_prompt: int, n_decode: int) -> tuple[float, fl
     llm.reset()
     llama_cpp.llama_perf_context_reset(llm.ctx)
     llm.eval(text[:n_prompt])
+    llama_cpp.llama_synchronize(llm.ctx)  # llama.cpp adds a decode to its counters when it synchronizes
     for token in text[n_prompt : n_prompt + n_decode]:
         llm.eval([token])
+        llama_cpp.llama_synchronize(llm.ctx)
     perf = llama_cpp.llama_perf_context(llm.ctx)
     assert perf.n_p_eval == n_prompt and perf.n_eval == n_decode, (perf.n_p_eval, perf.n_eval)
     return perf.n_p_eval / perf.t_p_eval_ms * 1e3, perf.n_eval / perf.t_eval_ms * 1e3
@@ -242,6 +246,50 @@ def check_architectures(work: Path, tokenizer_folder: Path, threads: int, report
         ok &= passed
         table.add_row(arch, f"{gap:.2e}", str(same), "pass" if passed else "FAIL")
         report["architectures"][arch] = {"relative_gap": gap, "argmax_equal": same}
+    console.print(table)
+    return ok
+
+
+TOKENIZER_TEXTS = [
+    "def f(x):\n    return {'a': x ** 2}  # 12345 67.89",
+    "  leading spaces, \ttabs,\n\nnew lines and trailing  ",
+    "naïve café – 東京 😀 Ünïcödé",
+    "<|im_start|>user\nHello<|im_end|>",
+]
+
+
+def check_tokenizers(work: Path, threads: int, report: dict) -> bool:
+    """Vocabularies read from tokenizer.json (no source GGUF: `export` derives tokens, types, merges or scores and
+    the pre-tokenizer): llama.cpp's tokenizer against transformers' on the held-out news and a few hard texts,
+    special tokens in the text parsed by both (transformers does by default, llama-cli for chat templates)."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from llmsurgery.corpora import evaluation_documents
+    from llmsurgery.sources import local_folder, resolve_source
+
+    texts = [*evaluation_documents("news")[:20], *TOKENIZER_TEXTS]
+    table = Table(title="Tokenizers exported from tokenizer.json: llama.cpp vs transformers")
+    for column in ("tokenizer.json of", "GGUF vocabulary", "texts tokenized the same", "check"):
+        table.add_column(column)
+    ok = True
+    for builtin, arch in (("smollm2-135m", "llama"), ("gemma3-270m", "gemma3_text")):
+        source = local_folder(resolve_source(builtin))
+        folder = tiny_model(
+            arch, work / f"tokenizer-{builtin}", source
+        )  # a folder without history: tokenizer.json
+        gguf = export(folder, work / f"tokenizer-{builtin}.gguf", "f16")
+        llm = Llama(str(gguf), vocab_only=True, verbose=False)
+        hf = AutoTokenizer.from_pretrained(folder)
+        same = sum(llm.tokenize(t.encode(), add_bos=True, special=True) == hf(t)["input_ids"] for t in texts)
+        kind = f"{llm.metadata.get('tokenizer.ggml.model')} / {llm.metadata.get('tokenizer.ggml.pre')}"
+        llm.close()
+        passed = same == len(texts)
+        ok &= passed
+        table.add_row(
+            builtin + " (converted folder)", kind, f"{same}/{len(texts)}", "pass" if passed else "FAIL"
+        )
+        report["tokenizers"][builtin] = {"same": same, "texts": len(texts)}
     console.print(table)
     return ok
 
@@ -336,9 +384,10 @@ def main() -> int:
     )
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"llama_cpp_python": llama_cpp.__version__, "threads": args.threads}
-    report |= {"architectures": {}, "tokens": {}, "speed": {}}
+    report |= {"architectures": {}, "tokenizers": {}, "tokens": {}, "speed": {}}
     dense = local_folder(resolve_source("smollm2-135m"))
     ok = check_architectures(args.work, dense, args.threads, report)
+    ok &= check_tokenizers(args.work, args.threads, report)
 
     folders = {
         "dense": dense,

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import math
 
-from .model_io import HISTORY_FILE
 
-
-def model_card(history: dict, config: dict) -> str:
-    """The card's markdown for a folder with this history and config.json."""
+def model_card(history: dict, config: dict, history_file: str) -> str:
+    """The card's markdown for a folder with this history (saved as `history_file`) and config.json."""
     src = history.get("source") or {}
     passes = history.get("passes") or []
     tags = ["llmsurgery", *dict.fromkeys(p["pass"] for p in passes)]
@@ -32,7 +30,7 @@ def model_card(history: dict, config: dict) -> str:
         *_evaluation(passes),
         *_loading(config),
         *_exporting(config),
-        f"Full history: `{HISTORY_FILE}`.",
+        f"Full history: `{history_file}`.",
         "",
     ]
     return "\n".join(lines)

@@ -425,7 +425,7 @@ def write_beside_weights(
     (tmp / PASSES_FILE).write_text(json.dumps(settings, indent=2))
     from .model_card import model_card
 
-    (tmp / "README.md").write_text(model_card(history, config))
+    (tmp / "README.md").write_text(model_card(history, config, HISTORY_FILE))
     if recipe_yaml is not None:  # the recipe `llmsurgery run` followed, or the one a pass command spelt out
         (tmp / RECIPE_YAML).write_text(recipe_yaml)
     for path in files:

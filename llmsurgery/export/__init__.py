@@ -62,7 +62,7 @@ def export_gguf(model: str, output: Path, *, outtype: str = "f16", force: bool =
     refusals.check_architecture(model, config, arch, shapes)
     gguf_file, why_not = vocab.source_gguf(history)
     inputs = [folder] + ([gguf_file] if gguf_file else []) + ([source.path] if source.kind == "gguf" else [])
-    out = refusals.check_target(Path(output), force, inputs)
+    out = check_target(Path(output), force, inputs)
     n_rows = shapes[f"{arch.embed}.weight"][0]
     tokenizer = (
         vocab.from_source_gguf(gguf_file, n_rows) if gguf_file else vocab.from_tokenizer_json(folder, n_rows)
@@ -94,6 +94,22 @@ def export_gguf(model: str, output: Path, *, outtype: str = "f16", force: bool =
     return ExportResult(
         out, arch.gguf_arch, config.num_hidden_layers, outtype, len(plans), size, tokenizer.origin, notes
     )
+
+
+def check_target(output: Path, force: bool, inputs: list[Path]) -> Path:
+    """The file to write: a .gguf name, not an input or inside one, free (or --force), in a writable folder."""
+    from ..model_io import check_not_an_input, check_writable_parent
+
+    out = output.expanduser()
+    if out.suffix.lower() != ".gguf":
+        raise UserError(f"--output {output}: give a file name ending in .gguf")
+    check_not_an_input(out, inputs, "output")
+    if out.is_dir():
+        raise UserError(f"output {output} is a folder; give a file name ending in .gguf")
+    if out.exists() and not force:
+        raise UserError(f"output {output} already exists; pass --force to replace it")
+    check_writable_parent(out, "output")
+    return out
 
 
 def _np_dtype(name: str):

@@ -8,7 +8,6 @@ differently there than in transformers is refused with the reason, rather than e
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from ..errors import UserError
 from .tensors import OUTTYPES, head_dim_of, rope_parameters
@@ -170,19 +169,3 @@ def _check_gemma3(spec_name: str, config) -> None:
         raise UserError(f"{spec_name}: llama.cpp's gemma3 has no attention logit soft-capping")
     if getattr(config, "use_bidirectional_attention", False):
         raise UserError(f"{spec_name}: bidirectional attention is not llama.cpp's gemma3")
-
-
-def check_target(output: Path, force: bool, inputs: list[Path]) -> Path:
-    """The file to write: a .gguf name, not an input or inside one, free (or --force), in a writable folder."""
-    from ..model_io import check_not_an_input, check_writable_parent
-
-    out = output.expanduser()
-    if out.suffix.lower() != ".gguf":
-        raise UserError(f"--output {output}: give a file name ending in .gguf")
-    check_not_an_input(out, inputs, "output")
-    if out.is_dir():
-        raise UserError(f"output {output} is a folder; give a file name ending in .gguf")
-    if out.exists() and not force:
-        raise UserError(f"output {output} already exists; pass --force to replace it")
-    check_writable_parent(out, "output")
-    return out
