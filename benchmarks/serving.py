@@ -10,9 +10,9 @@ In one run:
 3. Tokenizers read from tokenizer.json (byte-level BPE: SmolLM2's converted folder; SentencePiece-style BPE:
    Gemma3's): llama.cpp's tokenization of 24 texts against transformers'.
 4. Tokens, SmolLM2-135M dense (30 layers) and pruned by Block Influence (`prune --bi --remove 7`, 23 layers),
-   and Gemma3-270M pruned by a block of 6 (`prune --bi --block --remove 6`, 12 layers, the pattern kept):
-   llama.cpp's tokenizer on the prompt equals HF's, then 32 greedy tokens from the same prompt ids, llama.cpp
-   against transformers (float32 safetensors). The check is at f32 with an f32 KV cache (the same numbers);
+   and Gemma3-270M dense and pruned by a block of 6 (`prune --bi --block --remove 6`, 12 layers, the pattern
+   kept): llama.cpp's tokenizer on the prompt equals HF's, then 32 greedy tokens from the same prompt ids,
+   llama.cpp against transformers (float32 safetensors). The check is at f32 with an f32 KV cache (the same numbers);
    f16 and q8_0 (llama.cpp's default f16 KV cache) round the weights, so their agreement is printed as the
    number of leading tokens equal.
 5. Speed, SmolLM2 in llama.cpp, batch 1, default settings: prompt processing (one batch of `--prompt-tokens`
@@ -331,9 +331,10 @@ def measure_speed(folders: dict[str, Path], files: dict, args, report: dict) -> 
     text = prompt_tokens(
         AutoTokenizer.from_pretrained(folders["dense"]), args.prompt_tokens + args.decode_tokens
     )
-    speeds = Table(
-        title=f"llama.cpp speed, batch 1, {args.threads} threads (median of {args.reps}, interleaved)"
-    )
+    load = os.getloadavg()[0]
+    title = f"llama.cpp speed, batch 1, {args.threads} thread(s) (median of {args.reps}, interleaved)"
+    speeds = Table(title=f"{title}; load average before: {load:.2f} on {os.cpu_count()} CPUs")
+    report["load_average_before_speed"] = load
     for column in ("gguf", "model", "MiB", "prompt tok/s", "decode tok/s"):
         speeds.add_column(column, justify="right" if column != "model" else "left")
     for outtype in ("f16", "q8_0"):
@@ -359,7 +360,9 @@ def measure_speed(folders: dict[str, Path], files: dict, args, report: dict) -> 
             "ratio_decode": ratio[1],
             "runs": runs,
         }
+    report["load_average_after_speed"] = os.getloadavg()[0]
     console.print(speeds)
+    console.print(f"load average after: {report['load_average_after_speed']:.2f}")
 
 
 def main() -> int:
@@ -392,12 +395,13 @@ def main() -> int:
     folders = {
         "dense": dense,
         "pruned": pruned(args.work, "smollm2-135m", ["--remove", str(args.remove)]),
+        "gemma3 dense": local_folder(resolve_source("gemma3-270m")),
         "gemma3 pruned": pruned(args.work, "gemma3-270m", ["--block", "--remove", "6"]),
     }
     files = {
         (name, outtype): export(folder, args.work / f"{name.replace(' ', '-')}-{outtype}.gguf", outtype)
         for name, folder in folders.items()
-        for outtype in (("f32", "f16", "q8_0") if name != "gemma3 pruned" else ("f32",))
+        for outtype in (("f32", "f16", "q8_0") if not name.startswith("gemma3") else ("f32",))
     }
     ok &= check_tokens(folders, files, args, report)
     measure_speed(folders, files, args, report)

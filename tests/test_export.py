@@ -277,6 +277,18 @@ def test_llama3_rope_scaling_writes_llama_cpp_frequency_divisors(tmp_path):
     assert stored.min() == 1.0 and stored.max() == 8.0
 
 
+def test_linear_rope_scaling_and_a_mistral_window_are_announced(tmp_path):
+    linear = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    out = _export(_build("llama", tmp_path / "linear", rope_parameters=linear), tmp_path / "linear.gguf")
+    fields = _reader(out).fields
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 2.0
+    windowed = _build("mistral", tmp_path / "windowed", sliding_window=16)
+    result = run_cli("export", windowed, "--output", tmp_path / "windowed.gguf")
+    assert result.exit_code == 0 and "sliding window (16)" in result.output
+    assert _reader(tmp_path / "windowed.gguf").fields["llama.context_length"].contents() == 16
+
+
 def test_pre_tokenizer_is_read_from_tokenizer_json_structure():
     from llmsurgery.errors import UserError
     from llmsurgery.export.vocab import _LLAMA3_SPLIT, _QWEN2_SPLIT, pre_tokenizer_name
