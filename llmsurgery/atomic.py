@@ -1,4 +1,4 @@
-"""Folders and files written beside their target and renamed into place: a failure or a kill leaves nothing behind.
+"""Folders and files written beside the target and renamed into place: a failure or kill leaves nothing behind.
 
 The temporary folder is `.NAME.tmp-PID` next to the target. A run that is killed outright (SIGKILL, power loss)
 cannot clean up, so every later write towards the same target first removes the temporary folders of processes

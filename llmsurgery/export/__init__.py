@@ -37,14 +37,11 @@ class ExportResult:
 def export_gguf(model: str, output: Path, *, outtype: str = "f16", force: bool = False) -> ExportResult:
     """Write MODEL (folder, .gguf, built-in name) to `output` as GGUF; refuses with a UserError before writing."""
     from ..arch import arch_for_model_type
-    from ..atomic import replacing_file
     from ..checkpoint import checkpoint_shapes
-    from ..console import status, track
     from ..model_io import peek_config, read_history
     from ..sources import SOURCE_FILE, resolve_source
     from . import refusals, vocab
-    from .hparams import write_hparams
-    from .tensors import CheckpointReader, plan_tensors
+    from .tensors import plan_tensors
 
     refusals.check_outtype(outtype)
     source = resolve_source(model)
@@ -60,28 +57,51 @@ def export_gguf(model: str, output: Path, *, outtype: str = "f16", force: bool =
     config = _transformers_config(folder)
     shapes = checkpoint_shapes(weights)
     refusals.check_architecture(model, config, arch, shapes)
-    gguf_file, why_not = vocab.source_gguf(history)
-    inputs = [folder] + ([gguf_file] if gguf_file else []) + ([source.path] if source.kind == "gguf" else [])
+    # A .gguf given as MODEL is its own source (its cached conversion may name an earlier copy of the same bytes).
+    gguf_file, why_not = (source.path, None) if source.kind == "gguf" else vocab.source_gguf(history)
+    inputs = [folder] + ([gguf_file] if gguf_file else [])
     out = check_target(Path(output), force, inputs)
     n_rows = shapes[f"{arch.embed}.weight"][0]
     tokenizer = (
         vocab.from_source_gguf(gguf_file, n_rows) if gguf_file else vocab.from_tokenizer_json(folder, n_rows)
     )
-    notes = [f"tokenizer read from the folder: {why_not}"] if why_not else []
     plans = plan_tensors(arch, config, shapes, outtype)
+    notes = [f"tokenizer read from the folder: {why_not}"] if why_not else []
+    name = Path(model).stem if Path(model).exists() else model
+    notes += _write(out, arch, config, outtype, name, history, tokenizer, plans, weights)
+    return ExportResult(
+        out,
+        arch.gguf_arch,
+        config.num_hidden_layers,
+        outtype,
+        len(plans),
+        out.stat().st_size,
+        tokenizer.origin,
+        notes,
+    )
 
+
+def _write(out: Path, arch, config, outtype: str, name: str, history, tokenizer, plans, weights) -> list[str]:
+    """The file: keys, tensor infos, then the tensors one at a time (read, converted, encoded, written), into a
+    temporary file renamed to `out` at the end. Returns the notes of the metadata."""
     import gguf
+    import numpy as np
+
+    from ..atomic import replacing_file
+    from ..console import status, track
+    from .hparams import write_hparams
+    from .tensors import CheckpointReader
 
     with replacing_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
-        notes += write_hparams(writer, config, arch, outtype, _name(model, folder), tokenizer.n_tokens)
+        notes = write_hparams(writer, config, arch, outtype, name, tokenizer.n_tokens)
         _describe_origin(writer, history)
         tokenizer.write(writer)
         for plan in plans:
             raw = None if plan.qtype in ("F32", "F16") else gguf.GGMLQuantizationType[plan.qtype]
             shape = plan.shape if raw is None else gguf.quant_shape_to_byte_shape(plan.shape, raw)
-            dtype = {"F32": "float32", "F16": "float16"}.get(plan.qtype, "uint8")
-            writer.add_tensor_info(plan.name, shape, _np_dtype(dtype), plan.nbytes, raw_dtype=raw)
+            dtype = np.dtype({"F32": "float32", "F16": "float16"}.get(plan.qtype, "uint8"))
+            writer.add_tensor_info(plan.name, shape, dtype, plan.nbytes, raw_dtype=raw)
         with status(f"Writing the GGUF header of {out.name}"):
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -90,10 +110,7 @@ def export_gguf(model: str, output: Path, *, outtype: str = "f16", force: bool =
             for plan in track(plans, f"Exporting {len(plans)} tensors ({outtype})"):
                 writer.write_tensor_data(plan.encode(plan.load(read)))
         writer.close()
-    size = out.stat().st_size
-    return ExportResult(
-        out, arch.gguf_arch, config.num_hidden_layers, outtype, len(plans), size, tokenizer.origin, notes
-    )
+    return notes
 
 
 def check_target(output: Path, force: bool, inputs: list[Path]) -> Path:
@@ -110,12 +127,6 @@ def check_target(output: Path, force: bool, inputs: list[Path]) -> Path:
         raise UserError(f"output {output} already exists; pass --force to replace it")
     check_writable_parent(out, "output")
     return out
-
-
-def _np_dtype(name: str):
-    import numpy as np
-
-    return np.dtype(name)
 
 
 def _source_record(folder: Path, source_file: str) -> dict | None:
@@ -137,11 +148,6 @@ def _transformers_config(folder: Path):
             return AutoConfig.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - a config transformers cannot read is bad input
         raise UserError(f"{folder / 'config.json'}: {first_line(exc)}") from None
-
-
-def _name(model: str, folder: Path) -> str:
-    path = Path(model)
-    return path.stem if path.exists() else model
 
 
 def _describe_origin(writer, history: dict | None) -> None:
