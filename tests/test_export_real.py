@@ -44,8 +44,11 @@ def _check_export(model, out, source_gguf, layers: int, tolerance: float) -> Non
     arch = reader.fields["general.architecture"].contents()
     assert reader.fields[f"{arch}.block_count"].contents() == layers
     ours = {t.name: t.shape.tolist() for t in reader.tensors}
-    theirs = {t.name: t.shape.tolist() for t in source.tensors if not t.name.startswith("blk.") or
-              int(t.name.split(".")[1]) < layers}
+    theirs = {
+        t.name: t.shape.tolist()
+        for t in source.tensors
+        if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < layers
+    }
     assert ours == theirs  # llama.cpp's own file, renumbered: the same names and shapes for the kept blocks
     assert _tokenizer_bytes(reader) == _tokenizer_bytes(source)
     folder = local_folder(resolve_source(str(model)))
