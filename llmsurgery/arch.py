@@ -38,16 +38,30 @@ class ArchSpec:
     mlp_out_norm: str | None = None
     # Per-head RMSNorm on q and k before RoPE (qwen3, gemma3).
     qk_norm: bool = False
+    q_norm: str = "self_attn.q_norm"
+    k_norm: str = "self_attn.k_norm"
     # RMSNorm stores w but scales by (1 + w) (gemma family).
     norm_weight_offset: float = 0.0
     # Config entries holding one value per decoder layer; kept in step when layers go.
     per_layer_config_lists: tuple[str, ...] = ("layer_types", "attention_layout")
+    # llama.cpp's name for the architecture (`general.architecture` of a GGUF file; mistral runs as llama there).
+    gguf_arch: str = "llama"
+    # llama.cpp's llama graph rotates interleaved pairs (x0, x1), (x2, x3), ...; HF llama rotates halves, so the
+    # GGUF converter permutes q/k rows (`LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py). qwen2, qwen3
+    # and gemma3 run NeoX-style rotation there, like HF: no permutation.
+    gguf_interleaved_rope: bool = False
 
 
 _LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    name: ArchSpec(model_type=name, qk_norm=name == "qwen3") for name in _LLAMA_LIKE
+    name: ArchSpec(
+        model_type=name,
+        qk_norm=name == "qwen3",
+        gguf_arch="llama" if name in ("llama", "mistral") else name,
+        gguf_interleaved_rope=name in ("llama", "mistral"),
+    )
+    for name in _LLAMA_LIKE
 }
 ARCHITECTURES["gemma3_text"] = ArchSpec(
     model_type="gemma3_text",
@@ -56,6 +70,7 @@ ARCHITECTURES["gemma3_text"] = ArchSpec(
     mlp_out_norm="post_feedforward_layernorm",
     norm_weight_offset=1.0,
     qk_norm=True,
+    gguf_arch="gemma3",
 )
 
 SUPPORTED = ", ".join(sorted(ARCHITECTURES))

@@ -1,4 +1,4 @@
-"""Folders written beside their target and renamed into place: a failure or a kill leaves nothing behind.
+"""Folders and files written beside the target and renamed into place: a failure or kill leaves nothing behind.
 
 The temporary folder is `.NAME.tmp-PID` next to the target. A run that is killed outright (SIGKILL, power loss)
 cannot clean up, so every later write towards the same target first removes the temporary folders of processes
@@ -81,3 +81,20 @@ def replacing_folder(target: Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
+def replacing_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary file path beside `target`; when the block succeeds it replaces `target` (rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            yield tmp
+        except OSError as exc:
+            raise write_failure(target, exc) from None
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -22,9 +22,10 @@ import typer
 from rich.markup import escape
 
 from . import __version__
+from .cli_options import config_from_options, job_options, job_parameters, option_parameters
 from .console import err, metrics_table, out, report_failure
 from .errors import GateFailed, UserError
-from .job import IO, MODEL_HELP
+from .job import IO, MODEL_HELP, EvalJob, ExportJob
 
 app = typer.Typer(
     help="Model surgery and compression for causal language models.",
@@ -104,14 +105,15 @@ def write_json(path: Path | None, payload: dict) -> None:
 
 
 def derived_command(
-    name: str, params: list[inspect.Parameter], doc: str, body: Callable[[dict], None]
+    name: str, params: list[inspect.Parameter], doc: str, body: Callable[[dict], None], model=ModelArg
 ) -> None:
-    """A command whose signature is `params` (derived from option models); `body` gets the parsed values."""
+    """A command taking MODEL and `params` (derived from option models); `body` gets the parsed values."""
 
     def command(**options):
         body(options)
 
-    command.__signature__ = inspect.Signature(params)
+    first = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=model)
+    command.__signature__ = inspect.Signature([first, *params])
     command.__doc__ = doc
     command.__name__ = name.replace("-", "_")
     app.command(name)(handles_errors(command))
@@ -121,9 +123,7 @@ def derived_command(
 
 
 def _eval(options: dict) -> None:
-    from .cli_options import job_options
     from .evaluate import score_models
-    from .job import EvalJob
     from .model_io import check_file_targets
 
     json_path = options.pop("json_path")
@@ -135,17 +135,8 @@ def _eval(options: dict) -> None:
     write_json(json_path, payload | {"backend": job.backend, "results": rows})
 
 
-def _register_eval() -> None:
-    from .cli_options import option_parameters
-    from .job import EvalJob
-
-    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ModelArg)
-    json_path = inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt)
-    params = [model, *option_parameters(EvalJob), json_path]
-    derived_command("eval", params, EvalJob.__doc__, _eval)
-
-
-_register_eval()
+JSON_PATH = inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt)
+derived_command("eval", [*option_parameters(EvalJob), JSON_PATH], EvalJob.__doc__, _eval)
 
 
 # ----------------------------------------------------------------------------- the pass commands
@@ -159,7 +150,6 @@ def _flag(name: str, help: str, default: bool = False, panel: str | None = None)
 
 def _own_options(config: type, then_heal: bool) -> list[inspect.Parameter]:
     """The options a pass's config declares beside its fields: its dry run, --plot, (--heal)."""
-    from .cli_options import option_parameters
     from .passes import Heal
 
     found = []
@@ -178,27 +168,20 @@ def _own_options(config: type, then_heal: bool) -> list[inspect.Parameter]:
 def pass_command(config: type, name: str | None = None, first: tuple[inspect.Parameter, ...] = ()) -> None:
     """The command of `config`'s pass: options from its fields, then `first` (prune's --bi), then those it
     declares (`_own_options`), then the job options (`cli_options.job_parameters`) and --json."""
-    from .cli_options import job_parameters, option_parameters
-
     then_heal = config.pass_name() == "prune-bi"
     argument = typer.Argument(help=config.model_help, show_default=False) if config.model_help else None
-    model = inspect.Parameter(
-        "model",
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[str, argument] if argument else ModelArg,
-    )
-    params = [model, *option_parameters(config), *first, *_own_options(config, then_heal)]
+    params = [*option_parameters(config), *first, *_own_options(config, then_heal)]
     params += job_parameters(
         trains=config.may_train or then_heal, output_required=config.dry_run_flag is None
     )
-    params.append(inspect.Parameter("json_path", _KW, default=None, annotation=JsonOpt))
     doc = config.command_help or (config.__doc__ or config.pass_name()).strip()
-    derived_command(name or config.pass_name(), params, doc, functools.partial(_run_pass_command, config))
+    body = functools.partial(_run_pass_command, config)
+    model = Annotated[str, argument] if argument else ModelArg
+    derived_command(name or config.pass_name(), [*params, JSON_PATH], doc, body, model)
 
 
 def _passes_of(config: type, cfg, options: dict, dry_run: bool) -> list:
     """The passes a command runs: its own, and for prune --heal a heal with prune's calibration."""
-    from .cli_options import config_from_options
     from .passes import Heal
 
     if not options.get("heal") or dry_run:
@@ -208,7 +191,6 @@ def _passes_of(config: type, cfg, options: dict, dry_run: bool) -> list:
 
 
 def _run_pass_command(config: type, options: dict) -> None:
-    from .cli_options import config_from_options, job_options
     from .model_io import check_file_targets
     from .recipe import command_recipe
     from .runner import Job, run_job
@@ -348,7 +330,6 @@ def recipe_schema() -> None:
 
 
 def _convert(options: dict) -> None:
-    from .cli_options import job_options
     from .data_parallel import once
     from .model_io import check_model, check_output_free, load_model, save_model
 
@@ -362,21 +343,33 @@ def _convert(options: dict) -> None:
     out.print(f"saved {escape(given.model)} to {escape(str(given.output))}")
 
 
-def _register_convert() -> None:
-    from .cli_options import job_parameters
+CONVERT = (
+    "Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."
+)
+derived_command(
+    "convert",
+    job_parameters(True, True, ("output", "force", "dtype", "trust_remote_code")),
+    CONVERT,
+    _convert,
+)
 
-    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ModelArg)
-    params = [
-        model,
-        *job_parameters(output_required=True, only=("output", "force", "dtype", "trust_remote_code")),
-    ]
-    doc = (
-        "Save MODEL unchanged as a safetensors folder (a .gguf or built-in model becomes a plain checkpoint)."
+
+def _export(options: dict) -> None:
+    from .export import export_gguf
+    from .export.refusals import check_format
+
+    given = job_options(options, ExportJob)
+    check_format(given.format)
+    result = export_gguf(given.model, given.output, outtype=given.outtype, force=given.force)
+    for note in result.notes:
+        err.print(f"note: {escape(note)}")
+    out.print(
+        f"wrote {escape(str(result.path))}: {result.architecture}, {result.layers} layers, {result.tensors} tensors "
+        f"({result.outtype}), {result.bytes / 2**20:.1f} MiB; tokenizer {escape(result.tokenizer)}"
     )
-    derived_command("convert", params, doc, _convert)
 
 
-_register_convert()
+derived_command("export", option_parameters(ExportJob), ExportJob.__doc__, _export)
 
 
 @app.command("inspect")

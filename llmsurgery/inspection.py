@@ -8,7 +8,7 @@ from .checkpoint import parameter_count
 from .model_io import check_model, read_history, read_json_record
 from .modeling import foreign_code
 from .modeling.modeling_llmsurgery import key_cache_widths
-from .sources import SOURCE_FILE
+from .sources import SOURCE_FILE, resolve_source
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -26,7 +26,15 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 
 
 def describe(spec: str) -> dict:
-    """A JSON-ready description of a model folder, .gguf, built-in name or hub id."""
+    """A JSON-ready description of a model folder, .gguf, built-in name or hub id.
+
+    A .gguf file is described as it is (its header: `export.describe`), not converted.
+    """
+    source = resolve_source(spec)
+    if source.kind == "gguf":
+        from .export.describe import describe_gguf
+
+        return describe_gguf(source.path)
     checked = check_model(spec, read_only=True)
     config, folder, files = checked.config, checked.folder, checked.weights
     history = read_history(Path(folder)) if folder is not None else None

@@ -254,3 +254,17 @@ def saved_options(options: JobOptions) -> dict:
     return {
         key: always[key] if key in always else given[key] for key in order if key in always or key in given
     }
+
+
+class ExportJob(Strict):
+    """Write MODEL as one GGUF file that llama.cpp and ollama run (standard architectures: prune, heal, convert)."""
+
+    model: str = Field(description=MODEL_HELP)
+    output: Path = Field(
+        description="The file to write (FILE.gguf).", json_schema_extra={"panel": IO, "flags": ["-o"]}
+    )
+    format: str = Field(
+        "gguf", description="gguf (llama.cpp, ollama, LM Studio).", json_schema_extra={"enum": ["gguf"]}
+    )
+    outtype: str = Field("f16", description="Weight storage: f32, f16, bf16 or q8_0 (norms stay f32).")
+    force: bool = Field(False, description="Replace an existing file.", json_schema_extra={"panel": IO})

@@ -431,44 +431,6 @@ def pass_record(name: str, config: dict, report: dict, seconds: float, input_his
     }
 
 
-def _model_card(history: dict, config: dict) -> str:
-    src = history["source"]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [llmsurgery]",
-        "---",
-        "# Transformed with llmsurgery",
-        "",
-        f"Source: `{src.get('id')}` (sha256 `{src.get('sha256', src.get('revision'))}`)",
-        f"Architecture: `{config.get('model_type')}`, {config.get('num_hidden_layers')} layers.",
-        "",
-        "| # | pass | seconds | settings |",
-        "|---|------|---------|----------|",
-    ]
-    for i, entry in enumerate(history["passes"], 1):
-        settings = ", ".join(f"{k}={v}" for k, v in entry["config"].items())
-        lines.append(f"| {i} | {entry['pass']} | {entry['seconds']} | {settings} |")
-    if not history["passes"]:
-        lines.append("| - | (none: converted only) | | |")
-    loader = "AutoModelForCausalLM.from_pretrained(path" + (
-        ", trust_remote_code=True)" if "auto_map" in config else ")"
-    )
-    lines += [
-        "",
-        "Load it with stock transformers:",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        f"model = {loader}",
-        "```",
-        "",
-        f"Full history: `{HISTORY_FILE}`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def _remote_code_files(config: dict, folder: Path | None) -> list[Path]:
     """The modeling files config.json's auto_map names: llmsurgery's own from the package, others from the input."""
     from .modeling import REMOTE_FILES, REMOTE_MODULE
@@ -579,7 +541,9 @@ def write_beside_weights(
     (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=2))
     settings = [p["config"] | {"pass": p["pass"]} for p in new_passes or []]
     (tmp / PASSES_FILE).write_text(json.dumps(settings, indent=2))
-    (tmp / "README.md").write_text(_model_card(history, config))
+    from .model_card import model_card
+
+    (tmp / "README.md").write_text(model_card(history, config, HISTORY_FILE))
     if recipe_yaml is not None:  # the recipe `llmsurgery run` followed, or the one a pass command spelt out
         (tmp / RECIPE_YAML).write_text(recipe_yaml)
     for path in files:

@@ -352,6 +352,27 @@ CASES = [
     ("run", ["{recipe_dir}/ok.yaml", "-o", "{recipe_dir}", "--force"], "would overwrite an input"),
     ("run", ["{recipe_ok}", "--json", "{recipe_ok}"], "would overwrite an input"),
     ("recipe schema", ["extra-argument"], "unexpected extra argument"),
+    # ---------------------------------------------------------------- export --format gguf
+    ("export", ["{missing}", "-o", "{out}.gguf"], "no such file or folder"),
+    ("export", ["someorg/somemodel", "-o", "{out}.gguf"], "export reads local weights: download"),
+    ("export", ["{unsupported}", "-o", "{out}.gguf"], "unsupported architecture 'gpt2'"),
+    ("export", ["{missing_tensor}", "-o", "{out}.gguf"], "is missing"),
+    ("export", ["{model}", "-o", "{out}"], "give a file name ending in .gguf"),
+    ("export", ["{model}", "-o", "{out}.gguf", "--outtype", "q4_k"], "unknown --outtype 'q4_k'"),
+    ("export", ["{model}", "-o", "{out}.gguf", "--format", "onnx"], "unknown --format 'onnx'"),
+    ("export", ["{model}", "-o", "{existing_gguf}"], "already exists; pass --force"),
+    ("export", ["{model}", "-o", "{gguf_dir}", "--force"], "is a folder"),
+    ("export", ["{model}", "-o", "{model}/m.gguf"], "would overwrite the input model"),
+    ("export", ["{model}", "-o", "{a_file}/m.gguf"], "is a file, not a folder"),
+    ("export", ["{sparse}", "-o", "{out}.gguf"], "needs llmsurgery's runtime for rotate-sparsify"),
+    ("export", ["{kv_layout}", "-o", "{out}.gguf"], "`llmsurgery eval --backend hf`"),
+    ("export", ["{gemma_pattern}", "-o", "{out}.gguf"], "break the sliding/full attention pattern"),
+    ("export", ["{gemma_scale}", "-o", "{out}.gguf"], "query_pre_attn_scalar 32"),
+    ("export", ["{gelu_llama}", "-o", "{out}.gguf"], "llama.cpp's llama uses silu, this model gelu"),
+    ("export", ["{rope_yarn}", "-o", "{out}.gguf"], "RoPE scaling 'yarn' is not exported"),
+    ("export", ["{no_tokenizer}", "-o", "{out}.gguf"], "has no tokenizer.json"),
+    ("export", ["{odd_pre_tokenizer}", "-o", "{out}.gguf"], "not one llama.cpp implements"),
+    ("inspect", ["{bad_gguf}", "--json"], "could not read GGUF"),
 ]
 
 
@@ -599,6 +620,47 @@ def places(tiny_models, tmp_path_factory) -> dict[str, Path]:
     p["recipe_calib"] = _recipe(
         root, "calib", head.replace("{samples", f"{{source: {p['binary_txt']}, samples") + prune
     )
+    # Export: targets, and models llama.cpp would run differently (refused before anything is written).
+    p["existing_gguf"] = root / "existing.gguf"
+    p["existing_gguf"].write_bytes(b"mine")
+    p["gguf_dir"] = root / "a_dir.gguf"
+    p["gguf_dir"].mkdir()
+    p["sparse"] = _variant(root, src, "sparse", config=lambda c: c.update(sparsity_in=0.4))
+    (p["sparse"] / "llmsurgery_history.json").write_text(
+        json.dumps(
+            {
+                "format": "llmsurgery-history/1",
+                "source": {"id": "x", "kind": "folder"},
+                "passes": [{"pass": "rotate-sparsify", "config": {}, "seconds": 1.0}],
+            }
+        )
+    )
+    p["kv_layout"] = _variant(
+        root, src, "kv_layout", config=lambda c: c.update(attention_layout=[{"k": [8, 8]}] * 6)
+    )
+    gemma = tiny_models["gemma3_text"]  # layer types with a period of 3, not llama.cpp's 6
+    p["gemma_pattern"] = _variant(root, gemma, "gemma_pattern")
+    six = ["sliding_attention"] * 5 + ["full_attention"]
+    p["gemma_scale"] = _variant(
+        root, gemma, "gemma_scale", config=lambda c: c.update(layer_types=six, query_pre_attn_scalar=32)
+    )
+    p["gelu_llama"] = _variant(root, src, "gelu_llama", config=lambda c: c.update(hidden_act="gelu"))
+    yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 256,
+    }
+    p["rope_yarn"] = _variant(root, src, "rope_yarn", config=lambda c: c.update(rope_parameters=yarn))
+    p["no_tokenizer"] = _variant(root, src, "no_tokenizer")
+    (p["no_tokenizer"] / "tokenizer.json").unlink()
+    p["odd_pre_tokenizer"] = _variant(root, src, "odd_pre_tokenizer")
+    spec = json.loads((p["odd_pre_tokenizer"] / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Whitespace"}, spec["pre_tokenizer"]],
+    }
+    (p["odd_pre_tokenizer"] / "tokenizer.json").write_text(json.dumps(spec))
     return p
 
 
@@ -640,6 +702,7 @@ def test_bad_input_is_one_line_and_exit_2(places, capsys, command, args, words):
     assert words in lines[0], lines[0]
     assert "Traceback" not in stderr + stdout
     assert not out.exists() and not (places["missing"].parent / "recipe_out").exists()
+    assert not Path(f"{out}.gguf").exists() and (places["existing_gguf"].read_bytes() == b"mine")
     assert not [p for p in out.parent.rglob(".*tmp-*")], "a temporary folder was left behind"
     assert not (out.parent / MARKER).exists(), "foreign modeling code ran"
     assert _inputs(places) == before, "an input changed"
