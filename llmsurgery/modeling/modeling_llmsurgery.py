@@ -542,8 +542,11 @@ _VIEW_CLASSES: dict[type, type] = {}
 
 
 def open_press_view_(cache, attn: nn.Module) -> None:
-    """Let hooks run after `attn` (kvpress presses) read its cache layer at full width; closed again by the next
-    forward of `attn` and at the end of the model's forward. Only transformers' dynamic layers take a view."""
+    """Let the forward hooks of `attn` (kvpress presses) read its cache layer at full width until they have run.
+
+    Called at the end of `attn`'s forward: a one-shot hook registered now runs after every hook registered
+    before (torch calls them in order), closes the view and removes itself; the next forward of `attn` closes it
+    too, should a hook have raised. Only transformers' dynamic layers take a view."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     layers = getattr(cache, "layers", None)
@@ -561,21 +564,18 @@ def open_press_view_(cache, attn: nn.Module) -> None:
         layer.__class__ = _VIEW_CLASSES[kind]
     layer.__dict__["_press_view"] = PressView(attn)
 
+    def close(module, args, output):
+        close_press_views_(cache, module.layer_idx)
+        handle.remove()
+
+    handle = attn.register_forward_hook(close)
+
 
 def close_press_views_(cache, layer_idx: int | None = None) -> None:
     """Close the views of one cache layer, or of all: reads return the narrow tensors again."""
     layers = getattr(cache, "layers", None) or []
     for layer in layers if layer_idx is None else layers[layer_idx : layer_idx + 1]:
         layer.__dict__.pop("_press_view", None)
-
-
-def _close_views_after_forward(module, args, kwargs, output):
-    """Base-model forward hook: after prefill or a decoding step every cache layer reads narrow again."""
-    found = [kwargs.get(name) for name in ("past_key_values", "cache")]  # 4.56-5.2 / later 5.x spelling
-    found.append(getattr(output, "past_key_values", None))
-    cache = next((c for c in found if c is not None), None)
-    if cache is not None:
-        close_press_views_(cache)
 
 
 def install_attention_layout_(model: nn.Module) -> None:
@@ -595,7 +595,6 @@ class _SurgeryMixin:
         super().__init__(config)
         if getattr(config, "attention_layout", None):
             install_attention_layout_(self)
-            self.model.register_forward_hook(_close_views_after_forward, with_kwargs=True)
         if getattr(config, "sparsity_in", None) is not None:
             if getattr(config, "rotated", False):
                 add_rotation_adapters_(self)
