@@ -66,7 +66,7 @@ class PrefillRecord:
 
     kwargs: list[dict]  # per decoder layer: the attention module's keyword arguments (hidden_states, ...)
     cache: object  # the transformers DynamicCache after the prefill, every layer dense
-    length: int
+    last_logits: torch.Tensor  # [B, V]: the prediction after the last token (no press changes it)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -76,7 +76,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def record_prefill(model: nn.Module, input_ids: torch.Tensor) -> PrefillRecord:
-    """One dense prefill of `input_ids` [1, T], keeping each attention module's keyword arguments."""
+    """One dense prefill of `input_ids` [B, T], keeping each attention module's keyword arguments."""
     from transformers import DynamicCache
 
     kept: list[dict] = []
@@ -87,11 +87,11 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor) -> PrefillRecord:
     cache = DynamicCache()
     hooks = [attn.register_forward_hook(keep, with_kwargs=True) for attn in _attention_modules(model)]
     try:
-        model.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     finally:
         for hook in hooks:
             hook.remove()
-    return PrefillRecord(kept, cache, int(input_ids.shape[1]))
+    return PrefillRecord(kept, cache, logits[:, -1])
 
 
 def _rotary_for(model: nn.Module, attn: nn.Module):
