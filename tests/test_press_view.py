@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from llmsurgery.modeling.modeling_llmsurgery import PressView
+from llmsurgery.modeling.modeling_llmsurgery import PressView, key_cache_widths
 
 CALIB = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48")
 CONTEXT = torch.randint(3, 400, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -84,10 +84,8 @@ def _gather_packed(cache, model, keep) -> DynamicCache:
     out = DynamicCache()
     for i, (layer, attn) in enumerate(zip(cache.layers, (layer.self_attn for layer in model.model.layers))):
         parts = []
-        for tensor, widths in (
-            (layer.keys, attn.attention_layout["k"]),
-            (layer.values, attn.attention_layout["v"]),
-        ):
+        key_widths = key_cache_widths(attn.attention_layout, attn.head_dim)
+        for tensor, widths in ((layer.keys, key_widths), (layer.values, attn.attention_layout["v"])):
             slices = tensor.split(list(widths), dim=-1)
             parts.append(torch.cat([s[:, :, keep[i, g]] for g, s in enumerate(slices)], dim=-1))
         out.update(*parts, i)
@@ -199,3 +197,20 @@ def test_asking_for_a_press_without_the_extra_says_how_to_install_it(monkeypatch
     with pytest.raises(UserError) as caught:
         make_press("snapkv", 0.5)
     assert str(caught.value) == "kvpress presses need the kvpress extra: pip install -e .[kvpress]"
+
+
+def test_absorbed_outputs_take_hooks_too(tiny_models, tmp_path):
+    """Absorb alone (V widths and RoPE pairs dropped, no bases): hooks see the kept dims in place, zeros elsewhere."""
+    out = tmp_path / "ab"
+    result = run_cli(
+        "absorb", tiny_models["llama"], "--keep-ratio", "0.75", "--pairs", "vo,qk", *CALIB, "--output", out
+    )
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert model.config.attention_layout[0]["qk"] and not model.config.attention_layout[0].get("k")
+    keep, seen = _keep(len(model.model.layers), 2, CONTEXT.shape[1], 24), []
+    evicted, direct = _prefill(model, keep, seen), _gather_packed(_prefill(model), model, keep)
+    assert seen[0] == ((1, 2, 64, 16), (1, 2, 64, 16))
+    for a, b in zip(evicted.layers, direct.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)  # selections: exact
+    torch.testing.assert_close(_next_logits(model, evicted), _next_logits(model, direct), rtol=0, atol=1e-5)
