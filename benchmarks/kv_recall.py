@@ -203,13 +203,15 @@ def projection_methods(budgets: list[float], best: dict[float, str]) -> list[Met
             methods.append(Method("llmsurgery", f"kv {kind}", p, model=f"{kind}@{p:g}"))
         if 0.75 in budgets:
             methods.append(Method("llmsurgery", f"kv {kind} keys only", 0.75, model=f"{kind}@keys"))
-    for b in budgets:
-        for p in budgets:
-            if b < p <= 0.75:
-                e = 1 - b / p
-                label = f"kv trained p={p:g} + {best[b]}"
-                press = lambda n=best[b], e=e: make_press(n, e)  # noqa: E731
-                methods.append(Method("llmsurgery", label, b, model=f"trained@{p:g}", press=press))
+    for b in budgets:  # composed: (1 - e) p = b with a real projection, p <= 0.75
+        splits = [(f"trained@{p:g}", f"p={p:g}", p) for p in budgets if b < p <= 0.75]
+        if 0.75 in budgets and b < 0.75:  # keys at d/2, values whole: p = 0.75 as well
+            splits.append(("trained@keys", "keys only p=0.75", 0.75))
+        for model, name, p in splits:
+            press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
+            methods.append(
+                Method("llmsurgery", f"kv trained {name} + {best[b]}", b, model=model, press=press)
+            )
     return methods
 
 
@@ -387,6 +389,35 @@ def ppl_windows_of(tokenizer) -> torch.Tensor:
     return torch.tensor([bos + stream[i * step : i * step + size - len(bos)] for i in range(PPL_WINDOWS)])
 
 
+SETTINGS = (
+    "lengths",
+    "samples",
+    "tasks",
+    "budget_list",
+    "seed",
+    "haystack",
+    "min_dense",
+    "all_cells",
+    "no_ppl",
+)
+
+
+def _earlier_stock(args, name: str) -> list[dict] | None:
+    """With --resume FILE: the dense and kvpress entries of `name` from that run, if its settings were these."""
+    if not args.resume:
+        return None
+    for result in json.loads(Path(args.resume).read_text()):
+        if result["model"] == name and result.get("settings") == _settings(args) and "best_press" in result:
+            entries = [m for m in result["methods"] if m["side"] in ("dense", "kvpress")]
+            print(f"{name}: the dense and kvpress results come from {args.resume}", flush=True)
+            return entries
+    raise UserError(f"--resume: {args.resume} holds no finished kvpress step of {name} with these settings")
+
+
+def _settings(args) -> dict:
+    return {key: getattr(args, key) for key in SETTINGS}
+
+
 def haystack_texts(args) -> dict[str, list[str]]:
     from llmsurgery.corpora import evaluation_documents, file_documents
 
@@ -428,6 +459,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         f"{PPL_SCORED} scored with their own cache dense",
         "dense_bytes_per_token": dense_per_token * next(model.parameters()).element_size(),
         "seconds": {},
+        "settings": _settings(args),
     }
     results.append(result)
     clock = time.perf_counter()
@@ -439,8 +471,15 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         clock = time.perf_counter()
         save()
 
+    earlier = _earlier_stock(args, name)
+    if earlier:  # --resume: the dense and kvpress results of an earlier run with the same settings
+        for m, entry in zip(stock, earlier, strict=True):
+            assert (m.label, m.budget) == (entry["label"], entry["budget"]), (m.label, entry["label"])
+            m.entry |= entry
+        result["methods"] = [m.entry for m in stock]
     # Step 1: the dense model in every (task, length) cell; the methods then run where it scores >= --min-dense.
-    run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args)
+    if not earlier:
+        run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args)
     dense = stock[0].entry["cells"]
     usable = [f"{t}@{n}" for t, n in cells if _mean(dense[f"{t}@{n}"]["match"]) >= args.min_dense]
     result |= {"usable": usable or [f"{t}@{n}" for t, n in cells], "fallback": not usable}
@@ -451,7 +490,8 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     if not args.all_cells:
         cells = {key: samples for key, samples in cells.items() if f"{key[0]}@{key[1]}" in result["usable"]}
     # Step 2: kvpress on the stock model, one prefill per batch for every press and budget.
-    run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args)
+    if not earlier:
+        run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args)
     evicting = [m.entry for m in stock if m.entry["label"] in EVICTION_PRESSES]
     result["best_press"] = {
         b: best([m for m in evicting if m["budget"] == b], result["usable"])["label"] for b in budgets
@@ -522,6 +562,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", help="recall against KV budget, a panel per task (PNG)")
     parser.add_argument("--json", help="write the results here (also after each step of a run)")
     parser.add_argument(
+        "--resume", help="take the dense and kvpress results from this earlier --json (same settings)"
+    )
+    parser.add_argument(
         "--report",
         help="print (and with --plot draw) the results of earlier runs' --json files (comma-separated)",
     )
@@ -545,6 +588,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UserError(f"cannot write {target}: its folder does not exist")
     if args.plot and not args.plot.endswith(".png"):
         raise UserError("--plot takes a .png file name")
+    if args.resume and not Path(args.resume).is_file():
+        raise UserError(f"--resume: no such file {args.resume}")
     for path in args.report.split(",") if args.report else []:
         if not Path(path).is_file():
             raise UserError(f"--report: no such file {path}")
