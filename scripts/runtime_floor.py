@@ -6,7 +6,9 @@ its logits and greedy generations (with and without the cache) as computed here.
 
 `check DIR` (in a bare environment holding only torch and the floor transformers, no llmsurgery): each saved
 model loads with `trust_remote_code=True` from the files next to its weights, gives the same logits to float32
-tolerance, and generates the same tokens with and without the cache. Exit 1 and one line per failure.
+tolerance, and generates the same tokens with and without the cache; a KV-compressed one also hands a forward hook
+full-width keys and values (as kvpress's presses read them) and keeps the narrow rows of what the hook keeps.
+Exit 1 and one line per failure.
 """
 
 from __future__ import annotations
@@ -33,6 +35,41 @@ def _outputs(model) -> dict:
             0
         ].tolist()
     return {"logits": logits, "cached": cached, "uncached": uncached}
+
+
+def _evicted_logits(model) -> float | None:
+    """Packed caches (kv-compress) seen through a forward hook at full width, as kvpress's presses see them: a hook
+    keeps every other token of each layer; the next logits must equal those from the narrow cache gathered
+    directly. Returns the largest difference (None for models without a key basis)."""
+    from transformers import DynamicCache
+
+    attns = [layer.self_attn for layer in model.model.layers]
+    if not all("key_basis" in a._parameters for a in attns):
+        return None
+    ids, keep = torch.tensor(PROMPT), torch.arange(0, len(PROMPT[0]), 2)
+
+    def hook(module, args, kwargs, output):
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        layer = cache.layers[module.layer_idx]
+        if layer.keys.shape[1:4:2] != (module.config.num_key_value_heads, module.head_dim):
+            raise RuntimeError(f"a hook saw keys of shape {tuple(layer.keys.shape)}, not full width")
+        layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+
+    def next_logits(cache):
+        position = torch.tensor([[len(PROMPT[0])]])
+        return model(input_ids=ids[:, :1], past_key_values=cache, position_ids=position).logits
+
+    with torch.no_grad():
+        full, evicted = DynamicCache(), DynamicCache()
+        model(input_ids=ids, past_key_values=full)
+        hooks = [a.register_forward_hook(hook, with_kwargs=True) for a in attns]
+        model(input_ids=ids, past_key_values=evicted)
+        for h in hooks:
+            h.remove()
+        direct = DynamicCache()
+        for i, layer in enumerate(full.layers):
+            direct.update(layer.keys[:, :, keep], layer.values[:, :, keep], i)
+        return (next_logits(evicted) - next_logits(direct)).abs().max().item()
 
 
 def make(root: Path) -> None:
@@ -79,11 +116,15 @@ def check(root: Path) -> int:
             continue
         diff = (torch.tensor(got["logits"]) - torch.tensor(expected["logits"])).abs().max().item()
         problems = [f"logits differ by {diff:.2e}"] if diff > 1e-4 else []
+        evicted = _evicted_logits(model)
+        if (evicted or 0) > 1e-4:
+            problems.append(f"evicting through the press view changed logits by {evicted:.2e}")
         problems += ["cached generation differs"] if got["cached"] != expected["cached"] else []
         problems += ["cached and uncached generation differ"] if got["cached"] != got["uncached"] else []
         print(
             ("FAIL " if problems else "ok   ")
             + f"{folder.name}: max |logit diff| {diff:.2e}"
+            + ("" if evicted is None else f"; evicted through the press view {evicted:.2e}")
             + "".join(f"; {p}" for p in problems)
         )
         failures += bool(problems)

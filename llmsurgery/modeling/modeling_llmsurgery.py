@@ -295,12 +295,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def reshape_attention_(
-    attn: nn.Module, layout: dict, q=None, k=None, v=None, o=None, key_projection=None
+    attn: nn.Module, layout: dict, q=None, k=None, v=None, o=None, key_projection=None, value_projection=None
 ) -> None:
     """Give an attention module the widths of `layout` and the forward that runs them.
 
     q/k/v/o: optional (weight, bias) pairs to load; otherwise the old linear if its shape fits, else a fresh one.
     key_projection: optional (basis [d, sum of key widths], mean [KV heads, d]) when layout has "k".
+    value_projection: optional (basis [d, sum of value widths], mean [KV heads, d]) when layout has "v_basis":
+    the value bases folded into v_proj/o_proj, kept so that presses can read full-width values (unused otherwise).
     """
     config, d = attn.config, attn.head_dim
     n_rep = attn.num_key_value_groups
@@ -341,6 +343,16 @@ def reshape_attention_(
             basis, mean = (t.to(like.dtype).to(like.device).contiguous() for t in key_projection)
         attn.key_basis = nn.Parameter(basis, requires_grad=False)
         attn.key_mean = nn.Parameter(mean, requires_grad=False)
+    if layout.get("v_basis"):
+        like = attn.q_proj.weight
+        basis = torch.zeros(d, sum(layout["v"]), dtype=like.dtype, device=like.device)
+        mean = torch.zeros(len(layout["v"]), d, dtype=like.dtype, device=like.device)
+        if value_projection is not None:
+            basis, mean = (t.to(like.dtype).to(like.device).contiguous() for t in value_projection)
+        attn.value_basis = nn.Parameter(basis, requires_grad=False)
+        attn.value_mean = nn.Parameter(mean, requires_grad=False)
+    elif "value_basis" in attn._parameters:  # V-O re-factored after kv-compress: the bases no longer apply
+        del attn.value_basis, attn.value_mean
     attn._rope_index = {}
     attn.forward = types.MethodType(absorbed_attention_forward, attn)
 
@@ -398,6 +410,7 @@ def absorbed_attention_forward(
     kw = [kg.shape[-1] for kg in k_groups]
     keys = torch.cat(k_groups, dim=-1)  # [B, 1, T, sum of key widths]
     if cache is not None:
+        close_press_views_(cache, self.layer_idx)
         # Positional cache_kwargs: what 4.56 names `cache_kwargs` and 5.x passes through to its cache layers.
         keys, values = cache.update(
             keys, values, self.layer_idx, {"cache_position": kwargs.get("cache_position")}
@@ -429,7 +442,140 @@ def absorbed_attention_forward(
             out = projection.output(g, out)
         outputs.append(out.reshape(batch, length, -1))
         k_at, v_at = k_at + width, v_at + v_width
+    if cache is not None and self._forward_hooks and projection is None:  # a hook (kvpress) may read it
+        open_press_view_(cache, self)
     return self.o_proj(torch.cat(outputs, dim=-1)), None
+
+
+# ----------------------------------------------------------------------------- presses on the packed cache
+
+# Token-eviction presses (NVIDIA kvpress) read and write ``cache.layers[i].keys/.values`` as [B, KV heads, T,
+# head_dim] in a forward hook after each attention module. A packed layer hands them that shape while a hook may
+# run: each KV head's cached slice x~ = (x - mu) B (B: d x r with orthonormal columns) is rebuilt as
+# x~ B^T + mu, and what the press writes back is projected again, (x - mu) B. For kept tokens the round trip
+# gives x~ back exactly (B^T B = I), so the cache the model reads stays the narrow one (tested). B is the
+# MatryoshkaKV key basis (value basis: stored by kv-compress since this release) or, where no basis is
+# stored, the selection of the dims the head keeps (absorbed widths, kept RoPE pairs; zeros elsewhere).
+
+
+def _selection(dims: list[int], d: int, like: torch.Tensor) -> torch.Tensor:
+    """[d, len(dims)]: the columns of the identity at `dims` (orthonormal)."""
+    basis = torch.zeros(d, len(dims), dtype=like.dtype, device=like.device)
+    basis[dims, range(len(dims))] = 1
+    return basis
+
+
+def press_maps(attn: nn.Module, kind: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per KV head of a packed attention module, (B [d, r], mean [d] or None) of its cached keys or values."""
+    layout, d = attn.attention_layout, attn.head_dim
+    like = attn.q_proj.weight
+    if kind == "keys" and layout.get("k"):
+        bases, means = attn.key_basis.split(list(layout["k"]), dim=1), list(attn.key_mean)
+    elif kind == "values" and layout.get("v_basis"):
+        bases, means = attn.value_basis.split(list(layout["v"]), dim=1), list(attn.value_mean)
+    elif kind == "keys" and layout.get("qk"):
+        bases = [_selection(rope_dims(p, d), d, like) for p in layout["qk"]]
+        means = [None] * len(bases)
+    else:
+        widths = layout["v"] if kind == "values" else qk_widths(layout, d)
+        bases, means = [_selection(list(range(w)), d, like) for w in widths], [None] * len(widths)
+    return list(zip(bases, means))
+
+
+class PressView:
+    """The lens through which a press sees one packed cache layer: full-width reads, narrow writes."""
+
+    def __init__(self, attn: nn.Module):
+        self.attn, self._maps = attn, {}
+
+    def _maps_for(self, kind: str, device, dtype) -> list:
+        if kind not in self._maps:
+            self._maps[kind] = [
+                (b.to(device, dtype), None if m is None else m.to(device, dtype))
+                for b, m in press_maps(self.attn, kind)
+            ]
+        return self._maps[kind]
+
+    def widen(self, kind: str, narrow: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, sum of widths] -> [B, KV heads, T, d]: x~ B^T + mu per head (float32 or wider)."""
+        compute = torch.promote_types(narrow.dtype, torch.float32)
+        maps = self._maps_for(kind, narrow.device, compute)
+        parts = narrow[:, 0].to(compute).split([b.shape[1] for b, _ in maps], dim=-1)
+        wide = [p @ b.T + (0 if m is None else m) for p, (b, m) in zip(parts, maps)]
+        return torch.stack(wide, dim=1).to(narrow.dtype)
+
+    def narrow(self, kind: str, wide: torch.Tensor) -> torch.Tensor:
+        """[B, KV heads, T, d] -> [B, 1, T, sum of widths]: (x - mu) B per head."""
+        compute = torch.promote_types(wide.dtype, torch.float32)
+        maps = self._maps_for(kind, wide.device, compute)
+        if wide.dim() != 4 or wide.shape[1] != len(maps) or wide.shape[-1] != self.attn.head_dim:
+            raise ValueError(
+                f"a press wrote {kind} of shape {tuple(wide.shape)}; this packed cache layer takes "
+                f"[batch, {len(maps)}, tokens, {self.attn.head_dim}]"
+            )
+        x = wide.to(compute)
+        parts = [(x[:, g] - (0 if m is None else m)) @ b for g, (b, m) in enumerate(maps)]
+        return torch.cat(parts, dim=-1).unsqueeze(1).to(wide.dtype)
+
+
+def _read(layer, kind: str):
+    narrow, view = layer.__dict__.get("_narrow_" + kind), layer.__dict__.get("_press_view")
+    return narrow if view is None or narrow is None or narrow.numel() == 0 else view.widen(kind, narrow)
+
+
+def _write(layer, kind: str, value) -> None:
+    view = layer.__dict__.get("_press_view")
+    if view is not None and value is not None and value.numel():
+        value = view.narrow(kind, value)
+    layer.__dict__["_narrow_" + kind] = value
+
+
+# Swapped in as the class of a transformers DynamicLayer of a packed cache (a subclass with these two properties
+# and nothing else, so that the instance layout stays the same): keys/values read and write through the open
+# PressView, and are the stored narrow tensors otherwise.
+_VIEW_PROPERTIES = {
+    "__slots__": (),
+    "keys": property(lambda self: _read(self, "keys"), lambda self, value: _write(self, "keys", value)),
+    "values": property(lambda self: _read(self, "values"), lambda self, value: _write(self, "values", value)),
+}
+_VIEW_CLASSES: dict[type, type] = {}
+
+
+def open_press_view_(cache, attn: nn.Module) -> None:
+    """Let the forward hooks of `attn` (kvpress presses) read its cache layer at full width until they have run.
+
+    Called at the end of `attn`'s forward: a one-shot hook registered now runs after every hook registered
+    before (torch calls them in order), closes the view and removes itself; the next forward of `attn` closes it
+    too, should a hook have raised. Only transformers' dynamic layers take a view."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or attn.layer_idx >= len(layers):
+        return
+    layer = layers[attn.layer_idx]
+    if type(layer) not in _VIEW_CLASSES.values():
+        kind = type(layer)
+        if kind not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return
+        if kind not in _VIEW_CLASSES:
+            _VIEW_CLASSES[kind] = type("Packed" + kind.__name__, (kind,), dict(_VIEW_PROPERTIES))
+        for kind_name in ("keys", "values"):
+            layer.__dict__["_narrow_" + kind_name] = layer.__dict__.pop(kind_name, None)
+        layer.__class__ = _VIEW_CLASSES[kind]
+    layer.__dict__["_press_view"] = PressView(attn)
+
+    def close(module, args, output):
+        close_press_views_(cache, module.layer_idx)
+        handle.remove()
+
+    handle = attn.register_forward_hook(close)
+
+
+def close_press_views_(cache, layer_idx: int | None = None) -> None:
+    """Close the views of one cache layer, or of all: reads return the narrow tensors again."""
+    layers = getattr(cache, "layers", None) or []
+    for layer in layers if layer_idx is None else layers[layer_idx : layer_idx + 1]:
+        layer.__dict__.pop("_press_view", None)
 
 
 def install_attention_layout_(model: nn.Module) -> None:

@@ -203,6 +203,7 @@ def plan_vo(
         for j, h in enumerate(heads):
             new_o_cols[h] = right[:r, j * wo.shape[0] : (j + 1) * wo.shape[0]].T  # [D, r]
     plan.layout["v"] = widths
+    plan.layout.pop("v_basis", None)  # new value coordinates: kv-compress's value bases no longer apply
     plan.weights["v"] = (torch.cat(new_v), torch.cat(new_vb) if bv is not None else None)
     plan.weights["o"] = (torch.cat(new_o_cols, dim=1), bo)
 

@@ -475,8 +475,8 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
         if attn.o_proj.bias is not None
         else torch.zeros(wo.shape[0], dtype=torch.float64)
     )
-    v_rows, v_bias, o_cols, bases, means = [], [], [], [], []
-    row = col = 0
+    v_rows, v_bias, o_cols, bases, means, v_bases, v_means = [], [], [], [], [], [], []
+    d, row, col = attn.head_dim, 0, 0
     for g, w in enumerate(widths):
         u_k, u_v = (u.double() for u in state.bases(layer_index, g))  # [d, r_k], [w, r_v]
         i = layer_index * state.groups + g
@@ -491,12 +491,15 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
             col += w
         bases.append(u_k)
         means.append(state.mu_k[i].double())
+        v_bases.append(F.pad(u_v, (0, 0, 0, d - w)))  # [d, r_v]: rows past the head's value width are zero
+        v_means.append(F.pad(mu_v, (0, d - w)))
     layout = dict(getattr(attn, "attention_layout", None) or full_layout(config))
     layout |= {
         "v": list(ranks["v"][layer_index]),
         "k": list(ranks["k"][layer_index]),
         "v_bias": True,
         "o_bias": True,
+        "v_basis": True,
     }
     reshape_attention_(
         attn,
@@ -504,6 +507,7 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
         v=(torch.cat(v_rows), torch.cat(v_bias)),
         o=(torch.cat(o_cols, dim=1), bo),
         key_projection=(torch.cat(bases, dim=1), torch.stack(means)),
+        value_projection=(torch.cat(v_bases, dim=1), torch.stack(v_means)),
     )
     return attn.attention_layout
 

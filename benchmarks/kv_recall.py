@@ -1,0 +1,636 @@
+"""Long-range recall at equal KV memory: kvpress's token eviction against kv-compress, and both together; one run.
+
+For each model and context length, RULER-style synthetic tasks (kv_recall_tasks.py) score every method at KV
+budgets b (a share of the dense context KV; question and answer tokens stay dense, as in kvpress's pipeline):
+
+* kvpress on the stock model: SnapKV, StreamingLLM, TOVA, ExpectedAttention, Knorm at compression 1 - b;
+  ThinK alone (key channels only, c = 2 (1 - b), so b >= 0.5) and SnapKV+ThinK (c = 0.25 or 0.5, the rest
+  evicted);
+* llmsurgery kv-compress (MatryoshkaKV): PCA bases and Matryoshka-trained bases (trained once: nested prefixes
+  serve every rank), ranks searched per budget by the pass's own search; keys only (r_k = d/2) at b = 0.75;
+  trained bases composed with the best eviction press at b, over the splits (1 - e) p = b with p <= 0.75.
+
+Eviction does not change a prefill's hidden states, so one prefill per projection (or per stock model) and
+sample batch serves every press and budget: llmsurgery.kv_presses.replay runs kvpress's own forward hook on a copy
+of the recorded cache (tested equal to the live hook). Scores: string_match_all of greedy answers (the
+teacher-forced reference is the draft; rows that leave it decode greedily) and the teacher-forced answer
+log-likelihood per token, each with bootstrap 95% intervals. Also continuation perplexity (384 tokens of news
+context, 128 scored, 9 windows) per method. Ends with one line per budget: the best of each side, averaged over
+the tasks at the lengths where the dense model scores at least --min-dense.
+
+    python benchmarks/kv_recall.py [--models smollm2-135m,gemma3-270m] [--lengths 512,1024,2048,4096]
+        [--samples 100] [--budgets 0.75,0.5,0.375,0.25] [--haystack FILE] [--device cpu|cuda]
+        [--train-steps 200] [--state-dir DIR] [--plot FILE.png] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_recall_report import _mean, best, print_report, save_plot, summary_lines  # noqa: E402
+from kv_recall_tasks import TASKS, Haystacks, make_sample, string_match_all  # noqa: E402
+
+from llmsurgery.errors import UserError  # noqa: E402
+
+PPL_CONTEXT, PPL_SCORED, PPL_WINDOWS = 384, 128, 9
+
+
+EVICTION_PRESSES = ("snapkv", "streamingllm", "tova", "expected_attention", "knorm")
+
+
+@dataclass
+class Method:
+    """One configuration: which model (stock, or a projection) and which press, at budget b; `entry` holds its
+    results as they go to the JSON file (cells "task@length": per-sample match, log-likelihood, budget b)."""
+
+    side: str  # "kvpress" | "llmsurgery" | "dense"
+    label: str
+    budget: float
+    model: str = "stock"  # "stock" or a projection key, e.g. "trained@0.5"
+    press: object = None  # a factory: () -> press, or None
+    entry: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.entry = {"side": self.side, "label": self.label, "budget": self.budget, "ppl": None, "cells": {}}
+
+
+# ----------------------------------------------------------------------------- scoring one cache batch
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def _rows(cache, rows: torch.Tensor, length: int):
+    """A new DynamicCache of the given batch rows, cut to `length` tokens."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[rows, :, :length], layer.values[rows, :, :length], i)
+    return out
+
+
+@torch.no_grad()
+def answer_batch(model, tokenizer, cache, samples, context_len: int) -> tuple[list[float], list[float]]:
+    """string_match_all of the greedy answers and the per-token answer log-likelihood, one value per sample.
+
+    One forward of [question + reference answer] per row, left-padded so the rows end together, scores the
+    reference teacher-forced and checks it as a draft of the greedy answer; rows whose greedy tokens leave the
+    reference are decoded greedily from the end of their question (at most answer length + 4 tokens)."""
+    device = next(model.parameters()).device
+    kept = cache.get_seq_length()
+    blocks = [s.question + s.answer for s in samples]
+    width, rows = max(map(len, blocks)), len(samples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    positions = torch.full((rows, width), context_len, dtype=torch.long)
+    mask = torch.zeros(rows, kept + width, dtype=torch.long)
+    mask[:, :kept] = 1
+    for b, block in enumerate(blocks):
+        ids[b, width - len(block) :] = torch.tensor(block)
+        positions[b, width - len(block) :] = context_len + torch.arange(len(block))
+        mask[b, kept + width - len(block) :] = 1
+    longest = max(len(s.answer) for s in samples)
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+        logits_to_keep=longest + 1,
+    ).logits.float()  # [B, longest + 1, V]
+    scores, lls, retry = [], [], {}
+    for b, s in enumerate(samples):
+        n = len(s.answer)
+        here = logits[b, -(n + 1) : -1]  # predictions of the answer tokens
+        target = torch.tensor(s.answer, device=here.device)
+        lls.append(float(here.log_softmax(-1).gather(-1, target[:, None]).mean()))
+        greedy = here.argmax(-1)
+        if torch.equal(greedy, target):
+            scores.append(string_match_all(tokenizer.decode(s.answer), s.values))
+        else:
+            scores.append(float("nan"))
+            retry.setdefault(n, []).append(b)
+    eos = _eos_ids(model, tokenizer)
+    for n, group in retry.items():
+        first = logits[group, -(n + 1)].argmax(-1)  # [g]: the greedy token after each question
+        length, new = kept + width - n, n + 4
+        texts = _greedy(model, tokenizer, cache, group, first, length, mask, samples, context_len, new, eos)
+        for b, text in zip(group, texts):
+            scores[b] = string_match_all(text, samples[b].values)
+    return scores, lls
+
+
+def _greedy(
+    model, tokenizer, cache, group, first, length, mask, samples, context_len, max_new, eos
+) -> list[str]:
+    """Greedy answers of the rows `group` from the end of their questions (their cache cut at `length`)."""
+    device = first.device
+    rows = torch.tensor(group, device=device)
+    sub = _rows(cache, rows, length)
+    mask = mask[group, :length].to(device)
+    position = torch.tensor([context_len + len(samples[b].question) for b in group], device=device)
+    tokens, out, done = first, [first], torch.zeros(len(group), dtype=torch.bool, device=device)
+    for step in range(max_new - 1):
+        done |= torch.isin(tokens, torch.tensor(sorted(eos), device=device)) if eos else done
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(len(group), 1, dtype=mask.dtype, device=device)], dim=1)
+        logits = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=(position + step)[:, None],
+            past_key_values=sub,
+            logits_to_keep=1,
+        ).logits
+        tokens = logits[:, -1].argmax(-1)
+        out.append(tokens)
+    generated = torch.stack(out, dim=1).tolist()
+    cuts = [next((i for i, t in enumerate(row) if t in eos), len(row)) for row in generated]
+    return [tokenizer.decode(row[:cut]) for row, cut in zip(generated, cuts)]
+
+
+def stored_elements(cache) -> int:
+    """K and V elements a cache holds, not counting key channels zeroed for every kept token of a head (ThinK's
+    pruned channels: kvpress keeps them as zeros, an implementation that drops them would not store them)."""
+    total = 0
+    for layer in cache.layers:
+        keys = layer.keys  # [B, H, T, w]
+        total += int((keys != 0).any(dim=2).sum()) * keys.shape[2] + layer.values.numel()
+    return total
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def stock_methods(budgets: list[float]) -> list[Method]:
+    from llmsurgery.kv_presses import make_press, think_press
+
+    methods = [Method("dense", "dense", 1.0)]
+    for b in budgets:
+        for name in EVICTION_PRESSES:
+            methods.append(Method("kvpress", name, b, press=lambda n=name, b=b: make_press(n, 1 - b)))
+        if b >= 0.5:
+            methods.append(Method("kvpress", "think", b, press=lambda b=b: think_press(2 * (1 - b))))
+        for c in (0.25, 0.5):
+            evict = 1 - b / (1 - c / 2)
+            if 0 < evict < 1:
+                label = f"snapkv+think c={c:g}"
+                methods.append(Method("kvpress", label, b, press=lambda c=c, e=evict: think_press(c, e)))
+    return methods
+
+
+def projection_methods(budgets: list[float], best: dict[float, str]) -> list[Method]:
+    from llmsurgery.kv_presses import make_press
+
+    methods = []
+    for kind in ("pca", "trained"):
+        for p in budgets:
+            methods.append(Method("llmsurgery", f"kv {kind}", p, model=f"{kind}@{p:g}"))
+        if 0.75 in budgets:
+            methods.append(Method("llmsurgery", f"kv {kind} keys only", 0.75, model=f"{kind}@keys"))
+    for b in budgets:  # composed: (1 - e) p = b with a real projection, p <= 0.75
+        splits = [(f"trained@{p:g}", f"p={p:g}", p) for p in budgets if b < p <= 0.75]
+        if 0.75 in budgets and b < 0.75:  # keys at d/2, values whole: p = 0.75 as well
+            splits.append(("trained@keys", "keys only p=0.75", 0.75))
+        for model, name, p in splits:
+            press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
+            methods.append(
+                Method("llmsurgery", f"kv trained {name} + {best[b]}", b, model=model, press=press)
+            )
+    return methods
+
+
+# ----------------------------------------------------------------------------- projections
+
+
+@dataclass
+class Projections:
+    """PCA and trained MatryoshkaKV bases of one model and the ranks searched for each budget."""
+
+    states: dict  # kind -> MatryoshkaState
+    ranks: dict  # (kind, budget or "keys") -> ranks
+    reached: dict  # (kind, budget or "keys") -> budget reached
+    train_seconds: float
+    train_tokens: int
+    losses: list[float]
+
+
+def build_projections(model, tokenizer, args, budgets: list[float], state_file: Path | None) -> Projections:
+    from llmsurgery.calibration import calibration_batches
+    from llmsurgery.passes import KVCompress
+    from llmsurgery.passes.kv_compress.maths import (
+        MatryoshkaState,
+        attach_,
+        detach_,
+        init_from_pca_,
+        search_ranks,
+    )
+
+    cfg = KVCompress(
+        budget=1.0,
+        calib=args.calib,
+        train_steps=args.train_steps,
+        batch_size=args.train_batch,
+        train_samples=args.train_samples,
+        train_seq_len=args.train_seq_len,
+    )
+    device = next(model.parameters()).device
+    config = model.config
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    groups = config.num_key_value_heads
+    layers = config.num_hidden_layers
+    states, ranks, reached = {}, {}, {}
+    train_seconds, losses = 0.0, []
+    state = MatryoshkaState(d, [[d] * groups for _ in range(layers)], d // 8).to(device)
+    saved = attach_(model, state)
+    try:
+        init_from_pca_(model, state, calibration_batches(tokenizer, cfg.calib).to(device), v_identity=False)
+        search = calibration_batches(tokenizer, cfg.search_calib).to(device)
+        for kind in ("pca", "trained"):
+            if (
+                kind == "trained"
+            ):  # from the PCA bases, trained once: every rank is a prefix of the same bases
+                states["pca"] = copy.deepcopy(state)
+                train_seconds, losses = _trained_(model, state, tokenizer, cfg, state_file)
+            for b, found in search_ranks(model, state, search, budgets).items():
+                ranks[kind, b] = found
+                state.set_ranks(found)
+                reached[kind, b] = state.budget()
+            ranks[kind, "keys"] = {"k": [[d // 2] * groups] * layers, "v": [[d] * groups] * layers}
+            state.set_ranks(ranks[kind, "keys"])
+            reached[kind, "keys"] = state.budget()
+    finally:
+        detach_(saved)
+    states["trained"] = state
+    tokens = args.train_steps * args.train_batch * args.train_seq_len
+    return Projections(states, ranks, reached, train_seconds, tokens, losses)
+
+
+def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[float, list[float]]:
+    """Matryoshka training of the attached state (the pass's train_), or its result loaded from `state_file`."""
+    from llmsurgery.calibration import calibration_batches
+    from llmsurgery.passes.kv_compress.maths import train_
+
+    device = state.x_k[0].device
+    if state_file is not None and state_file.exists():
+        stored = torch.load(state_file, map_location=device)
+        state.load_state_dict(stored["state"])
+        state.init_k, state.init_v = stored["init_k"], stored["init_v"]
+        print(f"loaded the trained bases from {state_file}", flush=True)
+        return stored["seconds"], stored["losses"]
+    started = time.perf_counter()
+    losses = train_(model, state, calibration_batches(tokenizer, cfg.train_calib).to(device), cfg)
+    seconds = time.perf_counter() - started
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        saved = {"state": state.state_dict(), "init_k": state.init_k, "init_v": state.init_v}
+        torch.save(saved | {"seconds": seconds, "losses": losses}, state_file)
+    return seconds, losses
+
+
+def folded_copy(model, state, ranks):
+    """A copy of `model` with the projection folded at `ranks` (the runtime a saved kv-compress output runs);
+    every weight the fold does not replace is shared with `model`."""
+    from llmsurgery.passes.kv_compress.maths import fold_
+
+    memo = {id(p): p for p in model.parameters()}
+    memo |= {id(b): b for b in model.buffers()}
+    twin = copy.deepcopy(model, memo)
+    twin.config = copy.deepcopy(model.config)
+    fold_(twin, state, ranks)
+    return twin
+
+
+def basis_bytes(model) -> tuple[int, int]:
+    """Bytes of the key bases and means (needed to run) and of the value bases and means (for presses only)."""
+    keys = values = 0
+    for name, p in model.named_parameters():
+        if name.endswith(("key_basis", "key_mean")):
+            keys += p.numel() * p.element_size()
+        elif name.endswith(("value_basis", "value_mean")):
+            values += p.numel() * p.element_size()
+    return keys, values
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_methods(
+    model, tokenizer, methods: list[Method], cells: dict, ppl_windows, dense_per_token: int, args
+):
+    """Every method on `model`: one prefill per batch of a cell, then each method's press replayed on it."""
+    from llmsurgery.kv_presses import record_prefill, replay
+
+    device = next(model.parameters()).device
+    for (task, length), samples in cells.items():
+        batch = max(1, min(args.batch, args.batch_tokens // length))
+        for start in range(0, len(samples), batch):
+            part = samples[start : start + batch]
+            record = record_prefill(model, torch.tensor([s.context for s in part], device=device))
+            for m in methods:
+                cache = replay(model, m.press() if m.press else None, record)
+                actual = stored_elements(cache) / (dense_per_token * length * len(part))
+                match, ll = answer_batch(model, tokenizer, cache, part, length)
+                cell = m.entry["cells"].setdefault(f"{task}@{length}", {"match": [], "ll": [], "b": []})
+                cell["match"] += match
+                cell["ll"] += [round(x, 4) for x in ll]
+                cell["b"].append(round(actual, 5))
+            del record
+    if ppl_windows is not None:
+        ids = ppl_windows.to(device)
+        context, scored = ids[:, :PPL_CONTEXT], ids[:, PPL_CONTEXT:]
+        record = record_prefill(model, context)
+        for m in methods:
+            cache = replay(model, m.press() if m.press else None, record)
+            with torch.no_grad():
+                logits = model(
+                    input_ids=scored[:, :-1],
+                    past_key_values=cache,
+                    position_ids=PPL_CONTEXT + torch.arange(scored.shape[1] - 1, device=device)[None],
+                ).logits.float()
+            logits = torch.cat([record.last_logits[:, None].float(), logits], dim=1)
+            nll = F.cross_entropy(logits.flatten(0, 1).double(), scored.flatten())
+            m.entry["ppl"] = math.exp(float(nll))
+
+
+def no_context_ppl(model, ppl_windows, tokenizer) -> float:
+    device = next(model.parameters()).device
+    scored = ppl_windows[:, PPL_CONTEXT:].to(device)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = torch.cat([torch.full((scored.shape[0], 1), bos, device=device), scored], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+    return math.exp(float(F.cross_entropy(logits.flatten(0, 1).double(), scored.flatten())))
+
+
+def ppl_windows_of(tokenizer) -> torch.Tensor:
+    """9 windows of 512 tokens, evenly spaced over the held-out news articles joined (BOS first)."""
+    from llmsurgery.corpora import evaluation_documents
+
+    stream = tokenizer("\n\n".join(evaluation_documents("news")), add_special_tokens=False)["input_ids"]
+    size = PPL_CONTEXT + PPL_SCORED
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = (len(stream) - size) // PPL_WINDOWS
+    return torch.tensor([bos + stream[i * step : i * step + size - len(bos)] for i in range(PPL_WINDOWS)])
+
+
+SETTINGS = (
+    "lengths",
+    "samples",
+    "tasks",
+    "budget_list",
+    "seed",
+    "haystack",
+    "min_dense",
+    "all_cells",
+    "no_ppl",
+)
+
+
+def _earlier_stock(args, name: str) -> list[dict] | None:
+    """With --resume FILE: the dense and kvpress entries of `name` from that run, if its settings were these."""
+    if not args.resume:
+        return None
+    for result in json.loads(Path(args.resume).read_text()):
+        if result["model"] == name and result.get("settings") == _settings(args) and "best_press" in result:
+            entries = [m for m in result["methods"] if m["side"] in ("dense", "kvpress")]
+            print(f"{name}: the dense and kvpress results come from {args.resume}", flush=True)
+            return entries
+    raise UserError(f"--resume: {args.resume} holds no finished kvpress step of {name} with these settings")
+
+
+def _settings(args) -> dict:
+    return {key: getattr(args, key) for key in SETTINGS}
+
+
+def haystack_texts(args) -> dict[str, list[str]]:
+    from llmsurgery.corpora import evaluation_documents, file_documents
+
+    if args.haystack:
+        return {"file": file_documents(Path(args.haystack))}
+    return {"news": evaluation_documents("news"), "pydoc": evaluation_documents("pydoc")}
+
+
+def run_model(name: str, args, budgets: list[float], results: list, save) -> None:
+    """All methods on one model, its result appended to `results` at once; `save()` after each step writes the
+    results so far (a run cut short keeps what it finished)."""
+    from llmsurgery.model_io import load_model
+
+    loaded = load_model(name, device=args.device, dtype=args.dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    config = model.config
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dense_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * d
+    hay = Haystacks(tokenizer, haystack_texts(args))
+    tasks = [t for t in args.tasks if not (args.haystack and t == "pydoc")]
+    cells = {
+        (task, length): [
+            make_sample(task, length, i, hay, args.seed, "file" if args.haystack else "news")
+            for i in range(args.samples)
+        ]
+        for length in args.lengths
+        for task in tasks
+    }
+    ppl = None if args.no_ppl else ppl_windows_of(tokenizer)
+    stock = stock_methods(budgets)
+    result = {
+        "model": name,
+        "tasks": tasks,
+        "lengths": args.lengths,
+        "budgets": budgets,
+        "min_dense": args.min_dense,
+        "methods": [m.entry for m in stock],
+        "ppl_setup": f"{PPL_WINDOWS} held-out news windows, {PPL_CONTEXT} tokens of context under the method, "
+        f"{PPL_SCORED} scored with their own cache dense",
+        "dense_bytes_per_token": dense_per_token * next(model.parameters()).element_size(),
+        "seconds": {},
+        "settings": _settings(args),
+    }
+    results.append(result)
+    clock = time.perf_counter()
+
+    def lap(what: str) -> None:
+        nonlocal clock
+        result["seconds"][what] = round(time.perf_counter() - clock, 1)
+        print(f"{name}: {what} took {result['seconds'][what]:.0f} s", flush=True)
+        clock = time.perf_counter()
+        save()
+
+    earlier = _earlier_stock(args, name)
+    if earlier:  # --resume: the dense and kvpress results of an earlier run with the same settings
+        for m, entry in zip(stock, earlier, strict=True):
+            assert (m.label, m.budget) == (entry["label"], entry["budget"]), (m.label, entry["label"])
+            m.entry |= entry
+        result["methods"] = [m.entry for m in stock]
+    # Step 1: the dense model in every (task, length) cell; the methods then run where it scores >= --min-dense.
+    if not earlier:
+        run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args)
+    dense = stock[0].entry["cells"]
+    usable = [f"{t}@{n}" for t, n in cells if _mean(dense[f"{t}@{n}"]["match"]) >= args.min_dense]
+    result |= {"usable": usable or [f"{t}@{n}" for t, n in cells], "fallback": not usable}
+    result["no_context_ppl"] = None if ppl is None else no_context_ppl(model, ppl, tokenizer)
+    lap("dense")
+    if args.dense_only:
+        return
+    if not args.all_cells:
+        cells = {key: samples for key, samples in cells.items() if f"{key[0]}@{key[1]}" in result["usable"]}
+    # Step 2: kvpress on the stock model, one prefill per batch for every press and budget.
+    if not earlier:
+        run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args)
+    evicting = [m.entry for m in stock if m.entry["label"] in EVICTION_PRESSES]
+    result["best_press"] = {
+        b: best([m for m in evicting if m["budget"] == b], result["usable"])["label"] for b in budgets
+    }
+    lap("kvpress presses")
+    # Step 3: PCA and trained bases, ranks searched per budget; each projection folded and run.
+    state_file = Path(args.state_dir) / f"{Path(name).name}-trained.pt" if args.state_dir else None
+    p = build_projections(model, tokenizer, args, budgets, state_file)
+    result |= {
+        "train": {"seconds": p.train_seconds, "tokens": p.train_tokens, "losses": p.losses},
+        "reached": {f"{k[0]}@{k[1]}": v for k, v in p.reached.items()},
+        "ranks": {f"{k[0]}@{k[1]}": v for k, v in p.ranks.items()},
+        "overhead_bytes": {},
+    }
+    lap("projections (PCA, training, rank search)")
+    ours = projection_methods(budgets, result["best_press"])
+    result["methods"] += [m.entry for m in ours]
+    for key in dict.fromkeys(m.model for m in ours):
+        kind, at = key.split("@")
+        twin = folded_copy(model, p.states[kind], p.ranks[kind, "keys" if at == "keys" else float(at)])
+        result["overhead_bytes"][key] = basis_bytes(twin)
+        run_methods(twin, tokenizer, [m for m in ours if m.model == key], cells, ppl, dense_per_token, args)
+        del twin
+        lap(f"kv-compress {key}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{what} takes comma-separated numbers, not '{text}'") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    parser.add_argument("--lengths", default="512,1024,2048,4096", help="context tokens per sample")
+    parser.add_argument("--samples", type=int, default=100, help="samples per (task, length) cell")
+    parser.add_argument("--budgets", default="0.75,0.5,0.375,0.25")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument(
+        "--haystack", help="a .txt or .jsonl file whose text replaces the news and pydoc haystacks"
+    )
+    parser.add_argument(
+        "--all-cells", action="store_true", help="run the methods also in cells where dense scores low"
+    )
+    parser.add_argument(
+        "--dense-only", action="store_true", help="only the dense model: which lengths qualify"
+    )
+    parser.add_argument("--min-dense", type=float, default=85.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--calib", default="news", help="calibration text of the projections (never evaluated)"
+    )
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--train-samples", type=int, default=200, help="training windows (cycled)")
+    parser.add_argument("--train-seq-len", type=int, default=256)
+    parser.add_argument("--state-dir", help="keep the trained bases here and reuse them on the next run")
+    parser.add_argument("--batch", type=int, default=16, help="samples per prefill at most")
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="context tokens per prefill at most")
+    parser.add_argument("--no-ppl", action="store_true", help="skip the continuation-perplexity table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="recall against KV budget, a panel per task (PNG)")
+    parser.add_argument("--json", help="write the results here (also after each step of a run)")
+    parser.add_argument(
+        "--resume", help="take the dense and kvpress results from this earlier --json (same settings)"
+    )
+    parser.add_argument(
+        "--report",
+        help="print (and with --plot draw) the results of earlier runs' --json files (comma-separated)",
+    )
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.lengths = [int(x) for x in _floats(args.lengths, "lengths")]
+    args.budget_list = sorted(_floats(args.budgets, "budgets"), reverse=True)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    if any(t not in TASKS for t in args.tasks):
+        raise UserError(f"--tasks: choose from {', '.join(TASKS)}")
+    if not all(0 < b < 1 for b in args.budget_list):
+        raise UserError("--budgets must lie strictly between 0 and 1")
+    if args.samples < 1 or any(n < 128 for n in args.lengths):
+        raise UserError("--samples must be at least 1 and every length at least 128 tokens")
+    if args.haystack:
+        from llmsurgery.corpora import check_source
+
+        check_source(args.haystack)
+    for target in (args.plot, args.json):
+        if target and not Path(target).resolve().parent.is_dir():
+            raise UserError(f"cannot write {target}: its folder does not exist")
+    if args.plot and not args.plot.endswith(".png"):
+        raise UserError("--plot takes a .png file name")
+    if args.resume and not Path(args.resume).is_file():
+        raise UserError(f"--resume: no such file {args.resume}")
+    for path in args.report.split(",") if args.report else []:
+        if not Path(path).is_file():
+            raise UserError(f"--report: no such file {path}")
+    return args
+
+
+def report(results: list[dict], args) -> None:
+    for result in results:
+        print_report(result)
+    if args.plot:
+        save_plot(results, Path(args.plot))
+    for result in results:
+        print(f"== {result['model']}: the best of each side, string_match_all averaged over the tasks ==")
+        for line in summary_lines(result):
+            print(line)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        args = parse_args(argv)
+        if args.report:
+            results = [r for path in args.report.split(",") for r in json.loads(Path(path).read_text())]
+        else:
+            from llmsurgery.kv_presses import require_kvpress
+
+            require_kvpress()
+            results = []
+
+            def save() -> None:
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results))
+
+            for name in args.models:
+                run_model(name, args, args.budget_list, results, save)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report(results, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""NVIDIA kvpress token-eviction presses on llmsurgery models, and one dense prefill replayed under many presses.
+
+kvpress is an optional extra (``pip install -e .[kvpress]``; it pins transformers<5.3). Its presses run on every
+model llmsurgery saves exactly as on a stock one (``with press(model): ...`` and its
+``kv-press-text-generation`` pipeline): a packed cache layer (kv-compress, absorb) hands a press full-width keys
+and values while it scores the layer and projects back what it keeps (``modeling_llmsurgery.PressView``).
+
+Eviction presses compress a layer's cache after its attention has run, so they never change the prefill's hidden
+states. `record_prefill` therefore runs one prefill with the cache dense and keeps what kvpress's forward hook
+reads (the attention module's keyword arguments); `replay` then calls each press's own ``forward_hook`` on a copy
+of that cache, layer by layer, and gives the cache that ``with press(model): model(...)`` would have left
+(tested equal). Presses: SnapKV (arXiv 2404.14469), StreamingLLM (2309.17453), TOVA (2401.06104),
+ExpectedAttention (kvpress), Knorm (2406.11430), ThinK (2407.21018, key channels only).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .arch import arch_for, decoder_layers, get_submodule
+from .errors import UserError
+
+INSTALL_HINT = "pip install -e .[kvpress]"
+EVICTION_PRESSES = ("snapkv", "streamingllm", "tova", "expected_attention", "knorm")
+
+
+def require_kvpress():
+    """The kvpress module, or a UserError that says in one line how to install it."""
+    try:
+        import kvpress
+    except ImportError:
+        raise UserError(f"kvpress presses need the kvpress extra: {INSTALL_HINT}") from None
+    return kvpress
+
+
+def make_press(name: str, ratio: float, **options):
+    """A kvpress eviction press by name (EVICTION_PRESSES) evicting `ratio` of the context's tokens per layer."""
+    kvpress = require_kvpress()
+    classes = {
+        "snapkv": kvpress.SnapKVPress,
+        "streamingllm": kvpress.StreamingLLMPress,
+        "tova": kvpress.TOVAPress,
+        "expected_attention": kvpress.ExpectedAttentionPress,
+        "knorm": kvpress.KnormPress,
+    }
+    if name not in classes:
+        raise UserError(f"unknown press '{name}'; choose from {', '.join(EVICTION_PRESSES)}")
+    return classes[name](compression_ratio=ratio, **options)
+
+
+def think_press(channel_ratio: float, evict: float = 0.0, evictor: str = "snapkv"):
+    """ThinK zeroing `channel_ratio` of each key head's channels (no memory saved), after an eviction if evict > 0."""
+    kvpress = require_kvpress()
+    think = kvpress.ThinKPress(key_channel_compression_ratio=channel_ratio)
+    return think if evict <= 0 else kvpress.ComposedPress([make_press(evictor, evict), think])
+
+
+@dataclass
+class PrefillRecord:
+    """What kvpress's hook reads after each attention module during one prefill, and the dense cache it left."""
+
+    kwargs: list[dict]  # per decoder layer: the attention module's keyword arguments (hidden_states, ...)
+    cache: object  # the transformers DynamicCache after the prefill, every layer dense
+    last_logits: torch.Tensor  # [B, V]: the prediction after the last token (no press changes it)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    spec = arch_for(model)
+    return [get_submodule(layer, spec.attn) for layer in decoder_layers(model)]
+
+
+@torch.no_grad()
+def record_prefill(model: nn.Module, input_ids: torch.Tensor) -> PrefillRecord:
+    """One dense prefill of `input_ids` [B, T], keeping each attention module's keyword arguments."""
+    from transformers import DynamicCache
+
+    kept: list[dict] = []
+
+    def keep(module, args, kwargs, output):
+        kept.append(dict(kwargs))
+
+    cache = DynamicCache()
+    hooks = [attn.register_forward_hook(keep, with_kwargs=True) for attn in _attention_modules(model)]
+    try:
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return PrefillRecord(kept, cache, logits[:, -1])
+
+
+def _rotary_for(model: nn.Module, attn: nn.Module):
+    """The model's rotary embedding as presses call it, ``rotary(x, position_ids)``: Gemma3's takes the layer
+    type as well, which kvpress 0.5.5 does not pass (its ExpectedAttention fails on a stock Gemma3 there)."""
+    rotary = model.model.rotary_emb
+    types = getattr(model.config, "layer_types", None)
+    if types and "layer_type" in inspect.signature(rotary.forward).parameters:
+        return functools.partial(rotary, layer_type=types[attn.layer_idx])
+    return rotary
+
+
+def copy_cache(cache):
+    """A new DynamicCache holding copies of `cache`'s tensors (each layer's keys/values as the model stored them)."""
+    from transformers import DynamicCache
+
+    fresh = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        fresh.update(layer.keys, layer.values, i)  # concatenated onto an empty tensor: a copy
+    return fresh
+
+
+@torch.no_grad()
+def replay(model: nn.Module, press, record: PrefillRecord):
+    """The cache `press` leaves after the recorded prefill: kvpress's own forward hook, run layer by layer on a
+    copy of the dense cache (packed layers through a PressView, as in the live route)."""
+    from .modeling.modeling_llmsurgery import close_press_views_, open_press_view_
+
+    cache = copy_cache(record.cache)
+    if press is None:
+        return cache
+    press.post_init_from_model(model)
+    for attn, kwargs in zip(_attention_modules(model), record.kwargs):
+        attn._modules.pop("rotary_emb", None)  # kvpress's context manager leaves the model's module here
+        attn.__dict__["rotary_emb"] = _rotary_for(model, attn)  # what it sets, fixed for Gemma3
+        packed = "attention_layout" in attn.__dict__
+        if packed:
+            open_press_view_(cache, attn)
+        press.forward_hook(attn, (), dict(kwargs, past_key_values=cache), (None, None))
+        if packed:
+            close_press_views_(cache, attn.layer_idx)
+    return cache
+
+
+def cache_elements(cache) -> int:
+    """Key and value elements the cache holds now (its stored tensors, packed or not)."""
+    from .modeling.modeling_llmsurgery import close_press_views_
+
+    close_press_views_(cache)
+    return sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)

@@ -1,0 +1,209 @@
+"""kvpress's own presses on llmsurgery outputs (kvpress extra: scripts/test.sh runs these in a second venv).
+
+Tiny models: at budget 1 a press leaves the same cache, and the same next-token logits, on a kv-compress output
+as on the stock model; the benchmark's replay of one recorded prefill equals kvpress's live hook. SmolLM2: every
+listed press runs through kvpress's context manager and its pipeline on a budget-0.5 kv-compress output; the
+live cache bytes after prefill are (1 - compression ratio) x budget x dense to one token per layer, and the kept
+tokens' narrow rows (so the attention output) are those of the narrow cache.
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import run_cli, stock_load
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from llmsurgery.kv_presses import (
+    cache_elements,
+    make_press,
+    record_prefill,
+    replay,
+    require_kvpress,
+    think_press,
+)
+
+# Needs the kvpress extra; scripts/test.sh runs `-m kvpress` in a second venv that has it and `-m "not kvpress"`
+# in the main one. Run here without it, these fail (no kvpress), they do not skip.
+pytestmark = pytest.mark.kvpress
+CALIB = ("--calib", "pydoc", "--calib-samples", "3", "--calib-seq-len", "48")
+CONTEXT = torch.randint(3, 400, (1, 120), generator=torch.Generator().manual_seed(0))
+NEXT = torch.tensor([[5, 77, 120]])
+
+
+def _presses(arch: str) -> dict:
+    presses = {
+        "snapkv": make_press("snapkv", 0.5, window_size=16),
+        "streamingllm": make_press("streamingllm", 0.5),
+        "tova": make_press("tova", 0.5),
+        "knorm": make_press("knorm", 0.5),
+        "composed": require_kvpress().ComposedPress(
+            [make_press("snapkv", 0.3, window_size=16), make_press("knorm", 0.3)]
+        ),
+        "snapkv+think": think_press(0.25, evict=0.3),
+    }
+    if arch != "gemma3_text":  # kvpress 0.5.5 calls Gemma3's rotary embedding without its layer type
+        presses["expected_attention"] = make_press("expected_attention", 0.5, n_future_positions=32)
+    return presses
+
+
+def _kv_output(folder, budget, out):
+    result = run_cli(
+        "kv-compress", folder, "--budget", str(budget), "--no-train", "--uniform", *CALIB, "--output", out
+    )
+    assert result.exit_code == 0, result.output
+    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _pressed_logits(model, press) -> tuple[torch.Tensor, DynamicCache]:
+    cache = DynamicCache()
+    with press(model):
+        model(CONTEXT, past_key_values=cache)
+    position = torch.arange(CONTEXT.shape[1], CONTEXT.shape[1] + NEXT.shape[1])[None]
+    return model(NEXT, past_key_values=cache, position_ids=position).logits.double(), cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+def test_full_budget_output_takes_every_press_like_the_stock_model(tiny_models, tmp_path, arch):
+    stock, model = stock_load(tiny_models[arch]), _kv_output(tiny_models[arch], 1.0, tmp_path / "kv")
+    for name, press in _presses(arch).items():
+        expected, stock_cache = _pressed_logits(stock, press)
+        got, cache = _pressed_logits(model, press)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5, msg=name)
+        assert [layer.keys.shape[-2] for layer in cache.layers] == [
+            layer.keys.shape[-2] for layer in stock_cache.layers
+        ], name
+        assert all(
+            layer.keys.shape[1] == 1 for layer in cache.layers
+        )  # still packed: one cache head per layer
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_replaying_a_recorded_prefill_gives_the_live_hooks_cache(tiny_models, tmp_path, arch):
+    for model in (stock_load(tiny_models[arch]), _kv_output(tiny_models[arch], 0.5, tmp_path / "kv")):
+        record = record_prefill(model, CONTEXT)
+        for name, press in _presses(arch).items():
+            live = DynamicCache()
+            with torch.no_grad(), press(model):
+                model.model(CONTEXT, past_key_values=live)
+            replayed = replay(model, press, record)
+            for a, b in zip(live.layers, replayed.layers):
+                assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), name
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_kv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kvpress") / "kv"
+    result = run_cli(
+        "kv-compress", "smollm2-135m", "--budget", "0.5", "--no-train", "--uniform",
+        "--calib-samples", "4", "--calib-seq-len", "256", "--output", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _listed_presses():
+    return {
+        "snapkv": make_press("snapkv", 0.5),
+        "streamingllm": make_press("streamingllm", 0.5),
+        "tova": make_press("tova", 0.5),
+        "expected_attention": make_press("expected_attention", 0.5),
+        "knorm": make_press("knorm", 0.5),
+        "composed": require_kvpress().ComposedPress([make_press("snapkv", 0.5), make_press("knorm", 0.5)]),
+    }
+
+
+def _ratio(press) -> float:
+    kept = 1.0
+    for p in getattr(press, "presses", [press]):
+        kept *= 1 - p.compression_ratio
+    return 1 - kept
+
+
+def _news(tokenizer, tokens: int) -> str:
+    from llmsurgery.corpora import evaluation_documents
+
+    ids = tokenizer(" ".join(evaluation_documents("news")), add_special_tokens=False)["input_ids"][:tokens]
+    return tokenizer.decode(ids)
+
+
+@pytest.mark.real
+def test_smollm2_output_takes_the_listed_presses_and_its_cache_stays_narrow(smollm2_kv):
+    import llmsurgery
+
+    report = json.loads((smollm2_kv / "llmsurgery_history.json").read_text())["passes"][-1]["report"]
+    budget, layers = report["budget_reached"], 30
+    dense_per_token = layers * 2 * 3 * 64  # K+V elements per token of the original SmolLM2 cache
+    widths = [sum(lay["k"]) + sum(lay["v"]) for lay in json.loads((smollm2_kv / "config.json").read_text())[
+        "attention_layout"]]  # fmt: skip
+    remote = AutoModelForCausalLM.from_pretrained(smollm2_kv, trust_remote_code=True).eval()
+    loaded = llmsurgery.load(str(smollm2_kv))
+    ids = loaded.tokenizer(_news(loaded.tokenizer, 400), return_tensors="pt")["input_ids"][:, :400]
+    tokens = ids.shape[1]
+    for model in (remote, loaded.model):
+        for name, press in _listed_presses().items():
+            cache = DynamicCache()
+            with torch.no_grad(), press(model):
+                model(ids, past_key_values=cache)
+            live = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+            expected = (1 - _ratio(press)) * budget * dense_per_token * tokens
+            assert abs(live - expected) <= sum(widths), (name, live, expected)  # one token per layer
+            assert all(layer.keys.shape[1] == 1 for layer in cache.layers)
+
+
+@pytest.mark.real
+def test_smollm2_pipeline_runs_every_listed_press(smollm2_kv):
+    from transformers import pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_kv, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_kv)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    context = _news(tokenizer, 300) + " The secret code word is tangerine."
+    question = "What is the secret code word?"
+    dense = DynamicCache()
+    pipe(context, question=question, max_new_tokens=6, cache=dense)
+    tokens, dense_elements = dense.get_seq_length(), cache_elements(dense)
+    for name, press in _listed_presses().items():
+        cache = DynamicCache()
+        answer = pipe(context, question=question, press=press, max_new_tokens=6, cache=cache)["answer"]
+        assert isinstance(answer, str) and answer.strip(), name
+        kept = cache.get_seq_length()  # the pipeline leaves the compressed context in the cache
+        assert abs(kept - (1 - _ratio(press)) * tokens) <= 1 + (name == "composed"), (name, kept, tokens)
+        assert cache_elements(cache) == dense_elements // tokens * kept, name
+
+
+@pytest.mark.real
+def test_smollm2_kept_tokens_are_the_narrow_caches_rows(smollm2_kv):
+    """SnapKV through the view keeps, per KV head, rows of the narrow cache (matched exactly), and decoding
+    from it gives the logits of the narrow cache gathered at those rows."""
+    model = AutoModelForCausalLM.from_pretrained(smollm2_kv, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_kv)
+    ids = tokenizer(_news(tokenizer, 300), return_tensors="pt")["input_ids"][:, :300]
+    record = record_prefill(model, ids)
+    evicted = replay(model, make_press("snapkv", 0.5), record)
+    gathered = DynamicCache()
+    for i, (full, kept) in enumerate(zip(record.cache.layers, evicted.layers)):
+        layout = model.config.attention_layout[i]
+        full_k, kept_k = full.keys.split(list(layout["k"]), -1), kept.keys.split(list(layout["k"]), -1)
+        full_v, kept_v = full.values.split(list(layout["v"]), -1), kept.values.split(list(layout["v"]), -1)
+        # keys carry their position (RoPE), so each kept key row names its token; values of repeated tokens can tie
+        index = [(k[0, 0, :, None] - f[0, 0, None]).abs().amax(-1).argmin(-1) for k, f in zip(kept_k, full_k)]
+        for g, at in enumerate(index):
+            assert len(set(at.tolist())) == at.numel()  # distinct tokens
+            torch.testing.assert_close(kept_k[g][0, 0], full_k[g][0, 0, at], rtol=0, atol=1e-4)
+            torch.testing.assert_close(kept_v[g][0, 0], full_v[g][0, 0, at], rtol=0, atol=1e-4)
+        parts = [
+            torch.cat([f[:, :, at] for f, at in zip(full_k, index)], dim=-1),
+            torch.cat([f[:, :, at] for f, at in zip(full_v, index)], dim=-1),
+        ]
+        gathered.update(*parts, i)
+    position = torch.arange(ids.shape[1], ids.shape[1] + 4)[None]
+    nxt = ids[:, :4]
+    with torch.no_grad():
+        a = model(nxt, past_key_values=evicted, position_ids=position).logits
+        b = model(nxt, past_key_values=gathered, position_ids=position).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -1,0 +1,167 @@
+"""benchmarks/kv_recall.py: the synthetic recall tasks, the scores, bad input, and (kvpress extra) a tiny run."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+from kv_recall_tasks import (  # noqa: E402
+    ADJECTIVES,
+    NEEDLE,
+    NOUNS,
+    TASKS,
+    Haystacks,
+    bootstrap_ci,
+    make_sample,
+    sentences,
+    string_match_all,
+)
+
+KEYS = [(a, n) for a in ADJECTIVES[:8] for n in NOUNS[:8]]
+
+
+@pytest.fixture(scope="module")
+def hay(tiny_models):
+    from transformers import AutoTokenizer
+
+    from llmsurgery.corpora import evaluation_documents
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    return Haystacks(tok, {"news": evaluation_documents("news"), "pydoc": evaluation_documents("pydoc")})
+
+
+def _find(haystack: list[int], needle: list[int]) -> list[int]:
+    return [i for i in range(len(haystack) - len(needle) + 1) if haystack[i : i + len(needle)] == needle]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_sample_has_the_exact_length_and_holds_its_needles(hay, task):
+    for index in range(6):
+        s = make_sample(task, 768, index, hay, seed=0)
+        assert len(s.context) == 768 and s.context[0] == hay.tok.bos_token_id
+        text = hay.tok.decode(s.context)
+        assert all(text.count(v) == 1 for v in s.values)  # each expected value once, in the context only
+        assert hay.tok.decode(s.answer).strip() == ", ".join(s.values)
+        assert "special magic number" in hay.tok.decode(s.question)
+        needles = text.count("One of the special magic numbers for")
+        assert needles == {"multikey": 4, "multivalue": 4}.get(task, 1) or task == "needles"
+        if task == "needles":  # nothing but needles, after less than one needle's worth of filler
+            body = text.split("afterwards.\n", 1)[1]
+            rest = re.sub(r"One of the special magic numbers for [a-z]+-[a-z]+ is: \d{7}\.", "", body)
+            rest = " " + re.sub(r"\s+", " ", rest).strip()
+            longest = max(len(hay.ids(" " + NEEDLE.format(key=f"{a}-{n}", value="1234567"))) for a, n in KEYS)
+            assert needles >= 5 and len(hay.ids(rest)) < longest, rest
+    again = make_sample(task, 768, 3, hay, seed=0)
+    assert again.context == make_sample(task, 768, 3, hay, seed=0).context  # deterministic
+    assert again.context != make_sample(task, 768, 3, hay, seed=1).context
+
+
+def test_depths_cycle_over_eleven_and_place_the_needle_there(hay):
+    positions = []
+    for index in range(11):
+        s = make_sample("news", 1024, index, hay, seed=0)
+        key = hay.tok.decode(s.question).split(" for ")[1].split(" mentioned")[0]
+        needle = hay.ids(" " + NEEDLE.format(key=key, value=s.values[0]))
+        (at,) = _find(s.context, needle)
+        positions.append(at / len(s.context))
+        assert s.depth == index / 10
+    assert positions == sorted(positions) and positions[0] < 0.15 and positions[-1] > 0.85
+
+
+def test_haystacks_never_hold_calibration_text():
+    from llmsurgery.corpora import calibration_documents, evaluation_documents
+
+    for corpus in ("news", "pydoc"):
+        calib = "\n".join(calibration_documents(corpus))
+        held = [s for s in sentences(evaluation_documents(corpus)) if len(s) > 60]
+        assert held and not [s for s in held if s in calib], corpus
+
+
+def test_string_match_all_and_bootstrap():
+    assert string_match_all("The numbers are 123 and 456.", ["123", "456", "789"]) == pytest.approx(200 / 3)
+    assert string_match_all("nothing", ["1"]) == 0.0
+    lo, hi = bootstrap_ci([0.0] * 50 + [100.0] * 50)
+    assert 35 < lo < 50 < hi < 65
+    assert bootstrap_ci([100.0] * 20) == (100.0, 100.0)
+
+
+def _bench(*args, block_kvpress=False):
+    code = (
+        "import runpy, sys; "
+        + ("sys.modules['kvpress'] = None; " if block_kvpress else "")
+        + f"sys.argv = ['kv_recall.py', *{list(map(str, args))!r}]; "
+        + f"runpy.run_path({str(BENCH / 'kv_recall.py')!r}, run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--haystack", "/nonexistent/notes.txt"), "calibration source '/nonexistent/notes.txt'"),
+        (("--budgets", "0.5,1.5"), "--budgets must lie strictly between 0 and 1"),
+        (("--tasks", "filler,nope"), "--tasks: choose from"),
+        (("--lengths", "64"), "at least 128 tokens"),
+        (("--plot", "x.jpg"), "--plot takes a .png"),
+        ((), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
+    ],
+)
+def test_bad_input_is_one_error_line(args, message):
+    result = _bench(*args, block_kvpress=True)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+
+
+@pytest.mark.kvpress
+def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_path):
+    haystack = tmp_path / "mine.txt"
+    paragraphs = [f"Paragraph {i}. The river ran past the mill for the {i}th time." for i in range(80)]
+    haystack.write_text("\n\n".join(paragraphs))
+    result = _bench(
+        "--models", tiny_models["llama"], "--lengths", "512", "--samples", "2", "--budgets", "0.75,0.5",
+        "--train-steps", "2", "--train-samples", "8", "--calib", "pydoc", "--haystack", haystack, "--all-cells",
+        "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-3].startswith("b=0.75: llmsurgery ") and " kvpress " in lines[-3]
+    assert lines[-2].startswith("b=0.5: llmsurgery ") and lines[-1].startswith("b=0.75 keys only:")
+    assert "continuation perplexity" in " ".join(result.stdout.split()) and (tmp_path / "r.png").stat().st_size > 10_000
+    (model,) = json.loads((tmp_path / "r.json").read_text())
+    assert model["tasks"] == [
+        "filler",
+        "news",
+        "multikey",
+        "needles",
+        "multivalue",
+    ]  # the file replaced news/pydoc
+    labels = {(m["label"], m["budget"]) for m in model["methods"]}
+    for press in (
+        "snapkv",
+        "streamingllm",
+        "tova",
+        "expected_attention",
+        "knorm",
+        "think",
+        "kv pca",
+        "kv trained",
+    ):
+        assert (press, 0.5) in labels and (press, 0.75) in labels
+    assert ("kv trained keys only", 0.75) in labels and ("snapkv+think c=0.25", 0.5) in labels
+    assert any(label.startswith("kv trained p=0.75 + ") and b == 0.5 for label, b in labels)
+    assert model["fallback"] and len(model["usable"]) == 5  # a random tiny model: dense scores 0 everywhere
+    for m in model["methods"]:
+        assert set(m["cells"]) == {f"{t}@512" for t in model["tasks"]}
+        for cell in m["cells"].values():
+            assert len(cell["match"]) == len(cell["ll"]) == 2 and all(
+                x in (0.0, 100.0) for x in cell["match"]
+            )
+            if m["label"] in ("snapkv", "kv pca", "kv trained"):  # the budget measured on the live cache
+                assert all(b == pytest.approx(m["budget"], abs=0.01) for b in cell["b"])
+    again = _bench("--report", tmp_path / "r.json", block_kvpress=True)  # no kvpress needed to print it again
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-3:] == lines[-3:]
