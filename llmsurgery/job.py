@@ -102,7 +102,9 @@ LoadIn4bit = Annotated[
 class Strict(BaseModel):
     """Unknown keys, NaN and infinities are refused; options are read by their spelling (alias) or name."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True, frozen=True, defer_build=True
+    )
 
 
 def _list_of_words(value: Any) -> Any:

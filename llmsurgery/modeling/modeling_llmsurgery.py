@@ -327,7 +327,7 @@ def reshape_attention_(
             new.weight.data = weight.to(old.weight.dtype).contiguous()
             if bias:
                 new.bias.data = (
-                    (given_bias if given_bias is not None else torch.zeros(fan_out))
+                    (given_bias if given_bias is not None else torch.zeros(fan_out, device=weight.device))
                     .to(old.weight.dtype)
                     .contiguous()
                 )
@@ -336,25 +336,35 @@ def reshape_attention_(
     attn.attention_layout = {key: value for key, value in layout.items()}
     attn.attention_layout["qk"] = [list(p) for p in layout["qk"]] if layout.get("qk") else None
     if layout.get("k"):
-        like = attn.q_proj.weight
-        basis = torch.zeros(d, sum(layout["k"]), dtype=like.dtype, device=like.device)
-        mean = torch.zeros(len(layout["k"]), d, dtype=like.dtype, device=like.device)
-        if key_projection is not None:
-            basis, mean = (t.to(like.dtype).to(like.device).contiguous() for t in key_projection)
-        attn.key_basis = nn.Parameter(basis, requires_grad=False)
-        attn.key_mean = nn.Parameter(mean, requires_grad=False)
+        attn.key_basis, attn.key_mean = _projection_parameters(attn, layout["k"], d, key_projection)
     if layout.get("v_basis"):
-        like = attn.q_proj.weight
-        basis = torch.zeros(d, sum(layout["v"]), dtype=like.dtype, device=like.device)
-        mean = torch.zeros(len(layout["v"]), d, dtype=like.dtype, device=like.device)
-        if value_projection is not None:
-            basis, mean = (t.to(like.dtype).to(like.device).contiguous() for t in value_projection)
-        attn.value_basis = nn.Parameter(basis, requires_grad=False)
-        attn.value_mean = nn.Parameter(mean, requires_grad=False)
+        attn.value_basis, attn.value_mean = _projection_parameters(attn, layout["v"], d, value_projection)
     elif "value_basis" in attn._parameters:  # V-O re-factored after kv-compress: the bases no longer apply
         del attn.value_basis, attn.value_mean
     attn._rope_index = {}
     attn.forward = types.MethodType(absorbed_attention_forward, attn)
+
+
+def _kernel_ready(x: torch.Tensor, align: int = 8) -> torch.Tensor:
+    """`x` [..., w] as CUDA's fused attention kernels accept it: width, strides and offset multiples of `align`
+    elements. A narrow head (odd rank, a slice of the packed cache) gets a contiguous copy zero-padded to the next
+    multiple: zeros add nothing to q . k (the scaling is passed explicitly) and give zero output columns, which
+    the caller cuts off. On the CPU, or when already aligned, `x` itself."""
+    width = x.shape[-1]
+    if not x.is_cuda or all(n % align == 0 for n in (*x.stride()[:-1], x.storage_offset(), width)):
+        return x
+    return torch.nn.functional.pad(x, (0, -width % align)).contiguous()
+
+
+def _projection_parameters(attn: nn.Module, widths: list, d: int, given) -> tuple[nn.Parameter, nn.Parameter]:
+    """A packed layer's frozen basis [d, sum(widths)] and per-head means [heads, d]: `given` (basis, mean), or zeros
+    for the checkpoint's values to load into."""
+    like = attn.q_proj.weight
+    basis = torch.zeros(d, sum(widths), dtype=like.dtype, device=like.device)
+    mean = torch.zeros(len(widths), d, dtype=like.dtype, device=like.device)
+    if given is not None:
+        basis, mean = (t.to(like.dtype).to(like.device).contiguous() for t in given)
+    return nn.Parameter(basis, requires_grad=False), nn.Parameter(mean, requires_grad=False)
 
 
 def _rope_index(attn: nn.Module, group: int, device) -> torch.Tensor | None:
@@ -427,17 +437,19 @@ def absorbed_attention_forward(
         vg = values[..., v_at : v_at + v_width]
         if projection is not None:
             vg = projection.values(g, vg)
+        attended = vg.shape[-1]
         out, _ = attend(
             self,
-            qg,
-            keys[..., k_at : k_at + width],
-            vg,
+            _kernel_ready(qg),
+            _kernel_ready(keys[..., k_at : k_at + width]),
+            _kernel_ready(vg),
             attention_mask,
             dropout=0.0,
             scaling=self.scaling,
             **extra,
             **kwargs,
-        )  # out: [B, T, n_rep, v width]
+        )  # out: [B, T, n_rep, v width (padded on CUDA)]
+        out = out[..., :attended]
         if projection is not None:
             out = projection.output(g, out)
         outputs.append(out.reshape(batch, length, -1))

@@ -100,7 +100,11 @@ class MatryoshkaState(nn.Module):
             range(len(self.x_k)) if layer is None else range(layer * self.groups, (layer + 1) * self.groups)
         )
         self._bases = {
-            i: (self.init_k[i] @ cayley(self.x_k[i]), self.init_v[i] @ cayley(self.x_v[i])) for i in heads
+            i: (  # init_k/init_v are plain lists, which .to(device) does not move
+                self.init_k[i].to(self.x_k[i].device) @ cayley(self.x_k[i]),
+                self.init_v[i].to(self.x_v[i].device) @ cayley(self.x_v[i]),
+            )
+            for i in heads
         }
 
     def bases(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,13 +471,13 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
     bv = (
         attn.v_proj.bias.double()
         if attn.v_proj.bias is not None
-        else torch.zeros(wv.shape[0], dtype=torch.float64)
+        else torch.zeros(wv.shape[0], dtype=torch.float64, device=wv.device)
     )
     wo = attn.o_proj.weight.double()
     bo = (
         attn.o_proj.bias.double()
         if attn.o_proj.bias is not None
-        else torch.zeros(wo.shape[0], dtype=torch.float64)
+        else torch.zeros(wo.shape[0], dtype=torch.float64, device=wo.device)
     )
     v_rows, v_bias, o_cols, bases, means, v_bases, v_means = [], [], [], [], [], [], []
     d, row, col = attn.head_dim, 0, 0

@@ -87,6 +87,7 @@ def folded_input(
     """
     out = torch.empty_like(weight) if out is None else out
     q = None if q is None else q.to(weight.device)
+    scale = None if scale is None else scale.to(weight.device)
     for start in range(0, weight.shape[0], FOLD_ROWS):
         block = weight[start : start + FOLD_ROWS]
         if scale is not None:
