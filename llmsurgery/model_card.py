@@ -112,7 +112,7 @@ def _loading(config: dict) -> list[str]:
 
 
 def _exporting(config: dict) -> list[str]:
-    from .export.refusals import export_blocker
+    from .gguf_rules import export_blocker
 
     lines = ["## Running it in llama.cpp / ollama", ""]
     why = export_blocker(config)

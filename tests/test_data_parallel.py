@@ -90,7 +90,13 @@ def test_kv_compress_in_two_processes_trains_what_one_process_trains(tiny_models
     other = launch(1, *kv, "--batch-size", "4", "--output", tmp_path / "other")
     assert other.returncode == 0
     a, b, c = (_weights(tmp_path / n) for n in ("one", "two", "other"))
-    assert _max_difference(a, b) < 2e-3 and _max_difference(a, b) < 0.1 * _max_difference(a, c)
+    # The stored value bases (read only by kvpress's presses) are the trained U_V themselves, entries of order 1:
+    # 5 steps of AdamW at lr 1e-3 bound a flip's effect there by about 5e-3. The weights the model computes with
+    # (U_V folded into v_proj/o_proj, the key bases) keep the tighter bars.
+    press_only = {k for k in a if k.endswith(("value_basis", "value_mean"))}
+    assert press_only and _max_difference(*({k: t[k] for k in press_only} for t in (a, b))) < 5e-3
+    fa, fb, fc = ({k: v for k, v in t.items() if k not in press_only} for t in (a, b, c))
+    assert _max_difference(fa, fb) < 2e-3 and _max_difference(fa, fb) < 0.1 * _max_difference(fa, fc)
     ra, rb = _history(tmp_path / "one")["report"], _history(tmp_path / "two")["report"]
     assert ra["budget_reached"] == rb["budget_reached"] == 0.5
     assert ra["loss_curve"] == pytest.approx(rb["loss_curve"], abs=1e-3)

@@ -10,16 +10,10 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
+from ..gguf_rules import SERVE, gemma3_break, llama_cpp_gemma3_types, runtime_need
 from .tensors import OUTTYPES, head_dim_of, rope_parameters
 
 FORMATS = ("gguf",)
-# Features of config.json that only llmsurgery's own modeling code runs, and the pass that writes each.
-_RUNTIME_FEATURES = (
-    ("sparsity_in", "rotate-sparsify's Top-K activation sparsity"),
-    ("sparsity_out", "rotate-sparsify's Top-K activation sparsity"),
-    ("attention_layout", "per-head attention widths (absorb, kv-compress)"),
-    ("auto_map", "its own modeling code (auto_map)"),
-)
 # Biases llama.cpp's graphs read, by GGUF architecture (the loaders' optional `.bias` tensors).
 _BIASES = {
     "llama": ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
@@ -28,7 +22,6 @@ _BIASES = {
     "gemma3": ("attn_q", "attn_k", "attn_v"),
 }
 _ACTIVATION = {"llama": "silu", "qwen2": "silu", "qwen3": "silu", "gemma3": "gelu_pytorch_tanh"}
-GEMMA3_PERIOD = 6  # llama.cpp: `load_swa_pattern(ml, 6)` in src/models/gemma3.cpp; ollama hard-codes the same
 
 
 def check_format(format: str) -> None:
@@ -41,55 +34,17 @@ def check_outtype(outtype: str) -> None:
         raise UserError(f"unknown --outtype '{outtype}'; choose one of {', '.join(OUTTYPES)}")
 
 
-def _runtime_need(config: dict) -> str | None:
-    return next((why for key, why in _RUNTIME_FEATURES if config.get(key)), None)
-
-
 def check_runtime_free(spec: str, config: dict, history: dict | None) -> None:
     """Outputs of absorb, kv-compress and rotate-sparsify need llmsurgery's modeling code: llama.cpp has no form
     for them (its graphs assert equal K and V head widths and have no Top-K inputs)."""
-    need = _runtime_need(config)
+    need = runtime_need(config)
     if need is None:
         return
     passes = [p["pass"] for p in (history or {}).get("passes", [])]
     made_by = f" (made by {', '.join(passes)})" if passes else ""
     raise UserError(
-        f"{spec}{made_by} needs llmsurgery's runtime for {need}, which llama.cpp cannot run; {_SERVE}"
+        f"{spec}{made_by} needs llmsurgery's runtime for {need}, which llama.cpp cannot run; {SERVE}"
     )
-
-
-_SERVE = "serve it with transformers: `llmsurgery eval --backend hf`, or from_pretrained(..., trust_remote_code=True)"
-
-
-def export_blocker(config: dict) -> str | None:
-    """Why config.json alone says a model cannot become a faithful GGUF file (for the model card); None if it can
-    (`export` checks the rest: activation, biases, RoPE, attention scale)."""
-    need = _runtime_need(config)
-    if need is not None:
-        return f"it needs llmsurgery's runtime for {need}, which llama.cpp cannot run; {_SERVE}"
-    kept = config.get("layer_types") if config.get("model_type") == "gemma3_text" else None
-    if kept and _gemma3_break(kept) is not None:
-        return (
-            "its kept layers break the sliding/full attention pattern llama.cpp assumes for gemma3 (every 6th "
-            "layer full); serve it with transformers"
-        )
-    return None
-
-
-def _gemma3_break(kept: list[str]) -> int | None:
-    """The first layer whose attention type llama.cpp would get wrong (None: the pattern holds, or all full)."""
-    expected = llama_cpp_gemma3_types(len(kept))
-    if set(kept) == {"full_attention"} or kept == expected:
-        return None
-    return next(i for i, (a, b) in enumerate(zip(kept, expected)) if a != b)
-
-
-def llama_cpp_gemma3_types(n_layers: int) -> list[str]:
-    """The attention type llama.cpp gives each gemma3 layer: full when il % 6 == 5, sliding otherwise."""
-    return [
-        "full_attention" if i % GEMMA3_PERIOD == GEMMA3_PERIOD - 1 else "sliding_attention"
-        for i in range(n_layers)
-    ]
 
 
 def check_architecture(spec_name: str, config, arch, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -150,7 +105,7 @@ def _check_rope(spec_name: str, config, arch) -> None:
 def _check_gemma3(spec_name: str, config) -> None:
     n = config.num_hidden_layers
     kept = list(getattr(config, "layer_types", None) or llama_cpp_gemma3_types(n))
-    wrong = _gemma3_break(kept)
+    wrong = gemma3_break(kept)
     if wrong is not None:
         raise UserError(
             f"{spec_name}: its layers break the sliding/full attention pattern llama.cpp assumes for gemma3 "
