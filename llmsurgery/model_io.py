@@ -114,6 +114,22 @@ def read_history(folder: Path) -> dict | None:
     return read_json_record(path, ("source", "passes")) if path.is_file() else None
 
 
+def record_scores(folder: Path, rows: list) -> None:
+    """Scores taken from the saved model (streamed runs, bitsandbytes evaluation) into its history's last pass
+    record and its card, as an in-memory evaluation records them before saving; each file replaced atomically."""
+    from .atomic import replacing_file
+    from .model_card import model_card
+
+    history = read_history(folder)
+    if history is None or not history["passes"]:
+        return
+    history["passes"][-1]["eval"] = rows
+    card = model_card(history, read_config(folder), HISTORY_FILE)
+    for name, text in ((HISTORY_FILE, json.dumps(history, indent=2)), ("README.md", card)):
+        with replacing_file(folder / name) as tmp:
+            tmp.write_text(text)
+
+
 def _source_record(source: Source, folder: Path | None, weights: list[Path], config: dict) -> dict:
     """The id and content hash of the model as loaded, from its history if it has one."""
     history = read_history(folder) if folder is not None else None

@@ -287,6 +287,7 @@ def _run_whole(plan: Plan, on_report) -> Outcome:
         )
     if ev and ev.quantized:  # bitsandbytes quantizes while loading: score the saved model
         rows = scores.result()
+        _record_saved_scores(job, rows)
     return Outcome(records, rows, loaded.model.config.to_dict())
 
 
@@ -385,7 +386,18 @@ def run_streamed(plan: Plan, on_report=None) -> Outcome:
         if job.saves:
             data_parallel.barrier()  # the others wait for the output; also when writing failed
     rows = scores.result() if job.eval else None
+    _record_saved_scores(job, rows)
     return Outcome(records, rows, streamed.config.to_dict(), streamed=True)
+
+
+def _record_saved_scores(job: Job, rows: list | None) -> None:
+    """Scores of the saved model into its history and card (the main process; the others wait)."""
+    from . import data_parallel
+    from .model_io import record_scores
+
+    if rows and job.saves:
+        output = job.options.output
+        data_parallel.once(lambda: record_scores(output, rows))
 
 
 def _api_signature(fn: Callable) -> Callable:

@@ -425,7 +425,9 @@ def test_outputs_that_need_llmsurgery_s_runtime_are_refused(models, tmp_path, co
     assert "cannot be exported to GGUF" in card and "trust_remote_code=True" in card
 
 
-def test_model_card_names_passes_settings_evaluation_and_export(models, tmp_path):
+@pytest.mark.parametrize("stream", [[], ["--stream", "on"]], ids=["whole", "streamed"])
+def test_model_card_names_passes_settings_evaluation_and_export(models, tmp_path, stream):
+    """Streamed runs score the saved model: the scores reach its history and card afterwards."""
     out = tmp_path / "p"
     result = run_cli(
         "prune",
@@ -442,6 +444,7 @@ def test_model_card_names_passes_settings_evaluation_and_export(models, tmp_path
         "pydoc_ppl",
         "--eval-limit",
         "2",
+        *stream,
     )
     assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
