@@ -8,7 +8,8 @@ default, a help text or a range lives in one place. A field's description is its
 
 - `panel`: the --help panel of its option;
 - `flags`: more spellings of its option (`-o`);
-- `recipe: False`: not a recipe key (`force` is the command's: `llmsurgery run --force`);
+- `recipe: False`: never repeated in the recipe saved beside a model (`force`: a saved recipe that is run again
+  does not replace a folder unless asked);
 - `trains: True`: only on commands whose pass may train (`--fsdp`).
 
 `EvalOptions` is the evaluation after the passes (a recipe's `eval:` block without its gates); the pass
@@ -236,15 +237,6 @@ def job_fields(trains: bool = True) -> dict[str, Any]:
         for name, info in JobOptions.model_fields.items()
         if name != "model" and (trains or not (info.json_schema_extra or {}).get("trains"))
     }
-
-
-def recipe_keys() -> list[str]:
-    """The job options a recipe spells out (by their recipe spelling)."""
-    return [
-        info.alias or name
-        for name, info in JobOptions.model_fields.items()
-        if (info.json_schema_extra or {}).get("recipe", True)
-    ]
 
 
 def saved_options(options: JobOptions) -> dict:

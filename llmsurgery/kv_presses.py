@@ -127,12 +127,11 @@ def replay(model: nn.Module, press, record: PrefillRecord):
     for attn, kwargs in zip(_attention_modules(model), record.kwargs):
         attn._modules.pop("rotary_emb", None)  # kvpress's context manager leaves the model's module here
         attn.__dict__["rotary_emb"] = _rotary_for(model, attn)  # what it sets, fixed for Gemma3
-        packed = "attention_layout" in attn.__dict__
-        if packed:
-            open_press_view_(cache, attn)
+        view = open_press_view_(cache, attn) if "attention_layout" in attn.__dict__ else None
         press.forward_hook(attn, (), dict(kwargs, past_key_values=cache), (None, None))
-        if packed:
+        if view is not None:  # no forward runs here to fire the one-shot hook: close and remove it now
             close_press_views_(cache, attn.layer_idx)
+            view.remove()
     return cache
 
 

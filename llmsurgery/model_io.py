@@ -125,9 +125,12 @@ def record_scores(folder: Path, rows: list) -> None:
         return
     history["passes"][-1]["eval"] = rows
     card = model_card(history, read_config(folder), HISTORY_FILE)
-    for name, text in ((HISTORY_FILE, json.dumps(history, indent=2)), ("README.md", card)):
-        with replacing_file(folder / name) as tmp:
-            tmp.write_text(text)
+    with (
+        replacing_file(folder / HISTORY_FILE) as history_tmp,
+        replacing_file(folder / "README.md") as card_tmp,
+    ):
+        history_tmp.write_text(json.dumps(history, indent=2))
+        card_tmp.write_text(card)  # both written before either replaces its file
 
 
 def _source_record(source: Source, folder: Path | None, weights: list[Path], config: dict) -> dict:
@@ -235,24 +238,12 @@ def check_model(spec: str, trust_remote_code: bool = False, read_only: bool = Fa
     )
 
 
-def peek_config(
-    spec: str, trust_remote_code: bool = False, read_only: bool = False
-) -> tuple[dict, Path | None, list[Path]]:
-    """(config dict, local folder or None, weight files) of a model, checked (`check_model`)."""
-    checked = check_model(spec, trust_remote_code, read_only)
-    return checked.config, checked.folder, checked.weights
-
-
 class CheckedModels:
     """The models one job names (its input, heal's teacher), each checked once (`check_model`), by spec."""
 
     def __init__(self, trust_remote_code: bool = False) -> None:
         self.trust_remote_code = trust_remote_code
         self._found: dict[str, CheckedModel] = {}
-
-    def add(self, checked: CheckedModel) -> CheckedModel:
-        self._found[checked.spec] = checked
-        return checked
 
     def get(self, spec: str) -> CheckedModel:
         if spec not in self._found:

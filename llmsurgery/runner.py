@@ -243,7 +243,13 @@ class Scores:
                 self.plan.job.options,
                 self.ev.model_dump(include={"load_in_8bit", "load_in_4bit"}),
             )
-            target = load_model(str(options.output), dtype=options.dtype, device=options.device, **quant)
+            target = load_model(
+                str(options.output),
+                dtype=options.dtype,
+                device=options.device,
+                trust_remote_code=options.trust_remote_code,
+                **quant,
+            )
         rows = evaluate_model(target, self.ev.tasks, label="the transformed model", **self._scoring())
         return compare(rows, self.baseline)
 
@@ -453,7 +459,7 @@ def _run_loaded(model, passes: list[PassConfig], options: JobOptions, on_report)
     from . import data_parallel
     from .calibration import TokenStreams
     from .model_io import CheckedModels, check_output_free, load_model, save_model
-    from .sharding import shards
+    from .sharding import check, shards
 
     loads = [n for n in ("dtype", "device", "stream", "trust_remote_code") if n in options.model_fields_set]
     if loads or options.eval is not None:
@@ -468,6 +474,9 @@ def _run_loaded(model, passes: list[PassConfig], options: JobOptions, on_report)
         check_output_free(options.output, options.force, model.folder, pass_inputs(passes, models))
     param = next(model.model.parameters())  # another model (heal's teacher) loads as this one is
     dtype, device = str(param.dtype).removeprefix("torch."), param.device.type
+    check(
+        options.fsdp, [cfg.name for cfg in passes if cfg.trains], device
+    )  # as check_job does for a named model
 
     def load(spec: str):
         return load_model(spec, dtype=dtype, device=device, checked=models.get(spec))

@@ -457,3 +457,17 @@ def test_model_card_names_passes_settings_evaluation_and_export(models, tmp_path
     assert str(history["source"]["id"]) in card
     assert "AutoModelForCausalLM.from_pretrained(path)" in card and "llmsurgery export" in card
     assert "FROM ./model.gguf" in card and "llama-cli -m model.gguf" in card
+
+
+def test_rope_parameters_of_a_transformers_4_config():
+    """transformers 4.x (inside the declared range) has no rope_parameters: rope_theta and rope_scaling stand in."""
+    from types import SimpleNamespace
+
+    from llmsurgery.export.tensors import rope_parameters
+
+    config = SimpleNamespace(
+        rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0}, rope_local_base_freq=1e4
+    )
+    assert rope_parameters(config) == {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    assert rope_parameters(config, "sliding_attention") == {"rope_type": "default", "rope_theta": 1e4}
+    assert rope_parameters(SimpleNamespace(rope_theta=5e5)) == {"rope_type": "default", "rope_theta": 5e5}

@@ -90,6 +90,8 @@ def test_replaying_a_recorded_prefill_gives_the_live_hooks_cache(tiny_models, tm
             replayed = replay(model, press, record)
             for a, b in zip(live.layers, replayed.layers):
                 assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), name
+            hooks = [h for layer in model.model.layers for h in layer.self_attn._forward_hooks]
+            assert not hooks, name  # replay runs no forward: it removes the view's one-shot hooks itself
 
 
 # ----------------------------------------------------------------------------- SmolLM2

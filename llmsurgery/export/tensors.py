@@ -212,8 +212,16 @@ def head_dim_of(config) -> int:
 
 
 def rope_parameters(config, layer_type: str = "full_attention") -> dict:
-    """The RoPE parameters of one layer type (gemma3 has one set per type), as transformers normalises them."""
+    """The RoPE parameters of one layer type (gemma3 has one set per type), as transformers 5 normalises them;
+    from transformers 4's `rope_theta` and `rope_scaling` (gemma3: `rope_local_base_freq`) where it has none."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if not params:  # transformers 4.x
+        if layer_type == "sliding_attention" and getattr(config, "rope_local_base_freq", None):
+            return {"rope_type": "default", "rope_theta": config.rope_local_base_freq}
+        scaling = dict(getattr(config, "rope_scaling", None) or {})
+        kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        return {"rope_type": kind, **scaling, "rope_theta": getattr(config, "rope_theta", None)}
     if layer_type in params or "full_attention" in params:
         params = dict(params.get(layer_type) or {})
     return params

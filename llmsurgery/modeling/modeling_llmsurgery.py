@@ -465,7 +465,8 @@ def absorbed_attention_forward(
 # head_dim] in a forward hook after each attention module. A packed layer hands them that shape while a hook may
 # run: each KV head's cached slice x~ = (x - mu) B (B: d x r with orthonormal columns) is rebuilt as
 # x~ B^T + mu, and what the press writes back is projected again, (x - mu) B. For kept tokens the round trip
-# gives x~ back exactly (B^T B = I), so the cache the model reads stays the narrow one (tested). B is the
+# gives x~ back exactly (B^T B = I) in float32, so the cache the model reads stays the narrow one (tested); in
+# bf16/fp16 the full-width view is rounded to the cache's dtype, so kept rows come back within that rounding. B is the
 # MatryoshkaKV key basis (value basis: stored by kv-compress since this release) or, where no basis is
 # stored, the selection of the dims the head keeps (absorbed widths, kept RoPE pairs; zeros elsewhere).
 
@@ -553,22 +554,23 @@ _VIEW_PROPERTIES = {
 _VIEW_CLASSES: dict[type, type] = {}
 
 
-def open_press_view_(cache, attn: nn.Module) -> None:
+def open_press_view_(cache, attn: nn.Module):
     """Let the forward hooks of `attn` (kvpress presses) read its cache layer at full width until they have run.
 
     Called at the end of `attn`'s forward: a one-shot hook registered now runs after every hook registered
     before (torch calls them in order), closes the view and removes itself; the next forward of `attn` closes it
-    too, should a hook have raised. Only transformers' dynamic layers take a view."""
+    too, should a hook have raised. Only transformers' dynamic layers take a view. Returns the one-shot hook's
+    handle (None: no view), for a caller that runs the presses' hooks itself rather than through a forward."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     layers = getattr(cache, "layers", None)
     if layers is None or attn.layer_idx >= len(layers):
-        return
+        return None
     layer = layers[attn.layer_idx]
     if type(layer) not in _VIEW_CLASSES.values():
         kind = type(layer)
         if kind not in (DynamicLayer, DynamicSlidingWindowLayer):
-            return
+            return None
         if kind not in _VIEW_CLASSES:
             _VIEW_CLASSES[kind] = type("Packed" + kind.__name__, (kind,), dict(_VIEW_PROPERTIES))
         for kind_name in ("keys", "values"):
@@ -581,6 +583,7 @@ def open_press_view_(cache, attn: nn.Module) -> None:
         handle.remove()
 
     handle = attn.register_forward_hook(close)
+    return handle
 
 
 def close_press_views_(cache, layer_idx: int | None = None) -> None:
