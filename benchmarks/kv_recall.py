@@ -8,7 +8,14 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
   evicted);
 * llmsurgery kv-compress (MatryoshkaKV): PCA bases and Matryoshka-trained bases (trained once: nested prefixes
   serve every rank), ranks searched per budget by the pass's own search; keys only (r_k = d/2) at b = 0.75;
-  trained bases composed with the best eviction press at b, over the splits (1 - e) p = b with p <= 0.75.
+  trained bases composed with the best eviction press at b, over the splits (1 - e) p = b with p <= 0.75;
+* the same bases as a press on the stock model (llmsurgery.kv_presses.projection_press): the prefill's cache
+  projected, the question and answer exact as kvpress treats every press; alone, and composed with the best
+  eviction press over the same splits (both kinds).
+
+`--projections` picks which projections run (and so which rows); `--resume FILE` carries over every finished
+row of an earlier run whose settings cover these (its first --samples samples, these tasks and lengths) and
+runs the rest, reusing its searched ranks.
 
 Eviction does not change a prefill's hidden states, so one prefill per projection (or per stock model) and
 sample batch serves every press and budget: llmsurgery.kv_presses.replay runs kvpress's own forward hook on a copy
@@ -20,13 +27,15 @@ the tasks at the lengths where the dense model scores at least --min-dense.
 
     python benchmarks/kv_recall.py [--models smollm2-135m,gemma3-270m] [--lengths 512,1024,2048,4096]
         [--samples 100] [--budgets 0.75,0.5,0.375,0.25] [--haystack FILE] [--device cpu|cuda]
-        [--train-steps 200] [--state-dir DIR] [--plot FILE.png] [--json FILE]
+        [--train-steps 200] [--state-dir DIR] [--projections pca@keys,trained@0.5,...] [--resume FILE]
+        [--plot FILE.png] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -61,6 +70,10 @@ class Method:
     model: str = "stock"  # "stock" or a projection key, e.g. "trained@0.5"
     press: object = None  # a factory: () -> press, or None
     entry: dict = field(default_factory=dict)
+    widths: list[int] | None = (
+        None  # a projection press's stored elements per token and layer (set when built)
+    )
+    on_stock: bool = False  # a projection press: runs on the stock model
 
     def __post_init__(self):
         self.entry = {"side": self.side, "label": self.label, "budget": self.budget, "ppl": None, "cells": {}}
@@ -164,9 +177,12 @@ def _greedy(
     return [tokenizer.decode(row[:cut]) for row, cut in zip(generated, cuts)]
 
 
-def stored_elements(cache) -> int:
+def stored_elements(cache, widths: list[int] | None = None) -> int:
     """K and V elements a cache holds, not counting key channels zeroed for every kept token of a head (ThinK's
-    pruned channels: kvpress keeps them as zeros, an implementation that drops them would not store them)."""
+    pruned channels: kvpress keeps them as zeros, an implementation that drops them would not store them); with
+    `widths` (a projection press), each kept token of layer l counts widths[l], its heads' r_k + r_v coordinates."""
+    if widths is not None:
+        return sum(layer.keys.shape[0] * layer.keys.shape[2] * w for layer, w in zip(cache.layers, widths))
     total = 0
     for layer in cache.layers:
         keys = layer.keys  # [B, H, T, w]
@@ -194,25 +210,55 @@ def stock_methods(budgets: list[float]) -> list[Method]:
     return methods
 
 
-def projection_methods(budgets: list[float], best: dict[float, str]) -> list[Method]:
+def projection_methods(budgets: list[float], best: dict[float, str], selected: list[str]) -> list[Method]:
+    """The llmsurgery rows of the projections `selected` ("kind@budget" or "kind@keys"): each alone, and the
+    trained ones composed with the best eviction press at every lower budget b, (1 - e) p = b with p <= 0.75."""
     from llmsurgery.kv_presses import make_press
 
     methods = []
     for kind in ("pca", "trained"):
         for p in budgets:
-            methods.append(Method("llmsurgery", f"kv {kind}", p, model=f"{kind}@{p:g}"))
-        if 0.75 in budgets:
+            if f"{kind}@{p:g}" in selected:
+                methods.append(Method("llmsurgery", f"kv {kind}", p, model=f"{kind}@{p:g}"))
+        if 0.75 in budgets and f"{kind}@keys" in selected:
             methods.append(Method("llmsurgery", f"kv {kind} keys only", 0.75, model=f"{kind}@keys"))
-    for b in budgets:  # composed: (1 - e) p = b with a real projection, p <= 0.75
+    for b in budgets:
         splits = [(f"trained@{p:g}", f"p={p:g}", p) for p in budgets if b < p <= 0.75]
         if 0.75 in budgets and b < 0.75:  # keys at d/2, values whole: p = 0.75 as well
             splits.append(("trained@keys", "keys only p=0.75", 0.75))
         for model, name, p in splits:
+            if model not in selected:
+                continue
             press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
             methods.append(
                 Method("llmsurgery", f"kv trained {name} + {best[b]}", b, model=model, press=press)
             )
     return methods
+
+
+def press_methods(
+    budgets: list[float], best: dict[float, str], selected: list[str], maps: dict
+) -> list[Method]:
+    """The same projections as presses on the stock model (`projection_press`: the prefill's cache projected, the
+    question and answer exact, as kvpress treats them): each alone, and composed with the best eviction press
+    at every lower budget. `maps` is filled with each projection's bases before these run."""
+    from llmsurgery.kv_presses import projection_press
+
+    methods = []
+    for key in selected:
+        kind, at = key.split("@")
+        p, name = (0.75, f"{kind} keys only") if at == "keys" else (float(at), kind)
+        for b in [p] + [b for b in budgets if b < p <= 0.75]:
+            e, n = 1 - b / p, best[b]
+            label = f"kv {name} press" + (f" p={p:g} + {n}" if b < p else "")
+            press = lambda key=key, e=e, n=n: projection_press(maps[key], e, n)  # noqa: E731
+            methods.append(Method("llmsurgery", label, b, model=key, press=press, on_stock=True))
+    return methods
+
+
+def all_projections(budgets: list[float]) -> list[str]:
+    keys = ["keys"] if 0.75 in budgets else []
+    return [f"{kind}@{at}" for kind in ("pca", "trained") for at in [f"{b:g}" for b in budgets] + keys]
 
 
 # ----------------------------------------------------------------------------- projections
@@ -230,7 +276,11 @@ class Projections:
     losses: list[float]
 
 
-def build_projections(model, tokenizer, args, budgets: list[float], state_file: Path | None) -> Projections:
+def build_projections(
+    model, tokenizer, args, budgets: list[float], state_file: Path | None, known: dict | None = None
+) -> Projections:
+    """PCA bases from the calibration text, then (if a trained projection is selected) Matryoshka training from
+    them; ranks searched, for each kind, only at the budgets of its selected projections."""
     from llmsurgery.calibration import calibration_batches
     from llmsurgery.passes import KVCompress
     from llmsurgery.passes.kv_compress.maths import (
@@ -262,22 +312,30 @@ def build_projections(model, tokenizer, args, budgets: list[float], state_file: 
         init_from_pca_(model, state, calibration_batches(tokenizer, cfg.calib).to(device), v_identity=False)
         search = calibration_batches(tokenizer, cfg.search_calib).to(device)
         for kind in ("pca", "trained"):
+            if not any(key.startswith(f"{kind}@") for key in args.projections):
+                continue
             if (
                 kind == "trained"
             ):  # from the PCA bases, trained once: every rank is a prefix of the same bases
                 states["pca"] = copy.deepcopy(state)
                 train_seconds, losses = _trained_(model, state, tokenizer, cfg, state_file)
-            for b, found in search_ranks(model, state, search, budgets).items():
-                ranks[kind, b] = found
-                state.set_ranks(found)
+            wanted = [b for b in budgets if f"{kind}@{b:g}" in args.projections]
+            found = {b: known[kind, f"{b:g}"] for b in wanted if (kind, f"{b:g}") in (known or {})}
+            missing = [b for b in wanted if b not in found]
+            found |= search_ranks(model, state, search, missing) if missing else {}
+            for b in wanted:
+                ranks[kind, b] = found[b]
+                state.set_ranks(found[b])
                 reached[kind, b] = state.budget()
             ranks[kind, "keys"] = {"k": [[d // 2] * groups] * layers, "v": [[d] * groups] * layers}
             state.set_ranks(ranks[kind, "keys"])
             reached[kind, "keys"] = state.budget()
     finally:
         detach_(saved)
+    states.setdefault("pca", state)
     states["trained"] = state
-    tokens = args.train_steps * args.train_batch * args.train_seq_len
+    trained = any(key.startswith("trained@") for key in args.projections)
+    tokens = args.train_steps * args.train_batch * args.train_seq_len if trained else 0
     return Projections(states, ranks, reached, train_seconds, tokens, losses)
 
 
@@ -344,7 +402,7 @@ def run_methods(
             record = record_prefill(model, torch.tensor([s.context for s in part], device=device))
             for m in methods:
                 cache = replay(model, m.press() if m.press else None, record)
-                actual = stored_elements(cache) / (dense_per_token * length * len(part))
+                actual = stored_elements(cache, m.widths) / (dense_per_token * length * len(part))
                 match, ll = answer_batch(model, tokenizer, cache, part, length)
                 cell = m.entry["cells"].setdefault(f"{task}@{length}", {"match": [], "ll": [], "b": []})
                 cell["match"] += match
@@ -389,33 +447,90 @@ def ppl_windows_of(tokenizer) -> torch.Tensor:
     return torch.tensor([bos + stream[i * step : i * step + size - len(bos)] for i in range(PPL_WINDOWS)])
 
 
-SETTINGS = (
-    "lengths",
-    "samples",
-    "tasks",
-    "budget_list",
-    "seed",
-    "haystack",
-    "min_dense",
-    "all_cells",
-    "no_ppl",
-)
+SAME_SETTINGS = ("budget_list", "seed", "haystack", "min_dense", "all_cells", "no_ppl")
+COVERED_SETTINGS = ("lengths", "samples", "tasks")  # an earlier run may have more of each
 
 
-def _earlier_stock(args, name: str) -> list[dict] | None:
-    """With --resume FILE: the dense and kvpress entries of `name` from that run, if its settings were these."""
+def sample_digests(cells: dict) -> dict[str, list[str]]:
+    """A short sha256 of each sample's tokens, per "task@length" cell: what --resume compares. (The pydoc haystack
+    is CPython's own help text, so it differs between Python versions.)"""
+    return {
+        f"{task}@{length}": [
+            hashlib.sha256(json.dumps([s.context, s.question, s.answer, s.values]).encode()).hexdigest()[:12]
+            for s in samples
+        ]
+        for (task, length), samples in cells.items()
+    }
+
+
+def _covers(earlier: dict, args) -> bool:
+    ours = _settings(args)
+    return (
+        all(earlier.get(k) == ours[k] for k in SAME_SETTINGS)
+        and set(ours["tasks"]) <= set(earlier.get("tasks", []))
+        and set(ours["lengths"]) <= set(earlier.get("lengths", []))
+        and ours["samples"] <= earlier.get("samples", 0)
+    )
+
+
+def _sliced(entry: dict, digests: dict, samples: int, earlier_samples: int) -> dict:
+    """An earlier dense or kvpress entry cut to these cells and their first `samples` samples (its measured
+    budgets "b", one per batch, in proportion)."""
+    cells = {}
+    for key in digests:
+        cell = entry["cells"].get(key)
+        if cell is not None:
+            b = cell["b"][: max(1, math.ceil(len(cell["b"]) * samples / earlier_samples))]
+            cells[key] = {"match": cell["match"][:samples], "ll": cell["ll"][:samples], "b": b}
+    return entry | {"cells": cells}
+
+
+def _earlier_run(args, name: str, digests: dict) -> dict | None:
+    """With --resume FILE: that run's result for `name` if its settings cover these (the same budgets, seed and
+    haystack; these tasks, lengths and samples among its own) and its kvpress step finished, every method's entry
+    cut to these cells. Cells whose samples differ from these (a run that recorded digests) are refused."""
     if not args.resume:
         return None
     for result in json.loads(Path(args.resume).read_text()):
-        if result["model"] == name and result.get("settings") == _settings(args) and "best_press" in result:
-            entries = [m for m in result["methods"] if m["side"] in ("dense", "kvpress")]
-            print(f"{name}: the dense and kvpress results come from {args.resume}", flush=True)
-            return entries
-    raise UserError(f"--resume: {args.resume} holds no finished kvpress step of {name} with these settings")
+        if result["model"] != name or "best_press" not in result or not _covers(result["settings"], args):
+            continue
+        theirs = result.get("sample_digests")
+        for key, ours in digests.items():
+            if theirs is not None and theirs.get(key, [])[: len(ours)] != ours:
+                raise UserError(f"--resume: the {key} samples of {args.resume} differ from this run's")
+        n = result["settings"]["samples"]
+        entries = {
+            (m["side"], m["label"], m["budget"]): _sliced(m, digests, args.samples, n)
+            for m in result["methods"]
+        }
+        print(f"{name}: the finished results of {args.resume} carry over", flush=True)
+        unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
+        where = f"{args.resume}, {result.get('machine', 'machine not recorded')}" + unchecked
+        return {"entries": entries, "result": result, "from": result.get("stock_from", where)}
+    raise UserError(
+        f"--resume: {args.resume} holds no finished kvpress step of {name} whose settings cover these"
+    )
+
+
+def _finished(m: Method, cells: dict, samples: int) -> bool:
+    got = m.entry["cells"]
+    return all(len(got.get(f"{t}@{n}", {}).get("match", [])) == samples for t, n in cells)
 
 
 def _settings(args) -> dict:
-    return {key: getattr(args, key) for key in SETTINGS}
+    return {key: getattr(args, key) for key in (*COVERED_SETTINGS, *SAME_SETTINGS)}
+
+
+def _machine(args) -> str:
+    import platform
+
+    import transformers
+
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    return (
+        f"{args.device} ({where}), {args.dtype}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
 
 
 def haystack_texts(args) -> dict[str, list[str]]:
@@ -460,6 +575,8 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         "dense_bytes_per_token": dense_per_token * next(model.parameters()).element_size(),
         "seconds": {},
         "settings": _settings(args),
+        "machine": _machine(args),
+        "sample_digests": sample_digests(cells),
     }
     results.append(result)
     clock = time.perf_counter()
@@ -471,12 +588,12 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         clock = time.perf_counter()
         save()
 
-    earlier = _earlier_stock(args, name)
-    if earlier:  # --resume: the dense and kvpress results of an earlier run with the same settings
-        for m, entry in zip(stock, earlier, strict=True):
-            assert (m.label, m.budget) == (entry["label"], entry["budget"]), (m.label, entry["label"])
-            m.entry |= entry
-        result["methods"] = [m.entry for m in stock]
+    earlier = _earlier_run(args, name, result["sample_digests"])
+    carried = earlier["entries"] if earlier else {}
+    if earlier:  # --resume: the dense and kvpress results of an earlier run whose settings cover these
+        for m in stock:
+            m.entry |= carried[m.side, m.label, m.budget]
+        result["stock_from"] = earlier["from"]
     # Step 1: the dense model in every (task, length) cell; the methods then run where it scores >= --min-dense.
     if not earlier:
         run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args)
@@ -497,25 +614,54 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         b: best([m for m in evicting if m["budget"] == b], result["usable"])["label"] for b in budgets
     }
     lap("kvpress presses")
-    # Step 3: PCA and trained bases, ranks searched per budget; each projection folded and run.
+    # Step 3: PCA and trained bases, ranks searched per budget; each projection folded and run, then the same
+    # projections as presses on the stock model (one prefill per batch for all of them).
+    from llmsurgery.kv_presses import projection_maps, stored_widths
+
+    maps: dict = {}
+    ours = projection_methods(budgets, result["best_press"], args.projections)
+    ours += press_methods(budgets, result["best_press"], args.projections, maps)
+    for m in ours:
+        if (m.side, m.label, m.budget) in carried:
+            m.entry |= carried[m.side, m.label, m.budget]
+            if not _finished(m, cells, args.samples):
+                m.entry |= {"ppl": None, "cells": {}}
+    result["methods"] = [m.entry for m in stock + ours]
+    todo = [m for m in ours if not _finished(m, cells, args.samples)]
+    kept = ("train", "reached", "ranks", "overhead_bytes")
+    result |= {k: earlier["result"][k] for k in kept if earlier and k in earlier["result"]}
+    if not todo:
+        save()
+        return
     state_file = Path(args.state_dir) / f"{Path(name).name}-trained.pt" if args.state_dir else None
-    p = build_projections(model, tokenizer, args, budgets, state_file)
+    known = {tuple(k.split("@")): v for k, v in result.get("ranks", {}).items()}
+    p = build_projections(model, tokenizer, args, budgets, state_file, known)
     result |= {
         "train": {"seconds": p.train_seconds, "tokens": p.train_tokens, "losses": p.losses},
         "reached": {f"{k[0]}@{k[1]}": v for k, v in p.reached.items()},
         "ranks": {f"{k[0]}@{k[1]}": v for k, v in p.ranks.items()},
-        "overhead_bytes": {},
+        "overhead_bytes": result.get("overhead_bytes", {}),
     }
     lap("projections (PCA, training, rank search)")
-    ours = projection_methods(budgets, result["best_press"])
-    result["methods"] += [m.entry for m in ours]
-    for key in dict.fromkeys(m.model for m in ours):
+    for key in args.projections:
+        packed = [m for m in todo if m.model == key and not m.on_stock]
+        presses = [m for m in todo if m.model == key and m.on_stock]
+        if not packed and not presses:
+            continue
         kind, at = key.split("@")
         twin = folded_copy(model, p.states[kind], p.ranks[kind, "keys" if at == "keys" else float(at)])
         result["overhead_bytes"][key] = basis_bytes(twin)
-        run_methods(twin, tokenizer, [m for m in ours if m.model == key], cells, ppl, dense_per_token, args)
+        maps[key] = projection_maps(twin, keys_only=at == "keys")
+        for m in presses:
+            m.widths = stored_widths(maps[key])
+        if packed:
+            run_methods(twin, tokenizer, packed, cells, ppl, dense_per_token, args)
+            lap(f"kv-compress {key}")
         del twin
-        lap(f"kv-compress {key}")
+    presses = [m for m in todo if m.on_stock]
+    if presses:
+        run_methods(model, tokenizer, presses, cells, ppl, dense_per_token, args)
+        lap("the projections as presses on the stock model")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -555,6 +701,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-samples", type=int, default=200, help="training windows (cycled)")
     parser.add_argument("--train-seq-len", type=int, default=256)
     parser.add_argument("--state-dir", help="keep the trained bases here and reuse them on the next run")
+    parser.add_argument(
+        "--projections",
+        default="all",
+        help="the kv-compress projections to run, in this order: pca@B, trained@B (B one of --budgets) and "
+        "pca@keys, trained@keys (keys at d/2, b = 0.75); composed rows come from the trained ones (default: all)",
+    )
     parser.add_argument("--batch", type=int, default=16, help="samples per prefill at most")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="context tokens per prefill at most")
     parser.add_argument("--no-ppl", action="store_true", help="skip the continuation-perplexity table")
@@ -562,7 +714,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", help="recall against KV budget, a panel per task (PNG)")
     parser.add_argument("--json", help="write the results here (also after each step of a run)")
     parser.add_argument(
-        "--resume", help="take the dense and kvpress results from this earlier --json (same settings)"
+        "--resume",
+        help="take the dense and kvpress results from this earlier --json: same budgets, seed and haystack; "
+        "these tasks, lengths and samples among its own (its first N samples)",
     )
     parser.add_argument(
         "--report",
@@ -577,6 +731,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--tasks: choose from {', '.join(TASKS)}")
     if not all(0 < b < 1 for b in args.budget_list):
         raise UserError("--budgets must lie strictly between 0 and 1")
+    known = all_projections(args.budget_list)
+    args.projections = known if args.projections == "all" else [p for p in args.projections.split(",") if p]
+    if any(p not in known for p in args.projections):
+        raise UserError(f"--projections: choose from {', '.join(known)} (or all)")
     if args.samples < 1 or any(n < 128 for n in args.lengths):
         raise UserError("--samples must be at least 1 and every length at least 128 tokens")
     if args.haystack:

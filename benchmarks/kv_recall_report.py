@@ -47,6 +47,19 @@ def _find(methods, label, budget):
     return next((m for m in methods if m["label"] == label and m["budget"] == budget), None)
 
 
+def _budget_table(title: str, budgets, labels, cell, methods):
+    """A table of one row per method label and one column per budget; `cell(entry or None)` fills it."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("method")
+    for b in budgets:
+        table.add_column(f"b={b:g}", justify="right")
+    for label in labels:
+        table.add_row(label, *[cell(_find(methods, label, b)) for b in budgets])
+    return table
+
+
 def print_report(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -67,16 +80,13 @@ def print_report(result: dict) -> None:
         keys = [f"{t}@{n}" for t in tasks if f"{t}@{n}" in result.get("usable", [])]
         if not keys or len(methods) == 1:
             continue
-        table = Table(
-            title=f"{name}, {n} context tokens: string_match_all over {', '.join(k.split('@')[0] for k in keys)} "
+        title = (
+            f"{name}, {n} context tokens: string_match_all over {', '.join(k.split('@')[0] for k in keys)} "
             f"x {samples} samples [95% CI], answer log-likelihood per token, b measured on the live cache"
         )
-        table.add_column("method")
-        for b in budgets:
-            table.add_column(f"b={b:g}", justify="right")
-        for label in labels[1:]:
-            table.add_row(label, *[_cell_text(_find(methods, label, b), keys) for b in budgets])
-        console.print(table)
+        console.print(
+            _budget_table(title, budgets, labels[1:], lambda m, keys=keys: _cell_text(m, keys), methods)
+        )
         per_task = Table(title=f"{name}, {n} tokens, per task: the best of each side at each budget")
         per_task.add_column("method")
         for k in keys:
@@ -90,17 +100,12 @@ def print_report(result: dict) -> None:
                     per_task.add_row(f"{side}: {m['label']} @ {b:g}", *row)
         console.print(per_task)
     if dense.get("ppl") is not None:
-        table = Table(
-            title=f"{name}: continuation perplexity ({result['ppl_setup']}; dense {dense['ppl']:.2f}, "
+        title = (
+            f"{name}: continuation perplexity ({result['ppl_setup']}; dense {dense['ppl']:.2f}, "
             f"no context {result['no_context_ppl']:.2f})"
         )
-        table.add_column("method")
-        for b in budgets:
-            table.add_column(f"b={b:g}", justify="right")
-        for label in labels[1:]:
-            found = [_find(methods, label, b) for b in budgets]
-            table.add_row(label, *[f"{m['ppl']:.2f}" if m and m.get("ppl") else "" for m in found])
-        console.print(table)
+        ppl = lambda m: f"{m['ppl']:.2f}" if m and m.get("ppl") else ""  # noqa: E731
+        console.print(_budget_table(title, budgets, labels[1:], ppl, methods))
     for line in fact_lines(result):
         print(line)
 
@@ -111,6 +116,10 @@ def fact_lines(result: dict) -> list[str]:
         f"{name}: cells where dense scores >= {result['min_dense']:g} (the methods ran there; the lines below "
         f"average them): {', '.join(usable) if not result.get('fallback') else 'none, so all of them'}"
     ]
+    if "machine" in result:
+        lines.append(f"{name}: ran on {result['machine']}")
+    if "stock_from" in result:
+        lines.append(f"{name}: dense and kvpress results taken from {result['stock_from']}")
     if "train" not in result:
         return lines
     train, overhead = result["train"], result["overhead_bytes"]
@@ -139,10 +148,15 @@ def summary_lines(result: dict) -> list[str]:
             m = best([x for x in methods if x["side"] == side and x["budget"] == b], usable)
             text += f" {side} {score(m, usable)[0]:.1f} ({m['label']})" if m else f" {side} -"
         lines.append(text)
-    keys, think = _find(methods, "kv trained keys only", 0.75), _find(methods, "think", 0.75)
-    if keys and think and cells_of(keys, usable):
+    keys_only = [
+        m
+        for m in methods
+        if m["side"] == "llmsurgery" and m["label"].endswith(("keys only", "keys only press"))
+    ]
+    keys, think = best([m for m in keys_only if m["budget"] == 0.75], usable), _find(methods, "think", 0.75)
+    if keys and think and cells_of(think, usable):
         lines.append(
-            f"b=0.75 keys only: llmsurgery {score(keys, usable)[0]:.1f} (kv trained keys only, r_k = d/2) "
+            f"b=0.75 keys only: llmsurgery {score(keys, usable)[0]:.1f} ({keys['label']}, r_k = d/2) "
             f"kvpress {score(think, usable)[0]:.1f} (think, 50% of key channels)"
         )
     return lines

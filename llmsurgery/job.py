@@ -82,22 +82,14 @@ Limit = Annotated[
 BatchSize = Annotated[
     int, Field(alias="batch-size", ge=1, le=defaults.MAX_BATCH, description="lm-eval batch size")
 ]
-LoadIn8bit = Annotated[
-    bool,
-    Field(
-        alias="load-in-8bit",
-        description="Quantize to int8 with bitsandbytes while loading.",
-        json_schema_extra={"panel": LOADING},
-    ),
-]
-LoadIn4bit = Annotated[
-    bool,
-    Field(
-        alias="load-in-4bit",
-        description="Quantize to NF4 with bitsandbytes while loading.",
-        json_schema_extra={"panel": LOADING},
-    ),
-]
+
+
+def _loading_flag(alias: str, description: str):
+    return Annotated[bool, Field(alias=alias, description=description, json_schema_extra={"panel": LOADING})]
+
+
+LoadIn8bit = _loading_flag("load-in-8bit", "Quantize to int8 with bitsandbytes while loading.")
+LoadIn4bit = _loading_flag("load-in-4bit", "Quantize to NF4 with bitsandbytes while loading.")
 
 
 class Strict(BaseModel):

@@ -10,7 +10,9 @@ states. `record_prefill` therefore runs one prefill with the cache dense and kee
 reads (the attention module's keyword arguments); `replay` then calls each press's own ``forward_hook`` on a copy
 of that cache, layer by layer, and gives the cache that ``with press(model): model(...)`` would have left
 (tested equal). Presses: SnapKV (arXiv 2404.14469), StreamingLLM (2309.17453), TOVA (2401.06104),
-ExpectedAttention (kvpress), Knorm (2406.11430), ThinK (2407.21018, key channels only).
+ExpectedAttention (kvpress), Knorm (2406.11430), ThinK (2407.21018, key channels only). `projection_press`
+applies a kv-compress output's bases (MatryoshkaKV, arXiv 2410.14731) to a stock model's prefill cache the same
+way: context only, the later tokens exact.
 """
 
 from __future__ import annotations
@@ -58,6 +60,80 @@ def think_press(channel_ratio: float, evict: float = 0.0, evictor: str = "snapkv
     kvpress = require_kvpress()
     think = kvpress.ThinKPress(key_channel_compression_ratio=channel_ratio)
     return think if evict <= 0 else kvpress.ComposedPress([make_press(evictor, evict), think])
+
+
+@functools.cache
+def _projection_press_class():
+    kvpress = require_kvpress()
+
+    @dataclass
+    class ProjectionPress(kvpress.BasePress):
+        """MatryoshkaKV's projection applied by kvpress to the prefill's cache only: each KV head's context keys
+        (and values, where a value basis is given) replaced by their projection ``mu + (x - mu) B B^T`` onto the
+        first r basis columns; the tokens after the prefill (question, answer) stay exact, as with every kvpress
+        press. Like kvpress's ThinK, the cache keeps full-width tensors: the memory a narrow store of the r
+        coordinates would save is counted, not realized. `maps[layer]` = per KV head ((B_k, mu_k), (B_v, mu_v) or
+        None)."""
+
+        maps: list = None
+        stored_fraction: float = 1.0
+
+        def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+            heads = self.maps[module.layer_idx]
+            keys, values = keys.clone(), values.clone()
+            for g, (key_map, value_map) in enumerate(heads):
+                for x, found in ((keys, key_map), (values, value_map)):
+                    if found is not None:
+                        basis, mean = (t.to(x.device, x.dtype) for t in found)
+                        x[:, g] = mean + ((x[:, g] - mean) @ basis) @ basis.T
+            return keys, values
+
+        @property
+        def compression_ratio(self):
+            return 1 - self.stored_fraction
+
+        @compression_ratio.setter
+        def compression_ratio(self, value):
+            raise AttributeError("a ProjectionPress's compression ratio is set by its bases")
+
+    return ProjectionPress
+
+
+def projection_maps(packed: nn.Module, keys_only: bool = False) -> list[list[tuple]]:
+    """Per layer, per KV head: ((key basis [d, r_k], key mean [d]), (value basis, mean) or None) of a kv-compress
+    output (a packed model), as float32 copies on the CPU."""
+    from .modeling.modeling_llmsurgery import press_maps
+
+    maps = []
+    for attn in _attention_modules(packed):
+        layout = getattr(attn, "attention_layout", None) or {}
+        if not layout.get("k"):
+            raise UserError("a projection press needs a kv-compress output: this model stores no key bases")
+        keys = [(b.detach().float().cpu(), m.detach().float().cpu()) for b, m in press_maps(attn, "keys")]
+        values = [None] * len(keys)
+        if not keys_only and layout.get("v_basis"):
+            values = [
+                (b.detach().float().cpu(), m.detach().float().cpu()) for b, m in press_maps(attn, "values")
+            ]
+        maps.append(list(zip(keys, values)))
+    return maps
+
+
+def projection_press(maps: list[list[tuple]], evict: float = 0.0, evictor: str = "tova"):
+    """A kvpress press for the *stock* model that projects its prefill cache onto `maps` (`projection_maps` of a
+    kv-compress output of that model), after evicting `evict` of the tokens with `evictor` if evict > 0. What it
+    stores is counted as the r coordinates of each head: (sum of r_k + r_v) / (2 L H d)."""
+    dense = 2 * maps[0][0][0][0].shape[0] * sum(map(len, maps))  # 2 d per KV head and layer
+    press = _projection_press_class()(maps=maps, stored_fraction=sum(stored_widths(maps)) / dense)
+    return press if evict <= 0 else require_kvpress().ComposedPress([make_press(evictor, evict), press])
+
+
+def stored_widths(maps: list[list[tuple]]) -> list[int]:
+    """Per layer, the elements a projection press counts per token: the sum over KV heads of r_k + r_v."""
+    return [
+        sum(k[0].shape[1] + (v[0].shape[1] if v is not None else k[0].shape[0]) for k, v in layer)
+        for layer in maps
+    ]
 
 
 @dataclass

@@ -334,9 +334,8 @@ def recipe_text(data: dict, model_path: str | None) -> str:
     """The recipe as run (overrides applied, a local model path made absolute), for the output folder."""
     data = copy.deepcopy(data)
     data.pop("output", None)
-    data.pop(
-        "force", None
-    )  # replacing a folder is asked for on each run, never inherited from a saved recipe
+    # replacing a folder is asked for on each run, never inherited from a saved recipe
+    data.pop("force", None)
     if model_path is not None:
         data["model"] = model_path
     return (

@@ -14,12 +14,16 @@ import torch
 from helpers import run_cli, stock_load
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from llmsurgery.errors import UserError
 from llmsurgery.kv_presses import (
     cache_elements,
     make_press,
+    projection_maps,
+    projection_press,
     record_prefill,
     replay,
     require_kvpress,
+    stored_widths,
     think_press,
 )
 
@@ -92,6 +96,49 @@ def test_replaying_a_recorded_prefill_gives_the_live_hooks_cache(tiny_models, tm
                 assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), name
             hooks = [h for layer in model.model.layers for h in layer.self_attn._forward_hooks]
             assert not hooks, name  # replay runs no forward: it removes the view's one-shot hooks itself
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_projection_press_is_exact_at_full_rank_and_loses_more_as_ranks_shrink(tiny_models, tmp_path, arch):
+    """A kv-compress output's bases as a press on the stock model: at full rank the stock model's next-token
+    logits are unchanged; lower ranks change the pressed context keys and the logits more; the counted widths
+    are the bases' ranks; the question tokens (after the prefill) stay exact."""
+    stock = stock_load(tiny_models[arch])
+    plain, plain_cache = _pressed_logits(stock, make_press("tova", 0.0))
+    errors = []
+    for budget in (1.0, 0.75, 0.5):
+        maps = projection_maps(_kv_output(tiny_models[arch], budget, tmp_path / f"kv{budget}"))
+        widths = stored_widths(maps)
+        d = stock.config.head_dim
+        assert sum(widths) / (2 * d * stock.config.num_key_value_heads * len(widths)) == pytest.approx(
+            budget, 0.02
+        )
+        got, cache = _pressed_logits(stock, projection_press(maps))
+        errors.append(float((got - plain).abs().max()))
+        if budget == 1.0:
+            torch.testing.assert_close(got, plain, rtol=0, atol=1e-5)
+        context, (first, plain_first) = CONTEXT.shape[1], (cache.layers[0], plain_cache.layers[0])
+        # layer 0's keys depend on the tokens alone: the prefill's rows are projected, the question's are exact
+        assert torch.equal(first.keys[:, :, context:], plain_first.keys[:, :, context:])
+        assert (budget == 1.0) == torch.allclose(
+            first.keys[:, :, :context], plain_first.keys[:, :, :context], atol=1e-5
+        )
+    assert errors[0] < 1e-5 < errors[1] < errors[2], errors
+    with pytest.raises(UserError, match="needs a kv-compress output"):
+        projection_maps(stock)
+
+
+def test_projection_press_composed_evicts_then_projects(tiny_models, tmp_path):
+    stock = stock_load(tiny_models["llama"])
+    maps = projection_maps(_kv_output(tiny_models["llama"], 0.5, tmp_path / "kv"), keys_only=True)
+    assert all(v is None for layer in maps for _, v in layer)  # keys only: the values are left whole
+    press = projection_press(maps, evict=0.5)
+    cache = replay(stock, press, record_prefill(stock, CONTEXT))
+    assert {layer.keys.shape[-2] for layer in cache.layers} == {CONTEXT.shape[1] // 2}
+    d = stock.config.head_dim
+    key_share = sum(k[0].shape[1] for layer in maps for k, _ in layer) / (d * sum(map(len, maps)))
+    assert press.presses[1].compression_ratio == pytest.approx(1 - (key_share + 1) / 2)
+    assert key_share < 0.75  # the budget-0.5 ranks: fewer key coordinates than the head has
 
 
 # ----------------------------------------------------------------------------- SmolLM2

@@ -108,6 +108,8 @@ def _bench(*args, block_kvpress=False):
         (("--tasks", "filler,nope"), "--tasks: choose from"),
         (("--lengths", "64"), "at least 128 tokens"),
         (("--plot", "x.jpg"), "--plot takes a .png"),
+        (("--projections", "pca@0.6"), "--projections: choose from pca@0.75,"),
+        (("--resume", "/nonexistent/r.json"), "--resume: no such file"),
         ((), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
     ],
 )
@@ -131,7 +133,10 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     lines = result.stdout.strip().splitlines()
     assert lines[-3].startswith("b=0.75: llmsurgery ") and " kvpress " in lines[-3]
     assert lines[-2].startswith("b=0.5: llmsurgery ") and lines[-1].startswith("b=0.75 keys only:")
-    assert "continuation perplexity" in " ".join(result.stdout.split()) and (tmp_path / "r.png").stat().st_size > 10_000
+    assert (
+        "continuation perplexity" in " ".join(result.stdout.split())
+        and (tmp_path / "r.png").stat().st_size > 10_000
+    )
     (model,) = json.loads((tmp_path / "r.json").read_text())
     assert model["tasks"] == [
         "filler",
@@ -154,6 +159,9 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
         assert (press, 0.5) in labels and (press, 0.75) in labels
     assert ("kv trained keys only", 0.75) in labels and ("snapkv+think c=0.25", 0.5) in labels
     assert any(label.startswith("kv trained p=0.75 + ") and b == 0.5 for label, b in labels)
+    for kind in ("pca", "trained"):  # the same projections as presses on the stock model, alone and composed
+        assert {(f"kv {kind} press", 0.5), (f"kv {kind} keys only press", 0.75)} <= labels
+        assert (f"kv {kind} keys only press p=0.75 + {model['best_press']['0.5']}", 0.5) in labels
     assert model["fallback"] and len(model["usable"]) == 5  # a random tiny model: dense scores 0 everywhere
     for m in model["methods"]:
         assert set(m["cells"]) == {f"{t}@512" for t in model["tasks"]}
@@ -163,5 +171,31 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
             )
             if m["label"] in ("snapkv", "kv pca", "kv trained"):  # the budget measured on the live cache
                 assert all(b == pytest.approx(m["budget"], abs=0.01) for b in cell["b"])
+            if m["label"] in (
+                "kv pca press",
+                "kv trained press",
+            ):  # its ranks' coordinates, on the kept tokens
+                reached = model["reached"][f"{m['label'].split()[1]}@{m['budget']:g}"]
+                assert all(b == pytest.approx(reached, abs=1e-4) for b in cell["b"])
     again = _bench("--report", tmp_path / "r.json", block_kvpress=True)  # no kvpress needed to print it again
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-3:] == lines[-3:]
+    # --resume with fewer samples and some of the projections: what the first run finished carries over (rows
+    # composed with the best press at a budget run again if fewer samples elect another press)
+    common = ["--models", tiny_models["llama"], "--lengths", "512", "--budgets", "0.75,0.5", "--train-steps", "2",
+              "--train-samples", "8", "--calib", "pydoc", "--haystack", haystack, "--all-cells"]  # fmt: skip
+    resumed = _bench(*common, "--samples", "1", "--projections", "pca@0.5,trained@keys",
+                     "--resume", tmp_path / "r.json", "--json", tmp_path / "r1.json")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (first,) = json.loads((tmp_path / "r1.json").read_text())
+    assert "carry over" in resumed.stdout and "kv-compress pca@0.5" not in first["seconds"]  # not run again
+    assert first["ranks"]["pca@0.5"] == model["ranks"]["pca@0.5"]
+    kept = {(m["label"], m["budget"]): m for m in first["methods"]}
+    assert ("kv pca press", 0.5) in kept and ("kv trained press", 0.5) not in kept
+    assert (
+        kept["kv pca", 0.5]["cells"]["filler@512"]["match"]
+        == (next(m for m in model["methods"] if (m["label"], m["budget"]) == ("kv pca", 0.5)))["cells"][
+            "filler@512"
+        ]["match"][:1]
+    )
+    other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
+    assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
