@@ -70,9 +70,8 @@ class Method:
     model: str = "stock"  # "stock" or a projection key, e.g. "trained@0.5"
     press: object = None  # a factory: () -> press, or None
     entry: dict = field(default_factory=dict)
-    widths: list[int] | None = (
-        None  # a projection press's stored elements per token and layer (set when built)
-    )
+    # a projection press's stored elements per token, per layer (set when its bases are built)
+    widths: list[int] | None = None
     on_stock: bool = False  # a projection press: runs on the stock model
 
     def __post_init__(self):
@@ -705,7 +704,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--projections",
         default="all",
         help="the kv-compress projections to run, in this order: pca@B, trained@B (B one of --budgets) and "
-        "pca@keys, trained@keys (keys at d/2, b = 0.75); composed rows come from the trained ones (default: all)",
+        "pca@keys, trained@keys (keys at d/2, b = 0.75); each runs as a kv-compress model (composed with eviction: "
+        "the trained ones) and as a press on the stock model (composed: both) (default: all)",
     )
     parser.add_argument("--batch", type=int, default=16, help="samples per prefill at most")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="context tokens per prefill at most")
