@@ -172,7 +172,7 @@ def save_plot(results: list[dict], path: Path) -> None:
 
     tasks = results[0]["tasks"]
     fig, axes = plt.subplots(
-        len(results), len(tasks) + 1, figsize=(3.0 * (len(tasks) + 1), 2.9 * len(results)), squeeze=False
+        len(results), len(tasks) + 1, figsize=(3.0 * (len(tasks) + 1) + 3, 2.9 * len(results)), squeeze=False
     )
     for row, result in zip(axes, results):
         methods, usable = result["methods"], result.get("usable", [])
@@ -182,7 +182,8 @@ def save_plot(results: list[dict], path: Path) -> None:
             lines.setdefault(label, {}).setdefault(m["budget"], []).append(m)
         for ax, task in zip(row, [*tasks, "average"]):
             keys = [k for k in usable if task == "average" or k.split("@")[0] == task]
-            for label, by_budget in lines.items():
+            for index, (label, by_budget) in enumerate(lines.items()):
+                color = plt.get_cmap("tab20")(index % 20)
                 points = [
                     (b, max(score(m, keys)[0] for m in ms))
                     for b, ms in sorted(by_budget.items())
@@ -190,7 +191,7 @@ def save_plot(results: list[dict], path: Path) -> None:
                 ]
                 if points:
                     style = "-" if label.startswith("kv ") else "--"
-                    ax.plot(*zip(*points), style, marker="o", ms=3, lw=1.2, label=label)
+                    ax.plot(*zip(*points), style, marker="o", ms=3, lw=1.2, label=label, color=color)
             if keys:
                 ax.axhline(score(methods[0], keys)[0], color="black", lw=0.8, ls=":", label="dense")
             lengths = sorted({int(k.split("@")[1]) for k in keys})
@@ -199,7 +200,8 @@ def save_plot(results: list[dict], path: Path) -> None:
             ax.set_ylim(-3, 103)
             ax.tick_params(labelsize=6)
         row[0].set_ylabel("string_match_all", fontsize=7)
-    axes[0, -1].legend(fontsize=5, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
