@@ -473,8 +473,8 @@ def _covers(earlier: dict, args) -> bool:
 
 
 def _sliced(entry: dict, digests: dict, samples: int, earlier_samples: int) -> dict:
-    """An earlier dense or kvpress entry cut to these cells and their first `samples` samples (its measured
-    budgets "b", one per batch, in proportion)."""
+    """An earlier run's entry cut to these cells and their first `samples` samples (its measured budgets "b", one
+    per batch, in proportion)."""
     cells = {}
     for key in digests:
         cell = entry["cells"].get(key)
@@ -620,13 +620,13 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     maps: dict = {}
     ours = projection_methods(budgets, result["best_press"], args.projections)
     ours += press_methods(budgets, result["best_press"], args.projections, maps)
+    todo = []
     for m in ours:
-        if (m.side, m.label, m.budget) in carried:
-            m.entry |= carried[m.side, m.label, m.budget]
-            if not _finished(m, cells, args.samples):
-                m.entry |= {"ppl": None, "cells": {}}
+        m.entry |= carried.get((m.side, m.label, m.budget), {})
+        if not _finished(m, cells, args.samples):
+            m.entry |= {"ppl": None, "cells": {}}
+            todo.append(m)
     result["methods"] = [m.entry for m in stock + ours]
-    todo = [m for m in ours if not _finished(m, cells, args.samples)]
     kept = ("train", "reached", "ranks", "overhead_bytes")
     result |= {k: earlier["result"][k] for k in kept if earlier and k in earlier["result"]}
     if not todo:
@@ -715,8 +715,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the results here (also after each step of a run)")
     parser.add_argument(
         "--resume",
-        help="take the dense and kvpress results from this earlier --json: same budgets, seed and haystack; "
-        "these tasks, lengths and samples among its own (its first N samples)",
+        help="carry over every finished row of this earlier --json (and its searched ranks), run the rest: same "
+        "budgets, seed and haystack; these tasks, lengths and samples among its own (its first N samples)",
     )
     parser.add_argument(
         "--report",

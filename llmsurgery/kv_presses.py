@@ -104,17 +104,16 @@ def projection_maps(packed: nn.Module, keys_only: bool = False) -> list[list[tup
     output (a packed model), as float32 copies on the CPU."""
     from .modeling.modeling_llmsurgery import press_maps
 
+    def copies(attn, kind):
+        return [(b.detach().float().cpu(), m.detach().float().cpu()) for b, m in press_maps(attn, kind)]
+
     maps = []
     for attn in _attention_modules(packed):
         layout = getattr(attn, "attention_layout", None) or {}
         if not layout.get("k"):
             raise UserError("a projection press needs a kv-compress output: this model stores no key bases")
-        keys = [(b.detach().float().cpu(), m.detach().float().cpu()) for b, m in press_maps(attn, "keys")]
-        values = [None] * len(keys)
-        if not keys_only and layout.get("v_basis"):
-            values = [
-                (b.detach().float().cpu(), m.detach().float().cpu()) for b, m in press_maps(attn, "values")
-            ]
+        keys = copies(attn, "keys")
+        values = copies(attn, "values") if not keys_only and layout.get("v_basis") else [None] * len(keys)
         maps.append(list(zip(keys, values)))
     return maps
 
