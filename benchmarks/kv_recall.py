@@ -8,7 +8,9 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
   evicted);
 * llmsurgery kv-compress (MatryoshkaKV): PCA bases and Matryoshka-trained bases (trained once: nested prefixes
   serve every rank), ranks searched per budget by the pass's own search; keys only (r_k = d/2) at b = 0.75;
-  trained bases composed with the best eviction press at b, over the splits (1 - e) p = b with p <= 0.75;
+  trained bases composed with the best eviction press at b, over the splits (1 - e) p = b with p <= 0.75; the
+  models run with project_context_only (the prefill attends exactly and caches its coordinates, the question's
+  and answer's keys stay exact, their values projected);
 * the same bases as a press on the stock model (llmsurgery.kv_presses.projection_press): the prefill's cache
   projected, the question and answer exact as kvpress treats every press; alone, and composed with the best
   eviction press over the same splits (both kinds).
@@ -59,6 +61,11 @@ PPL_CONTEXT, PPL_SCORED, PPL_WINDOWS = 384, 128, 9
 EVICTION_PRESSES = ("snapkv", "streamingllm", "tova", "expected_attention", "knorm")
 
 
+# How the kv-compress models run (modeling_llmsurgery): the prefill attends exactly and caches its coordinates,
+# the later tokens keep exact keys. Rows of an earlier run without this mark (every token projected) do not carry.
+RUNTIME = "project_context_only"
+
+
 @dataclass
 class Method:
     """One configuration: which model (stock, or a projection) and which press, at budget b; `entry` holds its
@@ -76,6 +83,8 @@ class Method:
 
     def __post_init__(self):
         self.entry = {"side": self.side, "label": self.label, "budget": self.budget, "ppl": None, "cells": {}}
+        if self.model != "stock" and not self.on_stock:  # a kv-compress model, run as kvpress runs a press
+            self.entry["runtime"] = RUNTIME
 
 
 # ----------------------------------------------------------------------------- scoring one cache batch
@@ -88,12 +97,16 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _rows(cache, rows: torch.Tensor, length: int):
-    """A new DynamicCache of the given batch rows, cut to `length` tokens."""
+    """A new DynamicCache of the given batch rows, cut to `length` tokens (a kv-compress model's exact keys of
+    the tokens after the prefill carried along)."""
     from transformers import DynamicCache
+
+    from llmsurgery.modeling.modeling_llmsurgery import copy_exact_tail_
 
     out = DynamicCache()
     for i, layer in enumerate(cache.layers):
         out.update(layer.keys[rows, :, :length], layer.values[rows, :, :length], i)
+    copy_exact_tail_(cache, out, rows, length)
     return out
 
 
@@ -287,6 +300,7 @@ def build_projections(
         attach_,
         detach_,
         init_from_pca_,
+        keys_only_ranks,
         search_ranks,
     )
 
@@ -326,7 +340,7 @@ def build_projections(
                 ranks[kind, b] = found[b]
                 state.set_ranks(found[b])
                 reached[kind, b] = state.budget()
-            ranks[kind, "keys"] = {"k": [[d // 2] * groups] * layers, "v": [[d] * groups] * layers}
+            ranks[kind, "keys"] = keys_only_ranks(state, 0.75)  # kv-compress --keys-only --budget 0.75
             state.set_ranks(ranks[kind, "keys"])
             reached[kind, "keys"] = state.budget()
     finally:
@@ -361,15 +375,15 @@ def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[fl
 
 
 def folded_copy(model, state, ranks):
-    """A copy of `model` with the projection folded at `ranks` (the runtime a saved kv-compress output runs);
-    every weight the fold does not replace is shared with `model`."""
+    """A copy of `model` with the projection folded at `ranks` (the runtime a saved kv-compress output runs, with
+    project_context_only); every weight the fold does not replace is shared with `model`."""
     from llmsurgery.passes.kv_compress.maths import fold_
 
     memo = {id(p): p for p in model.parameters()}
     memo |= {id(b): b for b in model.buffers()}
-    twin = copy.deepcopy(model, memo)
-    twin.config = copy.deepcopy(model.config)
+    twin = copy.deepcopy(model, memo)  # one copy of the config, shared by the twin's modules as by the model's
     fold_(twin, state, ranks)
+    twin.config.project_context_only = True
     return twin
 
 
@@ -622,7 +636,9 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     ours += press_methods(budgets, result["best_press"], args.projections, maps)
     todo = []
     for m in ours:
-        m.entry |= carried.get((m.side, m.label, m.budget), {})
+        earlier_entry = carried.get((m.side, m.label, m.budget), {})
+        if earlier_entry.get("runtime") == m.entry.get("runtime"):
+            m.entry |= earlier_entry
         if not _finished(m, cells, args.samples):
             m.entry |= {"ppl": None, "cells": {}}
             todo.append(m)

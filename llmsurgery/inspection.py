@@ -25,6 +25,28 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
     return widths * dtype_bytes
 
 
+def kv_bytes_per_later_token(config: dict, dtype_bytes: int) -> int | None:
+    """Bytes per token cached after the prefill of a kv-compress model run with project_context_only, whose
+    full-attention layers keep those tokens' exact keys beside their coordinates; None when no layer keeps them."""
+    layouts = config.get("attention_layout") or []
+    if config.get("project_context_only") is not True or not any(layout.get("k") for layout in layouts):
+        return None
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    types = config.get("layer_types") or [
+        "sliding_attention"
+        if config.get("sliding_window") and config.get("use_sliding_window", True)
+        else "full"
+    ] * len(layouts)
+    exact = sum(
+        kv_heads * head_dim
+        for layout, kind in zip(layouts, types)
+        if layout.get("k") and kind != "sliding_attention"
+    )
+    return kv_bytes_per_token(config, dtype_bytes) + exact * dtype_bytes
+
+
 def describe(spec: str) -> dict:
     """A JSON-ready description of a model folder, .gguf, built-in name or hub id.
 
@@ -63,6 +85,7 @@ def describe(spec: str) -> dict:
         "bytes_on_disk": sum(p.stat().st_size for p in files) if files else None,
         "dtype": dtype,
         "kv_cache_bytes_per_token": kv_bytes_per_token(config, _DTYPE_BYTES.get(dtype, 4)),
+        "kv_cache_bytes_per_later_token": kv_bytes_per_later_token(config, _DTYPE_BYTES.get(dtype, 4)),
         "kv_cache_bytes_per_token_before_surgery": (
             kv_bytes_per_token(
                 {k: v for k, v in config.items() if k != "attention_layout"}, _DTYPE_BYTES.get(dtype, 4)

@@ -142,6 +142,9 @@ class PrefillRecord:
     kwargs: list[dict]  # per decoder layer: the attention module's keyword arguments (hidden_states, ...)
     cache: object  # the transformers DynamicCache after the prefill, every layer dense
     last_logits: torch.Tensor  # [B, V]: the prediction after the last token (no press changes it)
+    # per decoder layer: the exact keys a press reads instead of the projected ones (a kv-compress model run with
+    # project_context_only), or None
+    exact_keys: list = None
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -155,9 +158,12 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor) -> PrefillRecord:
     from transformers import DynamicCache
 
     kept: list[dict] = []
+    exact: list = []
 
     def keep(module, args, kwargs, output):
         kept.append(dict(kwargs))
+        view = cache.layers[module.layer_idx].__dict__.get("_press_view")
+        exact.append(getattr(view, "exact_keys", None))
 
     cache = DynamicCache()
     hooks = [attn.register_forward_hook(keep, with_kwargs=True) for attn in _attention_modules(model)]
@@ -166,7 +172,7 @@ def record_prefill(model: nn.Module, input_ids: torch.Tensor) -> PrefillRecord:
     finally:
         for hook in hooks:
             hook.remove()
-    return PrefillRecord(kept, cache, logits[:, -1])
+    return PrefillRecord(kept, cache, logits[:, -1], exact)
 
 
 def _rotary_for(model: nn.Module, attn: nn.Module):
@@ -199,10 +205,11 @@ def replay(model: nn.Module, press, record: PrefillRecord):
     if press is None:
         return cache
     press.post_init_from_model(model)
-    for attn, kwargs in zip(_attention_modules(model), record.kwargs):
+    exact = record.exact_keys or [None] * len(record.kwargs)
+    for attn, kwargs, keys in zip(_attention_modules(model), record.kwargs, exact):
         attn._modules.pop("rotary_emb", None)  # kvpress's context manager leaves the model's module here
         attn.__dict__["rotary_emb"] = _rotary_for(model, attn)  # what it sets, fixed for Gemma3
-        view = open_press_view_(cache, attn) if "attention_layout" in attn.__dict__ else None
+        view = open_press_view_(cache, attn, keys) if "attention_layout" in attn.__dict__ else None
         press.forward_hook(attn, (), dict(kwargs, past_key_values=cache), (None, None))
         if view is not None:  # no forward runs here to fire the one-shot hook: close and remove it now
             close_press_views_(cache, attn.layer_idx)

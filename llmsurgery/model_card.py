@@ -98,7 +98,7 @@ def _loading(config: dict) -> list[str]:
         )
     else:
         how, note = "AutoModelForCausalLM.from_pretrained(path)", "Load it with stock transformers:"
-    return [
+    lines = [
         "## Loading",
         "",
         note,
@@ -109,6 +109,15 @@ def _loading(config: dict) -> list[str]:
         "```",
         "",
     ]
+    if any(layout.get("k") for layout in config.get("attention_layout") or []):
+        lines += [
+            "For long-range recall, project only the context the cache keeps (the prefill attends exactly, the "
+            "tokens after it keep exact keys): `from_pretrained(path, trust_remote_code=True, "
+            "project_context_only=True)`; a keys-only model (`--keys-only`) needs it most (llmsurgery README, "
+            "MatryoshkaKV).",
+            "",
+        ]
+    return lines
 
 
 def _exporting(config: dict) -> list[str]:

@@ -7,7 +7,8 @@ its logits and greedy generations (with and without the cache) as computed here.
 `check DIR` (in a bare environment holding only torch and the floor transformers, no llmsurgery): each saved
 model loads with `trust_remote_code=True` from the files next to its weights, gives the same logits to float32
 tolerance, and generates the same tokens with and without the cache; a KV-compressed one also hands a forward hook
-full-width keys and values (as kvpress's presses read them) and keeps the narrow rows of what the hook keeps.
+full-width keys and values (as kvpress's presses read them) and keeps the narrow rows of what the hook keeps, and
+generates the same tokens when loaded with project_context_only.
 Exit 1 and one line per failure.
 """
 
@@ -72,6 +73,19 @@ def _evicted_logits(model) -> float | None:
         return (next_logits(evicted) - next_logits(direct)).abs().max().item()
 
 
+def _context_only_tokens(folder: Path) -> list[int]:
+    """Greedy tokens of a kv-compress model loaded with project_context_only (the prefill exact, its keys
+    projected in the cache, later tokens' keys exact)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, dtype=torch.float32, project_context_only=True
+    ).eval()
+    with torch.no_grad():
+        ids = torch.tensor(PROMPT)
+        return model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True)[0].tolist()
+
+
 def make(root: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import ARCHS, build_tiny
@@ -93,7 +107,10 @@ def make(root: Path) -> None:
             model = AutoModelForCausalLM.from_pretrained(
                 out, trust_remote_code=True, dtype=torch.float32
             ).eval()
-            (out / "expected.json").write_text(json.dumps(_outputs(model)))
+            expected = _outputs(model)
+            if name.startswith("kv-"):
+                expected["context_only"] = _context_only_tokens(out)
+            (out / "expected.json").write_text(json.dumps(expected))
             print(f"made {name}")
 
 
@@ -121,6 +138,8 @@ def check(root: Path) -> int:
             problems.append(f"evicting through the press view changed logits by {evicted:.2e}")
         problems += ["cached generation differs"] if got["cached"] != expected["cached"] else []
         problems += ["cached and uncached generation differ"] if got["cached"] != got["uncached"] else []
+        if "context_only" in expected and _context_only_tokens(folder) != expected["context_only"]:
+            problems.append("generation with project_context_only differs")
         print(
             ("FAIL " if problems else "ok   ")
             + f"{folder.name}: max |logit diff| {diff:.2e}"

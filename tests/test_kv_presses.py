@@ -85,7 +85,11 @@ def test_full_budget_output_takes_every_press_like_the_stock_model(tiny_models, 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_replaying_a_recorded_prefill_gives_the_live_hooks_cache(tiny_models, tmp_path, arch):
-    for model in (stock_load(tiny_models[arch]), _kv_output(tiny_models[arch], 0.5, tmp_path / "kv")):
+    packed = _kv_output(tiny_models[arch], 0.5, tmp_path / "kv")
+    context_only = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "kv", trust_remote_code=True, dtype=torch.float32, project_context_only=True
+    ).eval()
+    for model in (stock_load(tiny_models[arch]), packed, context_only):
         record = record_prefill(model, CONTEXT)
         for name, press in _presses(arch).items():
             live = DynamicCache()
@@ -96,6 +100,29 @@ def test_replaying_a_recorded_prefill_gives_the_live_hooks_cache(tiny_models, tm
                 assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), name
             hooks = [h for layer in model.model.layers for h in layer.self_attn._forward_hooks]
             assert not hooks, name  # replay runs no forward: it removes the view's one-shot hooks itself
+
+
+@pytest.mark.parametrize("name", ["tova", "snapkv", "knorm"])
+def test_with_project_context_only_a_press_scores_the_exact_keys(tiny_models, tmp_path, name):
+    """Layer 0 sees the embeddings, so its exact keys are the stock model's: a press on a project_context_only
+    model keeps there the tokens it keeps on the stock model (their keys projected); by default it scores the
+    projected keys."""
+    stock = stock_load(tiny_models["llama"])
+    _kv_output(tiny_models["llama"], 0.25, tmp_path / "kv")
+    kept = {}
+    for context_only in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "kv", trust_remote_code=True, dtype=torch.float32, project_context_only=context_only
+        ).eval()
+        kept[context_only] = (
+            replay(model, _presses("llama")[name], record_prefill(model, CONTEXT)).layers[0].keys
+        )
+    on_stock = replay(stock, _presses("llama")[name], record_prefill(stock, CONTEXT)).layers[0].keys
+    from llmsurgery.modeling.modeling_llmsurgery import PressView
+
+    expected = PressView(model.model.layers[0].self_attn).narrow("keys", on_stock)
+    torch.testing.assert_close(kept[True], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(kept[False], expected, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -208,6 +235,8 @@ def test_smollm2_output_takes_the_listed_presses_and_its_cache_stays_narrow(smol
 def test_smollm2_pipeline_runs_every_listed_press(smollm2_kv):
     from transformers import pipeline
 
+    require_kvpress()  # importing kvpress registers its pipeline
+
     model = AutoModelForCausalLM.from_pretrained(smollm2_kv, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_kv)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
@@ -223,6 +252,22 @@ def test_smollm2_pipeline_runs_every_listed_press(smollm2_kv):
         kept = cache.get_seq_length()  # the pipeline leaves the compressed context in the cache
         assert abs(kept - (1 - _ratio(press)) * tokens) <= 1 + (name == "composed"), (name, kept, tokens)
         assert cache_elements(cache) == dense_elements // tokens * kept, name
+    # Loaded with project_context_only (the prefill exact, the question's and answer's keys exact): the same
+    # pipeline, and the context it leaves in the cache as narrow.
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2_kv, trust_remote_code=True, project_context_only=True
+    )
+    pipe = pipeline("kv-press-text-generation", model=model.eval(), tokenizer=tokenizer)
+    for name in ("tova", "snapkv"):
+        cache = DynamicCache()
+        press = _listed_presses()[name]
+        answer = pipe(context, question=question, press=press, max_new_tokens=6, cache=cache)["answer"]
+        assert isinstance(answer, str) and answer.strip(), name
+        kept = cache.get_seq_length()
+        assert (
+            abs(kept - (1 - _ratio(press)) * tokens) <= 1
+            and cache_elements(cache) == dense_elements // tokens * kept
+        )
 
 
 @pytest.mark.real

@@ -163,6 +163,9 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
         assert {(f"kv {kind} press", 0.5), (f"kv {kind} keys only press", 0.75)} <= labels
         assert (f"kv {kind} keys only press p=0.75 + {model['best_press']['0.5']}", 0.5) in labels
     assert model["fallback"] and len(model["usable"]) == 5  # a random tiny model: dense scores 0 everywhere
+    runtimes = {m["label"]: m.get("runtime") for m in model["methods"] if m["label"].startswith("kv ")}
+    assert runtimes["kv trained"] == runtimes["kv pca keys only"] == "project_context_only"
+    assert runtimes["kv trained press"] is None  # a press runs on the stock model
     for m in model["methods"]:
         assert set(m["cells"]) == {f"{t}@512" for t in model["tasks"]}
         for cell in m["cells"].values():

@@ -190,6 +190,44 @@ def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
     assert run_cli("eval", out, "--tasks", "pydoc_ppl", "--limit", "2").exit_code == 0
 
 
+def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_models, tmp_path):
+    """--keys-only: one key rank (2 budget - 1) d, every value whole (an exact rotation). Loaded with
+    project_context_only, its prefill attends as the stock model does; the error of what reads the cache grows
+    as the budget shrinks."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    stock = load_model(str(tiny_models["llama"])).model.eval()
+    expected = logits_of(stock)
+    position = torch.arange(12, 20)[None]
+    with torch.no_grad():
+        cache = DynamicCache()
+        stock(input_ids=PROMPT[:, :12], past_key_values=cache)
+        later = stock(input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position).logits.double()
+    errors = []
+    for budget in (0.875, 0.75, 0.625):
+        out = tmp_path / f"k{budget}"
+        result = run_cli(
+            "kv-compress", tiny_models["llama"], "--budget", budget, "--keys-only", "--no-train",
+            *CALIB_ARGS[:6], "--output", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "llmsurgery_history.json").read_text())["passes"][-1]["report"]
+        rank = int((2 * budget - 1) * 16)
+        assert report["ranks_k"] == [[rank] * 2] * 6 and report["ranks_v"] == [[16] * 2] * 6
+        assert report["budget_reached"] == (rank + 16) / 32
+        assert "project_context_only=True" in (out / "README.md").read_text()  # the model card says how
+        model = AutoModelForCausalLM.from_pretrained(
+            out, trust_remote_code=True, dtype=torch.float32, project_context_only=True
+        ).eval()
+        with torch.no_grad():
+            cache = DynamicCache()
+            first = model(input_ids=PROMPT[:, :12], past_key_values=cache).logits.double()
+            got = model(input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position).logits.double()
+        torch.testing.assert_close(first, expected[:, :12], rtol=0, atol=1e-4)
+        errors.append(_kl(later, got))
+    assert 0 < errors[0] < errors[1] < errors[2], errors
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -197,6 +235,7 @@ def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
         (("--budget", "1.5"), "budget"),
         (("--budget", "0.5", "--v-init", "svd"), "v-init"),
         (("--budget", "0.5", "--rank-step", "0"), "rank-step"),
+        (("--budget", "0.5", "--keys-only"), "--keys-only keeps every value dim"),
     ],
 )
 def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):

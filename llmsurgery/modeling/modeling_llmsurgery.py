@@ -396,7 +396,8 @@ def absorbed_attention_forward(
     queries, keys = self.q_proj(hidden_states), self.k_proj(hidden_states)  # [B, T, sum qw], [B, T, sum kw]
     values = self.v_proj(hidden_states).unsqueeze(1)  # [B, 1, T, sum vw]
     cos, sin = position_embeddings  # [B, T, d]
-    q_groups, k_groups, q_at, k_at = [], [], 0, 0
+    tail = _keeps_exact_tail(self, cache, projection)
+    q_groups, k_groups, q_at, k_at, exact = [], [], 0, 0, []
     for g, width in enumerate(kw):
         qg = queries[..., q_at : q_at + n_rep * width].view(batch, length, n_rep, width)
         kg = keys[..., k_at : k_at + width].view(batch, length, 1, width)
@@ -412,6 +413,8 @@ def absorbed_attention_forward(
         )  # [B, n_rep, T, w], [B, 1, T, w]
         if layout.get("k"):  # MatryoshkaKV: post-RoPE keys and queries in the key basis, keys centred
             basis = self.key_basis[:, sum(layout["k"][:g]) : sum(layout["k"][: g + 1])]  # [d, r_k]
+            if tail:
+                exact.append((qg, kg - self.key_mean[g], basis))
             qg, kg = qg @ basis, (kg - self.key_mean[g]) @ basis
         if projection is not None:
             qg, kg = projection.keys(g, qg, kg)
@@ -419,12 +422,19 @@ def absorbed_attention_forward(
         k_groups.append(kg)
     kw = [kg.shape[-1] for kg in k_groups]
     keys = torch.cat(k_groups, dim=-1)  # [B, 1, T, sum of key widths]
+    prefill = False
     if cache is not None:
         close_press_views_(cache, self.layer_idx)
+        layer = _cache_layer(cache, self.layer_idx) if tail else None
+        before = layer.keys if layer is not None else None  # None too where the layer is made on this update
         # Positional cache_kwargs: what 4.56 names `cache_kwargs` and 5.x passes through to its cache layers.
         keys, values = cache.update(
             keys, values, self.layer_idx, {"cache_position": kwargs.get("cache_position")}
         )
+        layer = _cache_layer(cache, self.layer_idx) if tail else None
+        prefill = layer is not None and (before is None or before.numel() == 0)
+        if layer is not None:
+            q_groups, keys, kw = _with_exact_tail(self, layer, before, keys, q_groups, exact)
     implementation = self.config._attn_implementation
     attend = (
         eager_attention_forward
@@ -455,8 +465,122 @@ def absorbed_attention_forward(
         outputs.append(out.reshape(batch, length, -1))
         k_at, v_at = k_at + width, v_at + v_width
     if cache is not None and self._forward_hooks and projection is None:  # a hook (kvpress) may read it
-        open_press_view_(cache, self)
+        # a prefill that attended exactly shows a press its exact keys (it then scores tokens as on the stock model)
+        exact_keys = (
+            torch.cat([k + self.key_mean[g] for g, (_, k, _) in enumerate(exact)], 1) if prefill else None
+        )
+        open_press_view_(cache, self, exact_keys)
     return self.o_proj(torch.cat(outputs, dim=-1)), None
+
+
+# ----------------------------------------------------------------------------- exact keys after the prefill
+
+# A MatryoshkaKV layer's cache stores every token's key coordinates k~ = (k - mu) B, and by default every
+# attention reads projected keys, its own tokens' too. With ``project_context_only=True`` (a from_pretrained
+# keyword or config.json) a full-attention layer compresses only what it caches for later, as kvpress's presses
+# do: the prefill (a forward into an empty cache) attends over its own keys exactly and stores their
+# coordinates; a later forward (the question, each generated token) reads the context's projected keys
+# mu + k~ B^T and keeps its own tokens' keys exact, storing their residual (k - mu) - k~ B^T [d per KV head]
+# beside the cache (`exact_tail_bytes`), from one attention call over [q~ | q . mu | q] x [k~ | 1 | residual,
+# 0 for the context]. Values stay projected; a forward without a cache projects as by default. Projecting only
+# the context keeps long-range recall where projecting the question's keys loses it (README, long-range
+# recall). The residuals live in the cache layer's __dict__; anything else that rewrites the layer (a press, a
+# reorder, a copy) starts a new tail at its current length, so a stale residual is never read
+# (`copy_exact_tail_` carries it into a copy of batch rows).
+
+
+def _keeps_exact_tail(attn: nn.Module, cache, projection) -> bool:
+    """Whether this call records exact keys: a cache, a key basis, a full-attention layer, not training, not off."""
+    return (
+        cache is not None
+        and projection is None
+        and bool(attn.attention_layout.get("k"))
+        and not getattr(attn, "sliding_window", None)
+        and attn.config.__dict__.get("project_context_only") is True
+    )
+
+
+def _cache_layer(cache, index: int):
+    """The cache's layer `index` if it is a transformers full-attention dynamic layer (it may not exist yet: a
+    DynamicCache made without a config adds its layers on their first update), else None."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    layer = layers[index] if layers is not None and index < len(layers) else None
+    return layer if isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) else None
+
+
+def _with_exact_tail(attn, layer, before, keys, q_groups, exact):
+    """After the cache update: record this call's key residuals on `layer`; return the queries, keys and key
+    widths of one attention call. `exact`: per KV head (query, centred key, basis) before the projection."""
+    if before is None or before.numel() == 0:  # the prefill attends over its own keys exactly (the scores
+        # shift by q . mu, a constant per query) and leaves them projected in the cache
+        layer.__dict__["_exact_tail"] = {"start": keys.shape[-2], "residual": None, "keys": keys}
+        return (
+            [q for q, _, _ in exact],
+            torch.cat([k for _, k, _ in exact], dim=-1),
+            [q.shape[-1] for q, _, _ in exact],
+        )
+    state = _tail_state(layer, before)
+    new = torch.cat([k - (k @ b) @ b.T for _, k, b in exact], dim=-1)  # [B, 1, T, heads x d]
+    old = state["residual"]
+    state |= {"residual": new if old is None else torch.cat([old, new], dim=-2), "keys": keys}
+    residual = state["residual"]
+    lead = keys.new_zeros(*keys.shape[:-2], keys.shape[-2] - residual.shape[-2], residual.shape[-1])
+    residual = torch.cat([lead, residual], dim=-2).split(attn.head_dim, dim=-1)  # per head [B, 1, T, d]
+    ones = keys.new_ones(*keys.shape[:-1], 1)
+    narrow = keys.split([b.shape[1] for _, _, b in exact], dim=-1)
+    queries, key_parts = [], []
+    for g, ((q, _, _), q_narrow) in enumerate(zip(exact, q_groups)):
+        queries.append(torch.cat([q_narrow, (q * attn.key_mean[g]).sum(-1, keepdim=True), q], dim=-1))
+        key_parts.append(torch.cat([narrow[g], ones, residual[g]], dim=-1))
+    return queries, torch.cat(key_parts, dim=-1), [q.shape[-1] for q in queries]
+
+
+def _tail_state(layer, before: torch.Tensor) -> dict:
+    """The layer's tail record for the keys it holds now (`before`): kept, cut back after a crop, or started anew
+    at the current length when something else rewrote the layer."""
+    state = layer.__dict__.get("_exact_tail")
+    if state is None or not _continues(state["keys"], before):
+        state = {"start": before.shape[-2], "residual": None}
+    elif state["residual"] is not None and before.shape[-2] < state["keys"].shape[-2]:  # cropped
+        state["start"] = min(state["start"], before.shape[-2])
+        state["residual"] = state["residual"][..., : before.shape[-2] - state["start"], :]
+    layer.__dict__["_exact_tail"] = state
+    return state
+
+
+def copy_exact_tail_(source, target, rows: torch.Tensor, length: int) -> None:
+    """Carry `source`'s exact-key residuals over to `target`, a cache made of the batch rows `rows` of the first
+    `length` tokens of each of its layers (without them, `target` would read those tokens' keys projected)."""
+    for old, new in zip(getattr(source, "layers", []), getattr(target, "layers", [])):
+        state = old.__dict__.get("_exact_tail")
+        if state is None or state["residual"] is None or not _continues(state["keys"], old.keys):
+            continue
+        start = min(state["start"], length)
+        residual = state["residual"][rows.to(state["residual"].device), :, : length - start]
+        new.__dict__["_exact_tail"] = {"start": start, "residual": residual, "keys": new.keys}
+
+
+def exact_tail_bytes(cache) -> int:
+    """Bytes of the exact-key residuals a cache holds beside its packed tensors (the tokens after the prefill)."""
+    residuals = [
+        (layer.__dict__.get("_exact_tail") or {}).get("residual") for layer in getattr(cache, "layers", [])
+    ]
+    return sum(r.numel() * r.element_size() for r in residuals if r is not None)
+
+
+def _continues(recorded: torch.Tensor, before: torch.Tensor) -> bool:
+    """Whether the layer's keys are still those recorded after the last call, or a crop of them."""
+    if before is recorded:
+        return True
+    return (
+        before.data_ptr() == recorded.data_ptr()
+        and before.shape[:-2] == recorded.shape[:-2]
+        and before.shape[-1] == recorded.shape[-1]
+        and before.shape[-2] <= recorded.shape[-2]
+        and before.stride() == recorded.stride()
+    )
 
 
 # ----------------------------------------------------------------------------- presses on the packed cache
@@ -496,10 +620,13 @@ def press_maps(attn: nn.Module, kind: str) -> list[tuple[torch.Tensor, torch.Ten
 
 
 class PressView:
-    """The lens through which a press sees one packed cache layer: full-width reads, narrow writes."""
+    """The lens through which a press sees one packed cache layer: full-width reads, narrow writes.
 
-    def __init__(self, attn: nn.Module):
-        self.attn, self._maps = attn, {}
+    exact_keys [B, KV heads, T, d]: what a press reads as the layer's keys while they are the T tokens of a
+    prefill that attended over them exactly (project_context_only), instead of their projection."""
+
+    def __init__(self, attn: nn.Module, exact_keys: torch.Tensor | None = None):
+        self.attn, self._maps, self.exact_keys = attn, {}, exact_keys
 
     def _maps_for(self, kind: str, device, dtype) -> list:
         if kind not in self._maps:
@@ -511,6 +638,9 @@ class PressView:
 
     def widen(self, kind: str, narrow: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, sum of widths] -> [B, KV heads, T, d]: x~ B^T + mu per head (float32 or wider)."""
+        exact = self.exact_keys
+        if kind == "keys" and exact is not None and exact.shape[::2] == narrow.shape[::2]:
+            return exact.to(narrow.dtype)
         compute = torch.promote_types(narrow.dtype, torch.float32)
         maps = self._maps_for(kind, narrow.device, compute)
         parts = narrow[:, 0].to(compute).split([b.shape[1] for b, _ in maps], dim=-1)
@@ -554,7 +684,7 @@ _VIEW_PROPERTIES = {
 _VIEW_CLASSES: dict[type, type] = {}
 
 
-def open_press_view_(cache, attn: nn.Module):
+def open_press_view_(cache, attn: nn.Module, exact_keys: torch.Tensor | None = None):
     """Let the forward hooks of `attn` (kvpress presses) read its cache layer at full width until they have run.
 
     Called at the end of `attn`'s forward: a one-shot hook registered now runs after every hook registered
@@ -576,7 +706,7 @@ def open_press_view_(cache, attn: nn.Module):
         for kind_name in ("keys", "values"):
             layer.__dict__["_narrow_" + kind_name] = layer.__dict__.pop(kind_name, None)
         layer.__class__ = _VIEW_CLASSES[kind]
-    layer.__dict__["_press_view"] = PressView(attn)
+    layer.__dict__["_press_view"] = PressView(attn, exact_keys)
 
     def close(module, args, output):
         close_press_views_(cache, module.layer_idx)
@@ -604,9 +734,14 @@ def install_attention_layout_(model: nn.Module) -> None:
 
 
 class _SurgeryMixin:
-    """Put first in the bases: builds the wrapped causal LM, then switches on what config.json asks for."""
+    """Put first in the bases: builds the wrapped causal LM, then switches on what config.json asks for.
 
-    def __init__(self, config):
+    ``from_pretrained(..., project_context_only=True)`` (kv-compress outputs): see "exact keys after the
+    prefill" above; config.json may hold it too."""
+
+    def __init__(self, config, project_context_only: bool | None = None):
+        if project_context_only is not None:
+            config.project_context_only = bool(project_context_only)
         super().__init__(config)
         if getattr(config, "attention_layout", None):
             install_attention_layout_(self)

@@ -55,6 +55,12 @@ class KVCompress(PassConfig):
     budget: float = Field(gt=0, le=1, description="cached K+V dims to keep, a fraction of the original")
     train: bool = Field(True, description="Matryoshka-train the projections (else PCA only)")
     uniform: bool = Field(False, description="one rank for every head instead of the rank search")
+    keys_only: bool = Field(
+        False,
+        alias="keys-only",
+        description="project the keys only, values kept whole: one key rank (2 budget - 1) x head_dim for every "
+        "head, so budget > 0.5; with project_context_only at load, what long-range recall needs (README)",
+    )
     train_steps: int = Field(
         defaults.KV_TRAIN_STEPS,
         alias="train-steps",
@@ -109,7 +115,7 @@ class KVCompress(PassConfig):
 
     @property
     def streamable(self) -> bool:  # PCA init and folding are per layer; training and the search are not
-        return not self.train and self.uniform and self.v_init == "pca"
+        return not self.train and not self.searches and self.v_init == "pca"
 
     def apply_streamed_(self, streamed, run, writer=None) -> KVCompressReport:
         """PCA bases one layer at a time, folded at the uniform ranks and written as each layer is done."""
@@ -141,8 +147,13 @@ class KVCompress(PassConfig):
         return (
             [self.calib]
             + ([self.train_calib] if self.train else [])
-            + ([self.search_calib] if not self.uniform else [])
+            + ([self.search_calib] if self.searches else [])
         )
+
+    @property
+    def searches(self) -> bool:
+        """Whether the ranks come from the search (keys-only ranks are uniform)."""
+        return not self.uniform and not self.keys_only
 
     def check(self, ctx: CheckContext) -> None:
         from ...data_parallel import check_batch
@@ -158,6 +169,11 @@ class KVCompress(PassConfig):
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
             raise UserError(
                 f"--rank-step {step} does not divide head_dim {head_dim}; choose one of {', '.join(map(str, divisors))}"
+            )
+        if self.keys_only and (2 * self.budget - 1) * head_dim < step:
+            raise UserError(
+                f"--keys-only keeps every value dim, so --budget must leave the keys at least one rank step "
+                f"({step} of {head_dim} dims): above {0.5 + step / (2 * head_dim):g}, not {self.budget:g}"
             )
         if self.budget < step / head_dim:
             raise UserError(
@@ -180,7 +196,7 @@ class KVCompress(PassConfig):
         batches = {
             "pca": run.windows(self.calib),
             "train": run.windows(self.train_calib) if self.train else None,
-            "search": run.windows(self.search_calib) if not self.uniform else None,
+            "search": run.windows(self.search_calib) if self.searches else None,
         }
         report = kv_compress_(model.model, self, batches, sharded=run.sharded)
         return KVCompressReport(**report, calibration_tokens=int(batches["pca"].numel()))

@@ -16,7 +16,8 @@ into v_proj (bias ``(b - mu^V) U^V_r``); the output ``(a v~) U^V_r^T + mu^V`` is
    loss ``0.25 KL(original || compressed) + 0.75 LM``; AdamW, cosine schedule.
 3. Ranks: uniform ranks for the budget (``sum(r^K + r^V) / (2 L G d) <= budget``), then rank steps moved
    between heads on output KL (`search_ranks`, scored to first order through per-step gates and kept only
-   when the exact KL on held-out windows falls); or uniform only. The paper lowers ranks greedily from
+   when the exact KL on held-out windows falls); or uniform only; or keys only (every value whole, one key rank
+   (2 budget - 1) d, for caches that project the context only). The paper lowers ranks greedily from
    full, one step at a time; on this CPU that costs hours, and the exact one-window versions tried here
    fitted the few search tokens they could afford (measured: README).
 """
@@ -311,6 +312,17 @@ def uniform_ranks(state: MatryoshkaState, budget: float) -> dict:
     }
 
 
+def keys_only_ranks(state: MatryoshkaState, budget: float) -> dict:
+    """Every value at its whole width and one key rank r for every head: (r + d) / 2d <= budget."""
+    r = int((2 * budget - 1) * state.d / state.step) * state.step
+    return {"k": [[r] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]}
+
+
+def fixed_ranks(state: MatryoshkaState, cfg) -> dict:
+    """The ranks of a pass that does not search them: keys only, or uniform."""
+    return keys_only_ranks(state, cfg.budget) if cfg.keys_only else uniform_ranks(state, cfg.budget)
+
+
 def _total_kl(
     model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int
 ) -> float:
@@ -542,9 +554,9 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
             report["loss_curve"] = train_(model, state, batches["train"], cfg, sharded)
             report["train_tokens"] = cfg.train_steps * cfg.batch_size * batches["train"].shape[1]
         ranks = (
-            uniform_ranks(state, cfg.budget)
-            if cfg.uniform
-            else search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
+            search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
+            if cfg.searches
+            else fixed_ranks(state, cfg)
         )
     finally:
         detach_(saved)
@@ -580,7 +592,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
     state = MatryoshkaState(head_dim, [[head_dim] * groups for _ in range(streamed.n_layers)], step).to(
         streamed.device
     )
-    ranks = uniform_ranks(state, cfg.budget)
+    ranks = fixed_ranks(state, cfg)
     state.set_ranks(ranks)
     layouts = []
 

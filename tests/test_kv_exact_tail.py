@@ -1,0 +1,146 @@
+"""A kv-compress model run with project_context_only: the prefill attends exactly and stores its keys
+projected; later tokens read those projected keys and keep their own exact.
+
+The reference is the stock model with an attention function that projects what the packed model projects:
+each KV head's keys of the first `narrow` cached tokens onto mu + B B^T (k - mu) (every token on a sliding
+layer, which keeps no exact tail), and every value onto its value basis.
+"""
+
+import pytest
+import torch
+from helpers import PROMPT
+from test_matryoshka_kv import _compressed
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from llmsurgery.inspection import describe
+from llmsurgery.kv_presses import copy_cache
+from llmsurgery.model_io import load_model
+from llmsurgery.modeling.modeling_llmsurgery import copy_exact_tail_, exact_tail_bytes, press_maps
+
+PREFILL, QUESTION = 8, 5
+
+
+def _project(x: torch.Tensor, maps, upto: int | None) -> torch.Tensor:
+    """x [B, KV heads, T, d] with the first `upto` tokens (None: all) of each head projected on its map."""
+    x = x.clone()
+    for g, (basis, mean) in enumerate(maps):
+        rows = x[:, g, :upto]
+        x[:, g, :upto] = mean + ((rows - mean) @ basis) @ basis.T
+    return x
+
+
+def _reference(stock, packed, narrow: dict):
+    """Point `stock` at an attention that projects as `packed` does; narrow["tokens"]: the projected key prefix."""
+    layers = packed.model.layers
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        attn = layers[module.layer_idx].self_attn
+        sliding = getattr(module, "sliding_window", None)
+        key = _project(key, press_maps(attn, "keys"), None if sliding else narrow["tokens"])
+        value = _project(value, press_maps(attn, "values"), None)
+        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("llmsurgery_test_projected", attend)
+    AttentionMaskInterface.register("llmsurgery_test_projected", eager_mask)
+    stock.set_attn_implementation("llmsurgery_test_projected")
+
+
+@torch.no_grad()
+def _steps(model, cache, *chunks):
+    """Logits of each chunk of PROMPT fed in turn through `cache`."""
+    out, at = [], 0
+    for n in chunks:
+        out.append(_step(model, cache, at, n))
+        at += n
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3_text"])
+def pair(request, tiny_models):
+    packed = _compressed(tiny_models[request.param], budget=0.5, train=False, uniform=True)[0].model.eval()
+    packed.config.project_context_only = True
+    stock = load_model(str(tiny_models[request.param])).model.eval()
+    return packed, stock
+
+
+def test_later_tokens_keep_exact_keys(pair, tmp_path):
+    packed, stock = pair
+    narrow = {"tokens": 0}
+    _reference(stock, packed, narrow)
+    cache = DynamicCache()  # its layers are made on their first update
+    got = _steps(packed, cache, PREFILL, QUESTION, 1, 1)
+    reference = DynamicCache(config=stock.config)
+    want = [_step(stock, reference, 0, PREFILL)]
+    narrow["tokens"] = PREFILL
+    want += [_step(stock, reference, PREFILL, QUESTION), _step(stock, reference, PREFILL + QUESTION, 1)]
+    want += [_step(stock, reference, PREFILL + QUESTION + 1, 1)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+    # The question and the two tokens after it keep d exact key dims per KV head in each full-attention layer.
+    config = packed.config
+    full = [
+        t != "sliding_attention" for t in getattr(config, "layer_types", None) or ["full"] * len(cache.layers)
+    ]
+    per_token = config.num_key_value_heads * config.head_dim * 4 * sum(full)
+    assert exact_tail_bytes(cache) == (QUESTION + 2) * per_token
+    expected = describe(_saved(packed, tmp_path))
+    assert expected["kv_cache_bytes_per_later_token"] == expected["kv_cache_bytes_per_token"] + per_token
+    # By default every token is projected, the prefill's own attention too.
+    narrow["tokens"] = None
+    config.project_context_only = False
+    try:
+        off = _steps(packed, DynamicCache(config=config), PREFILL, QUESTION, 1, 1)
+    finally:
+        config.project_context_only = True
+    ref = _steps(stock, DynamicCache(config=stock.config), PREFILL, QUESTION, 1, 1)
+    for g, w in zip(off, ref):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+    assert min(float((a - b).abs().max()) for a, b in zip(got, off)) > 1e-3
+
+
+def test_a_rewritten_cache_never_reads_a_stale_tail(pair):
+    """A crop keeps the residuals of the tokens it keeps; a cache rebuilt from the layers' tensors (a copy, a
+    press, a reorder) starts its exact tail at its current length, unless copy_exact_tail_ carries it over."""
+    packed, stock = pair
+    if getattr(packed.config, "sliding_window", None):
+        pytest.skip("a sliding layer's cache cannot be cropped or copied token for token")
+    narrow = {"tokens": 0}
+    _reference(stock, packed, narrow)
+    cache = DynamicCache(config=packed.config)
+    _steps(packed, cache, PREFILL, QUESTION)
+    cache.crop(-2)  # the last two question tokens again: exact
+    again = _step(packed, cache, PREFILL + QUESTION - 2, 2)
+    reference = DynamicCache(config=stock.config)
+    _step(stock, reference, 0, PREFILL)
+    narrow["tokens"] = PREFILL
+    want = _step(stock, reference, PREFILL, QUESTION)[:, -2:]
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-4)
+
+    copies = [DynamicCache(config=packed.config) for _ in range(2)]
+    for copy in copies:
+        for i, layer in enumerate(cache.layers):
+            copy.update(layer.keys, layer.values, i)
+    copy_exact_tail_(cache, copies[0], torch.tensor([0]), PREFILL + QUESTION)
+    carried = _step(packed, copies[0], PREFILL + QUESTION, 2)
+    plain = _step(packed, copies[1], PREFILL + QUESTION, 2)
+    fork = copy_cache(reference)
+    torch.testing.assert_close(carried, _step(stock, fork, PREFILL + QUESTION, 2), rtol=0, atol=1e-4)
+    narrow["tokens"] = PREFILL + QUESTION  # the plain copy holds the question's keys projected
+    torch.testing.assert_close(plain, _step(stock, reference, PREFILL + QUESTION, 2), rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def _step(model, cache, at: int, n: int):
+    ids, positions = PROMPT[:, at : at + n], torch.arange(at, at + n)[None]
+    return model(input_ids=ids, past_key_values=cache, position_ids=positions).logits.double()
+
+
+def _saved(model, folder) -> str:
+    """config.json of `model` in `folder` with one empty weight file: what `describe` reads."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    save_file({}, folder / "model.safetensors")
+    return str(folder)
