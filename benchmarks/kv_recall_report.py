@@ -143,23 +143,31 @@ def summary_lines(result: dict) -> list[str]:
         return [f"dense {score(methods[0], [k])[0]:.1f} at {k}" for k in methods[0]["cells"]]
     lines = []
     for b in result["budgets"]:
+        here = [x for x in methods if x["budget"] == b]
         text = f"b={b:g}:"
-        for side in ("llmsurgery", "kvpress"):
-            m = best([x for x in methods if x["side"] == side and x["budget"] == b], usable)
+        for side in ("llmsurgery", "kvpress"):  # llmsurgery: the kv-compress models, whose memory is real
+            m = best([x for x in here if x["side"] == side and not _counted(x)], usable)
             text += f" {side} {score(m, usable)[0]:.1f} ({m['label']})" if m else f" {side} -"
-        lines.append(text)
-    keys_only = [
-        m
-        for m in methods
-        if m["side"] == "llmsurgery" and m["label"].endswith(("keys only", "keys only press"))
-    ]
+        lines.append(text + _press_note([x for x in here if _counted(x)], usable))
+    keys_only = [m for m in methods if m["side"] == "llmsurgery" and m["label"].endswith("keys only")]
     keys, think = best([m for m in keys_only if m["budget"] == 0.75], usable), _find(methods, "think", 0.75)
     if keys and think and cells_of(think, usable):
+        presses = [m for m in methods if m["label"].endswith("keys only press") and m["budget"] == 0.75]
         lines.append(
             f"b=0.75 keys only: llmsurgery {score(keys, usable)[0]:.1f} ({keys['label']}, r_k = d/2) "
-            f"kvpress {score(think, usable)[0]:.1f} (think, 50% of key channels)"
+            f"kvpress {score(think, usable)[0]:.1f} (think, 50% of key channels)" + _press_note(presses, usable)
         )
     return lines
+
+
+def _counted(m: dict) -> bool:
+    """A projection press on the stock model: its memory is counted (the r coordinates), not realized."""
+    return m["side"] == "llmsurgery" and " press" in m["label"]
+
+
+def _press_note(presses: list[dict], usable) -> str:
+    m = best(presses, usable)
+    return f"; as a press, memory counted: {score(m, usable)[0]:.1f} ({m['label']})" if m else ""
 
 
 def save_plot(results: list[dict], path: Path) -> None:
@@ -189,9 +197,10 @@ def save_plot(results: list[dict], path: Path) -> None:
                     for b, ms in sorted(by_budget.items())
                     if any(cells_of(m, keys) for m in ms)
                 ]
-                if points:
-                    style = "-" if label.startswith("kv ") else "--"
-                    ax.plot(*zip(*points), style, marker="o", ms=3, lw=1.2, label=label, color=color)
+                if points:  # kv-compress models solid and thick, presses on the stock model dashed
+                    model = label.startswith("kv ") and " press" not in label
+                    style, width = ("-", 2.4) if model else ("--", 1.0)
+                    ax.plot(*zip(*points), style, marker="o", ms=3, lw=width, label=label, color=color)
             if keys:
                 ax.axhline(score(methods[0], keys)[0], color="black", lw=0.8, ls=":", label="dense")
             lengths = sorted({int(k.split("@")[1]) for k in keys})
