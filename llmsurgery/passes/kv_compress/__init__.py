@@ -107,7 +107,7 @@ class KVCompress(PassConfig):
 
     @property
     def memory_factor(self) -> float:  # training and the search keep activations for the backward pass
-        return 1.5 if self.train or not self.uniform else 1.25
+        return 1.5 if self.train or self.searches else 1.25
 
     @property
     def trains(self) -> bool:
