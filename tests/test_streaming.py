@@ -92,6 +92,13 @@ def test_streamed_kv_compress_is_the_in_memory_one(tiny_model, tmp_path):
     assert report["budget_reached"] == 0.5
 
 
+def test_streamed_keys_only_kv_compress_is_the_in_memory_one(tiny_models, tmp_path):
+    _, report = _streamed_equals_whole(
+        tmp_path, "kv-compress", tiny_models["llama"], "--budget", "0.75", "--no-train", "--keys-only"
+    )
+    assert report["budget_reached"] == 0.75 and report["values_share"] == 1.0
+
+
 def test_dtype_auto_keeps_a_bfloat16_checkpoint_bfloat16(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
