@@ -434,7 +434,7 @@ def absorbed_attention_forward(
         layer = _cache_layer(cache, self.layer_idx) if tail else None
         prefill = layer is not None and (before is None or before.numel() == 0)
         if layer is not None:
-            q_groups, keys, kw = _with_exact_tail(self, layer, before, keys, q_groups, exact)
+            q_groups, keys, kw = _with_exact_tail(self, layer, before, keys, q_groups, exact, prefill)
     implementation = self.config._attn_implementation
     attend = (
         eager_attention_forward
@@ -510,10 +510,10 @@ def _cache_layer(cache, index: int):
     return layer if isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) else None
 
 
-def _with_exact_tail(attn, layer, before, keys, q_groups, exact):
+def _with_exact_tail(attn, layer, before, keys, q_groups, exact, prefill: bool):
     """After the cache update: record this call's key residuals on `layer`; return the queries, keys and key
     widths of one attention call. `exact`: per KV head (query, centred key, basis) before the projection."""
-    if before is None or before.numel() == 0:  # the prefill attends over its own keys exactly (the scores
+    if prefill:  # the prefill attends over its own keys exactly (the scores
         # shift by q . mu, a constant per query) and leaves them projected in the cache
         layer.__dict__["_exact_tail"] = {"start": keys.shape[-2], "residual": None, "keys": keys}
         return (
