@@ -64,6 +64,10 @@ EVICTION_PRESSES = ("snapkv", "streamingllm", "tova", "expected_attention", "kno
 # How the kv-compress models run (modeling_llmsurgery): the prefill attends exactly and caches its coordinates,
 # the later tokens keep exact keys. Rows of an earlier run without this mark (every token projected) do not carry.
 RUNTIME = "project_context_only"
+# How the presses run (llmsurgery.kv_presses.window_safe): kept tokens in order, sliding windows kept first. Without
+# it, a model with sliding-window layers scored 0 under every press: an earlier run's rows of such a model without
+# this mark do not carry.
+PRESSES = "window_safe"
 
 
 @dataclass
@@ -498,14 +502,18 @@ def _sliced(entry: dict, digests: dict, samples: int, earlier_samples: int) -> d
     return entry | {"cells": cells}
 
 
-def _earlier_run(args, name: str, digests: dict) -> dict | None:
+def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
     """With --resume FILE: that run's result for `name` if its settings cover these (the same budgets, seed and
-    haystack; these tasks, lengths and samples among its own) and its kvpress step finished, every method's entry
-    cut to these cells. Cells whose samples differ from these (a run that recorded digests) are refused."""
+    haystack; these tasks, lengths and samples among its own) and its kvpress step finished (with window-safe
+    presses, for a model with `sliding` window layers), every method's entry cut to these cells. Cells whose
+    samples differ from these (a run that recorded digests) are refused."""
     if not args.resume:
         return None
     for result in json.loads(Path(args.resume).read_text()):
         if result["model"] != name or "best_press" not in result or not _covers(result["settings"], args):
+            continue
+        if sliding and result.get("presses") != PRESSES:
+            print(f"{name}: {args.resume} ran presses that were not window-safe: they do not carry", flush=True)
             continue
         theirs = result.get("sample_digests")
         for key, ours in digests.items():
@@ -590,6 +598,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         "settings": _settings(args),
         "machine": _machine(args),
         "sample_digests": sample_digests(cells),
+        "presses": PRESSES,
     }
     results.append(result)
     clock = time.perf_counter()
@@ -601,7 +610,8 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         clock = time.perf_counter()
         save()
 
-    earlier = _earlier_run(args, name, result["sample_digests"])
+    sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+    earlier = _earlier_run(args, name, result["sample_digests"], sliding)
     carried = earlier["entries"] if earlier else {}
     if earlier:  # --resume: the dense and kvpress results of an earlier run whose settings cover these
         for m in stock:

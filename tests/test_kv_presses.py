@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from helpers import run_cli, stock_load
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -25,6 +26,7 @@ from llmsurgery.kv_presses import (
     require_kvpress,
     stored_widths,
     think_press,
+    window_safe,
 )
 
 # Needs the kvpress extra; scripts/test.sh runs `-m kvpress` in a second venv that has it and `-m "not kvpress"`
@@ -100,6 +102,48 @@ def test_replaying_a_recorded_prefill_gives_the_live_hooks_cache(tiny_models, tm
                 assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), name
             hooks = [h for layer in model.model.layers for h in layer.self_attn._forward_hooks]
             assert not hooks, name  # replay runs no forward: it removes the view's one-shot hooks itself
+
+
+def _raw(name: str, ratio: float):
+    """kvpress's press as kvpress makes it (not window_safe)."""
+    kvpress = require_kvpress()
+    classes = {"tova": kvpress.TOVAPress, "snapkv": kvpress.SnapKVPress, "knorm": kvpress.KnormPress}
+    return classes[name](compression_ratio=ratio)
+
+
+def _all_sliding_gemma3():
+    config = tiny_config("gemma3_text")
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", ["tova", "snapkv", "knorm"])
+def test_window_safe_press_keeps_what_sliding_windows_read(name):
+    """Every layer slides over 8 tokens: a window-safe press keeping half of 120 keeps all that the windows read,
+    so the next tokens' logits are the dense ones; kvpress's own press leaves the windows reading other tokens."""
+    model = _all_sliding_gemma3()
+    dense, _ = _pressed_logits(model, require_kvpress().StreamingLLMPress(compression_ratio=0.0))
+    safe, cache = _pressed_logits(model, window_safe(_raw(name, 0.5)))
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [60 + NEXT.shape[1]] * len(cache.layers)
+    torch.testing.assert_close(safe, dense, rtol=0, atol=1e-5)
+    raw, _ = _pressed_logits(model, _raw(name, 0.5))
+    assert not torch.allclose(raw, dense, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["tova", "snapkv", "knorm"])
+def test_window_safe_press_on_full_attention_keeps_the_same_tokens_in_order(tiny_models, name):
+    model = stock_load(tiny_models["llama"])
+    record = record_prefill(model, CONTEXT)
+    raw, safe = replay(model, _raw(name, 0.6), record), replay(model, window_safe(_raw(name, 0.6)), record)
+    for dense, a, b in zip(record.cache.layers, raw.layers, safe.layers):
+        for head in range(dense.keys.shape[1]):
+            rows = dense.keys[0, head]
+            where = lambda kept: (kept[0, head][:, None] == rows[None]).all(-1).int().argmax(-1)  # noqa: E731
+            raw_at, safe_at = where(a.keys), where(b.keys)
+            assert torch.equal(safe_at, raw_at.sort().values), name
+            assert (safe_at.diff() > 0).all(), name
+            torch.testing.assert_close(b.keys[0, head], rows[safe_at], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["tova", "snapkv", "knorm"])

@@ -202,3 +202,22 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     )
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
     assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
+
+
+def test_resume_of_a_sliding_window_model_needs_window_safe_presses(tmp_path):
+    """kvpress's own presses scored 0 on Gemma3's sliding-window layers: an earlier run of such a model carries
+    over only if its presses were window-safe; a model without sliding windows carries either."""
+    import kv_recall
+
+    from llmsurgery.errors import UserError
+
+    path = tmp_path / "r.json"
+    path.write_text("[]")
+    args = kv_recall.parse_args(["--models", "m", "--samples", "1", "--resume", str(path)])
+    earlier = {"model": "m", "best_press": {}, "settings": kv_recall._settings(args), "methods": []}
+    path.write_text(json.dumps([earlier]))
+    assert kv_recall._earlier_run(args, "m", {}, sliding=False) is not None
+    with pytest.raises(UserError, match="holds no finished kvpress step"):
+        kv_recall._earlier_run(args, "m", {}, sliding=True)
+    path.write_text(json.dumps([earlier | {"presses": kv_recall.PRESSES}]))
+    assert kv_recall._earlier_run(args, "m", {}, sliding=True) is not None

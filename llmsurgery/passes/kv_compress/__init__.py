@@ -43,7 +43,7 @@ class KVCompressReport(Report):
 class KVCompress(PassConfig):
     """PCA-initialised, Matryoshka-trained projections per KV head, cut to ranks that meet a cache budget."""
 
-    streams_as: ClassVar[str | None] = "kv-compress --no-train --uniform --v-init pca"
+    streams_as: ClassVar[str | None] = "kv-compress --no-train --v-init pca with --uniform or --keys-only"
     saved_as: ClassVar[str] = "KV-compressed model"
     column: ClassVar[str] = "compressed"
     command_help: ClassVar[str] = (
