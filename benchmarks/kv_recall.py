@@ -513,7 +513,7 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
         if result["model"] != name or "best_press" not in result or not _covers(result["settings"], args):
             continue
         if sliding and result.get("presses") != PRESSES:
-            print(f"{name}: {args.resume} ran presses that were not window-safe: they do not carry", flush=True)
+            print(f"{name}: {args.resume} ran presses that were not window-safe: not carried", flush=True)
             continue
         theirs = result.get("sample_digests")
         for key, ours in digests.items():
