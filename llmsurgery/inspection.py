@@ -27,23 +27,15 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 
 def kv_bytes_per_later_token(config: dict, dtype_bytes: int) -> int | None:
     """Bytes per token cached after the prefill of a kv-compress model run with project_context_only, whose
-    full-attention layers keep those tokens' exact keys beside their coordinates; None when no layer keeps them."""
+    layers with a key basis keep those tokens' exact keys beside their coordinates (a windowed sliding layer only
+    while they are in its window); None when no layer keeps them."""
     layouts = config.get("attention_layout") or []
     if config.get("project_context_only") is not True or not any(layout.get("k") for layout in layouts):
         return None
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    types = config.get("layer_types") or [
-        "sliding_attention"
-        if config.get("sliding_window") and config.get("use_sliding_window", True)
-        else "full"
-    ] * len(layouts)
-    exact = sum(
-        kv_heads * head_dim
-        for layout, kind in zip(layouts, types)
-        if layout.get("k") and kind != "sliding_attention"
-    )
+    exact = sum(kv_heads * head_dim for layout in layouts if layout.get("k"))
     return kv_bytes_per_token(config, dtype_bytes) + exact * dtype_bytes
 
 

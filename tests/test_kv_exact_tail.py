@@ -1,9 +1,9 @@
 """A kv-compress model run with project_context_only: the prefill attends exactly and stores its keys
 projected; later tokens read those projected keys and keep their own exact.
 
-The reference is the stock model with an attention function that projects what the packed model projects:
-each KV head's keys of the first `narrow` cached tokens onto mu + B B^T (k - mu) (every token on a sliding
-layer, which keeps no exact tail), and every value onto its value basis.
+The reference is the stock model (its cache made without a config: every layer holds every token) with an
+attention function that projects what the packed model projects: each KV head's keys of the first `narrow`
+cached tokens onto mu + B B^T (k - mu), and every value onto its value basis.
 """
 
 import pytest
@@ -38,7 +38,8 @@ def _reference(stock, packed, narrow: dict):
     def attend(module, query, key, value, attention_mask, **kwargs):
         attn = layers[module.layer_idx].self_attn
         sliding = getattr(module, "sliding_window", None)
-        key = _project(key, press_maps(attn, "keys"), None if sliding else narrow["tokens"])
+        upto = narrow["sliding" if sliding and "sliding" in narrow else "tokens"]
+        key = _project(key, press_maps(attn, "keys"), upto)
         value = _project(value, press_maps(attn, "values"), None)
         return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -80,19 +81,16 @@ def test_later_tokens_keep_exact_keys(pair, tmp_path):
     _reference(stock, packed, narrow)
     cache = DynamicCache()  # its layers are made on their first update
     got = _steps(packed, cache, PREFILL, QUESTION, 1, 1)
-    reference = DynamicCache(config=stock.config)
+    reference = DynamicCache()
     want = [_step(stock, reference, 0, PREFILL)]
     narrow["tokens"] = PREFILL
     want += [_step(stock, reference, PREFILL, QUESTION), _step(stock, reference, PREFILL + QUESTION, 1)]
     want += [_step(stock, reference, PREFILL + QUESTION + 1, 1)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
-    # The question and the two tokens after it keep d exact key dims per KV head in each full-attention layer.
+    # The question and the two tokens after it keep d exact key dims per KV head in every layer.
     config = packed.config
-    full = [
-        t != "sliding_attention" for t in getattr(config, "layer_types", None) or ["full"] * len(cache.layers)
-    ]
-    per_token = config.num_key_value_heads * config.head_dim * 4 * sum(full)
+    per_token = config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers
     assert exact_tail_bytes(cache) == (QUESTION + 2) * per_token
     expected = describe(_saved(packed, tmp_path))
     assert expected["kv_cache_bytes_per_later_token"] == expected["kv_cache_bytes_per_token"] + per_token
@@ -109,6 +107,27 @@ def test_later_tokens_keep_exact_keys(pair, tmp_path):
     assert min(float((a - b).abs().max()) for a, b in zip(got, off)) > 1e-3
 
 
+def test_a_windowed_sliding_layer_keeps_each_later_forward_exact(tiny_models):
+    """DynamicCache(config=...) windows Gemma3's sliding layers (the last window - 1 = 7 tokens): after a prefill
+    that fills the window, each later forward's own keys are exact there, the earlier ones projected; the
+    full-attention layers keep the whole tail."""
+    packed, stock = _pair(tiny_models, "gemma3_text")
+    assert packed.config.sliding_window - 1 < PREFILL
+    narrow = {"tokens": 0}
+    _reference(stock, packed, narrow)
+    got = _steps(packed, DynamicCache(config=packed.config), PREFILL, QUESTION, 1, 1)
+    reference = DynamicCache()
+    want = [_step(stock, reference, 0, PREFILL)]
+    narrow["tokens"] = PREFILL
+    for at, n in ((PREFILL, QUESTION), (PREFILL + QUESTION, 1), (PREFILL + QUESTION + 1, 1)):
+        narrow["sliding"] = at  # everything before this forward
+        want.append(_step(stock, reference, at, n))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+    whole = _steps(packed, DynamicCache(), PREFILL, QUESTION, 1, 1)  # every layer keeps the whole tail
+    assert float((got[-1] - whole[-1]).abs().max()) > 1e-3
+
+
 def test_a_rewritten_cache_never_reads_a_stale_tail(full_attention_pair):
     """A crop keeps the residuals of the tokens it keeps; a cache rebuilt from the layers' tensors (a copy, a
     press, a reorder) starts its exact tail at its current length, unless copy_exact_tail_ carries it over."""
@@ -119,7 +138,7 @@ def test_a_rewritten_cache_never_reads_a_stale_tail(full_attention_pair):
     _steps(packed, cache, PREFILL, QUESTION)
     cache.crop(-2)  # the last two question tokens again: exact
     again = _step(packed, cache, PREFILL + QUESTION - 2, 2)
-    reference = DynamicCache(config=stock.config)
+    reference = DynamicCache()
     _step(stock, reference, 0, PREFILL)
     narrow["tokens"] = PREFILL
     want = _step(stock, reference, PREFILL, QUESTION)[:, -2:]

@@ -190,13 +190,14 @@ def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
     assert run_cli("eval", out, "--tasks", "pydoc_ppl", "--limit", "2").exit_code == 0
 
 
-def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_models, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_models, tmp_path, arch):
     """--keys-only: one key rank (2 budget - 1) d, every value whole (an exact rotation). Loaded with
-    project_context_only, its prefill attends as the stock model does; the error of what reads the cache grows
-    as the budget shrinks."""
+    project_context_only, its prefill attends as the stock model does (sliding-window layers too); the error of
+    what reads the cache grows as the budget shrinks."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    stock = load_model(str(tiny_models["llama"])).model.eval()
+    stock = load_model(str(tiny_models[arch])).model.eval()
     expected = logits_of(stock)
     position = torch.arange(12, 20)[None]
     with torch.no_grad():
@@ -207,7 +208,7 @@ def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_m
     for budget in (0.875, 0.75, 0.625):
         out = tmp_path / f"k{budget}"
         result = run_cli(
-            "kv-compress", tiny_models["llama"], "--budget", budget, "--keys-only", "--no-train",
+            "kv-compress", tiny_models[arch], "--budget", budget, "--keys-only", "--no-train",
             *CALIB_ARGS[:6], "--output", out,
         )  # fmt: skip
         assert result.exit_code == 0, result.output

@@ -477,7 +477,7 @@ def absorbed_attention_forward(
 
 # A MatryoshkaKV layer's cache stores every token's key coordinates k~ = (k - mu) B, and by default every
 # attention reads projected keys, its own tokens' too. With ``project_context_only=True`` (a from_pretrained
-# keyword or config.json) a full-attention layer compresses only what it caches for later, as kvpress's presses
+# keyword or config.json) a layer compresses only what it caches for later, as kvpress's presses
 # do: the prefill (a forward into an empty cache) attends over its own keys exactly and stores their
 # coordinates; a later forward (the question, each generated token) reads the context's projected keys
 # mu + k~ B^T and keeps its own tokens' keys exact, storing their residual (k - mu) - k~ B^T [d per KV head]
@@ -490,24 +490,25 @@ def absorbed_attention_forward(
 
 
 def _keeps_exact_tail(attn: nn.Module, cache, projection) -> bool:
-    """Whether this call records exact keys: a cache, a key basis, a full-attention layer, not training, not off."""
+    """Whether this call records exact keys: a cache, a key basis, not training, not off."""
     return (
         cache is not None
         and projection is None
         and bool(attn.attention_layout.get("k"))
-        and not getattr(attn, "sliding_window", None)
         and attn.config.__dict__.get("project_context_only") is True
     )
 
 
 def _cache_layer(cache, index: int):
-    """The cache's layer `index` if it is a transformers full-attention dynamic layer (it may not exist yet: a
-    DynamicCache made without a config adds its layers on their first update), else None."""
+    """The cache's layer `index` if it is a transformers dynamic layer (it may not exist yet: a DynamicCache made
+    without a config adds its layers on their first update), else None. A windowed one (DynamicSlidingWindowLayer,
+    what DynamicCache(config=...) makes for a sliding layer) keeps only the last window - 1 tokens: once it is
+    full, each later forward finds its keys moved and starts the tail anew, its own tokens exact."""
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
     layer = layers[index] if layers is not None and index < len(layers) else None
-    return layer if isinstance(layer, DynamicLayer) and not getattr(layer, "is_sliding", False) else None
+    return layer if isinstance(layer, DynamicLayer) else None
 
 
 def _with_exact_tail(attn, layer, before, keys, q_groups, exact, prefill: bool):
