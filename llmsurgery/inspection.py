@@ -27,8 +27,8 @@ def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
 
 def kv_bytes_per_later_token(config: dict, dtype_bytes: int) -> int | None:
     """Bytes per token cached after the prefill of a kv-compress model run with project_context_only, whose
-    layers with a key basis keep those tokens' exact keys beside their coordinates (a windowed sliding layer only
-    while they are in its window); None when no layer keeps them."""
+    layers with a key basis keep those tokens' exact keys beside their coordinates (a windowed sliding layer, once
+    full, only those of the current forward); None when no layer keeps them."""
     layouts = config.get("attention_layout") or []
     if config.get("project_context_only") is not True or not any(layout.get("k") for layout in layouts):
         return None
