@@ -13,11 +13,15 @@ from .sources import SOURCE_FILE, resolve_source
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
-    """Bytes the K and V caches grow by per token, every layer keeping its full cache (absorbed widths counted)."""
+def _kv_heads_and_head_dim(config: dict) -> tuple[int, int]:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
+    return config.get("num_key_value_heads") or heads, head_dim
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """Bytes the K and V caches grow by per token, every layer keeping its full cache (absorbed widths counted)."""
+    kv_heads, head_dim = _kv_heads_and_head_dim(config)
     layouts = config.get("attention_layout")
     if not layouts:
         return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
@@ -32,9 +36,7 @@ def kv_bytes_per_later_token(config: dict, dtype_bytes: int) -> int | None:
     layouts = config.get("attention_layout") or []
     if config.get("project_context_only") is not True or not any(layout.get("k") for layout in layouts):
         return None
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
+    kv_heads, head_dim = _kv_heads_and_head_dim(config)
     exact = sum(kv_heads * head_dim for layout in layouts if layout.get("k"))
     return kv_bytes_per_token(config, dtype_bytes) + exact * dtype_bytes
 
