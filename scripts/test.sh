@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${LLMSURGERY_TEST_VENV:-.venv-test}"
+# Three venvs of about 1-2.4 GB each and real-model outputs of up to 2.3 GB at a time: say what disk there is, so
+# that a run cut short by it says so. On CI (a fresh clone, run once) each venv goes once its part is done.
+df -h . | tail -1 | awk '{print "disk free here: " $4 " of " $2}'
+ON_CI=$([ "${CI:-}" = true ] && echo 1 || true)
 python3 -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
@@ -22,7 +26,11 @@ FLOOR_MODELS=$(mktemp -d)
 trap 'rm -rf "$FLOOR_MODELS"' EXIT
 python scripts/runtime_floor.py make "$FLOOR_MODELS" > /dev/null
 "$FLOOR_VENV/bin/python" scripts/runtime_floor.py check "$FLOOR_MODELS"
+rm -rf "$FLOOR_MODELS"
+if [ -n "$ON_CI" ]; then rm -rf "$FLOOR_VENV"; fi
 python -m pytest -q --durations=20 -m "not kvpress" "$@"
+deactivate
+if [ -n "$ON_CI" ]; then rm -rf "$VENV"; fi
 # The kvpress extra pins transformers<5.3: its tests (kvpress's presses on llmsurgery outputs) run in a second venv
 # on the transformers it resolves, and only those (-m kvpress: about 8 minutes with its SmolLM2 tests).
 KVPRESS_VENV="${LLMSURGERY_KVPRESS_VENV:-.venv-kvpress}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,15 @@ def build_tiny(arch: str, folder: Path, layers: int = 6) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A folder for one test module's shared outputs, removed when the module ends: a real model's output is
+    0.4-1.1 GB, and CI's disk holds a few at a time, not one per module (tmp_path_factory keeps them to the end)."""
+    root = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=ARCHS)

@@ -18,8 +18,8 @@ PROMPT = "The prime minister said on Tuesday that the government"
 
 
 @pytest.fixture(scope="module")
-def smollm2_pruned(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "smol23"
+def smollm2_pruned(module_tmp):
+    out = module_tmp / "smol23"
     result = run_cli("prune", "--bi", "smollm2-135m", "--remove", "7", "--output", out)
     assert result.exit_code == 0, result.output
     return out

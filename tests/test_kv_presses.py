@@ -216,8 +216,8 @@ def test_projection_press_composed_evicts_then_projects(tiny_models, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_kv(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kvpress") / "kv"
+def smollm2_kv(module_tmp):
+    out = module_tmp / "kv"
     result = run_cli(
         "kv-compress", "smollm2-135m", "--budget", "0.5", "--no-train", "--uniform",
         "--calib-samples", "4", "--calib-seq-len", "256", "--output", out,
