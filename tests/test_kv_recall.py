@@ -90,12 +90,12 @@ def test_string_match_all_and_bootstrap():
     assert bootstrap_ci([100.0] * 20) == (100.0, 100.0)
 
 
-def _bench(*args, block_kvpress=False):
+def _bench(*args, block_kvpress=False, script="kv_recall.py"):
     code = (
         "import runpy, sys; "
         + ("sys.modules['kvpress'] = None; " if block_kvpress else "")
-        + f"sys.argv = ['kv_recall.py', *{list(map(str, args))!r}]; "
-        + f"runpy.run_path({str(BENCH / 'kv_recall.py')!r}, run_name='__main__')"
+        + f"sys.argv = [{script!r}, *{list(map(str, args))!r}]; "
+        + f"runpy.run_path({str(BENCH / script)!r}, run_name='__main__')"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
@@ -221,3 +221,36 @@ def test_resume_of_a_sliding_window_model_needs_window_safe_presses(tmp_path):
         kv_recall._earlier_run(args, "m", {}, sliding=True)
     path.write_text(json.dumps([earlier | {"presses": kv_recall.PRESSES}]))
     assert kv_recall._earlier_run(args, "m", {}, sliding=True) is not None
+
+
+def _layer_types(*args, block_kvpress=False):
+    return _bench(*args, block_kvpress=block_kvpress, script="kv_layer_types.py")
+
+
+def test_layer_types_without_kvpress_is_one_error_line():
+    result = _layer_types(block_kvpress=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: kvpress presses need the kvpress extra: pip install -e .[kvpress]\n"
+
+
+@pytest.mark.kvpress
+def test_layer_types_splits_the_projection_by_layer_type(tiny_models, tmp_path):
+    """benchmarks/kv_layer_types.py on a tiny Gemma3 (layers 2 and 5 full attention): each row stores what its
+    ranks say, counted on the cache, and a model without sliding layers is refused in one line."""
+    result = _layer_types(
+        "--model", tiny_models["gemma3_text"], "--length", "256", "--samples", "1", "--tasks", "filler",
+        "--calib", "pydoc", "--json", tmp_path / "rows.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["label"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    assert len(rows) == 8 and "full keys d/2, sliding whole" in result.stdout
+    # per KV head of a layer, r_k + r_v of 2d: full layers (2 of 6) at d/2 + d, sliding ones whole
+    row = rows["full keys d/2, sliding whole"]
+    assert row["budget"] == pytest.approx((2 * 1.5 + 4 * 2) / 12, abs=1e-4)
+    assert row["full_layers_share"] == pytest.approx(0.75)
+    assert row["cells"]["filler@256"]["b"] == [pytest.approx(row["budget"], abs=1e-3)]
+    assert rows["sliding keys d/2, full whole"]["full_layers_share"] == 1.0
+    refused = _layer_types("--model", tiny_models["llama"], "--samples", "1")
+    assert refused.returncode == 2 and refused.stderr.endswith(
+        "does not mix sliding-window and full-attention layers\n"
+    )
