@@ -91,8 +91,10 @@ def main(argv=None) -> int:
     args.haystack = None
     tasks = [t for t in args.tasks.split(",") if t]
     try:
-        if any(t not in TASKS for t in tasks):
+        if not tasks or any(t not in TASKS for t in tasks):
             raise UserError(f"--tasks: choose from {', '.join(TASKS)}")
+        if args.samples < 1 or args.length < 128:
+            raise UserError("--samples must be at least 1 and --length at least 128 tokens")
         from llmsurgery.kv_presses import require_kvpress
         from llmsurgery.model_io import load_model
 

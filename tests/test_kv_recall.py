@@ -227,10 +227,18 @@ def _layer_types(*args, block_kvpress=False):
     return _bench(*args, block_kvpress=block_kvpress, script="kv_layer_types.py")
 
 
-def test_layer_types_without_kvpress_is_one_error_line():
-    result = _layer_types(block_kvpress=True)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
+        (("--tasks", "filler,nope"), "--tasks: choose from"),
+        (("--length", "64"), "--length at least 128 tokens"),
+    ],
+)
+def test_layer_types_bad_input_is_one_error_line(args, message):
+    result = _layer_types(*args, block_kvpress=True)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == "error: kvpress presses need the kvpress extra: pip install -e .[kvpress]\n"
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
 
 
 @pytest.mark.kvpress
