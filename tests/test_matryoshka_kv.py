@@ -229,6 +229,47 @@ def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_m
     assert 0 < errors[0] < errors[1] < errors[2], errors
 
 
+def test_full_attention_layers_only_keeps_the_sliding_layers_exact(tiny_models, tmp_path):
+    """--layers full-attention on Gemma3 (tiny: layers 2 and 5 full attention): the sliding-window layers keep every
+    dim, so the hidden states up to the first full-attention layer are the stock model's; the budget counts the
+    full-attention layers, and their error grows as it shrinks. A model without sliding layers is refused."""
+    stock = load_model(str(tiny_models["gemma3_text"])).model.eval()
+    with torch.no_grad():
+        expected = stock(input_ids=PROMPT, output_hidden_states=True)
+    errors = []
+    for budget in (0.75, 0.5, 0.25):
+        out = tmp_path / f"f{budget}"
+        result = run_cli(
+            "kv-compress", tiny_models["gemma3_text"], "--budget", budget, "--layers", "full-attention",
+            "--uniform", "--no-train", *CALIB_ARGS[:6], "--output", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "llmsurgery_history.json").read_text())["passes"][-1]["report"]
+        rank = int(budget * 16)
+        ranks = [[rank] * 2 if i in (2, 5) else [16] * 2 for i in range(6)]
+        assert (
+            report["ranks_k"] == ranks and report["ranks_v"] == ranks and report["budget_reached"] == budget
+        )
+        model = load_model(str(out)).model.eval()
+        with torch.no_grad():
+            got = model(input_ids=PROMPT, output_hidden_states=True)
+        for i in (1, 2):  # after layers 0 and 1, both sliding
+            torch.testing.assert_close(got.hidden_states[i], expected.hidden_states[i], rtol=0, atol=1e-5)
+        errors.append(_kl(expected.logits.double(), got.logits.double()))
+    assert 0 < errors[0] < errors[1] < errors[2], errors
+    refused = run_cli(
+        "kv-compress", tiny_models["llama"], "--budget", "0.5", "--layers", "full-attention", "--uniform",
+        "--output", tmp_path / "llama",
+    )  # fmt: skip
+    assert refused.exit_code == 2 and "needs a model with sliding-window layers" in refused.output
+    searched = run_cli(
+        "kv-compress", tiny_models["gemma3_text"], "--budget", "0.5", "--layers", "full-attention",
+        "--output", tmp_path / "searched",
+    )  # fmt: skip
+    assert searched.exit_code == 2 and "takes --uniform or --keys-only" in searched.output
+    assert not (tmp_path / "llama").exists() and not (tmp_path / "searched").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

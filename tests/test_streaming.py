@@ -99,6 +99,15 @@ def test_streamed_keys_only_kv_compress_is_the_in_memory_one(tiny_models, tmp_pa
     assert report["budget_reached"] == 0.75 and report["values_share"] == 1.0
 
 
+def test_streamed_full_attention_only_kv_compress_is_the_in_memory_one(tiny_models, tmp_path):
+    """--layers full-attention one layer at a time (tiny Gemma3: 2 of 6 layers full attention, 4 kept whole)."""
+    _, report = _streamed_equals_whole(
+        tmp_path, "kv-compress", tiny_models["gemma3_text"], "--budget", "0.5", "--no-train", "--uniform",
+        "--layers", "full-attention",
+    )  # fmt: skip
+    assert report["budget_reached"] == 0.5 and report["keys_share"] == pytest.approx((2 * 0.5 + 4) / 6)
+
+
 def test_dtype_auto_keeps_a_bfloat16_checkpoint_bfloat16(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

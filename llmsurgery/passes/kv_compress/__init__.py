@@ -35,6 +35,8 @@ class KVCompressReport(Report):
             ("keys / values share", f"{self.keys_share:.3f} / {self.values_share:.3f}"),
             ("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)"),
         ]
+        if cfg.layers == "full-attention":
+            rows.append(("layers projected", "full-attention (the sliding-window layers kept whole)"))
         if self.loss_curve:
             rows.append(("training loss, first / last 10 steps", ends_mean(self.loss_curve)))
         return [key_value_table("kv-compress (MatryoshkaKV)", rows)]
@@ -60,6 +62,12 @@ class KVCompress(PassConfig):
         alias="keys-only",
         description="project the keys only, values kept whole: one key rank (2 budget - 1) x head_dim for every "
         "head, so budget > 0.5; with project_context_only at load, what long-range recall needs (README)",
+    )
+    layers: Literal["all", "full-attention"] = Field(
+        "all",
+        description="the layers whose KV is projected: all, or full-attention (a model with sliding-window layers, "
+        "Gemma3: those keep every dim and stay exact, the budget counts the full-attention layers' KV, what grows "
+        "with the context; takes --uniform or --keys-only)",
     )
     train_steps: int = Field(
         defaults.KV_TRAIN_STEPS,
@@ -170,6 +178,16 @@ class KVCompress(PassConfig):
             raise UserError(
                 f"--rank-step {step} does not divide head_dim {head_dim}; choose one of {', '.join(map(str, divisors))}"
             )
+        if self.layers == "full-attention":
+            if self.searches:
+                raise UserError(
+                    "--layers full-attention takes --uniform or --keys-only: the rank search moves ranks across "
+                    "every layer"
+                )
+            if not any(self.whole_layers(config) or []):
+                raise UserError(
+                    "--layers full-attention needs a model with sliding-window layers (Gemma3); this one has none"
+                )
         if self.keys_only and (2 * self.budget - 1) * head_dim < step:
             raise UserError(
                 f"--keys-only keeps every value dim, so --budget must leave the keys at least one rank step "
@@ -180,6 +198,12 @@ class KVCompress(PassConfig):
                 f"--budget {self.budget:g} is below the smallest reachable, one rank step ({step} of {head_dim} dims) "
                 f"per head: {step / head_dim:g}; lower --rank-step for smaller budgets"
             )
+
+    def whole_layers(self, config: dict) -> list[bool] | None:
+        """Per layer, whether it keeps its KV whole: under --layers full-attention, the sliding-window ones."""
+        if self.layers == "all":
+            return None
+        return [kind == "sliding_attention" for kind in config.get("layer_types") or []]
 
     def head_dim_and_step(self, config: dict) -> tuple[int, int]:
         """(head_dim, rank step) for a config.json: the step is --rank-step, else head_dim / 8."""

@@ -318,9 +318,15 @@ def keys_only_ranks(state: MatryoshkaState, budget: float) -> dict:
     return {"k": [[r] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]}
 
 
-def fixed_ranks(state: MatryoshkaState, cfg) -> dict:
-    """The ranks of a pass that does not search them: keys only, or uniform."""
-    return keys_only_ranks(state, cfg.budget) if cfg.keys_only else uniform_ranks(state, cfg.budget)
+def fixed_ranks(state: MatryoshkaState, cfg, whole: list[bool] | None = None) -> dict:
+    """The ranks of a pass that does not search them: keys only, or uniform; the layers flagged in `whole` (the
+    sliding-window layers under --layers full-attention) keep every key and value dim, so they stay exact."""
+    ranks = keys_only_ranks(state, cfg.budget) if cfg.keys_only else uniform_ranks(state, cfg.budget)
+    for layer, keep in enumerate(whole or []):
+        if keep:
+            ranks["k"][layer] = [state.d] * state.groups
+            ranks["v"][layer] = list(state.v_widths[layer])
+    return ranks
 
 
 def _total_kl(
@@ -536,6 +542,7 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
     config = model.config
     spec = arch_for(model)
     head_dim, step = cfg.head_dim_and_step(config.to_dict())
+    whole = cfg.whole_layers(config.to_dict())
     report: dict = {"rank_step": step, "head_dim": head_dim}
     if cfg.v_init == "vo":  # the whitened, exact V-O re-factorisation first (absorb's maths, at no knob)
         from ..absorb.maths import Truncation, absorb_decompose_
@@ -556,23 +563,26 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
         ranks = (
             search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
             if cfg.searches
-            else fixed_ranks(state, cfg)
+            else fixed_ranks(state, cfg, whole)
         )
     finally:
         detach_(saved)
     fold_(model, state, ranks)
     state.set_ranks(ranks)
-    report |= kv_report(state, ranks, cfg)
+    report |= kv_report(state, ranks, cfg, whole)
     return report
 
 
-def kv_report(state: MatryoshkaState, ranks: dict, cfg) -> dict:
+def kv_report(state: MatryoshkaState, ranks: dict, cfg, whole: list[bool] | None = None) -> dict:
+    """Ranks and shares; the budget reached is counted over the projected layers (all but those kept `whole`)."""
     layers, d = len(state.v_widths), state.d
+    projected = [i for i in range(layers) if not (whole and whole[i])]
+    used = sum(sum(ranks["k"][i]) + sum(ranks["v"][i]) for i in projected)
     return {
         "ranks_k": ranks["k"],
         "ranks_v": ranks["v"],
         "budget": cfg.budget,
-        "budget_reached": round(state.budget(), 6),
+        "budget_reached": round(used / (2 * len(projected) * state.groups * d), 6),
         "keys_share": round(sum(map(sum, ranks["k"])) / (layers * state.groups * d), 6),
         "values_share": round(sum(map(sum, ranks["v"])) / (layers * state.groups * d), 6),
     }
@@ -592,7 +602,8 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
     state = MatryoshkaState(head_dim, [[head_dim] * groups for _ in range(streamed.n_layers)], step).to(
         streamed.device
     )
-    ranks = fixed_ranks(state, cfg)
+    whole = cfg.whole_layers(config.to_dict())
+    ranks = fixed_ranks(state, cfg, whole)
     state.set_ranks(ranks)
     layouts = []
 
@@ -614,4 +625,4 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
     if writer is not None:
         config.attention_layout = layouts
         use_surgery_modeling_(config)
-    return {"rank_step": step, "head_dim": head_dim, **kv_report(state, ranks, cfg)}
+    return {"rank_step": step, "head_dim": head_dim, **kv_report(state, ranks, cfg, whole)}
