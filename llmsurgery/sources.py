@@ -19,6 +19,9 @@ from typing import Callable, Literal
 from .errors import UserError, first_line
 
 SOURCE_FILE = "llmsurgery_source.json"  # written into cached conversions
+# Bumped when a conversion changes: a cached one of another number is made again. 2: the tokenizer built by
+# gguf_tokenizer (before, transformers 5.2 broke Gemma3's and SmolLM2's).
+CONVERSION = 2
 
 
 def cache_dir() -> Path:
@@ -114,11 +117,12 @@ def resolve_source(spec: str) -> Source:
 def _convert_gguf(gguf: Path, target: Path, source_id: str) -> None:
     """Dequantize a GGUF with transformers and save it as a safetensors folder (atomically)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .arch import arch_for_model_type
     from .atomic import replacing_folder
     from .console import quiet_transformers, status
+    from .gguf_tokenizer import gguf_tokenizer
 
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -134,11 +138,12 @@ def _convert_gguf(gguf: Path, target: Path, source_id: str) -> None:
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = gguf_tokenizer(gguf)
             drop_gguf_quantization_(model)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             record = {"id": source_id, "kind": "gguf", "file": gguf.name, "sha256": sha256_files([gguf])}
+            record["conversion"] = CONVERSION
             (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
     except UserError:
         raise
@@ -154,6 +159,14 @@ def drop_gguf_quantization_(model) -> None:
         del model.config.quantization_config
 
 
+def _current(target: Path) -> bool:
+    """Whether `target` holds a conversion made the current way (`CONVERSION`)."""
+    try:
+        return json.loads((target / SOURCE_FILE).read_text()).get("conversion") == CONVERSION
+    except (OSError, ValueError):
+        return False
+
+
 def local_folder(source: Source) -> Path | None:
     """The folder to load for a source (converting GGUF once); None for a hub id."""
     if source.kind == "folder":
@@ -162,14 +175,14 @@ def local_folder(source: Source) -> Path | None:
         return None
     if source.kind == "builtin":
         target = cache_dir() / "models" / source.spec
-        if not target.is_dir():
+        if not _current(target):
             target.parent.mkdir(parents=True, exist_ok=True)
             _convert_gguf(BUILTINS[source.spec].locate_gguf(), target, source.spec)
         return target
     assert source.path is not None
     digest = sha256_files([source.path])
     target = cache_dir() / "models" / f"{source.path.stem}-{digest[:16]}"
-    if not target.is_dir():
+    if not _current(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(source.path, target, str(source.path.resolve()))
     return target
