@@ -19,14 +19,29 @@ def _kv_heads_and_head_dim(config: dict) -> tuple[int, int]:
     return config.get("num_key_value_heads") or heads, head_dim
 
 
-def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
-    """Bytes the K and V caches grow by per token, every layer keeping its full cache (absorbed widths counted)."""
+def _layer_widths(config: dict) -> list[int]:
+    """Per layer, the K and V elements a cached token takes (absorbed and projected widths counted)."""
     kv_heads, head_dim = _kv_heads_and_head_dim(config)
     layouts = config.get("attention_layout")
     if not layouts:
-        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
-    widths = sum(sum(layout["v"]) + sum(key_cache_widths(layout, head_dim)) for layout in layouts)
-    return widths * dtype_bytes
+        return [2 * kv_heads * head_dim] * config["num_hidden_layers"]
+    return [sum(layout["v"]) + sum(key_cache_widths(layout, head_dim)) for layout in layouts]
+
+
+def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
+    """Bytes the K and V caches grow by per token, every layer keeping its full cache (absorbed widths counted)."""
+    return sum(_layer_widths(config)) * dtype_bytes
+
+
+def kv_bytes_per_token_past_window(config: dict, dtype_bytes: int) -> int | None:
+    """On a model with sliding-window layers (Gemma3), the bytes a cache that windows them (transformers'
+    DynamicCache(config=...)) grows by per token once the context is longer than the window: the full-attention
+    layers' alone. None for a model without sliding layers."""
+    types = config.get("layer_types") or []
+    if "sliding_attention" not in types:
+        return None
+    widths = _layer_widths(config)
+    return sum(w for w, kind in zip(widths, types) if kind != "sliding_attention") * dtype_bytes
 
 
 def kv_bytes_per_later_token(config: dict, dtype_bytes: int) -> int | None:
@@ -59,6 +74,7 @@ def describe(spec: str) -> dict:
     ):  # a cached GGUF conversion
         history = {"source": read_json_record(Path(folder) / SOURCE_FILE, ("id",)), "passes": []}
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    size = _DTYPE_BYTES.get(dtype, 4)
     heads = config["num_attention_heads"]
     layer_types = config.get("layer_types")
     return {
@@ -78,12 +94,11 @@ def describe(spec: str) -> dict:
         "parameters": parameter_count(checked.shapes) if files else None,
         "bytes_on_disk": sum(p.stat().st_size for p in files) if files else None,
         "dtype": dtype,
-        "kv_cache_bytes_per_token": kv_bytes_per_token(config, _DTYPE_BYTES.get(dtype, 4)),
-        "kv_cache_bytes_per_later_token": kv_bytes_per_later_token(config, _DTYPE_BYTES.get(dtype, 4)),
+        "kv_cache_bytes_per_token": kv_bytes_per_token(config, size),
+        "kv_cache_bytes_per_token_past_window": kv_bytes_per_token_past_window(config, size),
+        "kv_cache_bytes_per_later_token": kv_bytes_per_later_token(config, size),
         "kv_cache_bytes_per_token_before_surgery": (
-            kv_bytes_per_token(
-                {k: v for k, v in config.items() if k != "attention_layout"}, _DTYPE_BYTES.get(dtype, 4)
-            )
+            kv_bytes_per_token({k: v for k, v in config.items() if k != "attention_layout"}, size)
             if config.get("attention_layout")
             else None
         ),

@@ -223,7 +223,9 @@ def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_m
         with torch.no_grad():
             cache = DynamicCache()
             first = model(input_ids=PROMPT[:, :12], past_key_values=cache).logits.double()
-            got = model(input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position).logits.double()
+            got = model(
+                input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position
+            ).logits.double()
         torch.testing.assert_close(first, expected[:, :12], rtol=0, atol=1e-4)
         errors.append(_kl(later, got))
     assert 0 < errors[0] < errors[1] < errors[2], errors
@@ -268,6 +270,61 @@ def test_full_attention_layers_only_keeps_the_sliding_layers_exact(tiny_models, 
     )  # fmt: skip
     assert searched.exit_code == 2 and "takes --uniform or --keys-only" in searched.output
     assert not (tmp_path / "llama").exists() and not (tmp_path / "searched").exists()
+
+
+def test_inspect_gives_the_windowed_cache_growth_past_the_window(tiny_models, tmp_path):
+    """On a model with sliding-window layers, `inspect`'s bytes per token past the window is what a windowed cache
+    (DynamicCache(config=...)) grows by per token once the context is longer than the window (tiny Gemma3: window
+    8), measured on the stock model and on a --layers full-attention output, which shrinks it; None on llama."""
+    from transformers import DynamicCache
+
+    from llmsurgery.inspection import describe
+
+    out = tmp_path / "full"
+    result = run_cli(
+        "kv-compress", tiny_models["gemma3_text"], "--budget", "0.75", "--layers", "full-attention", "--keys-only",
+        "--no-train", *CALIB_ARGS[:6], "--output", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    ids = torch.randint(0, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    growth = {}
+    for folder in (tiny_models["gemma3_text"], out):
+        model = load_model(str(folder)).model.eval()
+        held = []
+        for length in (24, 40):
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(input_ids=ids[:, :length], past_key_values=cache, use_cache=True)
+            held.append(sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4)
+        growth[folder] = (held[1] - held[0]) / 16
+        assert growth[folder] == describe(str(folder))["kv_cache_bytes_per_token_past_window"]
+    # the 2 full-attention layers of 2 KV heads: keys at d/2 (8 of 16 dims), values whole, float32
+    assert growth[out] == 2 * 2 * (8 + 16) * 4 < growth[tiny_models["gemma3_text"]] == 2 * 2 * 32 * 4
+    assert describe(str(tiny_models["llama"]))["kv_cache_bytes_per_token_past_window"] is None
+
+
+def test_full_attention_layers_only_training_samples_ranks_there_only(tiny_models, tmp_path, monkeypatch):
+    """Matryoshka training under --layers full-attention draws lower ranks on the full-attention layers (2 and 5)
+    only: the sliding-window layers, kept whole in the output, are run whole at every step."""
+    from llmsurgery.passes.kv_compress.maths import MatryoshkaState
+
+    drawn = []
+    sample = MatryoshkaState.sample_ranks_
+
+    def recorded(state, generator):
+        sample(state, generator)
+        drawn.append(state.ranks())
+
+    monkeypatch.setattr(MatryoshkaState, "sample_ranks_", recorded)
+    result = run_cli(
+        "kv-compress", tiny_models["gemma3_text"], "--budget", "0.75", "--layers", "full-attention", "--keys-only",
+        "--train-steps", "6", *CALIB_ARGS, "--output", tmp_path / "trained",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(drawn) == 6
+    for layer in range(6):
+        seen = {tuple(r["k"][layer]) for r in drawn} | {tuple(r["v"][layer]) for r in drawn}
+        assert (len(seen) > 1) if layer in (2, 5) else (seen == {(16, 16)}), (layer, seen)
 
 
 @pytest.mark.parametrize(

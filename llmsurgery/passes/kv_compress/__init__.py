@@ -184,7 +184,7 @@ class KVCompress(PassConfig):
                     "--layers full-attention takes --uniform or --keys-only: the rank search moves ranks across "
                     "every layer"
                 )
-            if not any(self.whole_layers(config) or []):
+            if not any(self.whole_layers(config)):
                 raise UserError(
                     "--layers full-attention needs a model with sliding-window layers (Gemma3); this one has none"
                 )

@@ -59,11 +59,15 @@ def principal_basis(second_moment: torch.Tensor, mean: torch.Tensor) -> torch.Te
 
 
 class MatryoshkaState(nn.Module):
-    """Per (layer, KV head): initial bases, trainable X and means, current ranks; drives the patched attention."""
+    """Per (layer, KV head): initial bases, trainable X and means, current ranks; drives the patched attention.
 
-    def __init__(self, head_dim: int, v_widths: list[list[int]], step: int):
+    whole: per layer, whether it keeps every key and value dim (the sliding-window layers under --layers
+    full-attention); training never samples a lower rank there and the ranks of a fixed budget leave it whole."""
+
+    def __init__(self, head_dim: int, v_widths: list[list[int]], step: int, whole: list[bool] | None = None):
         super().__init__()
         self.d, self.v_widths, self.step = head_dim, v_widths, step
+        self.whole = list(whole) if whole else [False] * len(v_widths)
         self.groups = len(v_widths[0])
         n = len(v_widths) * self.groups
         widths = [w for layer in v_widths for w in layer]
@@ -119,12 +123,15 @@ class MatryoshkaState(nn.Module):
         ]
 
     def sample_ranks_(self, generator: torch.Generator) -> None:
-        """Nested-prefix training: every (layer, head, K/V) rank drawn from {s, 2s, ..., max}."""
-        for layer in range(len(self.v_widths)):
+        """Nested-prefix training: every (layer, head, K/V) rank drawn from {s, 2s, ..., max}; whole layers at max."""
+        for layer in self.projected_layers():
             for g in range(self.groups):
                 for kind, table in (("k", self.rank_k), ("v", self.rank_v)):
                     options = rank_options(self.max_rank(layer, g, kind), self.step)
                     table[layer][g] = options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    def projected_layers(self) -> list[int]:
+        return [i for i, keep in enumerate(self.whole) if not keep]
 
     def budget(self) -> float:
         used = sum(map(sum, self.rank_k)) + sum(map(sum, self.rank_v))
@@ -318,11 +325,11 @@ def keys_only_ranks(state: MatryoshkaState, budget: float) -> dict:
     return {"k": [[r] * state.groups for _ in state.v_widths], "v": [list(w) for w in state.v_widths]}
 
 
-def fixed_ranks(state: MatryoshkaState, cfg, whole: list[bool] | None = None) -> dict:
-    """The ranks of a pass that does not search them: keys only, or uniform; the layers flagged in `whole` (the
+def fixed_ranks(state: MatryoshkaState, cfg) -> dict:
+    """The ranks of a pass that does not search them: keys only, or uniform; the state's whole layers (the
     sliding-window layers under --layers full-attention) keep every key and value dim, so they stay exact."""
     ranks = keys_only_ranks(state, cfg.budget) if cfg.keys_only else uniform_ranks(state, cfg.budget)
-    for layer, keep in enumerate(whole or []):
+    for layer, keep in enumerate(state.whole):
         if keep:
             ranks["k"][layer] = [state.d] * state.groups
             ranks["v"][layer] = list(state.v_widths[layer])
@@ -542,7 +549,6 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
     config = model.config
     spec = arch_for(model)
     head_dim, step = cfg.head_dim_and_step(config.to_dict())
-    whole = cfg.whole_layers(config.to_dict())
     report: dict = {"rank_step": step, "head_dim": head_dim}
     if cfg.v_init == "vo":  # the whitened, exact V-O re-factorisation first (absorb's maths, at no knob)
         from ..absorb.maths import Truncation, absorb_decompose_
@@ -553,7 +559,8 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
         list((getattr(get_submodule(layer, spec.attn), "attention_layout", None) or full_layout(config))["v"])
         for layer in layers
     ]
-    state = MatryoshkaState(head_dim, v_widths, step).to(next(model.parameters()).device)
+    whole = cfg.whole_layers(config.to_dict())
+    state = MatryoshkaState(head_dim, v_widths, step, whole).to(next(model.parameters()).device)
     saved = attach_(model, state)
     try:
         init_from_pca_(model, state, batches["pca"], v_identity=cfg.v_init == "vo")
@@ -563,20 +570,20 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
         ranks = (
             search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
             if cfg.searches
-            else fixed_ranks(state, cfg, whole)
+            else fixed_ranks(state, cfg)
         )
     finally:
         detach_(saved)
     fold_(model, state, ranks)
     state.set_ranks(ranks)
-    report |= kv_report(state, ranks, cfg, whole)
+    report |= kv_report(state, ranks, cfg)
     return report
 
 
-def kv_report(state: MatryoshkaState, ranks: dict, cfg, whole: list[bool] | None = None) -> dict:
-    """Ranks and shares; the budget reached is counted over the projected layers (all but those kept `whole`)."""
+def kv_report(state: MatryoshkaState, ranks: dict, cfg) -> dict:
+    """Ranks and shares; the budget reached is counted over the projected layers (all but the state's whole)."""
     layers, d = len(state.v_widths), state.d
-    projected = [i for i in range(layers) if not (whole and whole[i])]
+    projected = state.projected_layers()
     used = sum(sum(ranks["k"][i]) + sum(ranks["v"][i]) for i in projected)
     return {
         "ranks_k": ranks["k"],
@@ -599,11 +606,9 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
     config, spec = streamed.config, streamed.spec
     head_dim, step = cfg.head_dim_and_step(config.to_dict())
     groups = config.num_key_value_heads
-    state = MatryoshkaState(head_dim, [[head_dim] * groups for _ in range(streamed.n_layers)], step).to(
-        streamed.device
-    )
-    whole = cfg.whole_layers(config.to_dict())
-    ranks = fixed_ranks(state, cfg, whole)
+    widths = [[head_dim] * groups for _ in range(streamed.n_layers)]
+    state = MatryoshkaState(head_dim, widths, step, cfg.whole_layers(config.to_dict())).to(streamed.device)
+    ranks = fixed_ranks(state, cfg)
     state.set_ranks(ranks)
     layouts = []
 
@@ -625,4 +630,4 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
     if writer is not None:
         config.attention_layout = layouts
         use_surgery_modeling_(config)
-    return {"rank_step": step, "head_dim": head_dim, **kv_report(state, ranks, cfg, whole)}
+    return {"rank_step": step, "head_dim": head_dim, **kv_report(state, ranks, cfg)}
