@@ -6,8 +6,8 @@ order; 5.2 (what the kvpress extra resolves) builds a Unigram from the file's sc
 Unigram cuts text into single characters (23,258 tokens where the right tokenizer makes 4,631) and adds no BOS,
 and the model's long-range recall fell from 100 to 19 with it. `sentencepiece_bpe` builds the right tokenizer
 from the file with the `tokenizers` library alone; `gguf_tokenizer` uses it where transformers built something
-else, and saves every tokenizer as a plain tokenizer.json (5.2 also adds a BOS to SmolLM2's and saves it as a
-CodeLlamaTokenizer that reloads cutting words into unknown tokens).
+else, and saves every tokenizer as a plain tokenizer.json with the file's special tokens (5.2 turns SmolLM2's
+into a CodeLlamaTokenizer that adds a BOS the file does not ask for and takes <|im_start|> for its EOS).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def merges_in_file_order(tokens: list[str]) -> list[tuple[str, str]]:
 def gguf_tokenizer(gguf: Path):
     """The tokenizer `gguf` describes, as a plain fast tokenizer (its tokenizer.json reloads alike everywhere):
     transformers' own build of it, or `sentencepiece_bpe` where that is wrong, adding BOS exactly when the file
-    says to (5.2 adds one to SmolLM2's, whose file says not to)."""
+    says to, the special tokens the file names."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -95,7 +95,7 @@ def gguf_tokenizer(gguf: Path):
     built = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if built_wrong(built, vocabulary):
         backend = sentencepiece_bpe(vocabulary)
-    else:  # a copy: 5.2 saves some of its own builds (SmolLM2's, as CodeLlamaTokenizer) as they do not reload
+    else:  # a copy, wrapped plainly: 5.2 makes SmolLM2's a CodeLlamaTokenizer with CodeLlama's special tokens
         backend = Tokenizer.from_str(built.backend_tokenizer.to_str())
     tokens = vocabulary.tokens
     backend.post_processor = (

@@ -1,7 +1,7 @@
 """The tokenizers llmsurgery converts the built-in GGUF models with, against reference token ids.
 
 `tests/data/gguf_token_ids.json` holds, per built-in model and text, the ids of transformers' own GGUF tokenizer as
-built from transformers 5.3 on (written with transformers 5.25.0: `python tests/test_gguf_tokenizer.py`). In the
+built from transformers 5.3 on, and its special tokens (written with transformers 5.25.0: `python tests/test_gguf_tokenizer.py`). In the
 test venv (the newest transformers) that build is checked against the file as well; in the kvpress venv
 (transformers 5.2, whose own build cuts Gemma3's text into characters and adds a BOS to SmolLM2's) llmsurgery's
 conversion must give the same ids, after a save and a reload as the model cache does.
@@ -21,6 +21,7 @@ from llmsurgery.sources import BUILTINS, CONVERSION, SOURCE_FILE, _current
 
 REFERENCE = Path(__file__).parent / "data" / "gguf_token_ids.json"
 MODELS = ("smollm2-135m", "gemma3-270m")
+SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def texts() -> dict[str, str]:
@@ -33,11 +34,13 @@ def texts() -> dict[str, str]:
     }
 
 
-def _ids(tokenizer) -> dict[str, list[int]]:
-    return {name: tokenizer(text)["input_ids"] for name, text in texts().items()}
+def _ids(tokenizer) -> dict:
+    """Per text its token ids, and the special tokens."""
+    ids = {name: tokenizer(text)["input_ids"] for name, text in texts().items()}
+    return ids | {"special": {key: getattr(tokenizer, key) for key in SPECIAL}}
 
 
-def _converted_ids(name: str, tmp_path: Path) -> dict[str, list[int]]:
+def _converted_ids(name: str, tmp_path: Path) -> dict:
     from transformers import AutoTokenizer
 
     gguf_tokenizer(BUILTINS[name].locate_gguf()).save_pretrained(tmp_path)
