@@ -193,16 +193,21 @@ def _greedy(
     return [tokenizer.decode(row[:cut]) for row, cut in zip(generated, cuts)]
 
 
-def stored_elements(cache, widths: list[int] | None = None) -> int:
+def stored_elements(cache, widths: list[int] | None = None, caps: list[int | None] | None = None) -> int:
     """K and V elements a cache holds, not counting key channels zeroed for every kept token of a head (ThinK's
     pruned channels: kvpress keeps them as zeros, an implementation that drops them would not store them); with
-    `widths` (a projection press), each kept token of layer l counts widths[l], its heads' r_k + r_v coordinates."""
-    if widths is not None:
-        return sum(layer.keys.shape[0] * layer.keys.shape[2] * w for layer, w in zip(cache.layers, widths))
+    `widths` (a projection press), each kept token of layer l counts widths[l], its heads' r_k + r_v coordinates.
+    With `caps` (`window_caps`), a sliding-window layer counts at most the tokens its window reads, as a windowed
+    cache (transformers' DynamicCache(config=...)) would hold them."""
     total = 0
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
         keys = layer.keys  # [B, H, T, w]
-        total += int((keys != 0).any(dim=2).sum()) * keys.shape[2] + layer.values.numel()
+        batch, heads, tokens, _ = keys.shape
+        held = min(tokens, caps[i]) if caps and caps[i] else tokens
+        if widths is not None:
+            total += batch * held * widths[i]
+        else:
+            total += (int((keys != 0).any(dim=2).sum()) + batch * heads * layer.values.shape[-1]) * held
     return total
 
 
@@ -292,6 +297,30 @@ class Projections:
     losses: list[float]
 
 
+def pca_state(model, tokenizer, cfg):
+    """MatryoshkaKV's starting point: a full-rank state of `model`'s KV heads with PCA bases and means from the
+    calibration text of `cfg` (a KVCompress), on the model's device."""
+    from llmsurgery.calibration import calibration_batches
+    from llmsurgery.passes.kv_compress.maths import MatryoshkaState, attach_, detach_, init_from_pca_
+
+    device = next(model.parameters()).device
+    d, groups, layers = model_shape(model)
+    state = MatryoshkaState(d, [[d] * groups for _ in range(layers)], d // 8).to(device)
+    saved = attach_(model, state)
+    try:
+        init_from_pca_(model, state, calibration_batches(tokenizer, cfg.calib).to(device), v_identity=False)
+    finally:
+        detach_(saved)
+    return state
+
+
+def model_shape(model) -> tuple[int, int, int]:
+    """(head_dim, KV heads, decoder layers) of a stock model."""
+    config = model.config
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return d, config.num_key_value_heads, config.num_hidden_layers
+
+
 def build_projections(
     model, tokenizer, args, budgets: list[float], state_file: Path | None, known: dict | None = None
 ) -> Projections:
@@ -299,14 +328,7 @@ def build_projections(
     them; ranks searched, for each kind, only at the budgets of its selected projections."""
     from llmsurgery.calibration import calibration_batches
     from llmsurgery.passes import KVCompress
-    from llmsurgery.passes.kv_compress.maths import (
-        MatryoshkaState,
-        attach_,
-        detach_,
-        init_from_pca_,
-        keys_only_ranks,
-        search_ranks,
-    )
+    from llmsurgery.passes.kv_compress.maths import attach_, detach_, keys_only_ranks, search_ranks
 
     cfg = KVCompress(
         budget=1.0,
@@ -317,16 +339,11 @@ def build_projections(
         train_seq_len=args.train_seq_len,
     )
     device = next(model.parameters()).device
-    config = model.config
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    groups = config.num_key_value_heads
-    layers = config.num_hidden_layers
     states, ranks, reached = {}, {}, {}
     train_seconds, losses = 0.0, []
-    state = MatryoshkaState(d, [[d] * groups for _ in range(layers)], d // 8).to(device)
+    state = pca_state(model, tokenizer, cfg)
     saved = attach_(model, state)
     try:
-        init_from_pca_(model, state, calibration_batches(tokenizer, cfg.calib).to(device), v_identity=False)
         search = calibration_batches(tokenizer, cfg.search_calib).to(device)
         for kind in ("pca", "trained"):
             if not any(key.startswith(f"{kind}@") for key in args.projections):
@@ -385,7 +402,8 @@ def folded_copy(model, state, ranks):
 
     memo = {id(p): p for p in model.parameters()}
     memo |= {id(b): b for b in model.buffers()}
-    twin = copy.deepcopy(model, memo)  # one copy of the config, shared by the twin's modules as by the model's
+    # one copy of the config, shared by the twin's modules as by the model's
+    twin = copy.deepcopy(model, memo)
     fold_(twin, state, ranks)
     twin.config.project_context_only = True
     return twin
@@ -409,19 +427,25 @@ def run_methods(
     model, tokenizer, methods: list[Method], cells: dict, ppl_windows, dense_per_token: int, args
 ):
     """Every method on `model`: one prefill per batch of a cell, then each method's press replayed on it."""
-    from llmsurgery.kv_presses import record_prefill, replay
+    from llmsurgery.kv_presses import record_prefill, replay, window_caps
 
     device = next(model.parameters()).device
+    caps = window_caps(model)
+    windowed = any(caps)  # a model with sliding-window layers: "bw", the share of a windowed cache, as well
     for (task, length), samples in cells.items():
         batch = max(1, min(args.batch, args.batch_tokens // length))
+        held = sum(min(length, cap) if cap else length for cap in caps) / len(caps)  # tokens a layer holds
         for start in range(0, len(samples), batch):
             part = samples[start : start + batch]
             record = record_prefill(model, torch.tensor([s.context for s in part], device=device))
             for m in methods:
                 cache = replay(model, m.press() if m.press else None, record)
                 actual = stored_elements(cache, m.widths) / (dense_per_token * length * len(part))
-                match, ll = answer_batch(model, tokenizer, cache, part, length)
                 cell = m.entry["cells"].setdefault(f"{task}@{length}", {"match": [], "ll": [], "b": []})
+                if windowed:  # counted before the question and answer join the cache
+                    share = stored_elements(cache, m.widths, caps) / (dense_per_token * held * len(part))
+                    cell.setdefault("bw", []).append(round(share, 5))
+                match, ll = answer_batch(model, tokenizer, cache, part, length)
                 cell["match"] += match
                 cell["ll"] += [round(x, 4) for x in ll]
                 cell["b"].append(round(actual, 5))
@@ -497,8 +521,14 @@ def _sliced(entry: dict, digests: dict, samples: int, earlier_samples: int) -> d
     for key in digests:
         cell = entry["cells"].get(key)
         if cell is not None:
-            b = cell["b"][: max(1, math.ceil(len(cell["b"]) * samples / earlier_samples))]
-            cells[key] = {"match": cell["match"][:samples], "ll": cell["ll"][:samples], "b": b}
+            batches = max(1, math.ceil(len(cell["b"]) * samples / earlier_samples))
+            cells[key] = {
+                "match": cell["match"][:samples],
+                "ll": cell["ll"][:samples],
+                "b": cell["b"][:batches],
+            }
+            if "bw" in cell:
+                cells[key]["bw"] = cell["bw"][:batches]
     return entry | {"cells": cells}
 
 
@@ -570,8 +600,8 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     loaded = load_model(name, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dense_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * d
+    d, groups, layers = model_shape(model)
+    dense_per_token = layers * 2 * groups * d
     hay = Haystacks(tokenizer, haystack_texts(args))
     tasks = [t for t in args.tasks if not (args.haystack and t == "pydoc")]
     cells = {

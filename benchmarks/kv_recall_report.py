@@ -2,7 +2,8 @@
 
 A result is one model's dict: "tasks", "lengths", "budgets", "usable" (the "task@length" cells where the dense
 model scores at least "min_dense"; the methods run there, and the closing lines average them), "methods" (each:
-side, label, budget, ppl, cells {"task@length": {"match": [...], "ll": [...], "b": [...]}}) and the fixed facts
+side, label, budget, ppl, cells {"task@length": {"match": [...], "ll": [...], "b": [...]}}, with "bw" as well on a
+model with sliding-window layers: the share of a windowed cache) and the fixed facts
 (projection overhead, training, budgets reached). `python benchmarks/kv_recall.py --report R.json` prints them
 again (and draws them with --plot).
 """
@@ -40,7 +41,10 @@ def _cell_text(m: dict | None, keys) -> str:
     match, ll = score(m, keys)
     lo, hi = bootstrap_mean_of_cells([c["match"] for c in cells])
     b = _mean([_mean(c["b"]) for c in cells])
-    return f"{match:.1f} [{lo:.0f},{hi:.0f}] {ll:.2f} b={b:.3f}"
+    text = f"{match:.1f} [{lo:.0f},{hi:.0f}] {ll:.2f} b={b:.3f}"
+    if all("bw" in c for c in cells):  # a model with sliding-window layers: the share of a windowed cache too
+        text += f" bw={_mean([_mean(c['bw']) for c in cells]):.3f}"
+    return text
 
 
 def _find(methods, label, budget):
@@ -155,7 +159,8 @@ def summary_lines(result: dict) -> list[str]:
         presses = [m for m in methods if m["label"].endswith("keys only press") and m["budget"] == 0.75]
         lines.append(
             f"b=0.75 keys only: llmsurgery {score(keys, usable)[0]:.1f} ({keys['label']}, r_k = d/2) "
-            f"kvpress {score(think, usable)[0]:.1f} (think, 50% of key channels)" + _press_note(presses, usable)
+            f"kvpress {score(think, usable)[0]:.1f} (think, 50% of key channels)"
+            + _press_note(presses, usable)
         )
     return lines
 

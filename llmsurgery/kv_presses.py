@@ -194,6 +194,13 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [get_submodule(layer, spec.attn) for layer in decoder_layers(model)]
 
 
+def window_caps(model: nn.Module) -> list[int | None]:
+    """Per decoder layer, the past tokens a sliding-window layer reads (window - 1; what a windowed cache holds),
+    None for a full-attention layer."""
+    windows = [getattr(attn, "sliding_window", None) for attn in _attention_modules(model)]
+    return [w - 1 if w else None for w in windows]
+
+
 @torch.no_grad()
 def record_prefill(model: nn.Module, input_ids: torch.Tensor) -> PrefillRecord:
     """One dense prefill of `input_ids` [B, T], keeping each attention module's keyword arguments."""

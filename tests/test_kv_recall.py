@@ -146,6 +146,7 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
         "multivalue",
     ]  # the file replaced news/pydoc
     labels = {(m["label"], m["budget"]) for m in model["methods"]}
+    assert not any("bw" in c for m in model["methods"] for c in m["cells"].values())  # no sliding layers
     for press in (
         "snapkv",
         "streamingllm",
@@ -233,6 +234,10 @@ def _layer_types(*args, block_kvpress=False):
         ((), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
         (("--tasks", "filler,nope"), "--tasks: choose from"),
         (("--length", "64"), "--length at least 128 tokens"),
+        (
+            ("--windowed-budgets", "0.5,1.5"),
+            "--windowed-budgets takes comma-separated shares between 0 and 1",
+        ),
     ],
 )
 def test_layer_types_bad_input_is_one_error_line(args, message):
@@ -243,21 +248,45 @@ def test_layer_types_bad_input_is_one_error_line(args, message):
 
 @pytest.mark.kvpress
 def test_layer_types_splits_the_projection_by_layer_type(tiny_models, tmp_path):
-    """benchmarks/kv_layer_types.py on a tiny Gemma3 (layers 2 and 5 full attention): each row stores what its
-    ranks say, counted on the cache, and a model without sliding layers is refused in one line."""
+    """benchmarks/kv_layer_types.py on a tiny Gemma3 (layers 2 and 5 full attention, window 8): each row stores
+    what its ranks say, counted on the cache; at each windowed budget TOVA alone and the full-attention projection
+    composed with TOVA hold at most that share of a windowed cache (within a token a layer), the composition
+    evicting fewer tokens; a model without sliding layers is refused in one line."""
     result = _layer_types(
         "--model", tiny_models["gemma3_text"], "--length", "256", "--samples", "1", "--tasks", "filler",
-        "--calib", "pydoc", "--json", tmp_path / "rows.json",
+        "--calib", "pydoc", "--windowed-budgets", "0.6,0.5", "--json", tmp_path / "rows.json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["label"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
-    assert len(rows) == 8 and "full keys d/2, sliding whole" in result.stdout
+    assert "full keys d/2, sliding whole" in result.stdout
     # per KV head of a layer, r_k + r_v of 2d: full layers (2 of 6) at d/2 + d, sliding ones whole
     row = rows["full keys d/2, sliding whole"]
     assert row["budget"] == pytest.approx((2 * 1.5 + 4 * 2) / 12, abs=1e-4)
     assert row["full_layers_share"] == pytest.approx(0.75)
     assert row["cells"]["filler@256"]["b"] == [pytest.approx(row["budget"], abs=1e-3)]
     assert rows["sliding keys d/2, full whole"]["full_layers_share"] == 1.0
+    # a windowed cache of 256 tokens: 4 sliding layers hold 7 tokens each, 2 full-attention layers 256
+    dense_windowed = 4 * 7 + 2 * 256
+    assert rows["dense"]["cells"]["filler@256"]["bw"] == [pytest.approx(1.0)]
+    alone = rows["full keys d/4, sliding whole"]["cells"]["filler@256"]["bw"][0]
+    assert alone == pytest.approx((4 * 7 + 2 * 256 * 0.625) / dense_windowed, abs=1e-4)
+    assert "windowed b=0.6444: kvpress " in result.stdout  # TOVA at the projection's own share
+    # random weights score 0 everywhere: the closing lines fall back to every task, and say so
+    assert "the lines below average filler@256 (dense at least 85, else every task)" in result.stdout
+    for target in (0.6, 0.5):
+        tova = [r for r in rows.values() if r["label"].startswith("tova c=") and r["budget"] == target]
+        ours = [
+            r
+            for r in rows.values()
+            if r["label"].startswith("full keys d/4 + tova") and r["budget"] == target
+        ]
+        assert len(tova) == len(ours) == 1, sorted(rows)
+        evicted = [float(r["label"].rsplit("=", 1)[1]) for r in (tova[0], ours[0])]
+        assert evicted[1] < evicted[0], evicted
+        for r in (tova[0], ours[0]):
+            share = r["cells"]["filler@256"]["bw"][0]
+            assert target - 6 / dense_windowed < share <= target + 1e-6, (r["label"], share)
+        assert f"windowed b={target:g}: kvpress " in result.stdout
     refused = _layer_types("--model", tiny_models["llama"], "--samples", "1")
     assert refused.returncode == 2 and refused.stderr.endswith(
         "does not mix sliding-window and full-attention layers\n"
