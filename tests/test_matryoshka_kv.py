@@ -321,6 +321,7 @@ def test_full_attention_layers_only_training_samples_ranks_there_only(tiny_model
         "--train-steps", "6", *CALIB_ARGS, "--output", tmp_path / "trained",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "keys only, values whole" in result.output  # not "searched"
     assert len(drawn) == 6
     for layer in range(6):
         seen = {tuple(r["k"][layer]) for r in drawn} | {tuple(r["v"][layer]) for r in drawn}

@@ -33,13 +33,19 @@ class KVCompressReport(Report):
         rows = [
             ("budget asked / reached", f"{cfg.budget:.4g} / {self.budget_reached:.4g}"),
             ("keys / values share", f"{self.keys_share:.3f} / {self.values_share:.3f}"),
-            ("ranks", "uniform" if cfg.uniform else "searched on output KL (from uniform)"),
+            ("ranks", _ranks_kind(cfg)),
         ]
         if cfg.layers == "full-attention":
             rows.append(("layers projected", "full-attention (the sliding-window layers kept whole)"))
         if self.loss_curve:
             rows.append(("training loss, first / last 10 steps", ends_mean(self.loss_curve)))
         return [key_value_table("kv-compress (MatryoshkaKV)", rows)]
+
+
+def _ranks_kind(cfg: KVCompress) -> str:
+    if cfg.keys_only:
+        return "keys only, values whole"
+    return "searched on output KL (from uniform)" if cfg.searches else "uniform"
 
 
 class KVCompress(PassConfig):
