@@ -1,10 +1,11 @@
 """The tokenizers llmsurgery converts the built-in GGUF models with, against reference token ids.
 
 `tests/data/gguf_token_ids.json` holds, per built-in model and text, the ids of transformers' own GGUF tokenizer as
-built from transformers 5.3 on, and its special tokens (written with transformers 5.25.0: `python tests/test_gguf_tokenizer.py`). In the
-test venv (the newest transformers) that build is checked against the file as well; in the kvpress venv
-(transformers 5.2, whose own build cuts Gemma3's text into characters and adds a BOS to SmolLM2's) llmsurgery's
-conversion must give the same ids, after a save and a reload as the model cache does.
+built from transformers 5.3 on, and its special tokens (written with transformers 5.25.0 by
+`python tests/test_gguf_tokenizer.py`). In the test venv (the newest transformers) that build is checked against
+the file as well; in the kvpress venv (transformers 5.2, whose own build cuts Gemma3's text into characters and
+gives SmolLM2's a BOS and a wrong EOS) llmsurgery's conversion must give the same, after a save and a reload as
+the model cache does.
 """
 
 from __future__ import annotations

@@ -124,11 +124,14 @@ class MatryoshkaState(nn.Module):
 
     def sample_ranks_(self, generator: torch.Generator) -> None:
         """Nested-prefix training: every (layer, head, K/V) rank drawn from {s, 2s, ..., max}; whole layers at max."""
-        for layer in self.projected_layers():
+        for layer in range(len(self.v_widths)):
             for g in range(self.groups):
                 for kind, table in (("k", self.rank_k), ("v", self.rank_v)):
                     options = rank_options(self.max_rank(layer, g, kind), self.step)
-                    table[layer][g] = options[int(torch.randint(len(options), (1,), generator=generator))]
+                    if self.whole[layer]:
+                        table[layer][g] = options[-1]
+                    else:
+                        table[layer][g] = options[int(torch.randint(len(options), (1,), generator=generator))]
 
     def projected_layers(self) -> list[int]:
         return [i for i, keep in enumerate(self.whole) if not keep]
