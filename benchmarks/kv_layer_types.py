@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_recall import Method, haystack_texts, model_shape, pca_state, run_methods  # noqa: E402
+from kv_recall import Method, _floats, haystack_texts, model_shape, pca_state, run_methods  # noqa: E402
 from kv_recall_report import _mean  # noqa: E402
 from kv_recall_tasks import TASKS, Haystacks, make_sample  # noqa: E402
 
@@ -195,10 +195,7 @@ def main(argv=None) -> int:
 
 
 def _budgets(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
+    values = _floats(text, "windowed-budgets")
     if not values or not all(0 < v < 1 for v in values):
         raise UserError(f"--windowed-budgets takes comma-separated shares between 0 and 1, not '{text}'")
     return values
@@ -221,26 +218,22 @@ def print_rows(methods: list[Method], pairs: dict, tasks: list[str], args) -> No
     for m in methods:
         e = m.entry
         shares = [[x for c in cells for x in e["cells"][c][k]] for k in ("b", "bw")]
-        line = f"{e['label']:52s} {_average(shares[0]):7.3f} {_average(shares[1]):8.3f}"
+        line = f"{e['label']:52s} {_mean(shares[0]):7.3f} {_mean(shares[1]):8.3f}"
         line += f" {e.get('full_layers_share', 1.0):8.3f}"
         for c in cells:
             cell = e["cells"][c]
-            line += f" {_mean(cell['match']):13.1f} / {_average(cell['ll']):6.3f}"
+            line += f" {_mean(cell['match']):13.1f} / {_mean(cell['ll']):6.3f}"
         print(line)
     dense = methods[0].entry["cells"]
     usable = [c for c in cells if _mean(dense[c]["match"]) >= args.min_dense] or cells
     print(f"the lines below average {', '.join(usable)} (dense at least {args.min_dense:g}, else every task)")
     for target, pair in pairs.items():
         parts = [
-            f"{m.side} {_average([_mean(m.entry['cells'][c]['match']) for c in usable]):.1f} ({m.label})"
+            f"{m.side} {_mean([_mean(m.entry['cells'][c]['match']) for c in usable]):.1f} ({m.label})"
             for m in pair
             if m is not None
         ]
         print(f"windowed b={target:g}: " + "; ".join(parts))
-
-
-def _average(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 if __name__ == "__main__":

@@ -41,27 +41,24 @@ def read_vocabulary(gguf: Path) -> Vocabulary:
 
     fields = GGUFReader(str(gguf)).fields
 
-    def scalar(key: str, default=None):
+    def value(
+        key: str, default=None
+    ):  # the gguf package's own decoding, as export/describe.py reads a header
         field = fields.get(f"tokenizer.ggml.{key}")
-        return default if field is None else field.parts[field.data[0]][0].item()
+        return default if field is None else field.contents()
 
-    def array(key: str) -> list:
-        field = fields[f"tokenizer.ggml.{key}"]
-        return [field.parts[i] for i in field.data]
-
-    field = fields["tokenizer.ggml.model"]
-    model = bytes(field.parts[field.data[0]]).decode()
+    model = value("model")
     return Vocabulary(
         model=model,
-        tokens=[bytes(part).decode("utf-8") for part in array("tokens")],
-        types=[int(part[0]) for part in array("token_type")] if "tokenizer.ggml.token_type" in fields else [],
+        tokens=value("tokens"),
+        types=value("token_type", []),
         has_merges="tokenizer.ggml.merges" in fields,
-        bos=scalar("bos_token_id"),
-        eos=scalar("eos_token_id"),
-        unk=scalar("unknown_token_id"),
-        pad=scalar("padding_token_id"),
-        add_bos=bool(scalar("add_bos_token", model == "llama")),  # llama.cpp's default for sentencepiece
-        add_space_prefix=bool(scalar("add_space_prefix", False)),
+        bos=value("bos_token_id"),
+        eos=value("eos_token_id"),
+        unk=value("unknown_token_id"),
+        pad=value("padding_token_id"),
+        add_bos=bool(value("add_bos_token", model == "llama")),  # llama.cpp's default for sentencepiece
+        add_space_prefix=bool(value("add_space_prefix", False)),
     )
 
 
