@@ -16,8 +16,9 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
   eviction press over the same splits (both kinds).
 
 `--projections` picks which projections run (and so which rows); `--resume FILE` carries over every finished
-row of an earlier run whose settings cover these (its first --samples samples, these tasks and lengths) and
-runs the rest, reusing its searched ranks.
+row of an earlier run whose settings cover these (its first --samples samples, these tasks and lengths; of a
+projection not picked, if all its rows finished) and runs the rest, reusing its searched ranks: bases are
+trained only if a trained projection's rows are left to run.
 
 Eviction does not change a prefill's hidden states, so one prefill per projection (or per stock model) and
 sample batch serves every press and budget: llmsurgery.kv_presses.replay runs kvpress's own forward hook on a copy
@@ -322,10 +323,18 @@ def model_shape(model) -> tuple[int, int, int]:
 
 
 def build_projections(
-    model, tokenizer, args, budgets: list[float], state_file: Path | None, known: dict | None = None
+    model,
+    tokenizer,
+    args,
+    budgets: list[float],
+    state_file: Path | None,
+    known: dict | None = None,
+    needed: set[str] | None = None,
 ) -> Projections:
-    """PCA bases from the calibration text, then (if a trained projection is selected) Matryoshka training from
-    them; ranks searched, for each kind, only at the budgets of its selected projections."""
+    """PCA bases from the calibration text, then (if a trained projection is needed) Matryoshka training from
+    them; ranks searched, for each kind, only at the budgets of its needed projections (`needed`, default the
+    selected ones; ranks in `known` are taken as they are)."""
+    needed = set(args.projections) if needed is None else needed
     from llmsurgery.calibration import calibration_batches
     from llmsurgery.passes import KVCompress
     from llmsurgery.passes.kv_compress.maths import attach_, detach_, keys_only_ranks, search_ranks
@@ -346,14 +355,14 @@ def build_projections(
     try:
         search = calibration_batches(tokenizer, cfg.search_calib).to(device)
         for kind in ("pca", "trained"):
-            if not any(key.startswith(f"{kind}@") for key in args.projections):
+            if not any(key.startswith(f"{kind}@") for key in needed):
                 continue
             if (
                 kind == "trained"
             ):  # from the PCA bases, trained once: every rank is a prefix of the same bases
                 states["pca"] = copy.deepcopy(state)
                 train_seconds, losses = _trained_(model, state, tokenizer, cfg, state_file)
-            wanted = [b for b in budgets if f"{kind}@{b:g}" in args.projections]
+            wanted = [b for b in budgets if f"{kind}@{b:g}" in needed]
             found = {b: known[kind, f"{b:g}"] for b in wanted if (kind, f"{b:g}") in (known or {})}
             missing = [b for b in wanted if b not in found]
             found |= search_ranks(model, state, search, missing) if missing else {}
@@ -368,7 +377,7 @@ def build_projections(
         detach_(saved)
     states.setdefault("pca", state)
     states["trained"] = state
-    trained = any(key.startswith("trained@") for key in args.projections)
+    trained = any(key.startswith("trained@") for key in needed)
     tokens = args.train_steps * args.train_batch * args.train_seq_len if trained else 0
     return Projections(states, ranks, reached, train_seconds, tokens, losses)
 
@@ -533,34 +542,61 @@ def _sliced(entry: dict, digests: dict, samples: int, earlier_samples: int) -> d
 
 
 def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
-    """With --resume FILE: that run's result for `name` if its settings cover these (the same budgets, seed and
+    """With --resume FILE[,FILE...]: the first result for `name` whose settings cover these (the same budgets, seed and
     haystack; these tasks, lengths and samples among its own) and its kvpress step finished (with window-safe
     presses, for a model with `sliding` window layers), every method's entry cut to these cells. Cells whose
     samples differ from these (a run that recorded digests) are refused."""
     if not args.resume:
         return None
-    for result in json.loads(Path(args.resume).read_text()):
+    runs = [
+        (path, result) for path in args.resume.split(",") for result in json.loads(Path(path).read_text())
+    ]
+    for path, result in runs:
         if result["model"] != name or "best_press" not in result or not _covers(result["settings"], args):
             continue
         if sliding and result.get("presses") != PRESSES:
-            print(f"{name}: {args.resume} ran presses that were not window-safe: not carried", flush=True)
+            print(f"{name}: {path} ran presses that were not window-safe: not carried", flush=True)
             continue
         theirs = result.get("sample_digests")
         for key, ours in digests.items():
             if theirs is not None and theirs.get(key, [])[: len(ours)] != ours:
-                raise UserError(f"--resume: the {key} samples of {args.resume} differ from this run's")
+                raise UserError(f"--resume: the {key} samples of {path} differ from this run's")
         n = result["settings"]["samples"]
         entries = {
             (m["side"], m["label"], m["budget"]): _sliced(m, digests, args.samples, n)
             for m in result["methods"]
         }
-        print(f"{name}: the finished results of {args.resume} carry over", flush=True)
+        print(f"{name}: the finished results of {path} carry over", flush=True)
         unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
-        where = f"{args.resume}, {result.get('machine', 'machine not recorded')}" + unchecked
+        where = f"{path}, {result.get('machine', 'machine not recorded')}" + unchecked
         return {"entries": entries, "result": result, "from": result.get("stock_from", where)}
     raise UserError(
         f"--resume: {args.resume} holds no finished kvpress step of {name} whose settings cover these"
     )
+
+
+def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: dict):
+    """llmsurgery's rows: those of the selected projections, and (with --resume) every projection of the earlier
+    run whose rows all finished there, whether selected or not; and which of them still have to run."""
+    ours, todo = [], []
+    for key in all_projections(budgets):
+        rows = projection_methods(budgets, best_press, [key])
+        rows += press_methods(budgets, best_press, [key], maps)
+        unfinished = []
+        for m in rows:
+            earlier_entry = carried.get((m.side, m.label, m.budget), {})
+            if earlier_entry.get("runtime") == m.entry.get("runtime"):
+                m.entry |= earlier_entry
+            if not _finished(m, cells, args.samples):
+                m.entry |= {"ppl": None, "cells": {}}
+                unfinished.append(m)
+        if key in args.projections or (rows and not unfinished):
+            ours += rows
+            todo += unfinished
+    # the models, then the presses; each in the order asked, carried ones last
+    order = {key: i for i, key in enumerate(args.projections)}
+    ours.sort(key=lambda m: (m.on_stock, order.get(m.model, len(order))))
+    return ours, todo
 
 
 def _finished(m: Method, cells: dict, samples: int) -> bool:
@@ -672,16 +708,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     from llmsurgery.kv_presses import projection_maps, stored_widths
 
     maps: dict = {}
-    ours = projection_methods(budgets, result["best_press"], args.projections)
-    ours += press_methods(budgets, result["best_press"], args.projections, maps)
-    todo = []
-    for m in ours:
-        earlier_entry = carried.get((m.side, m.label, m.budget), {})
-        if earlier_entry.get("runtime") == m.entry.get("runtime"):
-            m.entry |= earlier_entry
-        if not _finished(m, cells, args.samples):
-            m.entry |= {"ppl": None, "cells": {}}
-            todo.append(m)
+    ours, todo = _our_methods(budgets, result["best_press"], args, carried, cells, maps)
     result["methods"] = [m.entry for m in stock + ours]
     kept = ("train", "reached", "ranks", "overhead_bytes")
     result |= {k: earlier["result"][k] for k in kept if earlier and k in earlier["result"]}
@@ -690,11 +717,13 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         return
     state_file = Path(args.state_dir) / f"{Path(name).name}-trained.pt" if args.state_dir else None
     known = {tuple(k.split("@")): v for k, v in result.get("ranks", {}).items()}
-    p = build_projections(model, tokenizer, args, budgets, state_file, known)
+    needed = {m.model for m in todo}
+    p = build_projections(model, tokenizer, args, budgets, state_file, known, needed)
+    if p.train_tokens or "train" not in result:  # trained here, or nothing trained yet
+        result["train"] = {"seconds": p.train_seconds, "tokens": p.train_tokens, "losses": p.losses}
     result |= {
-        "train": {"seconds": p.train_seconds, "tokens": p.train_tokens, "losses": p.losses},
-        "reached": {f"{k[0]}@{k[1]}": v for k, v in p.reached.items()},
-        "ranks": {f"{k[0]}@{k[1]}": v for k, v in p.ranks.items()},
+        "reached": result.get("reached", {}) | {f"{k[0]}@{k[1]}": v for k, v in p.reached.items()},
+        "ranks": result.get("ranks", {}) | {f"{k[0]}@{k[1]}": v for k, v in p.ranks.items()},
         "overhead_bytes": result.get("overhead_bytes", {}),
     }
     lap("projections (PCA, training, rank search)")
@@ -771,8 +800,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the results here (also after each step of a run)")
     parser.add_argument(
         "--resume",
-        help="carry over every finished row of this earlier --json (and its searched ranks), run the rest: same "
-        "budgets, seed and haystack; these tasks, lengths and samples among its own (its first N samples)",
+        help="carry over every finished row of this earlier --json (comma-separated files: the first result of "
+        "each model that fits; its searched ranks too; a projection not in "
+        "--projections too, if all its rows finished), run the rest: same budgets, seed and haystack; these tasks, "
+        "lengths and samples among its own (its first N samples)",
     )
     parser.add_argument(
         "--report",
@@ -802,8 +833,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UserError(f"cannot write {target}: its folder does not exist")
     if args.plot and not args.plot.endswith(".png"):
         raise UserError("--plot takes a .png file name")
-    if args.resume and not Path(args.resume).is_file():
-        raise UserError(f"--resume: no such file {args.resume}")
+    for path in args.resume.split(",") if args.resume else []:
+        if not Path(path).is_file():
+            raise UserError(f"--resume: no such file {path}")
     for path in args.report.split(",") if args.report else []:
         if not Path(path).is_file():
             raise UserError(f"--report: no such file {path}")

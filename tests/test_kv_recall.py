@@ -110,6 +110,7 @@ def _bench(*args, block_kvpress=False, script="kv_recall.py"):
         (("--plot", "x.jpg"), "--plot takes a .png"),
         (("--projections", "pca@0.6"), "--projections: choose from pca@0.75,"),
         (("--resume", "/nonexistent/r.json"), "--resume: no such file"),
+        (("--resume", f"{__file__},/nonexistent/r.json"), "--resume: no such file /nonexistent/r.json"),
         ((), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
     ],
 )
@@ -130,6 +131,7 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
         "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training projections" in result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[-3].startswith("b=0.75: llmsurgery ") and " kvpress " in lines[-3]
     assert lines[-2].startswith("b=0.5: llmsurgery ") and lines[-1].startswith("b=0.75 keys only:")
@@ -183,8 +185,9 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
                 assert all(b == pytest.approx(reached, abs=1e-4) for b in cell["b"])
     again = _bench("--report", tmp_path / "r.json", block_kvpress=True)  # no kvpress needed to print it again
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-3:] == lines[-3:]
-    # --resume with fewer samples and some of the projections: what the first run finished carries over (rows
-    # composed with the best press at a budget run again if fewer samples elect another press)
+    # --resume with fewer samples and some of the projections: what the first run finished carries over, of the
+    # projections not picked too (rows composed with the best press at a budget run again if fewer samples elect
+    # another press)
     common = ["--models", tiny_models["llama"], "--lengths", "512", "--budgets", "0.75,0.5", "--train-steps", "2",
               "--train-samples", "8", "--calib", "pydoc", "--haystack", haystack, "--all-cells"]  # fmt: skip
     resumed = _bench(*common, "--samples", "1", "--projections", "pca@0.5,trained@keys",
@@ -194,7 +197,22 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     assert "carry over" in resumed.stdout and "kv-compress pca@0.5" not in first["seconds"]  # not run again
     assert first["ranks"]["pca@0.5"] == model["ranks"]["pca@0.5"]
     kept = {(m["label"], m["budget"]): m for m in first["methods"]}
-    assert ("kv pca press", 0.5) in kept and ("kv trained press", 0.5) not in kept
+    assert ("kv pca press", 0.5) in kept and ("kv trained press", 0.5) in kept  # all finished: carried
+    # a run cut short before pca@0.5: its rows run, the carried trained bases' rows need no training
+    (cut,) = json.loads((tmp_path / "r.json").read_text())
+    cut["methods"] = [m for m in cut["methods"] if "kv pca" not in m["label"] or "keys only" in m["label"]]
+    cut["ranks"].pop("pca@0.5")
+    (tmp_path / "cut.json").write_text(json.dumps([cut]))
+    (tmp_path / "none.json").write_text("[]")  # of several files, the first result that fits
+    rest = _bench(*common, "--samples", "1", "--projections", "pca@0.5", "--resume",
+                  f"{tmp_path / 'none.json'},{tmp_path / 'cut.json'}", "--json", tmp_path / "r2.json")  # fmt: skip
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    (second,) = json.loads((tmp_path / "r2.json").read_text())
+    assert "kv-compress pca@0.5" in second["seconds"] and "Training projections" not in rest.stdout + rest.stderr
+    assert second["train"] == model["train"] and second["ranks"]["pca@0.5"] == model["ranks"]["pca@0.5"]
+    labels = [(m["label"], m["budget"]) for m in second["methods"]]
+    assert labels.index(("kv pca", 0.5)) < labels.index(("kv trained", 0.5))  # picked ones first
+    assert {("kv trained press", 0.5), ("kv pca press", 0.5)} <= set(labels)
     assert (
         kept["kv pca", 0.5]["cells"]["filler@512"]["match"]
         == (next(m for m in model["methods"] if (m["label"], m["budget"]) == ("kv pca", 0.5)))["cells"][
