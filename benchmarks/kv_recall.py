@@ -542,15 +542,17 @@ def _sliced(entry: dict, digests: dict, samples: int, earlier_samples: int) -> d
 
 
 def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
-    """With --resume FILE[,FILE...]: the first result for `name` whose settings cover these (the same budgets, seed and
-    haystack; these tasks, lengths and samples among its own) and its kvpress step finished (with window-safe
-    presses, for a model with `sliding` window layers), every method's entry cut to these cells. Cells whose
-    samples differ from these (a run that recorded digests) are refused."""
+    """With --resume FILE[,FILE...]: the results for `name` whose settings cover these (the same budgets, seed and
+    haystack; these tasks, lengths and samples among its own) and whose kvpress step finished (with window-safe
+    presses, for a model with `sliding` window layers), every method's entry cut to these cells; where several hold
+    a row, the first that finished it. Cells whose samples differ from these (a run that recorded digests) are
+    refused."""
     if not args.resume:
         return None
     runs = [
         (path, result) for path in args.resume.split(",") for result in json.loads(Path(path).read_text())
     ]
+    entries, merged, where = {}, {}, None
     for path, result in runs:
         if result["model"] != name or "best_press" not in result or not _covers(result["settings"], args):
             continue
@@ -562,22 +564,39 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
             if theirs is not None and theirs.get(key, [])[: len(ours)] != ours:
                 raise UserError(f"--resume: the {key} samples of {path} differ from this run's")
         n = result["settings"]["samples"]
-        entries = {
-            (m["side"], m["label"], m["budget"]): _sliced(m, digests, args.samples, n)
-            for m in result["methods"]
-        }
+        for m in result["methods"]:
+            row = (m["side"], m["label"], m["budget"])
+            if row not in entries or not _complete(entries[row], digests, args.samples):
+                entries[row] = _sliced(m, digests, args.samples, n)
+        for key in (
+            "reached",
+            "ranks",
+            "overhead_bytes",
+        ):  # each projection's, from the first run that has it
+            merged[key] = result.get(key, {}) | merged.get(key, {})
+        if "train" in result:
+            merged.setdefault("train", result["train"])
         print(f"{name}: the finished results of {path} carry over", flush=True)
-        unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
-        where = f"{path}, {result.get('machine', 'machine not recorded')}" + unchecked
-        return {"entries": entries, "result": result, "from": result.get("stock_from", where)}
-    raise UserError(
-        f"--resume: {args.resume} holds no finished kvpress step of {name} whose settings cover these"
-    )
+        if where is None:
+            unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
+            where = result.get(
+                "stock_from", f"{path}, {result.get('machine', 'machine not recorded')}" + unchecked
+            )
+    if where is None:
+        raise UserError(
+            f"--resume: {args.resume} holds no finished kvpress step of {name} whose settings cover these"
+        )
+    return {"entries": entries, "result": merged, "from": where}
+
+
+def _complete(entry: dict, cells, samples: int) -> bool:
+    """Whether `entry` holds `samples` results in each of `cells` ("task@length")."""
+    return all(len(entry["cells"].get(key, {}).get("match", [])) == samples for key in cells)
 
 
 def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: dict):
-    """llmsurgery's rows: those of the selected projections, and (with --resume) every projection of the earlier
-    run whose rows all finished there, whether selected or not; and which of them still have to run."""
+    """llmsurgery's rows: those of the selected projections, and (with --resume) the rows of other projections that
+    finished in an earlier run; and which of them still have to run."""
     ours, todo = [], []
     for key in all_projections(budgets):
         rows = projection_methods(budgets, best_press, [key])
@@ -590,9 +609,11 @@ def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: di
             if not _finished(m, cells, args.samples):
                 m.entry |= {"ppl": None, "cells": {}}
                 unfinished.append(m)
-        if key in args.projections or (rows and not unfinished):
+        if key in args.projections:
             ours += rows
             todo += unfinished
+        else:
+            ours += [m for m in rows if all(m is not u for u in unfinished)]
     # the models, then the presses; each in the order asked, carried ones last
     order = {key: i for i, key in enumerate(args.projections)}
     ours.sort(key=lambda m: (m.on_stock, order.get(m.model, len(order))))
@@ -600,8 +621,7 @@ def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: di
 
 
 def _finished(m: Method, cells: dict, samples: int) -> bool:
-    got = m.entry["cells"]
-    return all(len(got.get(f"{t}@{n}", {}).get("match", [])) == samples for t, n in cells)
+    return _complete(m.entry, [f"{t}@{n}" for t, n in cells], samples)
 
 
 def _settings(args) -> dict:
@@ -800,10 +820,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the results here (also after each step of a run)")
     parser.add_argument(
         "--resume",
-        help="carry over every finished row of this earlier --json (comma-separated files: the first result of "
-        "each model that fits; its searched ranks too; a projection not in "
-        "--projections too, if all its rows finished), run the rest: same budgets, seed and haystack; these tasks, "
-        "lengths and samples among its own (its first N samples)",
+        help="carry over every finished row of earlier --json files (comma-separated; a row from the first that "
+        "finished it; projections not in --projections too) and their searched ranks, run the rest: same budgets, "
+        "seed and haystack; these tasks, lengths and samples among their own (their first N samples)",
     )
     parser.add_argument(
         "--report",

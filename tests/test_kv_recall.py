@@ -213,6 +213,14 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     labels = [(m["label"], m["budget"]) for m in second["methods"]]
     assert labels.index(("kv pca", 0.5)) < labels.index(("kv trained", 0.5))  # picked ones first
     assert {("kv trained press", 0.5), ("kv pca press", 0.5)} <= set(labels)
+    # several files: each row from the first that finished it (here pca@0.5's from r.json: nothing left to run)
+    both = _bench(*common, "--samples", "1", "--projections", "pca@0.5", "--resume",
+                  f"{tmp_path / 'cut.json'},{tmp_path / 'r.json'}", "--json", tmp_path / "r3.json")  # fmt: skip
+    assert both.returncode == 0, both.stderr[-3000:]
+    (third,) = json.loads((tmp_path / "r3.json").read_text())
+    assert "projections (PCA, training, rank search)" not in third["seconds"]
+    assert third["ranks"]["pca@0.5"] == model["ranks"]["pca@0.5"]
+    assert _row(third, "kv pca", 0.5)["cells"] == _row(first, "kv pca", 0.5)["cells"]
     assert (
         kept["kv pca", 0.5]["cells"]["filler@512"]["match"]
         == (next(m for m in model["methods"] if (m["label"], m["budget"]) == ("kv pca", 0.5)))["cells"][
@@ -221,6 +229,10 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     )
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
     assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
+
+
+def _row(result: dict, label: str, budget: float) -> dict:
+    return next(m for m in result["methods"] if (m["label"], m["budget"]) == (label, budget))
 
 
 def test_resume_of_a_sliding_window_model_needs_window_safe_presses(tmp_path):
