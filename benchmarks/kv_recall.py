@@ -15,10 +15,10 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
   projected, the question and answer exact as kvpress treats every press; alone, and composed with the best
   eviction press over the same splits (both kinds).
 
-`--projections` picks which projections run (and so which rows); `--resume FILE` carries over every finished
-row of an earlier run whose settings cover these (its first --samples samples, these tasks and lengths; of a
-projection not picked, if all its rows finished) and runs the rest, reusing its searched ranks: bases are
-trained only if a trained projection's rows are left to run.
+`--projections` picks which projections run (and so which rows); `--resume FILE[,FILE...]` carries over every
+finished row of earlier runs whose settings cover these (their first --samples samples, these tasks and lengths;
+the finished rows of projections not picked too) and runs the rest, reusing their searched ranks: bases are
+trained only if a picked trained projection has rows left to run.
 
 Eviction does not change a prefill's hidden states, so one prefill per projection (or per stock model) and
 sample batch serves every press and budget: llmsurgery.kv_presses.replay runs kvpress's own forward hook on a copy
@@ -568,11 +568,7 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
             row = (m["side"], m["label"], m["budget"])
             if row not in entries or not _complete(entries[row], digests, args.samples):
                 entries[row] = _sliced(m, digests, args.samples, n)
-        for key in (
-            "reached",
-            "ranks",
-            "overhead_bytes",
-        ):  # each projection's, from the first run that has it
+        for key in ("reached", "ranks", "overhead_bytes"):  # each projection's from the first run with it
             merged[key] = result.get(key, {}) | merged.get(key, {})
         if "train" in result:
             merged.setdefault("train", result["train"])
