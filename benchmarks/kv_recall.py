@@ -328,13 +328,12 @@ def build_projections(
     args,
     budgets: list[float],
     state_file: Path | None,
-    known: dict | None = None,
-    needed: set[str] | None = None,
+    known: dict,
+    needed: set[str],
 ) -> Projections:
     """PCA bases from the calibration text, then (if a trained projection is needed) Matryoshka training from
-    them; ranks searched, for each kind, only at the budgets of its needed projections (`needed`, default the
-    selected ones; ranks in `known` are taken as they are)."""
-    needed = set(args.projections) if needed is None else needed
+    them; ranks searched, for each kind, only at the budgets of its `needed` projections (ranks in `known`, keyed
+    (kind, budget), are taken as they are)."""
     from llmsurgery.calibration import calibration_batches
     from llmsurgery.passes import KVCompress
     from llmsurgery.passes.kv_compress.maths import attach_, detach_, keys_only_ranks, search_ranks
@@ -363,7 +362,7 @@ def build_projections(
                 states["pca"] = copy.deepcopy(state)
                 train_seconds, losses = _trained_(model, state, tokenizer, cfg, state_file)
             wanted = [b for b in budgets if f"{kind}@{b:g}" in needed]
-            found = {b: known[kind, f"{b:g}"] for b in wanted if (kind, f"{b:g}") in (known or {})}
+            found = {b: known[kind, f"{b:g}"] for b in wanted if (kind, f"{b:g}") in known}
             missing = [b for b in wanted if b not in found]
             found |= search_ranks(model, state, search, missing) if missing else {}
             for b in wanted:
@@ -594,6 +593,7 @@ def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: di
     """llmsurgery's rows: those of the selected projections, and (with --resume) the rows of other projections that
     finished in an earlier run; and which of them still have to run."""
     ours, todo = [], []
+    names = [f"{t}@{n}" for t, n in cells]
     for key in all_projections(budgets):
         rows = projection_methods(budgets, best_press, [key])
         rows += press_methods(budgets, best_press, [key], maps)
@@ -602,7 +602,7 @@ def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: di
             earlier_entry = carried.get((m.side, m.label, m.budget), {})
             if earlier_entry.get("runtime") == m.entry.get("runtime"):
                 m.entry |= earlier_entry
-            if not _finished(m, cells, args.samples):
+            if not _complete(m.entry, names, args.samples):
                 m.entry |= {"ppl": None, "cells": {}}
                 unfinished.append(m)
         if key in args.projections:
@@ -614,10 +614,6 @@ def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: di
     order = {key: i for i, key in enumerate(args.projections)}
     ours.sort(key=lambda m: (m.on_stock, order.get(m.model, len(order))))
     return ours, todo
-
-
-def _finished(m: Method, cells: dict, samples: int) -> bool:
-    return _complete(m.entry, [f"{t}@{n}" for t, n in cells], samples)
 
 
 def _settings(args) -> dict:

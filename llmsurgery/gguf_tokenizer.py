@@ -41,9 +41,8 @@ def read_vocabulary(gguf: Path) -> Vocabulary:
 
     fields = GGUFReader(str(gguf)).fields
 
-    def value(
-        key: str, default=None
-    ):  # the gguf package's own decoding, as export/describe.py reads a header
+    def value(key: str, default=None):
+        """A tokenizer field, decoded by the gguf package itself (as export/describe.py reads a header)."""
         field = fields.get(f"tokenizer.ggml.{key}")
         return default if field is None else field.contents()
 
