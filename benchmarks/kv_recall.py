@@ -18,7 +18,9 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
 `--projections` picks which projections run (and so which rows); `--resume FILE[,FILE...]` carries over every
 finished row of earlier runs whose settings cover these (their first --samples samples, these tasks and lengths;
 the finished rows of projections not picked too) and runs the rest, reusing their searched ranks: bases are
-trained only if a picked trained projection has rows left to run.
+trained only if a picked trained projection has rows left to run. The JSON is written after every sample batch, and
+a row cut short goes on from its last finished batch where its bases are the same (a digest on each row; keep
+trained bases with --state-dir).
 
 Eviction does not change a prefill's hidden states, so one prefill per projection (or per stock model) and
 sample batch serves every press and budget: llmsurgery.kv_presses.replay runs kvpress's own forward hook on a copy
@@ -417,6 +419,15 @@ def folded_copy(model, state, ranks):
     return twin
 
 
+def bases_digest(maps: list[list[tuple]]) -> str:
+    """A short sha256 of a projection's bases and means (`projection_maps`), recorded on each of its rows: a row
+    cut short goes on only with the same bases (training on CPU does not repeat bit for bit)."""
+    digest = hashlib.sha256()
+    for tensor in (t for layer in maps for head in layer for pair in head if pair for t in pair):
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def basis_bytes(model) -> tuple[int, int]:
     """Bytes of the key bases and means (needed to run) and of the value bases and means (for presses only)."""
     keys = values = 0
@@ -432,9 +443,18 @@ def basis_bytes(model) -> tuple[int, int]:
 
 
 def run_methods(
-    model, tokenizer, methods: list[Method], cells: dict, ppl_windows, dense_per_token: int, args
+    model,
+    tokenizer,
+    methods: list[Method],
+    cells: dict,
+    ppl_windows,
+    dense_per_token: int,
+    args,
+    save=None,
 ):
-    """Every method on `model`: one prefill per batch of a cell, then each method's press replayed on it."""
+    """Every method on `model`: one prefill per batch of a cell, then each method's press replayed on it; `save()`
+    after each batch. A method whose cell already holds results (a row continued from an earlier run) runs from
+    the first batch it lacks, and its perplexity only if it has none."""
     from llmsurgery.kv_presses import record_prefill, replay, window_caps
 
     device = next(model.parameters()).device
@@ -445,11 +465,14 @@ def run_methods(
         held = sum(min(length, cap) if cap else length for cap in caps) / len(caps)  # tokens a layer holds
         for start in range(0, len(samples), batch):
             part = samples[start : start + batch]
+            pending = [m for m in methods if _cell_(m, f"{task}@{length}", start, len(part)) is not None]
+            if not pending:
+                continue
             record = record_prefill(model, torch.tensor([s.context for s in part], device=device))
-            for m in methods:
+            for m in pending:
                 cache = replay(model, m.press() if m.press else None, record)
                 actual = stored_elements(cache, m.widths) / (dense_per_token * length * len(part))
-                cell = m.entry["cells"].setdefault(f"{task}@{length}", {"match": [], "ll": [], "b": []})
+                cell = m.entry["cells"][f"{task}@{length}"]
                 if windowed:  # counted before the question and answer join the cache
                     share = stored_elements(cache, m.widths, caps) / (dense_per_token * held * len(part))
                     cell.setdefault("bw", []).append(round(share, 5))
@@ -458,11 +481,13 @@ def run_methods(
                 cell["ll"] += [round(x, 4) for x in ll]
                 cell["b"].append(round(actual, 5))
             del record
-    if ppl_windows is not None:
+            if save is not None:
+                save()
+    if ppl_windows is not None and any(m.entry["ppl"] is None for m in methods):
         ids = ppl_windows.to(device)
         context, scored = ids[:, :PPL_CONTEXT], ids[:, PPL_CONTEXT:]
         record = record_prefill(model, context)
-        for m in methods:
+        for m in (m for m in methods if m.entry["ppl"] is None):
             cache = replay(model, m.press() if m.press else None, record)
             with torch.no_grad():
                 logits = model(
@@ -473,6 +498,21 @@ def run_methods(
             logits = torch.cat([record.last_logits[:, None].float(), logits], dim=1)
             nll = F.cross_entropy(logits.flatten(0, 1).double(), scored.flatten())
             m.entry["ppl"] = math.exp(float(nll))
+
+
+def _cell_(m: Method, key: str, start: int, size: int) -> dict | None:
+    """`m`'s results in cell `key` if it still has to run the batch of `size` samples from `start`, else None.
+    Results that reach into that batch without covering it (an earlier run batched otherwise) are cut back to
+    `start`, their measured budgets in proportion."""
+    cell = m.entry["cells"].setdefault(key, {"match": [], "ll": [], "b": []})
+    done = len(cell["match"])
+    if done >= start + size:
+        return None
+    if done > start:
+        for k in [k for k in ("b", "bw") if k in cell]:
+            cell[k] = cell[k][: math.ceil(len(cell[k]) * start / done)]
+        cell["match"], cell["ll"] = cell["match"][:start], cell["ll"][:start]
+    return cell
 
 
 def no_context_ppl(model, ppl_windows, tokenizer) -> float:
@@ -522,14 +562,16 @@ def _covers(earlier: dict, args) -> bool:
     )
 
 
-def _sliced(entry: dict, digests: dict, samples: int, earlier_samples: int) -> dict:
+def _sliced(entry: dict, digests: dict, samples: int) -> dict:
     """An earlier run's entry cut to these cells and their first `samples` samples (its measured budgets "b", one
     per batch, in proportion)."""
     cells = {}
     for key in digests:
         cell = entry["cells"].get(key)
-        if cell is not None:
-            batches = max(1, math.ceil(len(cell["b"]) * samples / earlier_samples))
+        if cell is not None and cell["match"]:
+            batches = max(
+                1, math.ceil(len(cell["b"]) * min(samples, len(cell["match"])) / len(cell["match"]))
+            )
             cells[key] = {
                 "match": cell["match"][:samples],
                 "ll": cell["ll"][:samples],
@@ -562,11 +604,12 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
         for key, ours in digests.items():
             if theirs is not None and theirs.get(key, [])[: len(ours)] != ours:
                 raise UserError(f"--resume: the {key} samples of {path} differ from this run's")
-        n = result["settings"]["samples"]
         for m in result["methods"]:
             row = (m["side"], m["label"], m["budget"])
-            if row not in entries or not _complete(entries[row], digests, args.samples):
-                entries[row] = _sliced(m, digests, args.samples, n)
+            cut = _sliced(m, digests, args.samples)
+            # the first that finished the row, or went furthest with it
+            if row not in entries or _done(entries[row]) < _done(cut):
+                entries[row] = cut
         for key in ("reached", "ranks", "overhead_bytes"):  # each projection's from the first run with it
             merged[key] = result.get(key, {}) | merged.get(key, {})
         if "train" in result:
@@ -582,6 +625,11 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
             f"--resume: {args.resume} holds no finished kvpress step of {name} whose settings cover these"
         )
     return {"entries": entries, "result": merged, "from": where}
+
+
+def _done(entry: dict) -> int:
+    """How many samples `entry` holds results for, over all its cells."""
+    return sum(len(cell["match"]) for cell in entry["cells"].values())
 
 
 def _complete(entry: dict, cells, samples: int) -> bool:
@@ -603,7 +651,8 @@ def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: di
             if earlier_entry.get("runtime") == m.entry.get("runtime"):
                 m.entry |= earlier_entry
             if not _complete(m.entry, names, args.samples):
-                m.entry |= {"ppl": None, "cells": {}}
+                if "bases" not in m.entry:  # continued only where the bases are known to be the same (below)
+                    m.entry |= {"ppl": None, "cells": {}}
                 unfinished.append(m)
         if key in args.projections:
             ours += rows
@@ -748,15 +797,28 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         twin = folded_copy(model, p.states[kind], p.ranks[kind, "keys" if at == "keys" else float(at)])
         result["overhead_bytes"][key] = basis_bytes(twin)
         maps[key] = projection_maps(twin, keys_only=at == "keys")
+        digest = bases_digest(maps[key])
+        for m in packed + presses:
+            if m.entry.get("bases", digest) != digest:  # a row cut short on other bases starts anew
+                print(
+                    f"{name}: {m.entry['label']} at b={m.budget:g} ran on other bases: run anew", flush=True
+                )
+                m.entry |= {"ppl": None, "cells": {}}
+            elif _done(m.entry):
+                print(
+                    f"{name}: {m.entry['label']} at b={m.budget:g} goes on from {_done(m.entry)} samples",
+                    flush=True,
+                )
+            m.entry["bases"] = digest
         for m in presses:
             m.widths = stored_widths(maps[key])
         if packed:
-            run_methods(twin, tokenizer, packed, cells, ppl, dense_per_token, args)
+            run_methods(twin, tokenizer, packed, cells, ppl, dense_per_token, args, save)
             lap(f"kv-compress {key}")
         del twin
     presses = [m for m in todo if m.on_stock]
     if presses:
-        run_methods(model, tokenizer, presses, cells, ppl, dense_per_token, args)
+        run_methods(model, tokenizer, presses, cells, ppl, dense_per_token, args, save)
         lap("the projections as presses on the stock model")
 
 
@@ -814,7 +876,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume",
         help="carry over every finished row of earlier --json files (comma-separated; a row from the first that "
         "finished it; projections not in --projections too) and their searched ranks, run the rest: same budgets, "
-        "seed and haystack; these tasks, lengths and samples among their own (their first N samples)",
+        "seed and haystack; these tasks, lengths and samples among their own (their first N samples); a row cut "
+        "short, or with fewer samples, goes on from where it stopped if its bases are the same",
     )
     parser.add_argument(
         "--report",

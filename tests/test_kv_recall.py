@@ -208,7 +208,9 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
                   f"{tmp_path / 'none.json'},{tmp_path / 'cut.json'}", "--json", tmp_path / "r2.json")  # fmt: skip
     assert rest.returncode == 0, rest.stderr[-3000:]
     (second,) = json.loads((tmp_path / "r2.json").read_text())
-    assert "kv-compress pca@0.5" in second["seconds"] and "Training projections" not in rest.stdout + rest.stderr
+    assert (
+        "kv-compress pca@0.5" in second["seconds"] and "Training projections" not in rest.stdout + rest.stderr
+    )
     assert second["train"] == model["train"] and second["ranks"]["pca@0.5"] == model["ranks"]["pca@0.5"]
     labels = [(m["label"], m["budget"]) for m in second["methods"]]
     assert labels.index(("kv pca", 0.5)) < labels.index(("kv trained", 0.5))  # picked ones first
@@ -227,6 +229,32 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
             "filler@512"
         ]["match"][:1]
     )
+    # a row cut short goes on from its last finished batch on the same bases (a sentinel marks what it kept); a
+    # row of other bases runs anew
+    (short,) = json.loads((tmp_path / "r.json").read_text())
+    for label in ("kv pca", "kv pca press"):
+        row = _row(short, label, 0.5)
+        assert len(row["bases"]) == 16
+        row["ppl"] = None
+        for cell in row["cells"].values():
+            cell |= {"match": cell["match"][:1], "ll": [123.0], "b": cell["b"][:1]}
+    _row(short, "kv pca press", 0.5)["bases"] = "0" * 16
+    (tmp_path / "short.json").write_text(json.dumps([short]))
+    on = _bench(*common, "--samples", "2", "--batch", "1", "--projections", "pca@0.5", "--resume",
+                tmp_path / "short.json", "--json", tmp_path / "r4.json")  # fmt: skip
+    assert on.returncode == 0, on.stderr[-3000:]
+    assert "kv pca at b=0.5 goes on from 5 samples" in on.stdout
+    assert "kv pca press at b=0.5 ran on other bases: run anew" in on.stdout
+    (fourth,) = json.loads((tmp_path / "r4.json").read_text())
+    for label in ("kv pca", "kv pca press"):
+        whole, now = _row(model, label, 0.5), _row(fourth, label, 0.5)
+        assert now["ppl"] == pytest.approx(whole["ppl"], rel=1e-4) and now["bases"] == whole["bases"]
+        for key, cell in now["cells"].items():
+            assert len(cell["match"]) == 2 and len(cell["b"]) == 2
+            assert cell["ll"][1] == pytest.approx(whole["cells"][key]["ll"][1], abs=1e-3)
+            assert cell["ll"][0] == (
+                123.0 if label == "kv pca" else pytest.approx(whole["cells"][key]["ll"][0], abs=1e-3)
+            )
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
     assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
 
