@@ -558,7 +558,6 @@ def _covers(earlier: dict, args) -> bool:
         all(earlier.get(k) == ours[k] for k in SAME_SETTINGS)
         and set(ours["tasks"]) <= set(earlier.get("tasks", []))
         and set(ours["lengths"]) <= set(earlier.get("lengths", []))
-        and ours["samples"] <= earlier.get("samples", 0)
     )
 
 
@@ -584,10 +583,11 @@ def _sliced(entry: dict, digests: dict, samples: int) -> dict:
 
 def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
     """With --resume FILE[,FILE...]: the results for `name` whose settings cover these (the same budgets, seed and
-    haystack; these tasks, lengths and samples among its own) and whose kvpress step finished (with window-safe
+    haystack; these tasks and lengths among its own) and whose kvpress step finished (with window-safe
     presses, for a model with `sliding` window layers), every method's entry cut to these cells; where several hold
-    a row, the first that finished it. Cells whose samples differ from these (a run that recorded digests) are
-    refused."""
+    a row, the first that finished it, or else the one that went furthest. A run of fewer samples than these lends
+    only its projection rows (to go on from), never the dense and kvpress rows. Cells whose samples differ from
+    these (a run that recorded digests) are refused."""
     if not args.resume:
         return None
     runs = [
@@ -602,10 +602,14 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
             continue
         theirs = result.get("sample_digests")
         for key, ours in digests.items():
-            if theirs is not None and theirs.get(key, [])[: len(ours)] != ours:
+            if theirs is not None and theirs.get(key, [])[: len(ours)] != ours[: len(theirs.get(key, []))]:
                 raise UserError(f"--resume: the {key} samples of {path} differ from this run's")
+        # a run of fewer samples: its projection rows go on from where they stopped; its stock rows do not serve
+        short = result["settings"]["samples"] < args.samples
         for m in result["methods"]:
             row = (m["side"], m["label"], m["budget"])
+            if short and m["side"] != "llmsurgery":
+                continue
             cut = _sliced(m, digests, args.samples)
             # the first that finished the row, or went furthest with it
             if row not in entries or _done(entries[row]) < _done(cut):
@@ -615,7 +619,7 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
         if "train" in result:
             merged.setdefault("train", result["train"])
         print(f"{name}: the finished results of {path} carry over", flush=True)
-        if where is None:
+        if where is None and not short:
             unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
             where = result.get(
                 "stock_from", f"{path}, {result.get('machine', 'machine not recorded')}" + unchecked
@@ -871,13 +875,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-ppl", action="store_true", help="skip the continuation-perplexity table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", help="recall against KV budget, a panel per task (PNG)")
-    parser.add_argument("--json", help="write the results here (also after each step of a run)")
+    parser.add_argument("--json", help="write the results here (also after each sample batch of a run)")
     parser.add_argument(
         "--resume",
         help="carry over every finished row of earlier --json files (comma-separated; a row from the first that "
         "finished it; projections not in --projections too) and their searched ranks, run the rest: same budgets, "
-        "seed and haystack; these tasks, lengths and samples among their own (their first N samples); a row cut "
-        "short, or with fewer samples, goes on from where it stopped if its bases are the same",
+        "seed and haystack; these tasks and lengths among their own (their first N samples); a row cut short, or "
+        "of a run with fewer samples, goes on from where it stopped if its bases are the same (the dense and kvpress "
+        "rows must come from a run with at least these samples)",
     )
     parser.add_argument(
         "--report",

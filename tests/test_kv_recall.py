@@ -229,23 +229,24 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
             "filler@512"
         ]["match"][:1]
     )
-    # a row cut short goes on from its last finished batch on the same bases (a sentinel marks what it kept); a
-    # row of other bases runs anew
-    (short,) = json.loads((tmp_path / "r.json").read_text())
+    # a run of fewer samples (r1.json: 1) lends its rows to go on from, on the same bases (a sentinel marks what a
+    # row kept), the dense and kvpress rows from a run with enough (cut.json); a row of other bases runs anew
+    (short,) = json.loads((tmp_path / "r1.json").read_text())
     for label in ("kv pca", "kv pca press"):
         row = _row(short, label, 0.5)
-        assert len(row["bases"]) == 16
+        assert len(row["bases"]) == 16 and all(len(c["match"]) == 1 for c in row["cells"].values())
         row["ppl"] = None
         for cell in row["cells"].values():
-            cell |= {"match": cell["match"][:1], "ll": [123.0], "b": cell["b"][:1]}
+            cell["ll"] = [123.0]
     _row(short, "kv pca press", 0.5)["bases"] = "0" * 16
     (tmp_path / "short.json").write_text(json.dumps([short]))
     on = _bench(*common, "--samples", "2", "--batch", "1", "--projections", "pca@0.5", "--resume",
-                tmp_path / "short.json", "--json", tmp_path / "r4.json")  # fmt: skip
+                f"{tmp_path / 'short.json'},{tmp_path / 'cut.json'}", "--json", tmp_path / "r4.json")  # fmt: skip
     assert on.returncode == 0, on.stderr[-3000:]
     assert "kv pca at b=0.5 goes on from 5 samples" in on.stdout
     assert "kv pca press at b=0.5 ran on other bases: run anew" in on.stdout
     (fourth,) = json.loads((tmp_path / "r4.json").read_text())
+    assert str(tmp_path / "cut.json") in fourth["stock_from"]
     for label in ("kv pca", "kv pca press"):
         whole, now = _row(model, label, 0.5), _row(fourth, label, 0.5)
         assert now["ppl"] == pytest.approx(whole["ppl"], rel=1e-4) and now["bases"] == whole["bases"]
@@ -255,8 +256,24 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
             assert cell["ll"][0] == (
                 123.0 if label == "kv pca" else pytest.approx(whole["cells"][key]["ll"][0], abs=1e-3)
             )
+    alone = _bench(
+        *common, "--samples", "2", "--resume", tmp_path / "short.json"
+    )  # its stock rows do not serve
+    assert alone.returncode == 2 and "holds no finished kvpress step" in alone.stderr
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
     assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
+
+
+def test_a_row_batched_otherwise_is_cut_back_to_the_batch_it_lacks():
+    import kv_recall
+
+    m = kv_recall.Method("llmsurgery", "kv pca", 0.5, model="pca@0.5")
+    m.entry["cells"]["filler@512"] = {"match": [100.0] * 3, "ll": [-0.1] * 3, "b": [0.5, 0.5]}
+    assert kv_recall._cell_(m, "filler@512", 0, 2) is None  # covered
+    assert kv_recall._cell_(m, "filler@512", 3, 3)["match"] == [100.0] * 3  # the next batch: kept as it is
+    cell = kv_recall._cell_(m, "filler@512", 2, 2)  # reaches into this batch without covering it
+    assert cell == {"match": [100.0] * 2, "ll": [-0.1] * 2, "b": [0.5, 0.5]}
+    assert kv_recall._cell_(m, "news@512", 0, 2) == {"match": [], "ll": [], "b": []}
 
 
 def _row(result: dict, label: str, budget: float) -> dict:
