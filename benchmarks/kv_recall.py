@@ -19,8 +19,8 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
 finished row of earlier runs whose settings cover these (their first --samples samples, these tasks and lengths;
 the finished rows of projections not picked too) and runs the rest, reusing their searched ranks: bases are
 trained only if a picked trained projection has rows left to run. The JSON is written after every sample batch, and
-a row cut short goes on from its last finished batch where its bases are the same (a digest on each row; keep
-trained bases with --state-dir).
+a row cut short, or of a run with fewer samples, goes on from its last finished batch where its bases are the same
+(a digest on each row; keep trained bases with --state-dir).
 
 Eviction does not change a prefill's hidden states, so one prefill per projection (or per stock model) and
 sample batch serves every press and budget: llmsurgery.kv_presses.replay runs kvpress's own forward hook on a copy
