@@ -502,15 +502,15 @@ def run_methods(
 
 def _cell_(m: Method, key: str, start: int, size: int) -> dict | None:
     """`m`'s results in cell `key` if it still has to run the batch of `size` samples from `start`, else None.
-    Results that reach into that batch without covering it (an earlier run batched otherwise) are cut back to
-    `start`, their measured budgets in proportion."""
+    Results that reach into that batch without covering it (an earlier run batched otherwise, or one of fewer
+    samples) are cut back to `start`, their measured budgets (one per batch) to the batches before it."""
     cell = m.entry["cells"].setdefault(key, {"match": [], "ll": [], "b": []})
     done = len(cell["match"])
     if done >= start + size:
         return None
     if done > start:
         for k in [k for k in ("b", "bw") if k in cell]:
-            cell[k] = cell[k][: math.ceil(len(cell[k]) * start / done)]
+            cell[k] = cell[k][: len(cell[k]) * start // done]
         cell["match"], cell["ll"] = cell["match"][:start], cell["ll"][:start]
     return cell
 

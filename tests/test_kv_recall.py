@@ -268,11 +268,15 @@ def test_a_row_batched_otherwise_is_cut_back_to_the_batch_it_lacks():
     import kv_recall
 
     m = kv_recall.Method("llmsurgery", "kv pca", 0.5, model="pca@0.5")
-    m.entry["cells"]["filler@512"] = {"match": [100.0] * 3, "ll": [-0.1] * 3, "b": [0.5, 0.5]}
+    m.entry["cells"]["filler@512"] = {"match": [100.0] * 3, "ll": [-0.1] * 3, "b": [0.5, 0.4]}
     assert kv_recall._cell_(m, "filler@512", 0, 2) is None  # covered
     assert kv_recall._cell_(m, "filler@512", 3, 3)["match"] == [100.0] * 3  # the next batch: kept as it is
     cell = kv_recall._cell_(m, "filler@512", 2, 2)  # reaches into this batch without covering it
-    assert cell == {"match": [100.0] * 2, "ll": [-0.1] * 2, "b": [0.5, 0.5]}
+    assert cell == {
+        "match": [100.0] * 2,
+        "ll": [-0.1] * 2,
+        "b": [0.5],
+    }  # batches of 2: the partial one dropped
     assert kv_recall._cell_(m, "news@512", 0, 2) == {"match": [], "ll": [], "b": []}
 
 
