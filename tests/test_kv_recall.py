@@ -256,9 +256,8 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
             assert cell["ll"][0] == (
                 123.0 if label == "kv pca" else pytest.approx(whole["cells"][key]["ll"][0], abs=1e-3)
             )
-    alone = _bench(
-        *common, "--samples", "2", "--resume", tmp_path / "short.json"
-    )  # its stock rows do not serve
+    # the shorter run alone: its dense and kvpress rows do not serve
+    alone = _bench(*common, "--samples", "2", "--resume", tmp_path / "short.json")
     assert alone.returncode == 2 and "holds no finished kvpress step" in alone.stderr
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
     assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
@@ -271,12 +270,9 @@ def test_a_row_batched_otherwise_is_cut_back_to_the_batch_it_lacks():
     m.entry["cells"]["filler@512"] = {"match": [100.0] * 3, "ll": [-0.1] * 3, "b": [0.5, 0.4]}
     assert kv_recall._cell_(m, "filler@512", 0, 2) is None  # covered
     assert kv_recall._cell_(m, "filler@512", 3, 3)["match"] == [100.0] * 3  # the next batch: kept as it is
-    cell = kv_recall._cell_(m, "filler@512", 2, 2)  # reaches into this batch without covering it
-    assert cell == {
-        "match": [100.0] * 2,
-        "ll": [-0.1] * 2,
-        "b": [0.5],
-    }  # batches of 2: the partial one dropped
+    # reaches into this batch without covering it: cut back to it (batches of 2: the partial one's b dropped)
+    cell = kv_recall._cell_(m, "filler@512", 2, 2)
+    assert cell == {"match": [100.0] * 2, "ll": [-0.1] * 2, "b": [0.5]}
     assert kv_recall._cell_(m, "news@512", 0, 2) == {"match": [], "ll": [], "b": []}
 
 
