@@ -801,6 +801,9 @@ def test_a_kill_during_save_leaves_nothing(tiny_models, tmp_path, signame):
     out = tmp_path / "out"
     script = (
         "import os, signal, sys\n"
+        # Ctrl-C's handler, as a terminal's foreground job has it (a job started with `&` by a shell without job
+        # control inherits SIGINT ignored, and so would never see the signal)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from transformers import PreTrainedTokenizerBase\n"
         f"PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: os.kill(os.getpid(), signal.{signame})\n"
         "from llmsurgery.cli import run\n"
