@@ -337,17 +337,9 @@ def build_projections(
     them; ranks searched, for each kind, only at the budgets of its `needed` projections (ranks in `known`, keyed
     (kind, budget), are taken as they are)."""
     from llmsurgery.calibration import calibration_batches
-    from llmsurgery.passes import KVCompress
     from llmsurgery.passes.kv_compress.maths import attach_, detach_, keys_only_ranks, search_ranks
 
-    cfg = KVCompress(
-        budget=1.0,
-        calib=args.calib,
-        train_steps=args.train_steps,
-        batch_size=args.train_batch,
-        train_samples=args.train_samples,
-        train_seq_len=args.train_seq_len,
-    )
+    cfg = kv_config(args)
     device = next(model.parameters()).device
     states, ranks, reached = {}, {}, {}
     train_seconds, losses = 0.0, []
@@ -383,13 +375,60 @@ def build_projections(
     return Projections(states, ranks, reached, train_seconds, tokens, losses)
 
 
+def kv_config(args):
+    """The kv-compress settings of the projections: the calibration text and the training."""
+    from llmsurgery.passes import KVCompress
+
+    return KVCompress(
+        budget=1.0,
+        calib=args.calib,
+        train_steps=args.train_steps,
+        batch_size=args.train_batch,
+        train_samples=args.train_samples,
+        train_seq_len=args.train_seq_len,
+    )
+
+
+def state_file_of(args, name: str) -> Path | None:
+    """Where --state-dir keeps `name`'s trained bases; one that is unreadable or trained with other settings is
+    refused (main checks every model's before any work)."""
+    if not args.state_dir:
+        return None
+    path = Path(args.state_dir) / f"{Path(name).name}-trained.pt"
+    if path.exists() and any(key.startswith("trained@") for key in args.projections):
+        try:
+            stored = torch.load(path, map_location="cpu")
+        except Exception as exc:
+            why = type(exc).__name__
+            raise UserError(f"--state-dir: cannot read {path} ({why}); delete it to train anew") from None
+        settings = _training_settings(kv_config(args))
+        if stored.get("settings") != settings:
+            raise UserError(
+                f"--state-dir: {path} holds bases trained with other settings ({stored.get('settings')}, "
+                f"not {settings}); give another --state-dir, or delete the file to train anew"
+            )
+    return path
+
+
+def _training_settings(cfg) -> dict:
+    """What decides the trained bases besides the model: a state file is reused only where these are the same."""
+    return {
+        "calib": cfg.calib.model_dump(),
+        "train": cfg.train_calib.model_dump(),
+        "steps": cfg.train_steps,
+        "batch": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+    }
+
+
 def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[float, list[float]]:
     """Matryoshka training of the attached state (the pass's train_), or its result loaded from `state_file`."""
     from llmsurgery.calibration import calibration_batches
     from llmsurgery.passes.kv_compress.maths import train_
 
     device = state.x_k[0].device
-    if state_file is not None and state_file.exists():
+    if state_file is not None and state_file.exists():  # its settings checked by state_file_of
         stored = torch.load(state_file, map_location=device)
         state.load_state_dict(stored["state"])
         state.init_k, state.init_v = stored["init_k"], stored["init_v"]
@@ -401,7 +440,9 @@ def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[fl
     if state_file is not None:
         state_file.parent.mkdir(parents=True, exist_ok=True)
         saved = {"state": state.state_dict(), "init_k": state.init_k, "init_v": state.init_v}
-        torch.save(saved | {"seconds": seconds, "losses": losses}, state_file)
+        torch.save(
+            saved | {"seconds": seconds, "losses": losses, "settings": _training_settings(cfg)}, state_file
+        )
     return seconds, losses
 
 
@@ -698,6 +739,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     results so far (a run cut short keeps what it finished)."""
     from llmsurgery.model_io import load_model
 
+    state_file = state_file_of(args, name)
     loaded = load_model(name, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config
@@ -780,7 +822,6 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     if not todo:
         save()
         return
-    state_file = Path(args.state_dir) / f"{Path(name).name}-trained.pt" if args.state_dir else None
     known = {tuple(k.split("@")): v for k, v in result.get("ranks", {}).items()}
     needed = {m.model for m in todo}
     p = build_projections(model, tokenizer, args, budgets, state_file, known, needed)
@@ -942,6 +983,8 @@ def main(argv=None) -> int:
             from llmsurgery.kv_presses import require_kvpress
 
             require_kvpress()
+            for name in args.models:  # a kept state file trained otherwise is refused before any work
+                state_file_of(args, name)
             results = []
 
             def save() -> None:

@@ -263,6 +263,29 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
 
 
+@pytest.mark.kvpress
+def test_state_dir_reuses_trained_bases_only_with_the_same_training_settings(tiny_models, tmp_path):
+    common = ["--models", tiny_models["llama"], "--lengths", "512", "--samples", "1", "--budgets", "0.75",
+              "--train-samples", "8", "--calib", "pydoc", "--all-cells", "--no-ppl", "--tasks", "filler",
+              "--projections", "trained@keys", "--state-dir", tmp_path / "state"]  # fmt: skip
+    first = _bench(*common, "--train-steps", "2", "--json", tmp_path / "a.json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [
+        f"{Path(tiny_models['llama']).name}-trained.pt"
+    ]
+    again = _bench(*common, "--train-steps", "2", "--json", tmp_path / "b.json")
+    assert again.returncode == 0 and "loaded the trained bases" in again.stdout
+    (a,), (b,) = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert _row(b, "kv trained keys only", 0.75)["bases"] == _row(a, "kv trained keys only", 0.75)["bases"]
+    other = _bench(*common, "--train-steps", "3")  # bases trained otherwise: refused before any work
+    assert other.returncode == 2 and other.stdout == "" and other.stderr.count("\n") == 1
+    assert "trained with other settings" in other.stderr and "'steps': 2" in other.stderr
+    (tmp_path / "state" / f"{Path(tiny_models['llama']).name}-trained.pt").write_bytes(b"not a state")
+    corrupt = _bench(*common, "--train-steps", "2")
+    assert corrupt.returncode == 2 and corrupt.stdout == "" and corrupt.stderr.count("\n") == 1
+    assert "cannot read" in corrupt.stderr
+
+
 def test_a_row_batched_otherwise_is_cut_back_to_the_batch_it_lacks():
     import kv_recall
 
