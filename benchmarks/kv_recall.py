@@ -609,9 +609,7 @@ def _sliced(entry: dict, digests: dict, samples: int) -> dict:
     for key in digests:
         cell = entry["cells"].get(key)
         if cell is not None and cell["match"]:
-            batches = max(
-                1, math.ceil(len(cell["b"]) * min(samples, len(cell["match"])) / len(cell["match"]))
-            )
+            batches = math.ceil(len(cell["b"]) * min(samples, len(cell["match"])) / len(cell["match"]))
             cells[key] = {
                 "match": cell["match"][:samples],
                 "ll": cell["ll"][:samples],
@@ -849,11 +847,8 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
                     f"{name}: {m.entry['label']} at b={m.budget:g} ran on other bases: run anew", flush=True
                 )
                 m.entry |= {"ppl": None, "cells": {}}
-            elif _done(m.entry):
-                print(
-                    f"{name}: {m.entry['label']} at b={m.budget:g} goes on from {_done(m.entry)} samples",
-                    flush=True,
-                )
+            elif done := _done(m.entry):
+                print(f"{name}: {m.entry['label']} at b={m.budget:g} goes on from {done} samples", flush=True)
             m.entry["bases"] = digest
         for m in presses:
             m.widths = stored_widths(maps[key])
