@@ -390,12 +390,15 @@ def kv_config(args):
 
 
 def state_file_of(args, name: str) -> Path | None:
-    """Where --state-dir keeps `name`'s trained bases; one that is unreadable or trained with other settings is
-    refused (main checks every model's before any work)."""
-    if not args.state_dir:
-        return None
-    path = Path(args.state_dir) / f"{Path(name).name}-trained.pt"
-    if path.exists() and any(key.startswith("trained@") for key in args.projections):
+    """Where --state-dir keeps `name`'s trained bases."""
+    return Path(args.state_dir) / f"{Path(name).name}-trained.pt" if args.state_dir else None
+
+
+def check_state_file(args, name: str) -> None:
+    """Refuse a kept state file of `name` that is unreadable or trained with other settings (main, before any
+    work: `_trained_` then loads it as it is)."""
+    path = state_file_of(args, name)
+    if path is not None and path.exists() and any(key.startswith("trained@") for key in args.projections):
         try:
             stored = torch.load(path, map_location="cpu")
         except Exception as exc:
@@ -407,7 +410,6 @@ def state_file_of(args, name: str) -> Path | None:
                 f"--state-dir: {path} holds bases trained with other settings ({stored.get('settings')}, "
                 f"not {settings}); give another --state-dir, or delete the file to train anew"
             )
-    return path
 
 
 def _training_settings(cfg) -> dict:
@@ -428,7 +430,7 @@ def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[fl
     from llmsurgery.passes.kv_compress.maths import train_
 
     device = state.x_k[0].device
-    if state_file is not None and state_file.exists():  # its settings checked by state_file_of
+    if state_file is not None and state_file.exists():  # its settings checked by check_state_file
         stored = torch.load(state_file, map_location=device)
         state.load_state_dict(stored["state"])
         state.init_k, state.init_v = stored["init_k"], stored["init_v"]
@@ -737,7 +739,6 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     results so far (a run cut short keeps what it finished)."""
     from llmsurgery.model_io import load_model
 
-    state_file = state_file_of(args, name)
     loaded = load_model(name, device=args.device, dtype=args.dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = model.config
@@ -822,7 +823,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         return
     known = {tuple(k.split("@")): v for k, v in result.get("ranks", {}).items()}
     needed = {m.model for m in todo}
-    p = build_projections(model, tokenizer, args, budgets, state_file, known, needed)
+    p = build_projections(model, tokenizer, args, budgets, state_file_of(args, name), known, needed)
     if p.train_tokens or "train" not in result:  # trained here, or nothing trained yet
         result["train"] = {"seconds": p.train_seconds, "tokens": p.train_tokens, "losses": p.losses}
     result |= {
@@ -979,7 +980,7 @@ def main(argv=None) -> int:
 
             require_kvpress()
             for name in args.models:  # a kept state file trained otherwise is refused before any work
-                state_file_of(args, name)
+                check_state_file(args, name)
             results = []
 
             def save() -> None:
