@@ -627,7 +627,8 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
     haystack; these tasks and lengths among its own) and whose kvpress step finished (with window-safe
     presses, for a model with `sliding` window layers), every method's entry cut to these cells; where several hold
     a row, the first that finished it, or else the one that went furthest. A run of fewer samples than these lends
-    only its projection rows (to go on from), never the dense and kvpress rows. Cells whose samples differ from
+    only its projection rows (to go on from), never the dense and kvpress rows; a run whose bases were calibrated or
+    trained otherwise (or did not record how) only its dense and kvpress rows. Cells whose samples differ from
     these (a run that recorded digests) are refused."""
     if not args.resume:
         return None
@@ -635,6 +636,7 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
         (path, result) for path in args.resume.split(",") for result in json.loads(Path(path).read_text())
     ]
     entries, merged, where = {}, {}, None
+    training = _training_settings(kv_config(args))
     for path, result in runs:
         if result["model"] != name or "best_press" not in result or not _covers(result["settings"], args):
             continue
@@ -647,17 +649,24 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
                 raise UserError(f"--resume: the {key} samples of {path} differ from this run's")
         # a run of fewer samples: its projection rows go on from where they stopped; its stock rows do not serve
         short = result["settings"]["samples"] < args.samples
+        # bases calibrated or trained otherwise: its projection rows do not serve
+        otherwise = result.get("training") != training
+        if otherwise and any(m["side"] == "llmsurgery" for m in result["methods"]):
+            print(
+                f"{name}: {path} calibrated or trained its bases otherwise: its projection rows not carried",
+                flush=True,
+            )
         for m in result["methods"]:
             row = (m["side"], m["label"], m["budget"])
-            if short and m["side"] != "llmsurgery":
+            if (short and m["side"] != "llmsurgery") or (otherwise and m["side"] == "llmsurgery"):
                 continue
             cut = _sliced(m, digests, args.samples)
             # the first that finished the row, or went furthest with it
             if row not in entries or _done(entries[row]) < _done(cut):
                 entries[row] = cut
         for key in ("reached", "ranks", "overhead_bytes"):  # each projection's from the first run with it
-            merged[key] = result.get(key, {}) | merged.get(key, {})
-        if "train" in result:
+            merged[key] = (result.get(key, {}) if not otherwise else {}) | merged.get(key, {})
+        if "train" in result and not otherwise:
             merged.setdefault("train", result["train"])
         print(f"{name}: the finished results of {path} carry over", flush=True)
         if where is None and not short:
@@ -730,7 +739,7 @@ def haystack_texts(args) -> dict[str, list[str]]:
     from llmsurgery.corpora import evaluation_documents, file_documents
 
     if args.haystack:
-        return {"file": file_documents(Path(args.haystack))}
+        return {"file": file_documents(Path(args.haystack).expanduser())}
     return {"news": evaluation_documents("news"), "pydoc": evaluation_documents("pydoc")}
 
 
@@ -771,6 +780,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         "machine": _machine(args),
         "sample_digests": sample_digests(cells),
         "presses": PRESSES,
+        "training": _training_settings(kv_config(args)),
     }
     results.append(result)
     clock = time.perf_counter()
@@ -943,7 +953,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.haystack:
         from llmsurgery.corpora import check_source
 
-        check_source(args.haystack)
+        if not Path(args.haystack).expanduser().is_file():
+            raise UserError(f"--haystack: no such file {args.haystack} (a .txt or .jsonl file)")
+        check_source(args.haystack)  # readable text with at least one document
     for target in (args.plot, args.json):
         if target and not Path(target).resolve().parent.is_dir():
             raise UserError(f"cannot write {target}: its folder does not exist")

@@ -162,21 +162,37 @@ def _hub_documents(spec: str) -> list[str]:
     return [t for t in data[field] if isinstance(t, str) and t.strip()]
 
 
+def source_parts(source: str) -> list[str]:
+    """The sources a ``--calib`` value mixes: ``news+pydoc`` names two, each drawn in proportion to its tokens (a
+    file whose own name holds a ``+`` is one source)."""
+    if "+" in source and not Path(source).expanduser().is_file():
+        return source.split("+")
+    return [source]
+
+
 def check_source(source: str) -> None:
     """Fail early (before any model loads) on a calibration source that cannot work."""
+    parts = source_parts(source)
+    if len(parts) > 1:
+        for part in parts:
+            check_source(part)
+        return
     if source in BUILTIN_CORPORA or (source.startswith("hf:") and len(source[3:].split(":")) in (2, 3)):
         return
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
         raise UserError(
             f"calibration source '{source}' is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}), "
-            "an existing .txt/.jsonl file, nor hf:NAME[@CONFIG]:SPLIT[:FIELD]"
+            "an existing .txt/.jsonl file, nor hf:NAME[@CONFIG]:SPLIT[:FIELD] (join several with +)"
         )
     file_documents(path)  # readable text with at least one document
 
 
 def source_documents(source: str) -> list[str]:
-    """Calibration documents for ``--calib``: a built-in name, a .txt/.jsonl file, or hf:..."""
+    """Calibration documents for ``--calib``: a built-in name, a .txt/.jsonl file, or hf:...; or several of them
+    joined with ``+``, their documents in that order."""
+    if len(parts := source_parts(source)) > 1:
+        return [doc for part in parts for doc in source_documents(part)]
     if source in BUILTIN_CORPORA:
         return calibration_documents(source)
     if source.startswith("hf:"):

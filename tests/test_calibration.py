@@ -61,6 +61,17 @@ def test_local_text_sources(tmp_path):
         source_documents(str(jsonl))
 
 
+def test_sources_joined_with_plus_mix_their_documents(tmp_path):
+    mixed = source_documents("news+pydoc")
+    assert mixed == calibration_documents("news") + calibration_documents("pydoc")
+    assert not set(mixed) & set(evaluation_documents("news") + evaluation_documents("pydoc"))
+    notes = tmp_path / "my+notes.txt"  # a file whose own name holds a +: one source
+    notes.write_text("first paragraph\n\nsecond paragraph\n")
+    assert source_documents(str(notes)) == ["first paragraph", "second paragraph"]
+    with pytest.raises(ValueError, match="calibration source 'nope'"):
+        CalibConfig(source="news+nope")
+
+
 def test_bad_hub_spec_is_a_user_error():
     with pytest.raises(UserError, match="hf:NAME"):
         source_documents("hf:only-a-name")

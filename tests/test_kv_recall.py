@@ -103,7 +103,8 @@ def _bench(*args, block_kvpress=False, script="kv_recall.py"):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--haystack", "/nonexistent/notes.txt"), "calibration source '/nonexistent/notes.txt'"),
+        (("--haystack", "/nonexistent/notes.txt"), "--haystack: no such file /nonexistent/notes.txt"),
+        (("--haystack", "news"), "--haystack: no such file news"),
         (("--budgets", "0.5,1.5"), "--budgets must lie strictly between 0 and 1"),
         (("--tasks", "filler,nope"), "--tasks: choose from"),
         (("--lengths", "64"), "at least 128 tokens"),
@@ -322,24 +323,59 @@ def test_resume_of_a_sliding_window_model_needs_window_safe_presses(tmp_path):
     assert kv_recall._earlier_run(args, "m", {}, sliding=True) is not None
 
 
+def test_resume_carries_projection_rows_only_of_bases_calibrated_and_trained_alike(tmp_path, capsys):
+    """Finished projection rows of an earlier run stand for this run's only if its bases came from the same
+    calibration and training (recorded as "training"); its dense and kvpress rows carry over either way."""
+    import kv_recall
+
+    path = tmp_path / "r.json"
+    path.write_text("[]")
+    args = kv_recall.parse_args(["--models", "m", "--samples", "1", "--resume", str(path)])
+    rows = [
+        {"side": side, "label": label, "budget": 0.5, "cells": {}}
+        for side, label in (("kvpress", "tova"), ("llmsurgery", "kv trained keys only"))
+    ]
+    earlier = {"model": "m", "best_press": {}, "settings": kv_recall._settings(args), "methods": rows}
+    alike = kv_recall._training_settings(kv_recall.kv_config(args))
+    for training, carried in ((alike, {"kvpress", "llmsurgery"}), (None, {"kvpress"})):
+        path.write_text(json.dumps([earlier | {"training": training}]))
+        for calib, sides in (("news", carried), ("news+pydoc", {"kvpress"})):
+            args.calib = calib
+            entries = kv_recall._earlier_run(args, "m", {}, sliding=False)["entries"]
+            assert {side for side, _, _ in entries} == sides
+            assert ("its projection rows not carried" in capsys.readouterr().out) == (sides == {"kvpress"})
+
+
 def _layer_types(*args, block_kvpress=False):
     return _bench(*args, block_kvpress=block_kvpress, script="kv_layer_types.py")
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "script, args, message",
     [
-        ((), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
-        (("--tasks", "filler,nope"), "--tasks: choose from"),
-        (("--length", "64"), "--length at least 128 tokens"),
+        ("kv_layer_types.py", (), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
+        ("kv_layer_types.py", ("--tasks", "filler,nope"), "--tasks: choose from"),
+        ("kv_layer_types.py", ("--length", "64"), "--length at least 128 tokens"),
         (
+            "kv_layer_types.py",
             ("--windowed-budgets", "0.5,1.5"),
             "--windowed-budgets takes comma-separated shares between 0 and 1",
         ),
+        ("kv_layer_depth.py", (), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
+        ("kv_layer_depth.py", ("--tasks", "pydoc,nope"), "--tasks: choose from"),
+        ("kv_layer_depth.py", ("--length", "64"), "--length at least 128 tokens"),
+        ("kv_layer_depth.py", ("--block", "-1"), "--block must be 0 (no block rows) or more layers"),
+        ("kv_layer_depth.py", ("--whole", "5-2"), "--whole takes a layer range A-B (A <= B), not '5-2'"),
+        (
+            "kv_layer_depth.py",
+            ("--haystack", __file__, "--tasks", "pydoc"),
+            "--haystack replaces the pydoc haystack",
+        ),
+        ("kv_layer_depth.py", ("--json", "/nonexistent/rows.json"), "cannot write /nonexistent/rows.json"),
     ],
 )
-def test_layer_types_bad_input_is_one_error_line(args, message):
-    result = _layer_types(*args, block_kvpress=True)
+def test_layer_scripts_bad_input_is_one_error_line(script, args, message):
+    result = _bench(*args, block_kvpress=True, script=script)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and message in result.stderr
 
@@ -389,3 +425,34 @@ def test_layer_types_splits_the_projection_by_layer_type(tiny_models, tmp_path):
     assert refused.returncode == 2 and refused.stderr.endswith(
         "does not mix sliding-window and full-attention layers\n"
     )
+
+
+def _layer_depth(*args, block_kvpress=False):
+    return _bench(*args, block_kvpress=block_kvpress, script="kv_layer_depth.py")
+
+
+@pytest.mark.kvpress
+def test_layer_depth_keeps_each_block_of_layers_whole_in_turn(tiny_models, tmp_path):
+    """benchmarks/kv_layer_depth.py on a tiny Llama of 6 layers, blocks of 4: keys d/2 on every layer stores 3/4 of
+    the dense KV (per KV head r_k + r_v = d/2 + d of 2d), and a block kept whole stores its layers' keys whole;
+    both counted on the replayed cache; `--whole 1-1` keeps layer 1 whole at 3/4, the others narrower."""
+    result = _layer_depth(
+        "--model", tiny_models["llama"], "--length", "256", "--samples", "1", "--tasks", "filler",
+        "--block", "4", "--whole", "1-1", "--bases", "pca", "--calib", "pydoc", "--json", tmp_path / "rows.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["label"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    config = json.loads((tiny_models["llama"] / "config.json").read_text())
+    d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    expected = {
+        "dense": 1.0,
+        "keys d/2 on every layer": 0.75,
+        "layers 0-3 keys whole": (4 * 2 + 2 * 1.5) / 12,
+        "layers 4-5 keys whole": (2 * 2 + 4 * 1.5) / 12,
+        # layer 1 whole at the same budget: layer 0 keeps d/2, layers 2-5 3d/8 (rank steps of d/8)
+        f"layers 1-1 whole, others {3 * d // 8}/{d // 2} of {d}": 0.75,
+    }
+    assert set(rows) == set(expected)
+    for label, share in expected.items():
+        assert rows[label]["cells"]["filler@256"]["b"] == [pytest.approx(share, abs=1e-3)], label
+        assert label in result.stdout

@@ -18,7 +18,9 @@ from .. import defaults
 from ..corpora import CalibConfig
 
 CALIBRATION_PANEL = "Calibration"  # the --help panel of the calibration options
-CALIB_SOURCE_HELP = "calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD]"
+CALIB_SOURCE_HELP = (
+    "calibration text: news, pydoc, a .txt/.jsonl file, or hf:NAME[@CONFIG]:SPLIT[:FIELD]; mix several with +"
+)
 
 
 def _comma_list(value: Any) -> Any:
