@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--haystack replaces the pydoc haystack: leave pydoc out of --tasks")
     if args.whole is not None:
         first, _, last = args.whole.partition("-")
-        if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        if not (first.isdecimal() and last.isdecimal() and int(first) <= int(last)):
             raise UserError(f"--whole takes a layer range A-B (A <= B), not '{args.whole}'")
         args.whole = range(int(first), int(last) + 1)
     if args.json and not Path(args.json).resolve().parent.is_dir():

@@ -926,7 +926,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--resume",
         help="carry over every finished row of earlier --json files (comma-separated; a row from the first that "
-        "finished it; projections not in --projections too) and their searched ranks, run the rest: same budgets, "
+        "finished it; projections not in --projections too, if their bases were calibrated and trained alike) and "
+        "their searched ranks, run the rest: same budgets, "
         "seed and haystack; these tasks and lengths among their own (their first N samples); a row cut short, or "
         "of a run with fewer samples, goes on from where it stopped if its bases are the same (the dense and kvpress "
         "rows must come from a run with at least these samples)",
@@ -950,6 +951,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError(f"--projections: choose from {', '.join(known)} (or all)")
     if args.samples < 1 or any(n < 128 for n in args.lengths):
         raise UserError("--samples must be at least 1 and every length at least 128 tokens")
+    from pydantic import ValidationError
+
+    try:  # the calibration and training settings, as kv-compress checks them
+        kv_config(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "--" + ".".join(map(str, first["loc"])).replace("_", "-")
+        raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
     if args.haystack:
         from llmsurgery.corpora import check_source
 

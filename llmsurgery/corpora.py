@@ -162,12 +162,35 @@ def _hub_documents(spec: str) -> list[str]:
     return [t for t in data[field] if isinstance(t, str) and t.strip()]
 
 
+def _starts_a_source(piece: str) -> bool:
+    path = Path(piece).expanduser()
+    return (
+        piece in BUILTIN_CORPORA
+        or piece.startswith("hf:")
+        or path.is_file()
+        or path.suffix in (".txt", ".jsonl")
+    )
+
+
 def source_parts(source: str) -> list[str]:
-    """The sources a ``--calib`` value mixes: ``news+pydoc`` names two, each drawn in proportion to its tokens (a
-    file whose own name holds a ``+`` is one source)."""
-    if "+" in source and not Path(source).expanduser().is_file():
-        return source.split("+")
-    return [source]
+    """The sources a ``--calib`` value mixes: ``news+pydoc`` names two, each drawn in proportion to its tokens. A
+    ``+`` joins two sources only where a source starts after it (a built-in name, ``hf:``, a .txt/.jsonl file), so a
+    file whose own name holds a ``+`` or a hub split union (``hf:NAME:train+validation``) stays one source."""
+    pieces, parts, i = source.split("+"), [], 0
+    while i < len(pieces):
+        # the longest run of pieces that names an existing file, else up to the next piece that starts a source
+        end = next((j for j in range(len(pieces), i, -1) if _is_file("+".join(pieces[i:j]))), None)
+        if end is None:
+            end = i + 1
+            while end < len(pieces) and not _starts_a_source(pieces[end]):
+                end += 1
+        parts.append("+".join(pieces[i:end]))
+        i = end
+    return parts
+
+
+def _is_file(piece: str) -> bool:
+    return bool(piece) and Path(piece).expanduser().is_file()
 
 
 def check_source(source: str) -> None:

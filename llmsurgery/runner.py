@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .corpora import source_parts
 from .errors import UserError
 from .job import EvalOptions, JobOptions
 from .passes import PASSES, PassConfig, Report
@@ -163,10 +164,11 @@ def pass_inputs(passes: list[PassConfig], models) -> list[Path]:
     """Local files and folders the passes read: calibration files and given teachers (built-ins: their
     cached folder). No output may replace them."""
     found = {
-        Path(c.source).expanduser()
+        Path(part).expanduser()
         for cfg in passes
         for c in cfg.windows()
-        if Path(c.source).expanduser().is_file()
+        for part in source_parts(c.source)
+        if Path(part).expanduser().is_file()
     }
     for cfg in passes:
         teacher = getattr(cfg, "teacher", None)

@@ -345,6 +345,22 @@ CASES = [
         "would overwrite an input",
     ),
     (
+        "prune",
+        [
+            "--bi",
+            "{model}",
+            "-o",
+            "{calib_dir}",
+            "--force",
+            "--remove",
+            "1",
+            "--calib",
+            "pydoc+{calib_dir}/c.txt",
+            *TINY,
+        ],
+        "would overwrite an input",
+    ),
+    (
         "heal",
         ["{model}", "-o", "{model_copy}", "--force", "--teacher", "{model_copy}", *TINY],
         "would overwrite an input",

@@ -11,6 +11,7 @@ from llmsurgery.corpora import (
     calibration_documents,
     evaluation_documents,
     source_documents,
+    source_parts,
 )
 from llmsurgery.errors import UserError
 
@@ -68,8 +69,16 @@ def test_sources_joined_with_plus_mix_their_documents(tmp_path):
     notes = tmp_path / "my+notes.txt"  # a file whose own name holds a +: one source
     notes.write_text("first paragraph\n\nsecond paragraph\n")
     assert source_documents(str(notes)) == ["first paragraph", "second paragraph"]
-    with pytest.raises(ValueError, match="calibration source 'nope'"):
+    assert source_documents(f"{notes}+pydoc") == [
+        "first paragraph",
+        "second paragraph",
+    ] + calibration_documents("pydoc")
+    assert source_parts("hf:name:train+validation") == ["hf:name:train+validation"]  # a hub split union
+    assert source_parts("news+hf:name:train+validation") == ["news", "hf:name:train+validation"]
+    with pytest.raises(ValueError, match="calibration source 'news\\+nope'"):
         CalibConfig(source="news+nope")
+    with pytest.raises(ValueError, match="calibration source '/nonexistent/a.txt'"):
+        CalibConfig(source="news+/nonexistent/a.txt")
 
 
 def test_bad_hub_spec_is_a_user_error():

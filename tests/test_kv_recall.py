@@ -106,6 +106,8 @@ def _bench(*args, block_kvpress=False, script="kv_recall.py"):
         (("--haystack", "/nonexistent/notes.txt"), "--haystack: no such file /nonexistent/notes.txt"),
         (("--haystack", "news"), "--haystack: no such file news"),
         (("--budgets", "0.5,1.5"), "--budgets must lie strictly between 0 and 1"),
+        (("--calib", "news+nope"), "--calib: calibration source 'news+nope'"),
+        (("--train-steps", "0"), "--train-steps: Input should be greater than or equal to 1"),
         (("--tasks", "filler,nope"), "--tasks: choose from"),
         (("--lengths", "64"), "at least 128 tokens"),
         (("--plot", "x.jpg"), "--plot takes a .png"),
@@ -336,13 +338,17 @@ def test_resume_carries_projection_rows_only_of_bases_calibrated_and_trained_ali
         for side, label in (("kvpress", "tova"), ("llmsurgery", "kv trained keys only"))
     ]
     earlier = {"model": "m", "best_press": {}, "settings": kv_recall._settings(args), "methods": rows}
+    earlier |= {key: {"trained@keys": 1} for key in ("reached", "ranks", "overhead_bytes", "train")}
     alike = kv_recall._training_settings(kv_recall.kv_config(args))
     for training, carried in ((alike, {"kvpress", "llmsurgery"}), (None, {"kvpress"})):
         path.write_text(json.dumps([earlier | {"training": training}]))
         for calib, sides in (("news", carried), ("news+pydoc", {"kvpress"})):
             args.calib = calib
-            entries = kv_recall._earlier_run(args, "m", {}, sliding=False)["entries"]
-            assert {side for side, _, _ in entries} == sides
+            earlier_run = kv_recall._earlier_run(args, "m", {}, sliding=False)
+            assert {side for side, _, _ in earlier_run["entries"]} == sides
+            # the ranks, budgets, overheads and training record of bases made otherwise do not carry over either
+            assert bool(earlier_run["result"]["ranks"]) == ("llmsurgery" in sides)
+            assert ("train" in earlier_run["result"]) == ("llmsurgery" in sides)
             assert ("its projection rows not carried" in capsys.readouterr().out) == (sides == {"kvpress"})
 
 
