@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_recall_report import _mean, best, print_report, save_plot, summary_lines  # noqa: E402
 from kv_recall_tasks import TASKS, Haystacks, make_sample, string_match_all  # noqa: E402
 
-from llmsurgery.errors import UserError  # noqa: E402
+from llmsurgery.errors import UserError, validation_line  # noqa: E402
 
 PPL_CONTEXT, PPL_SCORED, PPL_WINDOWS = 384, 128, 9
 
@@ -956,9 +956,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:  # the calibration and training settings, as kv-compress checks them
         kv_config(args)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "--" + ".".join(map(str, first["loc"])).replace("_", "-")
-        raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise UserError(
+            validation_line(exc, lambda loc: "--" + ".".join(map(str, loc)).replace("_", "-"))
+        ) from None
     if args.haystack:
         from llmsurgery.corpora import check_source
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from rich.markup import escape
 
-from .errors import UserError
+from .errors import UserError, validation_line
 from .job import EVALUATION, EvalOptions, JobOptions, job_fields
 from .passes import PassConfig
 
@@ -182,10 +182,9 @@ def _validated(model: type[BaseModel], data: dict, flags: dict[tuple, str]):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = tuple(p for p in first["loc"] if isinstance(p, str))
-        where = f"{flags[loc]}: " if loc in flags else ""
-        raise UserError(f"{where}{first['msg'].removeprefix('Value error, ')}") from None
+        raise UserError(
+            validation_line(exc, lambda loc: flags.get(tuple(p for p in loc if isinstance(p, str)), ""))
+        ) from None
 
 
 def job_options(values: dict[str, Any], model: type[BaseModel] = JobOptions) -> Any:

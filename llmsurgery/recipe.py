@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from . import defaults
-from .errors import UserError
+from .errors import UserError, validation_line
 from .job import EvalOptions, JobOptions, Strict, saved_options
 from .passes import PASSES
 from .passes.base import CALIB_SOURCE_HELP
@@ -248,11 +248,7 @@ def parse_recipe(data, where: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(_with_calibration_defaults(data))
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = _location(first["loc"])
-        raise UserError(
-            f"{where}: {loc + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}"
-        ) from None
+        raise UserError(f"{where}: {validation_line(exc, _location)}") from None
 
 
 def read_recipe(path: Path, overrides: list[str] | None = None) -> tuple[Recipe, dict]:

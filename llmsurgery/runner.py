@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .corpora import source_parts
-from .errors import UserError
+from .errors import UserError, validation_line
 from .job import EvalOptions, JobOptions
 from .passes import PASSES, PassConfig, Report
 from .passes.base import CheckContext, RunContext
@@ -450,10 +450,7 @@ def _options(model: str, given: dict) -> JobOptions:
     try:
         return JobOptions(model=model, **given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserError(
-            f"{'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}"
-        ) from None
+        raise UserError(validation_line(exc)) from None
 
 
 def _run_loaded(model, passes: list[PassConfig], options: JobOptions, on_report) -> None:
