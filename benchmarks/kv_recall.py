@@ -59,6 +59,9 @@ from kv_recall_tasks import TASKS, Haystacks, make_sample, string_match_all  # n
 from llmsurgery.errors import UserError, validation_line  # noqa: E402
 
 PPL_CONTEXT, PPL_SCORED, PPL_WINDOWS = 384, 128, 9
+# kv-compress bases: PCA; whole rotary pairs (--k-init rotary-pairs, keys ranked by ThinK's score, values PCA);
+# trained from PCA (MatryoshkaKV)
+KINDS = ("pca", "pairs", "trained")
 
 
 EVICTION_PRESSES = ("snapkv", "streamingllm", "tova", "expected_attention", "knorm")
@@ -236,27 +239,29 @@ def stock_methods(budgets: list[float]) -> list[Method]:
 
 def projection_methods(budgets: list[float], best: dict[float, str], selected: list[str]) -> list[Method]:
     """The llmsurgery rows of the projections `selected` ("kind@budget" or "kind@keys"): each alone, and the
-    trained ones composed with the best eviction press at every lower budget b, (1 - e) p = b with p <= 0.75."""
+    trained and rotary-pair ones composed with the best eviction press at every lower budget b, (1 - e) p = b with
+    p <= 0.75."""
     from llmsurgery.kv_presses import make_press
 
     methods = []
-    for kind in ("pca", "trained"):
+    for kind in KINDS:
         for p in budgets:
             if f"{kind}@{p:g}" in selected:
                 methods.append(Method("llmsurgery", f"kv {kind}", p, model=f"{kind}@{p:g}"))
         if 0.75 in budgets and f"{kind}@keys" in selected:
             methods.append(Method("llmsurgery", f"kv {kind} keys only", 0.75, model=f"{kind}@keys"))
-    for b in budgets:
-        splits = [(f"trained@{p:g}", f"p={p:g}", p) for p in budgets if b < p <= 0.75]
-        if 0.75 in budgets and b < 0.75:  # keys at d/2, values whole: p = 0.75 as well
-            splits.append(("trained@keys", "keys only p=0.75", 0.75))
-        for model, name, p in splits:
-            if model not in selected:
-                continue
-            press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
-            methods.append(
-                Method("llmsurgery", f"kv trained {name} + {best[b]}", b, model=model, press=press)
-            )
+    for kind in ("pairs", "trained"):
+        for b in budgets:
+            splits = [(f"{kind}@{p:g}", f"p={p:g}", p) for p in budgets if b < p <= 0.75]
+            if 0.75 in budgets and b < 0.75:  # keys at d/2, values whole: p = 0.75 as well
+                splits.append((f"{kind}@keys", "keys only p=0.75", 0.75))
+            for model, name, p in splits:
+                if model not in selected:
+                    continue
+                press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
+                methods.append(
+                    Method("llmsurgery", f"kv {kind} {name} + {best[b]}", b, model=model, press=press)
+                )
     return methods
 
 
@@ -281,8 +286,9 @@ def press_methods(
 
 
 def all_projections(budgets: list[float]) -> list[str]:
+    """Every projection: each kind at each budget, and keys only where 0.75 is a budget."""
     keys = ["keys"] if 0.75 in budgets else []
-    return [f"{kind}@{at}" for kind in ("pca", "trained") for at in [f"{b:g}" for b in budgets] + keys]
+    return [f"{kind}@{at}" for kind in KINDS for at in [f"{b:g}" for b in budgets] + keys]
 
 
 # ----------------------------------------------------------------------------- projections
@@ -300,9 +306,10 @@ class Projections:
     losses: list[float]
 
 
-def pca_state(model, tokenizer, cfg):
+def pca_state(model, tokenizer, cfg, k_init: str = "pca"):
     """MatryoshkaKV's starting point: a full-rank state of `model`'s KV heads with PCA bases and means from the
-    calibration text of `cfg` (a KVCompress), on the model's device."""
+    calibration text of `cfg` (a KVCompress), on the model's device; `k_init` "rotary-pairs": the keys' basis
+    whole RoPE pairs (kv-compress --k-init rotary-pairs)."""
     from llmsurgery.calibration import calibration_batches
     from llmsurgery.passes.kv_compress.maths import MatryoshkaState, attach_, detach_, init_from_pca_
 
@@ -311,7 +318,13 @@ def pca_state(model, tokenizer, cfg):
     state = MatryoshkaState(d, [[d] * groups for _ in range(layers)], d // 8).to(device)
     saved = attach_(model, state)
     try:
-        init_from_pca_(model, state, calibration_batches(tokenizer, cfg.calib).to(device), v_identity=False)
+        init_from_pca_(
+            model,
+            state,
+            calibration_batches(tokenizer, cfg.calib).to(device),
+            v_identity=False,
+            k_init=k_init,
+        )
     finally:
         detach_(saved)
     return state
@@ -343,17 +356,19 @@ def build_projections(
     device = next(model.parameters()).device
     states, ranks, reached = {}, {}, {}
     train_seconds, losses = 0.0, []
-    state = pca_state(model, tokenizer, cfg)
-    saved = attach_(model, state)
-    try:
-        search = calibration_batches(tokenizer, cfg.search_calib).to(device)
-        for kind in ("pca", "trained"):
-            if not any(key.startswith(f"{kind}@") for key in needed):
-                continue
-            if (
-                kind == "trained"
-            ):  # from the PCA bases, trained once: every rank is a prefix of the same bases
-                states["pca"] = copy.deepcopy(state)
+    pca = pca_state(model, tokenizer, cfg)
+    search = calibration_batches(tokenizer, cfg.search_calib).to(device)
+    for kind in KINDS:
+        if not any(key.startswith(f"{kind}@") for key in needed):
+            continue
+        if kind == "pairs":  # their own bases, not trained
+            state = pca_state(model, tokenizer, cfg, k_init="rotary-pairs")
+        else:  # trained from the PCA bases, once: every rank is a prefix of the same bases
+            state = copy.deepcopy(pca) if kind == "trained" else pca
+        states[kind] = state
+        saved = attach_(model, state)
+        try:
+            if kind == "trained":
                 train_seconds, losses = _trained_(model, state, tokenizer, cfg, state_file)
             wanted = [b for b in budgets if f"{kind}@{b:g}" in needed]
             found = {b: known[kind, f"{b:g}"] for b in wanted if (kind, f"{b:g}") in known}
@@ -366,10 +381,8 @@ def build_projections(
             ranks[kind, "keys"] = keys_only_ranks(state, 0.75)  # kv-compress --keys-only --budget 0.75
             state.set_ranks(ranks[kind, "keys"])
             reached[kind, "keys"] = state.budget()
-    finally:
-        detach_(saved)
-    states.setdefault("pca", state)
-    states["trained"] = state
+        finally:
+            detach_(saved)
     trained = any(key.startswith("trained@") for key in needed)
     tokens = args.train_steps * args.train_batch * args.train_seq_len if trained else 0
     return Projections(states, ranks, reached, train_seconds, tokens, losses)
@@ -913,9 +926,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--projections",
         default="all",
-        help="the kv-compress projections to run, in this order: pca@B, trained@B (B one of --budgets) and "
-        "pca@keys, trained@keys (keys at d/2, b = 0.75); each runs as a kv-compress model (composed with eviction: "
-        "the trained ones) and as a press on the stock model (composed: both) (default: all)",
+        help="the kv-compress projections to run, in this order: pca@B, pairs@B, trained@B (B one of --budgets) "
+        "and pca@keys, pairs@keys, trained@keys (keys at d/2, b = 0.75); pairs: the keys' basis whole rotary "
+        "frequency pairs (kv-compress --k-init rotary-pairs), not trained; each runs as a kv-compress model "
+        "(composed with eviction: pairs and trained) and as a press on the stock model (composed: all) "
+        "(default: all)",
     )
     parser.add_argument("--batch", type=int, default=16, help="samples per prefill at most")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="context tokens per prefill at most")

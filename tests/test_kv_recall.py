@@ -160,17 +160,20 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
         "knorm",
         "think",
         "kv pca",
+        "kv pairs",
         "kv trained",
     ):
         assert (press, 0.5) in labels and (press, 0.75) in labels
     assert ("kv trained keys only", 0.75) in labels and ("snapkv+think c=0.25", 0.5) in labels
     assert any(label.startswith("kv trained p=0.75 + ") and b == 0.5 for label, b in labels)
-    for kind in ("pca", "trained"):  # the same projections as presses on the stock model, alone and composed
+    assert (f"kv pairs keys only p=0.75 + {model['best_press']['0.5']}", 0.5) in labels
+    for kind in ("pca", "pairs", "trained"):  # the same projections as presses on the stock model, alone and composed
         assert {(f"kv {kind} press", 0.5), (f"kv {kind} keys only press", 0.75)} <= labels
         assert (f"kv {kind} keys only press p=0.75 + {model['best_press']['0.5']}", 0.5) in labels
     assert model["fallback"] and len(model["usable"]) == 5  # a random tiny model: dense scores 0 everywhere
     runtimes = {m["label"]: m.get("runtime") for m in model["methods"] if m["label"].startswith("kv ")}
-    assert runtimes["kv trained"] == runtimes["kv pca keys only"] == "project_context_only"
+    assert runtimes["kv trained"] == runtimes["kv pca keys only"] == runtimes["kv pairs keys only"]
+    assert runtimes["kv pairs keys only"] == "project_context_only"
     assert runtimes["kv trained press"] is None  # a press runs on the stock model
     for m in model["methods"]:
         assert set(m["cells"]) == {f"{t}@512" for t in model["tasks"]}

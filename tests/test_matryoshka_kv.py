@@ -7,7 +7,7 @@ from helpers import PROMPT, logits_of, run_cli
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model, save_model
 from llmsurgery.passes import KVCompress
-from llmsurgery.passes.kv_compress.maths import cayley, kv_compress_, principal_basis
+from llmsurgery.passes.kv_compress.maths import cayley, kv_compress_, principal_basis, rotary_pair_basis
 
 PCA = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 TRAIN = CalibConfig(source="pydoc", samples=6, seq_len=32, seed=1)
@@ -63,6 +63,34 @@ def test_cayley_is_orthogonal_and_pca_basis_is_proper():
     assert (variances[:-1] >= variances[1:]).all()
 
 
+def _rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """rotate_half RoPE of x [..., d] by per-pair angles [d/2]."""
+    half = x.shape[-1] // 2
+    cos, sin = angles.cos().repeat(2), angles.sin().repeat(2)
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def test_rotary_pair_basis_keeps_whole_pairs_in_score_order_and_turns_with_rope():
+    d = 16
+    queries, keys = torch.rand(d, dtype=torch.float64), torch.rand(d, dtype=torch.float64)
+    basis = rotary_pair_basis(queries, keys)
+    assert torch.det(basis) > 0
+    torch.testing.assert_close(basis.T @ basis, torch.eye(d, dtype=torch.float64))
+    dims = basis.abs().argmax(0)  # every column is one dim (up to sign)
+    assert torch.equal(dims[1::2], dims[::2] + d // 2)  # i and i + d/2 side by side
+    pair_scores = [float((queries * keys)[i] + (queries * keys)[i + d // 2]) for i in dims[::2]]
+    assert pair_scores == sorted(pair_scores, reverse=True)
+    # the first r columns (r even) span a subspace RoPE turns within itself: projecting and rotating commute at any
+    # position, so a far key loses what a near one does; a PCA basis of the same keys does not
+    x = torch.randn(5, d, dtype=torch.float64)
+    angles = torch.rand(d // 2, dtype=torch.float64) * 1000
+    kept = basis[:, :6]
+    torch.testing.assert_close(_rope(x @ kept @ kept.T, angles), _rope(x, angles) @ kept @ kept.T)
+    data = torch.randn(200, d, dtype=torch.float64) @ torch.randn(d, d, dtype=torch.float64)
+    pca = principal_basis(data.T @ data / 200, data.mean(0))[:, :6]
+    assert not torch.allclose(_rope(x @ pca @ pca.T, angles), _rope(x, angles) @ pca @ pca.T)
+
+
 @pytest.mark.parametrize("v_init", ["pca", "vo"])
 def test_full_budget_reproduces_logits_before_and_after_training(tiny_model, v_init, tmp_path):
     expected = logits_of(load_model(str(tiny_model)).model)
@@ -88,6 +116,34 @@ def test_full_budget_reproduces_logits_before_and_after_training(tiny_model, v_i
             PROMPT[:, :6], max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False
         )
     assert torch.equal(cached, uncached)
+
+
+def test_rotary_pairs_full_budget_is_exact_and_training_keeps_the_pairs(tiny_models):
+    expected = logits_of(load_model(str(tiny_models["llama"])).model)
+    loaded, report = _compressed(
+        tiny_models["llama"], budget=1.0, train=True, train_steps=3, uniform=True, k_init="rotary-pairs"
+    )
+    assert report["budget_reached"] == 1.0 and len(report["loss_curve"]) == 3
+    torch.testing.assert_close(logits_of(loaded.model), expected, rtol=0, atol=2e-4)
+    for name, p in loaded.model.named_parameters():
+        if name.endswith("key_basis"):  # still one dim per column after training: the pairs, not a rotation
+            assert torch.equal(p.detach().abs().amax(0), torch.ones(p.shape[1])), name
+
+
+def test_rotary_pairs_error_grows_as_the_key_budget_shrinks(tiny_models):
+    expected = logits_of(load_model(str(tiny_models["llama"])).model)
+    kls = [
+        _kl(
+            expected,
+            logits_of(
+                _compressed(
+                    tiny_models["llama"], budget=b, train=False, keys_only=True, k_init="rotary-pairs"
+                )[0].model
+            ),
+        )
+        for b in (0.875, 0.75, 0.625)
+    ]
+    assert 0 < kls[0] < kls[1] < kls[2], kls
 
 
 def test_error_grows_as_the_budget_shrinks(tiny_models):
@@ -336,6 +392,7 @@ def test_full_attention_layers_only_training_samples_ranks_there_only(tiny_model
         (("--budget", "0.5", "--v-init", "svd"), "v-init"),
         (("--budget", "0.5", "--rank-step", "0"), "rank-step"),
         (("--budget", "0.5", "--keys-only"), "--keys-only keeps every value dim"),
+        (("--budget", "0.75", "--keys-only", "--k-init", "rotary-pairs", "--rank-step", "1"), "must be even"),
     ],
 )
 def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):

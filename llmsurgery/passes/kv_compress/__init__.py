@@ -34,6 +34,7 @@ class KVCompressReport(Report):
             ("budget asked / reached", f"{cfg.budget:.4g} / {self.budget_reached:.4g}"),
             ("keys / values share", f"{self.keys_share:.3f} / {self.values_share:.3f}"),
             ("ranks", _ranks_kind(cfg)),
+            ("key basis", "rotary pairs (ThinK's score), fixed" if cfg.k_init == "rotary-pairs" else "PCA"),
         ]
         if cfg.layers == "full-attention":
             rows.append(("layers projected", "full-attention (the sliding-window layers kept whole)"))
@@ -101,6 +102,13 @@ class KVCompress(PassConfig):
     )
     v_init: Literal["pca", "vo"] = Field(
         "pca", alias="v-init", description="pca (the paper) or vo (whitened V-O absorb-decompose basis)"
+    )
+    k_init: Literal["pca", "rotary-pairs"] = Field(
+        "pca",
+        alias="k-init",
+        description="the keys' basis: pca (the paper), or rotary-pairs: whole RoPE frequency pairs ranked by "
+        "ThinK's score on the calibration text and kept so in training (their plane turns with the position, so "
+        "far tokens lose no more than near ones: long-range recall, README)",
     )
     calib_samples: int = windows_field(
         defaults.KV_PCA_WINDOWS[0], "windows for the PCA statistics", "calib-samples"
@@ -183,6 +191,10 @@ class KVCompress(PassConfig):
             divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0]
             raise UserError(
                 f"--rank-step {step} does not divide head_dim {head_dim}; choose one of {', '.join(map(str, divisors))}"
+            )
+        if self.k_init == "rotary-pairs" and step % 2:
+            raise UserError(
+                f"--k-init rotary-pairs keeps whole frequency pairs, so --rank-step must be even, not {step}"
             )
         if self.layers == "full-attention":
             if self.searches:

@@ -48,6 +48,25 @@ def cayley(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - a / 2, eye + a / 2)
 
 
+def rotary_pair_basis(query_power: torch.Tensor, key_power: torch.Tensor) -> torch.Tensor:
+    """Identity columns that keep RoPE's frequency pairs whole: dims i and i + d/2 (as rotate_half pairs them) side
+    by side, the pairs in descending order of E[q^2] E[k^2] summed over the pair (ThinK's channel score, arXiv
+    2407.21018, taken once from calibration text); det +1.
+
+    An even rank keeps whole pairs, whose plane RoPE turns within itself: the kept subspace is the same at every
+    position, so a key far from the calibration windows' positions loses no more than a near one. `query_power`,
+    `key_power`: [d] per-dim second moments of the post-RoPE queries (the KV head's group) and keys."""
+    half = len(key_power) // 2
+    score = query_power * key_power
+    order = (score[:half] + score[half:]).argsort(descending=True)
+    basis = torch.eye(len(key_power), dtype=torch.float64)[
+        :, torch.stack([order, order + half], 1).reshape(-1)
+    ]
+    if torch.linalg.det(basis) < 0:
+        basis[:, 0] = -basis[:, 0]
+    return basis
+
+
 def principal_basis(second_moment: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of the centred covariance, descending, det +1 (float64)."""
     cov = second_moment - torch.outer(mean, mean)
@@ -164,6 +183,7 @@ class ProjectionHook:
         state = self.state
         if state.stats is not None:
             _accumulate(state.stats, (self.layer, g, "k"), keys)
+            _accumulate(state.stats, (self.layer, g, "q"), queries)
         if not state.project:
             return queries, keys
         u_k, _ = state.bases(self.layer, g)  # [d, r_k]
@@ -222,21 +242,31 @@ def detach_(saved: list) -> None:
 
 
 @torch.no_grad()
-def init_from_pca_(model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, v_identity: bool) -> None:
-    """Means and PCA bases of post-RoPE keys and of values per (layer, KV head)."""
+def init_from_pca_(
+    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, v_identity: bool, k_init: str = "pca"
+) -> None:
+    """Means and PCA bases of post-RoPE keys (or `k_init` "rotary-pairs": `rotary_pair_basis`) and of values per
+    (layer, KV head)."""
     state.stats, state.project = {}, False
     walk_layers(as_layers(model), windows, lambda i, layer, run: run(), "Collecting key/value statistics")
     stats, state.stats = state.stats, None
-    init_from_stats_(state, stats, v_identity)
+    init_from_stats_(state, stats, v_identity, k_init)
 
 
-def init_from_stats_(state: MatryoshkaState, stats: dict, v_identity: bool) -> None:
-    """The heads in `stats` ({(layer, head, "k" | "v"): (count, sum, second moment)}): their means and PCA bases."""
+def init_from_stats_(state: MatryoshkaState, stats: dict, v_identity: bool, k_init: str = "pca") -> None:
+    """The heads in `stats` ({(layer, head, "q" | "k" | "v"): (count, sum, second moment)}): their means and
+    bases, PCA (the keys' `rotary_pair_basis` under `k_init` "rotary-pairs", from the queries' statistics too)."""
     device = state.x_k[0].device
     for (layer, g, kind), (count, total, second) in stats.items():
+        if kind == "q":
+            continue
         i = layer * state.groups + g
         mean = total / count
-        basis = principal_basis(second / count, mean)
+        if kind == "k" and k_init == "rotary-pairs":
+            queries = stats[layer, g, "q"]
+            basis = rotary_pair_basis(queries[2].diagonal() / queries[0], second.diagonal() / count)
+        else:
+            basis = principal_basis(second / count, mean)
         if kind == "k":
             state.init_k[i], state.mu_k[i].data = basis.float().to(device), mean.float().to(device)
         else:
@@ -566,7 +596,10 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
     state = MatryoshkaState(head_dim, v_widths, step, whole).to(next(model.parameters()).device)
     saved = attach_(model, state)
     try:
-        init_from_pca_(model, state, batches["pca"], v_identity=cfg.v_init == "vo")
+        init_from_pca_(model, state, batches["pca"], v_identity=cfg.v_init == "vo", k_init=cfg.k_init)
+        if cfg.k_init == "rotary-pairs":  # training would turn the basis off the pairs: the keys' means train
+            for x in state.x_k:
+                x.requires_grad_(False)
         if cfg.train:
             report["loss_curve"] = train_(model, state, batches["train"], cfg, sharded)
             report["train_tokens"] = cfg.train_steps * cfg.batch_size * batches["train"].shape[1]
@@ -623,7 +656,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
         run()
         stats, state.stats = state.stats, None
         del attn.kv_projection
-        init_from_stats_(state, stats, v_identity=False)
+        init_from_stats_(state, stats, v_identity=False, k_init=cfg.k_init)
         if writer is not None:
             state.refresh_bases(i)
             layouts.append(fold_layer_(attn, state, ranks, i, config))
