@@ -92,10 +92,12 @@ def test_streamed_kv_compress_is_the_in_memory_one(tiny_model, tmp_path):
     assert report["budget_reached"] == 0.5
 
 
-def test_streamed_keys_only_kv_compress_is_the_in_memory_one(tiny_models, tmp_path):
+@pytest.mark.parametrize("k_init", ["pca", "rotary-pairs"])
+def test_streamed_keys_only_kv_compress_is_the_in_memory_one(tiny_models, tmp_path, k_init):
     _, report = _streamed_equals_whole(
-        tmp_path, "kv-compress", tiny_models["llama"], "--budget", "0.75", "--no-train", "--keys-only"
-    )
+        tmp_path, "kv-compress", tiny_models["llama"], "--budget", "0.75", "--no-train", "--keys-only",
+        "--k-init", k_init,
+    )  # fmt: skip
     assert report["budget_reached"] == 0.75 and report["values_share"] == 1.0
 
 

@@ -10,7 +10,10 @@ into v_proj (bias ``(b - mu^V) U^V_r``); the output ``(a v~) U^V_r^T + mu^V`` is
 1. Init: PCA per (layer, KV head) of post-RoPE keys and of values on calibration text (centred
    covariance, float64 ``eigh``, descending, first column flipped if det < 0 so the Cayley map reaches
    it). ``v_init="vo"`` instead re-factors V-O exactly with the whitened absorb-decompose first and
-   starts U^V at the identity (its columns are then ordered by output contribution).
+   starts U^V at the identity (its columns are then ordered by output contribution). ``k_init="rotary-pairs"``
+   gives U^K whole RoPE frequency pairs instead, ranked by ThinK's score (arXiv 2407.21018) on the same text
+   (`rotary_pair_basis`): a subspace RoPE turns within itself, so what a key loses does not depend on its
+   position; training leaves it (X^K stays zero, the means train).
 2. Train (model frozen): ``U = U_init cayley(X)``, ``cayley(X) = (I - A/2)^-1 (I + A/2)``, ``A = X - X^T``,
    X from zero; each step samples r^K, r^V per (layer, head) from {s, 2s, ..., d} (nested prefixes);
    loss ``0.25 KL(original || compressed) + 0.75 LM``; AdamW, cosine schedule.
