@@ -356,7 +356,9 @@ def build_projections(
     device = next(model.parameters()).device
     states, ranks, reached = {}, {}, {}
     train_seconds, losses = 0.0, []
-    pca = pca_state(model, tokenizer, cfg)
+    pca = (
+        pca_state(model, tokenizer, cfg) if any(k.startswith(("pca@", "trained@")) for k in needed) else None
+    )
     search = calibration_batches(tokenizer, cfg.search_calib).to(device)
     for kind in KINDS:
         if not any(key.startswith(f"{kind}@") for key in needed):

@@ -257,7 +257,9 @@ def test_eval_limit_below_the_processes_is_refused(tiny_models, tmp_path):
     assert "--limit 1 leaves some of the 2 processes without a document" in done.stderr
     # torchrun stops rank 1 as soon as rank 0 fails, so rank 1 prints only if it got there first; when it does, it
     # names itself (the naming itself is checked without a race below)
-    assert all(line.startswith("rank 1: error:") for line in done.stderr.splitlines() if line.startswith("rank 1"))
+    assert all(
+        line.startswith("rank 1: error:") for line in done.stderr.splitlines() if line.startswith("rank 1")
+    )
 
 
 def test_a_quiet_process_names_its_rank_in_its_error_line(monkeypatch, capsys):

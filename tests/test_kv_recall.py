@@ -167,7 +167,8 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     assert ("kv trained keys only", 0.75) in labels and ("snapkv+think c=0.25", 0.5) in labels
     assert any(label.startswith("kv trained p=0.75 + ") and b == 0.5 for label, b in labels)
     assert (f"kv pairs keys only p=0.75 + {model['best_press']['0.5']}", 0.5) in labels
-    for kind in ("pca", "pairs", "trained"):  # the same projections as presses on the stock model, alone and composed
+    # the same projections as presses on the stock model, alone and composed
+    for kind in ("pca", "pairs", "trained"):
         assert {(f"kv {kind} press", 0.5), (f"kv {kind} keys only press", 0.75)} <= labels
         assert (f"kv {kind} keys only press p=0.75 + {model['best_press']['0.5']}", 0.5) in labels
     assert model["fallback"] and len(model["usable"]) == 5  # a random tiny model: dense scores 0 everywhere
