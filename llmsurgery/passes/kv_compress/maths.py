@@ -103,6 +103,7 @@ class MatryoshkaState(nn.Module):
         self.rank_v = [list(layer) for layer in v_widths]
         self.project = False
         self.stats: dict | None = None
+        self.query_stats = False  # with stats: the queries' too (what `rotary_pair_basis` ranks by)
         self.gates: dict | None = None
         self._bases: dict = {}
 
@@ -186,7 +187,8 @@ class ProjectionHook:
         state = self.state
         if state.stats is not None:
             _accumulate(state.stats, (self.layer, g, "k"), keys)
-            _accumulate(state.stats, (self.layer, g, "q"), queries)
+            if state.query_stats:
+                _accumulate(state.stats, (self.layer, g, "q"), queries)
         if not state.project:
             return queries, keys
         u_k, _ = state.bases(self.layer, g)  # [d, r_k]
@@ -250,7 +252,7 @@ def init_from_pca_(
 ) -> None:
     """Means and PCA bases of post-RoPE keys (or `k_init` "rotary-pairs": `rotary_pair_basis`) and of values per
     (layer, KV head)."""
-    state.stats, state.project = {}, False
+    state.stats, state.project, state.query_stats = {}, False, k_init == "rotary-pairs"
     walk_layers(as_layers(model), windows, lambda i, layer, run: run(), "Collecting key/value statistics")
     stats, state.stats = state.stats, None
     init_from_stats_(state, stats, v_identity, k_init)
@@ -647,6 +649,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
     groups = config.num_key_value_heads
     widths = [[head_dim] * groups for _ in range(streamed.n_layers)]
     state = MatryoshkaState(head_dim, widths, step, cfg.whole_layers(config.to_dict())).to(streamed.device)
+    state.query_stats = cfg.k_init == "rotary-pairs"
     ranks = fixed_ranks(state, cfg)
     state.set_ranks(ranks)
     layouts = []
