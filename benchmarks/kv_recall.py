@@ -10,7 +10,7 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
   serve every rank), ranks searched per budget by the pass's own search; keys only (r_k = d/2) at b = 0.75;
   trained bases composed with the best eviction press at b, over the splits (1 - e) p = b with p <= 0.75; the
   models run with project_context_only (the prefill attends exactly and caches its coordinates, the question's
-  and answer's keys stay exact, their values projected);
+  and answer's keys stay exact, and so do their values where values are projected: folded with --exact-values);
 * the same bases as a press on the stock model (llmsurgery.kv_presses.projection_press): the prefill's cache
   projected, the question and answer exact as kvpress treats every press; alone, and composed with the best
   eviction press over the same splits (both kinds).
@@ -70,6 +70,10 @@ EVICTION_PRESSES = ("snapkv", "streamingllm", "tova", "expected_attention", "kno
 # How the kv-compress models run (modeling_llmsurgery): the prefill attends exactly and caches its coordinates,
 # the later tokens keep exact keys. Rows of an earlier run without this mark (every token projected) do not carry.
 RUNTIME = "project_context_only"
+# ... and where values are projected, folded with --exact-values: the prefill and the later tokens attend over
+# exact values, the context's cached ones projected. Earlier rows of such projections (the prefill attended over
+# projected values) do not carry.
+RUNTIME_EXACT_VALUES = "project_context_only, exact values"
 # How the presses run (llmsurgery.kv_presses.window_safe): kept tokens in order, sliding windows kept first. Without
 # it, a model with sliding-window layers scored 0 under every press: an earlier run's rows of such a model without
 # this mark do not carry.
@@ -94,7 +98,7 @@ class Method:
     def __post_init__(self):
         self.entry = {"side": self.side, "label": self.label, "budget": self.budget, "ppl": None, "cells": {}}
         if self.model != "stock" and not self.on_stock:  # a kv-compress model, run as kvpress runs a press
-            self.entry["runtime"] = RUNTIME
+            self.entry["runtime"] = RUNTIME if self.model.endswith("@keys") else RUNTIME_EXACT_VALUES
 
 
 # ----------------------------------------------------------------------------- scoring one cache batch
@@ -465,14 +469,15 @@ def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[fl
 
 def folded_copy(model, state, ranks):
     """A copy of `model` with the projection folded at `ranks` (the runtime a saved kv-compress output runs, with
-    project_context_only); every weight the fold does not replace is shared with `model`."""
+    project_context_only; folded with --exact-values where values are projected); every weight the fold does not
+    replace is shared with `model`."""
     from llmsurgery.passes.kv_compress.maths import fold_
 
     memo = {id(p): p for p in model.parameters()}
     memo |= {id(b): b for b in model.buffers()}
     # one copy of the config, shared by the twin's modules as by the model's
     twin = copy.deepcopy(model, memo)
-    fold_(twin, state, ranks)
+    fold_(twin, state, ranks, exact_values=True)
     twin.config.project_context_only = True
     return twin
 
@@ -486,15 +491,18 @@ def bases_digest(maps: list[list[tuple]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def basis_bytes(model) -> tuple[int, int]:
-    """Bytes of the key bases and means (needed to run) and of the value bases and means (for presses only)."""
-    keys = values = 0
+def basis_bytes(model) -> tuple[int, int, int]:
+    """Bytes of the key bases and means (needed to run), of the value bases and means (for presses only, and for
+    the exact values) and of the unprojected v_proj/o_proj kept by --exact-values."""
+    keys = values = exact = 0
     for name, p in model.named_parameters():
         if name.endswith(("key_basis", "key_mean")):
             keys += p.numel() * p.element_size()
         elif name.endswith(("value_basis", "value_mean")):
             values += p.numel() * p.element_size()
-    return keys, values
+        elif ".v_exact." in name or ".o_exact." in name:
+            exact += p.numel() * p.element_size()
+    return keys, values, exact
 
 
 # ----------------------------------------------------------------------------- running

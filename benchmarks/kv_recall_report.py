@@ -129,13 +129,15 @@ def fact_lines(result: dict) -> list[str]:
     train, overhead = result["train"], result["overhead_bytes"]
     keys = ", ".join(f"{k} {v[0] / 2**20:.2f} MiB" for k, v in overhead.items())
     values = max((v[1] for v in overhead.values()), default=0)
+    exact = ", ".join(f"{k} {v[2] / 2**20:.2f} MiB" for k, v in overhead.items() if len(v) > 2 and v[2])
     dense = result["dense_bytes_per_token"]
+    weights = f"; weights, not KV: the unprojected v_proj/o_proj (--exact-values) {exact}" if exact else ""
     return lines + [
         f"{name}: trained bases: {train['tokens']} training tokens, {train['seconds'] / 60:.1f} min; searched "
         "ranks reach " + ", ".join(f"{k} {v:.4f}" for k, v in result["reached"].items()),
-        f"{name}: fixed overhead, not counted in b: key bases and means {keys}; value bases and means (read only "
-        f"by presses) up to {values / 2**20:.2f} MiB; the dense cache is {dense} bytes per token, so 1 MiB is "
-        f"{2**20 / dense:.0f} tokens of it",
+        f"{name}: fixed overhead, not counted in b: key bases and means {keys}; value bases and means (read by "
+        f"presses and exact values) up to {values / 2**20:.2f} MiB; the dense cache is {dense} bytes per token, so "
+        f"1 MiB is {2**20 / dense:.0f} tokens of it{weights}",
         f"{name}: best eviction press per budget (composed with the trained bases): {result['best_press']}",
     ]
 

@@ -46,13 +46,15 @@ def kv_bytes_per_token_past_window(config: dict, dtype_bytes: int) -> int | None
 
 def kv_bytes_per_later_token(config: dict, dtype_bytes: int) -> int | None:
     """Bytes per token cached after the prefill of a kv-compress model run with project_context_only, whose
-    layers with a key basis keep those tokens' exact keys beside their coordinates (a windowed sliding layer, once
-    full, only those of the current forward); None when no layer keeps them."""
+    layers with a key basis keep those tokens' exact keys beside their coordinates (and, with --exact-values,
+    their exact values: the unprojected widths of "v_exact"; a windowed sliding layer, once full, only those of
+    the current forward); None when no layer keeps them."""
     layouts = config.get("attention_layout") or []
     if config.get("project_context_only") is not True or not any(layout.get("k") for layout in layouts):
         return None
     kv_heads, head_dim = _kv_heads_and_head_dim(config)
     exact = sum(kv_heads * head_dim for layout in layouts if layout.get("k"))
+    exact += sum(sum(layout.get("v_exact") or []) for layout in layouts if layout.get("k"))
     return kv_bytes_per_token(config, dtype_bytes) + exact * dtype_bytes
 
 

@@ -109,12 +109,20 @@ def _loading(config: dict) -> list[str]:
         "```",
         "",
     ]
-    if any(layout.get("k") for layout in config.get("attention_layout") or []):
+    layouts = config.get("attention_layout") or []
+    if any(layout.get("k") for layout in layouts):
         lines += [
             "For long-range recall, project only the context the cache keeps (the prefill attends exactly, the "
             "tokens after it keep exact keys): `from_pretrained(path, trust_remote_code=True, "
             "project_context_only=True)`; a keys-only model (`--keys-only`) needs it most (llmsurgery README, "
             "MatryoshkaKV).",
+            "",
+        ]
+    if any(layout.get("v_exact") for layout in layouts):
+        lines += [
+            "This model keeps its unprojected v_proj/o_proj too (`--exact-values`): with "
+            "`project_context_only=True` the values are exact as the keys are, only the context's cached ones "
+            "projected; without it they go unused.",
             "",
         ]
     return lines

@@ -1,7 +1,8 @@
 """The saved-model runtime on the transformers floor that pyproject.toml declares.
 
 `make DIR` (in the test environment, newest transformers): tiny models of every architecture, absorbed (lossy
-keep-ratio, Q-K pairs where allowed) and KV-compressed (PCA, uniform ranks), each saved with llmsurgery, plus
+keep-ratio, Q-K pairs where allowed) and KV-compressed (PCA, uniform ranks; llama and gemma3 also with
+--exact-values), each saved with llmsurgery, plus
 its logits and greedy generations (with and without the cache) as computed here.
 
 `check DIR` (in a bare environment holding only torch and the floor transformers, no llmsurgery): each saved
@@ -100,6 +101,8 @@ def make(root: Path) -> None:
             f"absorb-{arch}": ["absorb", tiny, "--keep-ratio", "0.75", "--pairs", pairs, *calib],
             f"kv-{arch}": ["kv-compress", tiny, "--budget", "0.5", "--no-train", "--uniform", *calib],
         }
+        if arch in ("llama", "gemma3_text"):  # the exact values' runtime too (project_context_only)
+            jobs[f"kv-exact-{arch}"] = [*jobs[f"kv-{arch}"], "--exact-values"]
         for name, args in jobs.items():
             out = root / name
             result = run_cli(*args, "--output", out)

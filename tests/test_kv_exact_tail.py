@@ -1,9 +1,11 @@
 """A kv-compress model run with project_context_only: the prefill attends exactly and stores its keys
-projected; later tokens read those projected keys and keep their own exact.
+projected; later tokens read those projected keys and keep their own exact. With --exact-values the values do
+the same; without, every value is projected.
 
 The reference is the stock model (its cache made without a config: every layer holds every token) with an
 attention function that projects what the packed model projects: each KV head's keys of the first `narrow`
-cached tokens onto mu + B B^T (k - mu), and every value onto its value basis.
+cached tokens onto mu + B B^T (k - mu), and every value onto its value basis (with --exact-values, the values of
+those tokens only).
 """
 
 import pytest
@@ -40,7 +42,7 @@ def _reference(stock, packed, narrow: dict):
         sliding = getattr(module, "sliding_window", None)
         upto = narrow["sliding" if sliding and "sliding" in narrow else "tokens"]
         key = _project(key, press_maps(attn, "keys"), upto)
-        value = _project(value, press_maps(attn, "values"), None)
+        value = _project(value, press_maps(attn, "values"), upto if "v_exact" in attn._modules else None)
         return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("llmsurgery_test_projected", attend)
@@ -59,17 +61,25 @@ def _steps(model, cache, *chunks):
 
 
 def _pair(tiny_models, arch: str):
-    packed = _compressed(tiny_models[arch], budget=0.5, train=False, uniform=True)[0].model.eval()
+    """(kv-compress model at budget 0.5, stock model); arch "NAME+exact-values": folded with --exact-values."""
+    name, _, exact = arch.partition("+")
+    knobs = {"exact_values": True} if exact else {}
+    packed = _compressed(tiny_models[name], budget=0.5, train=False, uniform=True, **knobs)[0].model.eval()
     packed.config.project_context_only = True
-    return packed, load_model(str(tiny_models[arch])).model.eval()
+    kept = ["v_exact" in layer.self_attn._modules for layer in packed.model.layers]
+    assert kept == [bool(exact)] * len(kept)  # what the reference projects follows it
+    return packed, load_model(str(tiny_models[name])).model.eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3_text"])
+@pytest.fixture(
+    scope="module",
+    params=["llama", "qwen3", "gemma3_text", "llama+exact-values", "gemma3_text+exact-values"],
+)
 def pair(request, tiny_models):
     return _pair(tiny_models, request.param)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "llama+exact-values"])
 def full_attention_pair(request, tiny_models):
     """Models whose every layer attends fully: their caches can be cropped and copied token for token."""
     return _pair(tiny_models, request.param)
@@ -88,9 +98,13 @@ def test_later_tokens_keep_exact_keys(pair, tmp_path):
     want += [_step(stock, reference, PREFILL + QUESTION + 1, 1)]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
-    # The question and the two tokens after it keep d exact key dims per KV head in every layer.
+    # The question and the two tokens after it keep d exact key dims per KV head in every layer (and with
+    # --exact-values d exact value dims).
     config = packed.config
-    per_token = config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers
+    exact_values = "v_exact" in packed.model.layers[0].self_attn._modules
+    per_token = (
+        config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers * (1 + exact_values)
+    )
     assert exact_tail_bytes(cache) == (QUESTION + 2) * per_token
     expected = describe(_saved(packed, tmp_path))
     assert expected["kv_cache_bytes_per_later_token"] == expected["kv_cache_bytes_per_token"] + per_token
@@ -107,11 +121,12 @@ def test_later_tokens_keep_exact_keys(pair, tmp_path):
     assert min(float((a - b).abs().max()) for a, b in zip(got, off)) > 1e-3
 
 
-def test_a_windowed_sliding_layer_keeps_each_later_forward_exact(tiny_models):
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma3_text+exact-values"])
+def test_a_windowed_sliding_layer_keeps_each_later_forward_exact(tiny_models, arch):
     """DynamicCache(config=...) windows Gemma3's sliding layers (the last window - 1 = 7 tokens): after a prefill
     that fills the window, each later forward's own keys are exact there, the earlier ones projected; the
     full-attention layers keep the whole tail."""
-    packed, stock = _pair(tiny_models, "gemma3_text")
+    packed, stock = _pair(tiny_models, arch)
     assert packed.config.sliding_window - 1 < PREFILL
     narrow = {"tokens": 0}
     _reference(stock, packed, narrow)

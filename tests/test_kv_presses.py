@@ -53,12 +53,23 @@ def _presses(arch: str) -> dict:
     return presses
 
 
-def _kv_output(folder, budget, out):
+def _kv_output(folder, budget, out, *extra, **load):
     result = run_cli(
-        "kv-compress", folder, "--budget", str(budget), "--no-train", "--uniform", *CALIB, "--output", out
+        "kv-compress",
+        folder,
+        "--budget",
+        str(budget),
+        "--no-train",
+        "--uniform",
+        *CALIB,
+        "--output",
+        out,
+        *extra,
     )
     assert result.exit_code == 0, result.output
-    return AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, dtype=torch.float32, **load
+    ).eval()
 
 
 @torch.no_grad()
@@ -210,6 +221,25 @@ def test_projection_press_composed_evicts_then_projects(tiny_models, tmp_path):
     key_share = sum(k[0].shape[1] for layer in maps for k, _ in layer) / (d * sum(map(len, maps)))
     assert press.presses[1].compression_ratio == pytest.approx(1 - (key_share + 1) / 2)
     assert key_share < 0.75  # the budget-0.5 ranks: fewer key coordinates than the head has
+
+
+@pytest.mark.parametrize("evict", [0.0, 0.5])
+def test_an_exact_values_model_under_a_press_is_its_projection_press_on_the_stock_model(
+    tiny_models, tmp_path, evict
+):
+    """kv-compress --exact-values loaded with project_context_only, under TOVA (or none), gives the next-token
+    logits of its own bases as a projection press on the stock model (after the same TOVA): the prefill attends
+    exactly, the kept tokens are cached projected, the later tokens exact. Folded without --exact-values, the
+    prefill attends over projected values and the logits differ."""
+    stock = stock_load(tiny_models["llama"])
+    models = {
+        name: _kv_output(tiny_models["llama"], 0.5, tmp_path / name, *flags, project_context_only=True)
+        for name, flags in (("exact", ("--exact-values",)), ("folded", ()))
+    }
+    want, _ = _pressed_logits(stock, projection_press(projection_maps(models["exact"]), evict=evict))
+    got = {name: _pressed_logits(model, make_press("tova", evict))[0] for name, model in models.items()}
+    torch.testing.assert_close(got["exact"], want, rtol=0, atol=1e-4)
+    assert float((got["folded"] - want).abs().max()) > 1e-2
 
 
 # ----------------------------------------------------------------------------- SmolLM2

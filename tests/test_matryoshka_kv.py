@@ -287,6 +287,51 @@ def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_m
     assert 0 < errors[0] < errors[1] < errors[2], errors
 
 
+def test_exact_values_prefill_is_the_stock_models_and_the_fold_is_unchanged(tiny_models, tmp_path):
+    """--exact-values: the folded tensors are those of the same run without it, plus v_proj/o_proj as they were.
+    Loaded with project_context_only, the prefill attends over exact keys and values, as the stock model does;
+    the error of the later tokens, which read the context's projected keys and values, grows as the budget
+    shrinks."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    stock = load_model(str(tiny_models["llama"])).model.eval()
+    expected = logits_of(stock)
+    position = torch.arange(12, 20)[None]
+    with torch.no_grad():
+        cache = DynamicCache()
+        stock(input_ids=PROMPT[:, :12], past_key_values=cache)
+        later = stock(input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position).logits.double()
+    errors = []
+    for budget in (0.75, 0.5, 0.25):
+        outs = {flag: tmp_path / f"{budget}{flag}" for flag in ("", "--exact-values")}
+        for flag, out in outs.items():
+            result = run_cli(
+                "kv-compress", tiny_models["llama"], "--budget", budget, "--uniform", "--no-train",
+                *CALIB_ARGS[:6], "--output", out, *([flag] if flag else []),
+            )  # fmt: skip
+            assert result.exit_code == 0, result.output
+        plain, kept = (load_file(outs[f] / "model.safetensors") for f in ("", "--exact-values"))
+        assert all(torch.equal(plain[name], kept[name]) for name in plain)
+        extra = {name.rsplit(".", 2)[-2] for name in set(kept) - set(plain)}
+        assert extra == {"v_exact", "o_exact"} and len(set(kept) - set(plain)) == 6 * 4
+        card = (outs["--exact-values"] / "README.md").read_text()
+        assert "--exact-values" in card  # the model card says so
+        assert "--exact-values" not in (outs[""] / "README.md").read_text()
+        model = AutoModelForCausalLM.from_pretrained(
+            outs["--exact-values"], trust_remote_code=True, dtype=torch.float32, project_context_only=True
+        ).eval()
+        with torch.no_grad():
+            cache = DynamicCache()
+            first = model(input_ids=PROMPT[:, :12], past_key_values=cache).logits.double()
+            got = model(
+                input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position
+            ).logits.double()
+        torch.testing.assert_close(first, expected[:, :12], rtol=0, atol=1e-4)
+        errors.append(_kl(later, got))
+    assert 0 < errors[0] < errors[1] < errors[2], errors
+
+
 def test_full_attention_layers_only_keeps_the_sliding_layers_exact(tiny_models, tmp_path):
     """--layers full-attention on Gemma3 (tiny: layers 2 and 5 full attention): the sliding-window layers keep every
     dim, so the hidden states up to the first full-attention layer are the stock model's; the budget counts the
@@ -393,6 +438,7 @@ def test_full_attention_layers_only_training_samples_ranks_there_only(tiny_model
         (("--budget", "0.5", "--rank-step", "0"), "rank-step"),
         (("--budget", "0.5", "--keys-only"), "--keys-only keeps every value dim"),
         (("--budget", "0.75", "--keys-only", "--k-init", "rotary-pairs", "--rank-step", "1"), "must be even"),
+        (("--budget", "0.75", "--keys-only", "--exact-values"), "--keys-only projects none"),
     ],
 )
 def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):

@@ -84,12 +84,15 @@ def test_streamed_rotate_sparsify_is_the_in_memory_one(tiny_models, tmp_path, me
         assert config["sparsity_in"] == pytest.approx(0.32)
 
 
-def test_streamed_kv_compress_is_the_in_memory_one(tiny_model, tmp_path):
-    """kv-compress --no-train --uniform one layer at a time: the same report, tensors, config and logits."""
-    _, report = _streamed_equals_whole(
-        tmp_path, "kv-compress", tiny_model, "--budget", "0.5", "--no-train", "--uniform"
+@pytest.mark.parametrize("extra", [(), ("--exact-values",)])
+def test_streamed_kv_compress_is_the_in_memory_one(tiny_model, tmp_path, extra):
+    """kv-compress --no-train --uniform one layer at a time: the same report, tensors, config and logits (with
+    --exact-values, v_proj/o_proj as they were too)."""
+    config, report = _streamed_equals_whole(
+        tmp_path, "kv-compress", tiny_model, "--budget", "0.5", "--no-train", "--uniform", *extra
     )
     assert report["budget_reached"] == 0.5
+    assert all(bool(layout.get("v_exact")) == bool(extra) for layout in config["attention_layout"])
 
 
 @pytest.mark.parametrize("k_init", ["pca", "rotary-pairs"])

@@ -295,14 +295,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def reshape_attention_(
-    attn: nn.Module, layout: dict, q=None, k=None, v=None, o=None, key_projection=None, value_projection=None
+    attn: nn.Module,
+    layout: dict,
+    q=None,
+    k=None,
+    v=None,
+    o=None,
+    key_projection=None,
+    value_projection=None,
+    exact_values=None,
 ) -> None:
     """Give an attention module the widths of `layout` and the forward that runs them.
 
     q/k/v/o: optional (weight, bias) pairs to load; otherwise the old linear if its shape fits, else a fresh one.
     key_projection: optional (basis [d, sum of key widths], mean [KV heads, d]) when layout has "k".
     value_projection: optional (basis [d, sum of value widths], mean [KV heads, d]) when layout has "v_basis":
-    the value bases folded into v_proj/o_proj, kept so that presses can read full-width values (unused otherwise).
+    the value bases folded into v_proj/o_proj, kept so that presses can read full-width values (and, with
+    "v_exact", the exact values' coordinates).
+    exact_values: optional ((weight, bias) of v_proj, (weight, bias) of o_proj) before the fold, when layout has
+    "v_exact" (the unprojected value widths per KV head): ``v_exact``/``o_exact``, which project_context_only runs
+    (see "exact values after the prefill").
     """
     config, d = attn.config, attn.head_dim
     n_rep = attn.num_key_value_groups
@@ -341,8 +353,32 @@ def reshape_attention_(
         attn.value_basis, attn.value_mean = _projection_parameters(attn, layout["v"], d, value_projection)
     elif "value_basis" in attn._parameters:  # V-O re-factored after kv-compress: the bases no longer apply
         del attn.value_basis, attn.value_mean
+    if layout.get("v_basis") and layout.get("v_exact"):
+        _exact_value_linears_(attn, layout["v_exact"], exact_values)
+    else:
+        attn._modules.pop("v_exact", None)
+        attn._modules.pop("o_exact", None)
     attn._rope_index = {}
     attn.forward = types.MethodType(absorbed_attention_forward, attn)
+
+
+def _exact_value_linears_(attn: nn.Module, widths: list[int], given) -> None:
+    """``attn.v_exact`` [hidden -> sum of widths] and ``attn.o_exact`` [heads x widths -> hidden], both with a bias:
+    `given` ((v weight, v bias), (o weight, o bias)), a bias None for zeros; else fresh, for a checkpoint to load."""
+    like, n_rep = attn.q_proj.weight, attn.num_key_value_groups
+    shapes = {"v_exact": (like.shape[1], sum(widths)), "o_exact": (n_rep * sum(widths), like.shape[1])}
+    for (name, (fan_in, fan_out)), pair in zip(shapes.items(), given or (None, None)):
+        linear = nn.Linear(fan_in, fan_out, bias=True, device=like.device, dtype=like.dtype)
+        if pair is not None:
+            weight, bias = pair
+            linear.weight.data = weight.to(like.device, like.dtype).contiguous()
+            linear.bias.data = (
+                torch.zeros(fan_out, device=like.device, dtype=like.dtype)
+                if bias is None
+                else bias.to(like.device, like.dtype).contiguous()
+            )
+        linear.requires_grad_(False)
+        setattr(attn, name, linear)
 
 
 def _kernel_ready(x: torch.Tensor, align: int = 8) -> torch.Tensor:
@@ -397,6 +433,9 @@ def absorbed_attention_forward(
     values = self.v_proj(hidden_states).unsqueeze(1)  # [B, 1, T, sum vw]
     cos, sin = position_embeddings  # [B, T, d]
     tail = _keeps_exact_tail(self, cache, projection)
+    # kv-compress --exact-values: this call's unprojected values [B, 1, T, sum of their widths]
+    exact_values = self.v_exact(hidden_states).unsqueeze(1) if tail and "v_exact" in self._modules else None
+    new_values, v_parts, unpack = values, None, None
     q_groups, k_groups, q_at, k_at, exact = [], [], 0, 0, []
     for g, width in enumerate(kw):
         qg = queries[..., q_at : q_at + n_rep * width].view(batch, length, n_rep, width)
@@ -435,6 +474,8 @@ def absorbed_attention_forward(
         prefill = layer is not None and (before is None or before.numel() == 0)
         if layer is not None:
             q_groups, keys, kw = _with_exact_tail(self, layer, before, keys, q_groups, exact, prefill)
+            if exact_values is not None:
+                v_parts, unpack = _with_exact_values(self, layer, values, new_values, exact_values, prefill)
     implementation = self.config._attn_implementation
     attend = (
         eager_attention_forward
@@ -444,7 +485,7 @@ def absorbed_attention_forward(
     extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
     outputs, k_at, v_at = [], 0, 0
     for g, (qg, width, v_width) in enumerate(zip(q_groups, kw, vw)):
-        vg = values[..., v_at : v_at + v_width]
+        vg = values[..., v_at : v_at + v_width] if v_parts is None else v_parts[g]
         if projection is not None:
             vg = projection.values(g, vg)
         attended = vg.shape[-1]
@@ -462,6 +503,8 @@ def absorbed_attention_forward(
         out = out[..., :attended]
         if projection is not None:
             out = projection.output(g, out)
+        if unpack is not None:
+            out = unpack(g, out)
         outputs.append(out.reshape(batch, length, -1))
         k_at, v_at = k_at + width, v_at + v_width
     if cache is not None and self._forward_hooks and projection is None:  # a hook (kvpress) may read it
@@ -470,7 +513,7 @@ def absorbed_attention_forward(
             torch.cat([k + self.key_mean[g] for g, (_, k, _) in enumerate(exact)], 1) if prefill else None
         )
         open_press_view_(cache, self, exact_keys)
-    return self.o_proj(torch.cat(outputs, dim=-1)), None
+    return (self.o_proj if v_parts is None else self.o_exact)(torch.cat(outputs, dim=-1)), None
 
 
 # ----------------------------------------------------------------------------- exact keys after the prefill
@@ -482,7 +525,8 @@ def absorbed_attention_forward(
 # coordinates; a later forward (the question, each generated token) reads the context's projected keys
 # mu + k~ B^T and keeps its own tokens' keys exact, storing their residual (k - mu) - k~ B^T [d per KV head]
 # beside the cache (`exact_tail_bytes`), from one attention call over [q~ | q . mu | q] x [k~ | 1 | residual,
-# 0 for the context]. Values stay projected; a forward without a cache projects as by default. Projecting only
+# 0 for the context]. Values stay projected (but see --exact-values, below); a forward without a cache projects
+# as by default. Projecting only
 # the context keeps long-range recall where projecting the question's keys loses it (README, long-range
 # recall). The residuals live in the cache layer's __dict__; anything else that rewrites the layer (a press, a
 # reorder, a copy) starts a new tail at its current length, so a stale residual is never read
@@ -538,6 +582,50 @@ def _with_exact_tail(attn, layer, before, keys, q_groups, exact, prefill: bool):
     return queries, torch.cat(key_parts, dim=-1), [q.shape[-1] for q in queries]
 
 
+# ----------------------------------------------------------------------------- exact values after the prefill
+
+# kv-compress --exact-values keeps v_proj/o_proj as they were before the fold (``v_exact``/``o_exact``, about 10%
+# more weights for SmolLM2) beside the folded ones. With project_context_only, the values then follow the keys: the
+# prefill attends over its own values exactly and caches their coordinates v~ = (v - mu) B; a later forward reads
+# the context's mu + v~ B^T and keeps its own tokens' values exact, storing their residual (v - mu) - v~ B^T beside
+# the cache, from one attention call over values [v~ | 1 | residual, 0 for the context], whose output o maps back
+# to o[:r] B^T + o[r] mu + o[r+1:] before o_exact. So the later layers see the hidden states of the stock model
+# over the prefill, as with a press that projects the cache, where the folded v_proj/o_proj make the prefill
+# attend over projected values (which loses long-range recall: README). A forward without a cache, or with the
+# default runtime, runs the folded weights.
+
+
+def _with_exact_values(attn, layer, values, new, exact, prefill: bool):
+    """After the cache update and `_with_exact_tail` (which keeps the layer's tail record): per KV head, the values
+    of one attention call, and a map (None: the identity) from its output [B, T, n_rep, width] to the exact head's.
+
+    values: the cache's coordinates [B, 1, T, sum of ranks] after the update; new: this call's; exact: this call's
+    unprojected values [B, 1, t, sum of widths]."""
+    layout = attn.attention_layout
+    widths, ranks = layout["v_exact"], layout["v"]
+    full = exact.split(widths, dim=-1)
+    if prefill:
+        return list(full), None
+    maps = [(b[:w], m[:w]) for b, m, w in zip(attn.value_basis.split(ranks, dim=1), attn.value_mean, widths)]
+    state = layer.__dict__["_exact_tail"]
+    residual = torch.cat(
+        [x - m - c @ b.T for x, c, (b, m) in zip(full, new.split(ranks, dim=-1), maps)], dim=-1
+    )
+    old = state.get("v_residual")
+    state["v_residual"] = stored = residual if old is None else torch.cat([old, residual], dim=-2)
+    lead = values.new_zeros(*values.shape[:-2], values.shape[-2] - stored.shape[-2], stored.shape[-1])
+    residuals = torch.cat([lead, stored], dim=-2).split(widths, dim=-1)
+    ones = values.new_ones(*values.shape[:-1], 1)
+    parts = [torch.cat([c, ones, r], dim=-1) for c, r in zip(values.split(ranks, dim=-1), residuals)]
+
+    def unpack(g: int, out: torch.Tensor) -> torch.Tensor:
+        basis, mean = maps[g]
+        r = basis.shape[1]
+        return out[..., :r] @ basis.T + out[..., r : r + 1] * mean + out[..., r + 1 :]
+
+    return parts, unpack
+
+
 def _tail_state(layer, before: torch.Tensor) -> dict:
     """The layer's tail record for the keys it holds now (`before`): kept, cut back after a crop, or started anew
     at the current length when something else rewrote the layer."""
@@ -546,28 +634,36 @@ def _tail_state(layer, before: torch.Tensor) -> dict:
         state = {"start": before.shape[-2], "residual": None}
     elif state["residual"] is not None and before.shape[-2] < state["keys"].shape[-2]:  # cropped
         state["start"] = min(state["start"], before.shape[-2])
-        state["residual"] = state["residual"][..., : before.shape[-2] - state["start"], :]
+        for name in _RESIDUALS:
+            if state.get(name) is not None:
+                state[name] = state[name][..., : before.shape[-2] - state["start"], :]
     layer.__dict__["_exact_tail"] = state
     return state
 
 
+_RESIDUALS = ("residual", "v_residual")  # a tail record's residuals: the keys', the values' (--exact-values)
+
+
 def copy_exact_tail_(source, target, rows: torch.Tensor, length: int) -> None:
-    """Carry `source`'s exact-key residuals over to `target`, a cache made of the batch rows `rows` of the first
-    `length` tokens of each of its layers (without them, `target` would read those tokens' keys projected)."""
+    """Carry `source`'s exact-key (and value) residuals over to `target`, a cache made of the batch rows `rows` of
+    the first `length` tokens of each of its layers (without them, `target` would read those tokens projected)."""
     for old, new in zip(getattr(source, "layers", []), getattr(target, "layers", [])):
         state = old.__dict__.get("_exact_tail")
         if state is None or state["residual"] is None or not _continues(state["keys"], old.keys):
             continue
         start = min(state["start"], length)
-        residual = state["residual"][rows.to(state["residual"].device), :, : length - start]
-        new.__dict__["_exact_tail"] = {"start": start, "residual": residual, "keys": new.keys}
+        copied = {"start": start, "keys": new.keys}
+        for name in _RESIDUALS:
+            if state.get(name) is not None:
+                copied[name] = state[name][rows.to(state[name].device), :, : length - start]
+        new.__dict__["_exact_tail"] = copied
 
 
 def exact_tail_bytes(cache) -> int:
-    """Bytes of the exact-key residuals a cache holds beside its packed tensors (the tokens after the prefill)."""
-    residuals = [
-        (layer.__dict__.get("_exact_tail") or {}).get("residual") for layer in getattr(cache, "layers", [])
-    ]
+    """Bytes of the exact-key and exact-value residuals a cache holds beside its packed tensors (the tokens after
+    the prefill)."""
+    states = [layer.__dict__.get("_exact_tail") or {} for layer in getattr(cache, "layers", [])]
+    residuals = [state.get(name) for state in states for name in _RESIDUALS]
     return sum(r.numel() * r.element_size() for r in residuals if r is not None)
 
 

@@ -204,6 +204,7 @@ def plan_vo(
             new_o_cols[h] = right[:r, j * wo.shape[0] : (j + 1) * wo.shape[0]].T  # [D, r]
     plan.layout["v"] = widths
     plan.layout.pop("v_basis", None)  # new value coordinates: kv-compress's value bases no longer apply
+    plan.layout.pop("v_exact", None)  # nor its unprojected v_proj/o_proj (--exact-values)
     plan.weights["v"] = (torch.cat(new_v), torch.cat(new_vb) if bv is not None else None)
     plan.weights["o"] = (torch.cat(new_o_cols, dim=1), bo)
 

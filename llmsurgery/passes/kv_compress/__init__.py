@@ -36,6 +36,10 @@ class KVCompressReport(Report):
             ("ranks", _ranks_kind(cfg)),
             ("key basis", "rotary pairs (ThinK's score), fixed" if cfg.k_init == "rotary-pairs" else "PCA"),
         ]
+        if cfg.exact_values:
+            rows.append(
+                ("values", "exact v_proj/o_proj kept (project_context_only: the context's projected)")
+            )
         if cfg.layers == "full-attention":
             rows.append(("layers projected", "full-attention (the sliding-window layers kept whole)"))
         if self.loss_curve:
@@ -109,6 +113,13 @@ class KVCompress(PassConfig):
         description="the keys' basis: pca (the paper), or rotary-pairs: whole RoPE frequency pairs ranked by "
         "ThinK's score on the calibration text and kept so in training (their plane turns with the position, so "
         "far tokens lose no more than near ones: long-range recall, README)",
+    )
+    exact_values: bool = Field(
+        False,
+        alias="exact-values",
+        description="also keep v_proj/o_proj unprojected (about 10% more weights on SmolLM2): loaded with "
+        "project_context_only, the prefill and the later tokens then attend over exact values and only the "
+        "context's cached values are projected, as the keys (long-range recall below b = 0.75, README)",
     )
     calib_samples: int = windows_field(
         defaults.KV_PCA_WINDOWS[0], "windows for the PCA statistics", "calib-samples"
@@ -206,6 +217,10 @@ class KVCompress(PassConfig):
                 raise UserError(
                     "--layers full-attention needs a model with sliding-window layers (Gemma3); this one has none"
                 )
+        if self.keys_only and self.exact_values:
+            raise UserError(
+                "--exact-values keeps v_proj/o_proj for projected values, and --keys-only projects none: drop one"
+            )
         if self.keys_only and (2 * self.budget - 1) * head_dim < step:
             raise UserError(
                 f"--keys-only keeps every value dim, so --budget must leave the keys at least one rank step "

@@ -510,15 +510,17 @@ def _moves(gains: list, losses: list, spare: int) -> list[list[tuple[str, int, i
 
 
 @torch.no_grad()
-def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
+def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict, exact_values: bool = False) -> None:
     """Write the truncated projections into v_proj/o_proj and the key basis; the model becomes a
-    standard-loadable one."""
+    standard-loadable one. exact_values: keep v_proj/o_proj as they were too, where values are projected
+    (`fold_layer_`)."""
     state.set_ranks(ranks)
     state.refresh_bases()
     spec, layouts = arch_for(model), []
 
     def visit(i: int, layer: nn.Module, run) -> None:
-        layouts.append(fold_layer_(get_submodule(layer, spec.attn), state, ranks, i, model.config))
+        attn = get_submodule(layer, spec.attn)
+        layouts.append(fold_layer_(attn, state, ranks, i, model.config, exact_values))
 
     walk_layers(as_layers(model), None, visit, "Folding projections")
     model.config.attention_layout = layouts
@@ -527,8 +529,14 @@ def fold_(model: nn.Module, state: MatryoshkaState, ranks: dict) -> None:
 
 
 @torch.no_grad()
-def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_index: int, config) -> dict:
-    """One attention module: v_proj/o_proj through the truncated value bases, the key basis; returns its layout."""
+def fold_layer_(
+    attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_index: int, config, exact_values: bool = False
+) -> dict:
+    """One attention module: v_proj/o_proj through the truncated value bases, the key basis; returns its layout.
+
+    exact_values (kv-compress --exact-values): where a value rank is below its head's width, keep v_proj/o_proj as
+    they were as well, for project_context_only to attend over exact values (modeling_llmsurgery, "exact values
+    after the prefill"); the cache stays as narrow."""
     n_rep, widths = attn.num_key_value_groups, state.v_widths[layer_index]
     wv = attn.v_proj.weight.double()
     bv = (
@@ -542,6 +550,7 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
         if attn.o_proj.bias is not None
         else torch.zeros(wo.shape[0], dtype=torch.float64, device=wo.device)
     )
+    before = ((wv, bv), (wo, bo))  # v_proj/o_proj as they were (float64)
     v_rows, v_bias, o_cols, bases, means, v_bases, v_means = [], [], [], [], [], [], []
     d, row, col = attn.head_dim, 0, 0
     for g, w in enumerate(widths):
@@ -568,6 +577,11 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
         "o_bias": True,
         "v_basis": True,
     }
+    keep = exact_values and any(r < w for r, w in zip(layout["v"], widths))
+    if keep:
+        layout["v_exact"] = list(widths)
+    else:
+        layout.pop("v_exact", None)
     reshape_attention_(
         attn,
         layout,
@@ -575,6 +589,7 @@ def fold_layer_(attn: nn.Module, state: MatryoshkaState, ranks: dict, layer_inde
         o=(torch.cat(o_cols, dim=1), bo),
         key_projection=(torch.cat(bases, dim=1), torch.stack(means)),
         value_projection=(torch.cat(v_bases, dim=1), torch.stack(v_means)),
+        exact_values=before if keep else None,
     )
     return attn.attention_layout
 
@@ -615,7 +630,7 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
         )
     finally:
         detach_(saved)
-    fold_(model, state, ranks)
+    fold_(model, state, ranks, cfg.exact_values)
     state.set_ranks(ranks)
     report |= kv_report(state, ranks, cfg)
     return report
@@ -665,7 +680,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
         init_from_stats_(state, stats, v_identity=False, k_init=cfg.k_init)
         if writer is not None:
             state.refresh_bases(i)
-            layouts.append(fold_layer_(attn, state, ranks, i, config))
+            layouts.append(fold_layer_(attn, state, ranks, i, config, cfg.exact_values))
 
     walk_layers(streamed, windows, visit, "KV projections", writer)
     state._bases = {}
