@@ -246,20 +246,29 @@ def test_cli_cache_bytes_match_the_budget(tiny_models, tmp_path):
     assert run_cli("eval", out, "--tasks", "pydoc_ppl", "--limit", "2").exit_code == 0
 
 
+@torch.no_grad()
+def _prefill_then_later(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of PROMPT's first 12 tokens as a prefill into a fresh cache, then of the rest through that cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    first = model(input_ids=PROMPT[:, :12], past_key_values=cache).logits.double()
+    position = torch.arange(12, PROMPT.shape[1])[None]
+    return first, model(
+        input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position
+    ).logits.double()
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_models, tmp_path, arch):
     """--keys-only: one key rank (2 budget - 1) d, every value whole (an exact rotation). Loaded with
     project_context_only, its prefill attends as the stock model does (sliding-window layers too); the error of
     what reads the cache grows as the budget shrinks."""
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
     stock = load_model(str(tiny_models[arch])).model.eval()
     expected = logits_of(stock)
-    position = torch.arange(12, 20)[None]
-    with torch.no_grad():
-        cache = DynamicCache()
-        stock(input_ids=PROMPT[:, :12], past_key_values=cache)
-        later = stock(input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position).logits.double()
+    _, later = _prefill_then_later(stock)
     errors = []
     for budget in (0.875, 0.75, 0.625):
         out = tmp_path / f"k{budget}"
@@ -273,15 +282,11 @@ def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_m
         assert report["ranks_k"] == [[rank] * 2] * 6 and report["ranks_v"] == [[16] * 2] * 6
         assert report["budget_reached"] == (rank + 16) / 32
         assert "project_context_only=True" in (out / "README.md").read_text()  # the model card says how
-        model = AutoModelForCausalLM.from_pretrained(
-            out, trust_remote_code=True, dtype=torch.float32, project_context_only=True
-        ).eval()
-        with torch.no_grad():
-            cache = DynamicCache()
-            first = model(input_ids=PROMPT[:, :12], past_key_values=cache).logits.double()
-            got = model(
-                input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position
-            ).logits.double()
+        first, got = _prefill_then_later(
+            AutoModelForCausalLM.from_pretrained(
+                out, trust_remote_code=True, dtype=torch.float32, project_context_only=True
+            ).eval()
+        )
         torch.testing.assert_close(first, expected[:, :12], rtol=0, atol=1e-4)
         errors.append(_kl(later, got))
     assert 0 < errors[0] < errors[1] < errors[2], errors
@@ -293,15 +298,11 @@ def test_exact_values_prefill_is_the_stock_models_and_the_fold_is_unchanged(tiny
     the error of the later tokens, which read the context's projected keys and values, grows as the budget
     shrinks."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
     stock = load_model(str(tiny_models["llama"])).model.eval()
     expected = logits_of(stock)
-    position = torch.arange(12, 20)[None]
-    with torch.no_grad():
-        cache = DynamicCache()
-        stock(input_ids=PROMPT[:, :12], past_key_values=cache)
-        later = stock(input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position).logits.double()
+    _, later = _prefill_then_later(stock)
     errors = []
     for budget in (0.75, 0.5, 0.25):
         outs = {flag: tmp_path / f"{budget}{flag}" for flag in ("", "--exact-values")}
@@ -318,15 +319,11 @@ def test_exact_values_prefill_is_the_stock_models_and_the_fold_is_unchanged(tiny
         card = (outs["--exact-values"] / "README.md").read_text()
         assert "--exact-values" in card  # the model card says so
         assert "--exact-values" not in (outs[""] / "README.md").read_text()
-        model = AutoModelForCausalLM.from_pretrained(
-            outs["--exact-values"], trust_remote_code=True, dtype=torch.float32, project_context_only=True
-        ).eval()
-        with torch.no_grad():
-            cache = DynamicCache()
-            first = model(input_ids=PROMPT[:, :12], past_key_values=cache).logits.double()
-            got = model(
-                input_ids=PROMPT[:, 12:], past_key_values=cache, position_ids=position
-            ).logits.double()
+        first, got = _prefill_then_later(
+            AutoModelForCausalLM.from_pretrained(
+                outs["--exact-values"], trust_remote_code=True, dtype=torch.float32, project_context_only=True
+            ).eval()
+        )
         torch.testing.assert_close(first, expected[:, :12], rtol=0, atol=1e-4)
         errors.append(_kl(later, got))
     assert 0 < errors[0] < errors[1] < errors[2], errors
