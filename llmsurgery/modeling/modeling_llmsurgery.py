@@ -526,11 +526,10 @@ def absorbed_attention_forward(
 # mu + k~ B^T and keeps its own tokens' keys exact, storing their residual (k - mu) - k~ B^T [d per KV head]
 # beside the cache (`exact_tail_bytes`), from one attention call over [q~ | q . mu | q] x [k~ | 1 | residual,
 # 0 for the context]. Values stay projected (but see --exact-values, below); a forward without a cache projects
-# as by default. Projecting only
-# the context keeps long-range recall where projecting the question's keys loses it (README, long-range
-# recall). The residuals live in the cache layer's __dict__; anything else that rewrites the layer (a press, a
-# reorder, a copy) starts a new tail at its current length, so a stale residual is never read
-# (`copy_exact_tail_` carries it into a copy of batch rows).
+# as by default. Projecting only the context keeps long-range recall where projecting the question's keys loses
+# it (README, long-range recall). The residuals live in the cache layer's __dict__; anything else that rewrites
+# the layer (a press, a reorder, a copy) starts a new tail at its current length, so a stale residual is never
+# read (`copy_exact_tail_` carries it into a copy of batch rows).
 
 
 def _keeps_exact_tail(attn: nn.Module, cache, projection) -> bool:
