@@ -567,11 +567,9 @@ def _with_exact_tail(attn, layer, before, keys, q_groups, exact, prefill: bool):
         )
     state = _tail_state(layer, before)
     new = torch.cat([k - (k @ b) @ b.T for _, k, b in exact], dim=-1)  # [B, 1, T, heads x d]
-    old = state["residual"]
-    state |= {"residual": new if old is None else torch.cat([old, new], dim=-2), "keys": keys}
-    residual = state["residual"]
-    lead = keys.new_zeros(*keys.shape[:-2], keys.shape[-2] - residual.shape[-2], residual.shape[-1])
-    residual = torch.cat([lead, residual], dim=-2).split(attn.head_dim, dim=-1)  # per head [B, 1, T, d]
+    state["keys"] = keys
+    # per head [B, 1, T, d]
+    residual = _grown_residual(state, "residual", new, keys).split(attn.head_dim, dim=-1)
     ones = keys.new_ones(*keys.shape[:-1], 1)
     narrow = keys.split([b.shape[1] for _, _, b in exact], dim=-1)
     queries, key_parts = [], []
@@ -610,10 +608,7 @@ def _with_exact_values(attn, layer, values, new, exact, prefill: bool):
     residual = torch.cat(
         [x - m - c @ b.T for x, c, (b, m) in zip(full, new.split(ranks, dim=-1), maps)], dim=-1
     )
-    old = state.get("v_residual")
-    state["v_residual"] = stored = residual if old is None else torch.cat([old, residual], dim=-2)
-    lead = values.new_zeros(*values.shape[:-2], values.shape[-2] - stored.shape[-2], stored.shape[-1])
-    residuals = torch.cat([lead, stored], dim=-2).split(widths, dim=-1)
+    residuals = _grown_residual(state, "v_residual", residual, values).split(widths, dim=-1)
     ones = values.new_ones(*values.shape[:-1], 1)
     parts = [torch.cat([c, ones, r], dim=-1) for c, r in zip(values.split(ranks, dim=-1), residuals)]
 
@@ -623,6 +618,15 @@ def _with_exact_values(attn, layer, values, new, exact, prefill: bool):
         return out[..., :r] @ basis.T + out[..., r : r + 1] * mean + out[..., r + 1 :]
 
     return parts, unpack
+
+
+def _grown_residual(state: dict, name: str, new: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """Append this call's residuals `new` [B, 1, t, w] to the tail record's `name`; return them over every token
+    the layer's `cached` tensor [B, 1, T, .] holds: zeros for the tokens before the tail, [B, 1, T, w]."""
+    old = state.get(name)
+    state[name] = stored = new if old is None else torch.cat([old, new], dim=-2)
+    lead = cached.new_zeros(*cached.shape[:-2], cached.shape[-2] - stored.shape[-2], stored.shape[-1])
+    return torch.cat([lead, stored], dim=-2)
 
 
 def _tail_state(layer, before: torch.Tensor) -> dict:
