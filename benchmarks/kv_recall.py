@@ -881,8 +881,12 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
                     f"{name}: {m.entry['label']} at b={m.budget:g} ran on other bases: run anew", flush=True
                 )
                 m.entry |= {"ppl": None, "cells": {}}
-            elif done := _done(m.entry):
-                print(f"{name}: {m.entry['label']} at b={m.budget:g} goes on from {done} samples", flush=True)
+            elif _done(m.entry):
+                held = ", ".join(f"{cell} {len(c['match'])}" for cell, c in m.entry["cells"].items())
+                print(
+                    f"{name}: {m.entry['label']} at b={m.budget:g} goes on from the samples held: {held}",
+                    flush=True,
+                )
             m.entry["bases"] = digest
         for m in presses:
             m.widths = stored_widths(maps[key])

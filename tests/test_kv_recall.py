@@ -256,7 +256,11 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     on = _bench(*common, "--samples", "2", "--batch", "1", "--projections", "pca@0.5", "--resume",
                 f"{tmp_path / 'short.json'},{tmp_path / 'cut.json'}", "--json", tmp_path / "r4.json")  # fmt: skip
     assert on.returncode == 0, on.stderr[-3000:]
-    assert "kv pca at b=0.5 goes on from 5 samples" in on.stdout
+    (went_on,) = [
+        line for line in on.stdout.splitlines() if "kv pca at b=0.5 goes on from the samples held: " in line
+    ]
+    held = went_on.split("held: ")[1].split(", ")
+    assert len(held) == 5 and all(cell.endswith("@512 1") for cell in held), went_on
     assert "kv pca press at b=0.5 ran on other bases: run anew" in on.stdout
     (fourth,) = json.loads((tmp_path / "r4.json").read_text())
     assert str(tmp_path / "cut.json") in fourth["stock_from"]

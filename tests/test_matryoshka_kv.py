@@ -329,6 +329,26 @@ def test_exact_values_prefill_is_the_stock_models_and_the_fold_is_unchanged(tiny
     assert 0 < errors[0] < errors[1] < errors[2], errors
 
 
+def test_the_summary_names_the_exact_values_only_where_a_value_rank_is_cut():
+    """With every value rank whole (keys-heavy ranks), --exact-values keeps no extra weights: no row says so."""
+    from rich.console import Console
+
+    from llmsurgery.passes.kv_compress import KVCompressReport
+
+    def text(ranks_v):
+        report = KVCompressReport(
+            rank_step=8, head_dim=16, ranks_k=[[8, 8]], ranks_v=ranks_v, budget=0.75, budget_reached=0.75,
+            keys_share=0.25, values_share=0.5, calibration_tokens=64,
+        )  # fmt: skip
+        console = Console(width=200, record=True)
+        for part in report.summary(KVCompress(budget=0.75, exact_values=True)):
+            console.print(part)
+        return console.export_text()
+
+    assert "exact v_proj/o_proj kept" in text([[16, 8]])
+    assert "exact v_proj/o_proj kept" not in text([[16, 16]])
+
+
 def test_full_attention_layers_only_keeps_the_sliding_layers_exact(tiny_models, tmp_path):
     """--layers full-attention on Gemma3 (tiny: layers 2 and 5 full attention): the sliding-window layers keep every
     dim, so the hidden states up to the first full-attention layer are the stock model's; the budget counts the

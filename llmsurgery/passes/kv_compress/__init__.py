@@ -36,7 +36,7 @@ class KVCompressReport(Report):
             ("ranks", _ranks_kind(cfg)),
             ("key basis", "rotary pairs (ThinK's score), fixed" if cfg.k_init == "rotary-pairs" else "PCA"),
         ]
-        if cfg.exact_values:
+        if cfg.exact_values and any(r < self.head_dim for layer in self.ranks_v for r in layer):
             rows.append(
                 ("values", "exact v_proj/o_proj kept (project_context_only: the context's projected)")
             )
