@@ -329,24 +329,27 @@ def test_exact_values_prefill_is_the_stock_models_and_the_fold_is_unchanged(tiny
     assert 0 < errors[0] < errors[1] < errors[2], errors
 
 
-def test_the_summary_names_the_exact_values_only_where_a_value_rank_is_cut():
-    """With every value rank whole (keys-heavy ranks), --exact-values keeps no extra weights: no row says so."""
-    from rich.console import Console
+def test_the_summary_names_the_exact_values_only_where_the_fold_kept_them(tiny_models, tmp_path):
+    """--exact-values keeps v_proj/o_proj only in layers whose value ranks are cut: at budget 1.0 (every rank
+    whole) none, and the summary says nothing of them; at 0.5 every layer, and it says how many."""
+    import re
 
-    from llmsurgery.passes.kv_compress import KVCompressReport
-
-    def text(ranks_v):
-        report = KVCompressReport(
-            rank_step=8, head_dim=16, ranks_k=[[8, 8]], ranks_v=ranks_v, budget=0.75, budget_reached=0.75,
-            keys_share=0.25, values_share=0.5, calibration_tokens=64,
+    for budget in (1.0, 0.5):
+        result = run_cli(
+            "kv-compress", tiny_models["llama"], "--budget", budget, "--uniform", "--no-train", *CALIB_ARGS[:6],
+            "--output", tmp_path / str(budget), "--exact-values",
         )  # fmt: skip
-        console = Console(width=200, record=True)
-        for part in report.summary(KVCompress(budget=0.75, exact_values=True)):
-            console.print(part)
-        return console.export_text()
-
-    assert "exact v_proj/o_proj kept" in text([[16, 8]])
-    assert "exact v_proj/o_proj kept" not in text([[16, 16]])
+        assert result.exit_code == 0, result.output
+        layouts = json.loads((tmp_path / str(budget) / "config.json").read_text())["attention_layout"]
+        kept = sum(bool(layout.get("v_exact")) for layout in layouts)
+        said = re.sub(
+            r"[\s│┃]+", " ", result.output
+        )  # the summary table's text, however the terminal wraps it
+        if budget == 1.0:
+            assert kept == 0 and "v_proj/o_proj" not in said
+        else:
+            assert kept == len(layouts) > 0
+            assert said.count("v_proj/o_proj kept") == 1 and f"kept in {kept} of {kept} layers" in said, said
 
 
 def test_full_attention_layers_only_keeps_the_sliding_layers_exact(tiny_models, tmp_path):

@@ -26,6 +26,7 @@ class KVCompressReport(Report):
     keys_share: float
     values_share: float
     calibration_tokens: int
+    exact_value_layers: int = 0  # layers whose fold kept v_proj/o_proj unprojected (--exact-values)
 
     def summary(self, cfg: KVCompress) -> list:
         from ...console import ends_mean, key_value_table
@@ -36,9 +37,13 @@ class KVCompressReport(Report):
             ("ranks", _ranks_kind(cfg)),
             ("key basis", "rotary pairs (ThinK's score), fixed" if cfg.k_init == "rotary-pairs" else "PCA"),
         ]
-        if cfg.exact_values and any(r < self.head_dim for layer in self.ranks_v for r in layer):
+        if self.exact_value_layers:
             rows.append(
-                ("values", "exact v_proj/o_proj kept (project_context_only: the context's projected)")
+                (
+                    "values",
+                    f"exact v_proj/o_proj kept in {self.exact_value_layers} of {len(self.ranks_v)} layers "
+                    "(project_context_only: the context's projected)",
+                )
             )
         if cfg.layers == "full-attention":
             rows.append(("layers projected", "full-attention (the sliding-window layers kept whole)"))

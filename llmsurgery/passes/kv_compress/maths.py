@@ -632,12 +632,13 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
         detach_(saved)
     fold_(model, state, ranks, cfg.exact_values)
     state.set_ranks(ranks)
-    report |= kv_report(state, ranks, cfg)
+    report |= kv_report(state, ranks, cfg, model.config.attention_layout)
     return report
 
 
-def kv_report(state: MatryoshkaState, ranks: dict, cfg) -> dict:
-    """Ranks and shares; the budget reached is counted over the projected layers (all but the state's whole)."""
+def kv_report(state: MatryoshkaState, ranks: dict, cfg, layouts: list[dict]) -> dict:
+    """Ranks and shares; the budget reached is counted over the projected layers (all but the state's whole);
+    how many of the folded `layouts` kept their unprojected v_proj/o_proj (`fold_layer_`, --exact-values)."""
     layers, d = len(state.v_widths), state.d
     projected = state.projected_layers()
     used = sum(sum(ranks["k"][i]) + sum(ranks["v"][i]) for i in projected)
@@ -648,6 +649,7 @@ def kv_report(state: MatryoshkaState, ranks: dict, cfg) -> dict:
         "budget_reached": round(used / (2 * len(projected) * state.groups * d), 6),
         "keys_share": round(sum(map(sum, ranks["k"])) / (layers * state.groups * d), 6),
         "values_share": round(sum(map(sum, ranks["v"])) / (layers * state.groups * d), 6),
+        "exact_value_layers": sum(bool(layout.get("v_exact")) for layout in layouts),
     }
 
 
@@ -687,4 +689,4 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
     if writer is not None:
         config.attention_layout = layouts
         use_surgery_modeling_(config)
-    return {"rank_step": step, "head_dim": head_dim, **kv_report(state, ranks, cfg)}
+    return {"rank_step": step, "head_dim": head_dim, **kv_report(state, ranks, cfg, layouts)}
