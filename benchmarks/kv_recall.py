@@ -315,19 +315,27 @@ def pca_state(model, tokenizer, cfg, k_init: str = "pca"):
     calibration text of `cfg` (a KVCompress), on the model's device; `k_init` "rotary-pairs": the keys' basis
     whole RoPE pairs (kv-compress --k-init rotary-pairs)."""
     from llmsurgery.calibration import calibration_batches
-    from llmsurgery.passes.kv_compress.maths import MatryoshkaState, attach_, detach_, init_from_pca_
+    from llmsurgery.passes.kv_compress.maths import (
+        MatryoshkaState,
+        attach_,
+        detach_,
+        init_from_pca_,
+        window_positions,
+    )
 
     device = next(model.parameters()).device
     d, groups, layers = model_shape(model)
     state = MatryoshkaState(d, [[d] * groups for _ in range(layers)], d // 8).to(device)
     saved = attach_(model, state)
+    windows = calibration_batches(tokenizer, cfg.calib).to(device)
     try:
         init_from_pca_(
             model,
             state,
-            calibration_batches(tokenizer, cfg.calib).to(device),
+            windows,
             v_identity=False,
             k_init=k_init,
+            positions=window_positions(windows, cfg.positions, cfg.position_seeds["pca"]),
         )
     finally:
         detach_(saved)
@@ -354,7 +362,13 @@ def build_projections(
     them; ranks searched, for each kind, only at the budgets of its `needed` projections (ranks in `known`, keyed
     (kind, budget), are taken as they are)."""
     from llmsurgery.calibration import calibration_batches
-    from llmsurgery.passes.kv_compress.maths import attach_, detach_, keys_only_ranks, search_ranks
+    from llmsurgery.passes.kv_compress.maths import (
+        attach_,
+        detach_,
+        keys_only_ranks,
+        search_ranks,
+        window_positions,
+    )
 
     cfg = kv_config(args)
     device = next(model.parameters()).device
@@ -364,6 +378,7 @@ def build_projections(
         pca_state(model, tokenizer, cfg) if any(k.startswith(("pca@", "trained@")) for k in needed) else None
     )
     search = calibration_batches(tokenizer, cfg.search_calib).to(device)
+    search_at = window_positions(search, cfg.positions, cfg.position_seeds["search"])
     for kind in KINDS:
         if not any(key.startswith(f"{kind}@") for key in needed):
             continue
@@ -379,7 +394,7 @@ def build_projections(
             wanted = [b for b in budgets if f"{kind}@{b:g}" in needed]
             found = {b: known[kind, f"{b:g}"] for b in wanted if (kind, f"{b:g}") in known}
             missing = [b for b in wanted if b not in found]
-            found |= search_ranks(model, state, search, missing) if missing else {}
+            found |= search_ranks(model, state, search, missing, positions=search_at) if missing else {}
             for b in wanted:
                 ranks[kind, b] = found[b]
                 state.set_ranks(found[b])
@@ -405,6 +420,7 @@ def kv_config(args):
         batch_size=args.train_batch,
         train_samples=args.train_samples,
         train_seq_len=args.train_seq_len,
+        positions=args.positions,
     )
 
 
@@ -433,7 +449,7 @@ def check_state_file(args, name: str) -> None:
 
 def _training_settings(cfg) -> dict:
     """What decides the trained bases besides the model: a state file is reused only where these are the same."""
-    return {
+    settings = {
         "calib": cfg.calib.model_dump(),
         "train": cfg.train_calib.model_dump(),
         "steps": cfg.train_steps,
@@ -441,12 +457,13 @@ def _training_settings(cfg) -> dict:
         "lr": cfg.lr,
         "seed": cfg.seed,
     }
+    return settings | ({"positions": cfg.positions} if cfg.positions else {})  # runs from before it: absent
 
 
 def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[float, list[float]]:
     """Matryoshka training of the attached state (the pass's train_), or its result loaded from `state_file`."""
     from llmsurgery.calibration import calibration_batches
-    from llmsurgery.passes.kv_compress.maths import train_
+    from llmsurgery.passes.kv_compress.maths import train_, window_positions
 
     device = state.x_k[0].device
     if state_file is not None and state_file.exists():  # its settings checked by check_state_file
@@ -456,7 +473,9 @@ def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[fl
         print(f"loaded the trained bases from {state_file}", flush=True)
         return stored["seconds"], stored["losses"]
     started = time.perf_counter()
-    losses = train_(model, state, calibration_batches(tokenizer, cfg.train_calib).to(device), cfg)
+    windows = calibration_batches(tokenizer, cfg.train_calib).to(device)
+    at = window_positions(windows, cfg.positions, cfg.position_seeds["train"])
+    losses = train_(model, state, windows, cfg, positions=at)
     seconds = time.perf_counter() - started
     if state_file is not None:
         state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -936,6 +955,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-samples", type=int, default=200, help="training windows (cycled)")
     parser.add_argument("--train-seq-len", type=int, default=256)
+    parser.add_argument(
+        "--positions",
+        type=int,
+        default=0,
+        help="kv-compress --positions of the projections: calibration, training and search windows start at "
+        "random positions below this (0: at position 0)",
+    )
     parser.add_argument("--state-dir", help="keep the trained bases here and reuse them on the next run")
     parser.add_argument(
         "--projections",
@@ -983,7 +1009,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from pydantic import ValidationError
 
     try:  # the calibration and training settings, as kv-compress checks them
-        kv_config(args)
+        kv_config(args).check_positions(None)
     except ValidationError as exc:
         raise UserError(
             validation_line(exc, lambda loc: "--" + ".".join(map(str, loc)).replace("_", "-"))

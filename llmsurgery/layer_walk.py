@@ -45,15 +45,19 @@ def recorders(n_layers: int, sink: list, config) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def record_layer_inputs(base: nn.Module, sink: list, windows: torch.Tensor, device) -> tuple[list, list]:
+def record_layer_inputs(
+    base: nn.Module, sink: list, windows: torch.Tensor, device, positions: torch.Tensor | None = None
+) -> tuple[list, list]:
     """(hidden states entering layer 0 per window, per window and layer the other arguments the layer gets).
 
-    `base` is the decoder stack (no LM head) whose layers are recorders writing into `sink`.
+    `base` is the decoder stack (no LM head) whose layers are recorders writing into `sink`. positions: the
+    windows' position ids [N, T] (None: 0 to T - 1), which the rotary embeddings the layers get are taken at.
     """
     hidden, arguments = [], []
-    for window in windows:
+    for w, window in enumerate(windows):
         sink.clear()
-        base(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+        at = None if positions is None else positions[w : w + 1].to(device)
+        base(input_ids=window.unsqueeze(0).to(device), position_ids=at, use_cache=False)
         hidden.append(sink[0][1])
         arguments.append([(args, kwargs) for _, _, args, kwargs in sink])
     sink.clear()
@@ -71,12 +75,12 @@ class ModelLayers:
         self.layer_prefix = self.spec.layers + "."
         self.device = next(model.parameters()).device
 
-    def layer_inputs(self, windows: torch.Tensor) -> tuple[list, list]:
+    def layer_inputs(self, windows: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[list, list]:
         layers, sink = decoder_layers(self.model), []
         base = get_submodule(self.model, self.spec.layers.rpartition(".")[0])
         set_decoder_layers_(self.model, recorders(len(layers), sink, self.config))
         try:
-            return record_layer_inputs(base, sink, windows, self.device)
+            return record_layer_inputs(base, sink, windows, self.device, positions)
         finally:
             set_decoder_layers_(self.model, layers)
 
@@ -97,15 +101,22 @@ def as_layers(model):
 
 @torch.no_grad()
 def walk_layers(
-    layers, windows: torch.Tensor | None, visit: Visit, description: str, writer=None, keep_embedding=False
+    layers,
+    windows: torch.Tensor | None,
+    visit: Visit,
+    description: str,
+    writer=None,
+    keep_embedding=False,
+    positions: torch.Tensor | None = None,
 ) -> None:
     """Every decoder layer of `layers` (`ModelLayers` or `streaming.StreamedModel`) in order, through `visit`.
 
-    windows: calibration token windows [N, T] (None: the pass reads weights only, `run` does nothing). With a
-    `writer` (`streaming.ShardWriter`), each layer's tensors are written once its visit is done. The
-    embedding is freed after the windows are embedded unless `keep_embedding` (a pass that folds into it).
+    windows: calibration token windows [N, T] (None: the pass reads weights only, `run` does nothing), at
+    `positions` ([N, T] position ids; None: each window from 0). With a `writer` (`streaming.ShardWriter`), each
+    layer's tensors are written once its visit is done. The embedding is freed after the windows are embedded
+    unless `keep_embedding` (a pass that folds into it).
     """
-    hidden, arguments = layers.layer_inputs(windows) if windows is not None else (None, None)
+    hidden, arguments = layers.layer_inputs(windows, positions) if windows is not None else (None, None)
     if not keep_embedding:
         layers.drop_embedding()
     suffix = " (streamed)" if layers.streamed else ""

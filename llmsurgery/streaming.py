@@ -114,9 +114,11 @@ class StreamedModel:
         self.sink: list = []
         self.base.layers = recorders(self.n_layers, self.sink, config)
 
-    def layer_inputs(self, windows: torch.Tensor) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    def layer_inputs(
+        self, windows: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[list[tuple]]]:
         """(hidden states entering layer 0 per window, per window and layer the other arguments the layer gets)."""
-        return record_layer_inputs(self.base, self.sink, windows, self.device)
+        return record_layer_inputs(self.base, self.sink, windows, self.device, positions)
 
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer i with its weights read from the checkpoint, on the device, in the compute dtype."""

@@ -109,6 +109,7 @@ def _bench(*args, block_kvpress=False, script="kv_recall.py"):
         (("--budgets", "0.5,1.5"), "--budgets must lie strictly between 0 and 1"),
         (("--calib", "news+nope"), "--calib: calibration source 'news+nope'"),
         (("--train-steps", "0"), "--train-steps: Input should be greater than or equal to 1"),
+        (("--positions", "300"), "--positions 300 is shorter than the 512-token calibration windows"),
         (("--tasks", "filler,nope"), "--tasks: choose from"),
         (("--lengths", "64"), "at least 128 tokens"),
         (("--plot", "x.jpg"), "--plot takes a .png"),
@@ -297,6 +298,12 @@ def test_state_dir_reuses_trained_bases_only_with_the_same_training_settings(tin
     other = _bench(*common, "--train-steps", "3")  # bases trained otherwise: refused before any work
     assert other.returncode == 2 and other.stdout == "" and other.stderr.count("\n") == 1
     assert "trained with other settings" in other.stderr and "'steps': 2" in other.stderr
+    placed = _bench(*common, "--train-steps", "2", "--positions", "1024")  # windows placed otherwise
+    assert (
+        placed.returncode == 2
+        and "trained with other settings" in placed.stderr
+        and "'positions': 1024" in placed.stderr
+    )
     (tmp_path / "state" / f"{Path(tiny_models['llama']).name}-trained.pt").write_bytes(b"not a state")
     corrupt = _bench(*common, "--train-steps", "2")
     assert corrupt.returncode == 2 and corrupt.stdout == "" and corrupt.stderr.count("\n") == 1
@@ -392,6 +399,14 @@ def _layer_types(*args, block_kvpress=False):
             "--haystack replaces the pydoc haystack",
         ),
         ("kv_layer_depth.py", ("--json", "/nonexistent/rows.json"), "cannot write /nonexistent/rows.json"),
+        ("kv_positions.py", ("--spans", "0,2k"), "--spans takes whole numbers and --keep fractions"),
+        (
+            "kv_positions.py",
+            ("--keep", "0.5,1"),
+            "--keep takes fractions of head_dim strictly between 0 and 1",
+        ),
+        ("kv_positions.py", ("--spans", "300"), "--positions 300 is shorter than the 512-token calibration"),
+        ("kv_positions.py", ("--length", "64"), "--length at least 128 tokens"),
     ],
 )
 def test_layer_scripts_bad_input_is_one_error_line(script, args, message):
@@ -476,3 +491,28 @@ def test_layer_depth_keeps_each_block_of_layers_whole_in_turn(tiny_models, tmp_p
     for label, share in expected.items():
         assert rows[label]["cells"]["filler@256"]["b"] == [pytest.approx(share, abs=1e-3)], label
         assert label in result.stdout
+
+
+def test_positions_benchmark_measures_what_placed_windows_win_far_out(tiny_models, tmp_path):
+    """benchmarks/kv_positions.py on a tiny Llama (context 1024): a row per span and kept rank, a share per position
+    bin; the keys beyond the calibration windows' 512 positions lose less to bases fitted within 1024 positions than
+    to bases fitted at 0; a span beyond the model's context is refused in one line."""
+    out = tmp_path / "positions.json"
+    args = ("--model", tiny_models["llama"], "--length", "1024", "--samples", "1", "--spans", "0,1024")
+    result = _bench(*args, "--keep", "0.5", "--json", out, script="kv_positions.py")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(out.read_text())
+    assert found["bins"] == [0, 256, 512, 1024]
+    rows = {row["positions"]: row["lost"] for row in found["rows"]}
+    assert sorted(rows) == [0, 1024] and all(
+        len(lost) == 3 and all(0 < x < 1 for x in lost) for lost in rows.values()
+    )
+    assert rows[1024][2] < rows[0][2], rows
+    refused = _bench("--model", tiny_models["llama"], "--spans", "2048", script="kv_positions.py")
+    last = refused.stderr.strip().splitlines()[-1]  # after the model's loading line
+    assert (
+        refused.returncode == 2
+        and refused.stderr.count("error") == 1
+        and last.startswith("error: --spans: 2048")
+    )
+    assert last.endswith("is beyond the model's context of 1024 tokens") and "Traceback" not in refused.stderr

@@ -7,7 +7,13 @@ from helpers import PROMPT, logits_of, run_cli
 from llmsurgery.calibration import CalibConfig, calibration_batches
 from llmsurgery.model_io import load_model, save_model
 from llmsurgery.passes import KVCompress
-from llmsurgery.passes.kv_compress.maths import cayley, kv_compress_, principal_basis, rotary_pair_basis
+from llmsurgery.passes.kv_compress.maths import (
+    cayley,
+    kv_compress_,
+    principal_basis,
+    rotary_pair_basis,
+    window_positions,
+)
 
 PCA = CalibConfig(source="pydoc", samples=3, seq_len=48, seed=0)
 TRAIN = CalibConfig(source="pydoc", samples=6, seq_len=32, seed=1)
@@ -144,6 +150,83 @@ def test_rotary_pairs_error_grows_as_the_key_budget_shrinks(tiny_models):
         for b in (0.875, 0.75, 0.625)
     ]
     assert 0 < kls[0] < kls[1] < kls[2], kls
+
+
+def test_window_positions_place_each_window_whole_below_the_span():
+    windows = torch.zeros(50, 48, dtype=torch.long)
+    at = window_positions(windows, 1024, seed=3)
+    assert at.shape == (50, 48) and int(at.min()) >= 0 and int(at.max()) <= 1023
+    assert torch.equal(at[:, 1:] - at[:, :-1], torch.ones(50, 47, dtype=torch.long))  # each window in order
+    assert len(set(at[:, 0].tolist())) > 40  # each its own offset
+    assert torch.equal(at, window_positions(windows, 1024, seed=3))
+    assert not torch.equal(at, window_positions(windows, 1024, seed=4))
+    assert window_positions(windows, 48, seed=3) is None and window_positions(None, 1024, seed=3) is None
+
+
+def test_a_window_at_another_offset_gives_the_same_logits_and_other_keys(tiny_models):
+    """What --positions rests on: RoPE attention sees only distances, so moving a window leaves its logits; the
+    post-RoPE keys (what the bases are fitted to) turn."""
+    from transformers import DynamicCache
+
+    model = load_model(str(tiny_models["llama"])).model
+    caches = [DynamicCache(), DynamicCache()]
+    with torch.no_grad():
+        near, far = (
+            model(
+                input_ids=PROMPT,
+                position_ids=torch.arange(start, start + 20)[None],
+                cache=cache,
+                use_cache=True,
+            )
+            for start, cache in zip((0, 900), caches)
+        )
+    torch.testing.assert_close(far.logits, near.logits, atol=1e-4, rtol=1e-4)
+    assert (caches[1].layers[0].keys - caches[0].layers[0].keys).abs().max() > 0.1
+
+
+def _post_rope_keys(model, start: int) -> list[torch.Tensor]:
+    """Per layer, the cached keys [KV heads, T, d] of PROMPT placed at `start`."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(
+            input_ids=PROMPT, position_ids=torch.arange(start, start + 20)[None], cache=cache, use_cache=True
+        )
+    return [layer.keys[0] for layer in cache.layers]
+
+
+def test_positions_fit_the_key_bases_to_keys_far_into_a_context(tiny_models):
+    """Key bases (PCA, half the dims) from windows at position 0 lose more of a far window's keys than bases
+    from the same windows placed within --positions (`window_positions`), and less of a window at 0."""
+    from llmsurgery.passes.kv_compress.maths import MatryoshkaState, attach_, detach_, init_from_pca_
+
+    loaded = load_model(str(tiny_models["llama"]))
+    model, windows = (
+        loaded.model,
+        calibration_batches(loaded.tokenizer, PCA.model_copy(update={"samples": 8})),
+    )
+    lost = {}
+    for span in (0, 1024):
+        state = MatryoshkaState(16, [[16, 16]] * 6, 2)
+        saved = attach_(model, state)
+        try:
+            init_from_pca_(
+                model, state, windows, v_identity=False, positions=window_positions(windows, span, 0)
+            )
+        finally:
+            detach_(saved)
+        for start in (0, 900):
+            residual = total = 0.0
+            for layer, keys in enumerate(_post_rope_keys(model, start)):
+                for g in range(2):
+                    x = keys[g] - state.mu_k[2 * layer + g].detach()
+                    kept = state.init_k[2 * layer + g][:, :8]
+                    residual += float((x - x @ kept @ kept.T).pow(2).sum())
+                    total += float(x.pow(2).sum())
+            lost[span, start] = residual / total
+    assert lost[1024, 900] < 0.9 * lost[0, 900], lost  # measured: 0.41 against 0.50
+    assert lost[0, 0] < lost[1024, 0], lost
 
 
 def test_error_grows_as_the_budget_shrinks(tiny_models):
@@ -459,6 +542,8 @@ def test_full_attention_layers_only_training_samples_ranks_there_only(tiny_model
         (("--budget", "0.5", "--keys-only"), "--keys-only keeps every value dim"),
         (("--budget", "0.75", "--keys-only", "--k-init", "rotary-pairs", "--rank-step", "1"), "must be even"),
         (("--budget", "0.75", "--keys-only", "--exact-values"), "--keys-only projects none"),
+        (("--budget", "0.5", "--positions", "100"), "is shorter than the 512-token calibration windows"),
+        (("--budget", "0.5", "--positions", "4096"), "beyond the model's context of 1024 tokens"),
     ],
 )
 def test_cli_rejects_bad_options(tiny_models, tmp_path, args, message):

@@ -104,6 +104,18 @@ def test_streamed_keys_only_kv_compress_is_the_in_memory_one(tiny_models, tmp_pa
     assert report["budget_reached"] == 0.75 and report["values_share"] == 1.0
 
 
+def test_streamed_kv_compress_places_the_windows_as_in_memory(tiny_models, tmp_path):
+    """--positions: the streamed walk takes its windows at the same positions as the whole model, and they move
+    the bases (the output differs from one with every window at position 0)."""
+    command = ("kv-compress", tiny_models["llama"], "--budget", "0.75", "--no-train", "--keys-only")
+    (tmp_path / "placed").mkdir()
+    _streamed_equals_whole(tmp_path / "placed", *command, "--positions", "1024")
+    _streamed_equals_whole(tmp_path, *command)
+    placed, first = _tensors(tmp_path / "placed" / "on"), _tensors(tmp_path / "on")
+    moved = [k for k in first if not torch.equal(first[k], placed[k])]
+    assert moved and all(".self_attn." in k for k in moved), moved
+
+
 def test_streamed_full_attention_only_kv_compress_is_the_in_memory_one(tiny_models, tmp_path):
     """--layers full-attention one layer at a time (tiny Gemma3: 2 of 6 layers full attention, 4 kept whole)."""
     _, report = _streamed_equals_whole(

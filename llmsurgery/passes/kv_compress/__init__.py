@@ -11,7 +11,15 @@ from pydantic import Field
 
 from ... import defaults
 from ...errors import UserError
-from ..base import CalibConfig, CheckContext, PassConfig, Report, seq_len_field, windows_field
+from ..base import (
+    CALIBRATION_PANEL,
+    CalibConfig,
+    CheckContext,
+    PassConfig,
+    Report,
+    seq_len_field,
+    windows_field,
+)
 
 
 class KVCompressReport(Report):
@@ -45,6 +53,8 @@ class KVCompressReport(Report):
                     "(project_context_only: the context's projected)",
                 )
             )
+        if cfg.positions:
+            rows.append(("window positions", f"each from a random offset, within the first {cfg.positions}"))
         if cfg.layers == "full-attention":
             rows.append(("layers projected", "full-attention (the sliding-window layers kept whole)"))
         if self.loss_curve:
@@ -126,6 +136,16 @@ class KVCompress(PassConfig):
         "project_context_only, the prefill and the later tokens then attend over exact values and only the "
         "context's cached values are projected, as the keys (long-range recall below b = 0.75, README)",
     )
+    positions: int = Field(
+        0,
+        ge=0,
+        le=defaults.MAX_SEQ_LEN,
+        description="the longest context the compressed cache will serve: every calibration, training and search "
+        "window starts at a random position below it, so the bases fit the keys RoPE turns far into a context, "
+        "not only those of the first window-length positions (0: every window from position 0; README: "
+        "long-range recall)",
+        json_schema_extra={"panel": CALIBRATION_PANEL},
+    )
     calib_samples: int = windows_field(
         defaults.KV_PCA_WINDOWS[0], "windows for the PCA statistics", "calib-samples"
     )
@@ -189,6 +209,11 @@ class KVCompress(PassConfig):
         )
 
     @property
+    def position_seeds(self) -> dict[str, int]:
+        """The seed of each window set's offsets under --positions (those of its windows)."""
+        return {"pca": self.calib.seed, "train": self.train_calib.seed, "search": self.search_calib.seed}
+
+    @property
     def searches(self) -> bool:
         """Whether the ranks come from the search (keys-only ranks are uniform)."""
         return not self.uniform and not self.keys_only
@@ -231,10 +256,27 @@ class KVCompress(PassConfig):
                 f"--keys-only keeps every value dim, so --budget must leave the keys at least one rank step "
                 f"({step} of {head_dim} dims): above {0.5 + step / (2 * head_dim):g}, not {self.budget:g}"
             )
+        self.check_positions(config.get("max_position_embeddings"))
         if self.budget < step / head_dim:
             raise UserError(
                 f"--budget {self.budget:g} is below the smallest reachable, one rank step ({step} of {head_dim} dims) "
                 f"per head: {step / head_dim:g}; lower --rank-step for smaller budgets"
+            )
+
+    def check_positions(self, context: int | None) -> None:
+        """--positions places every window whole (at least the longest) within the model's `context`, if known."""
+        if not self.positions:
+            return
+        longest = max(c.seq_len for c in self.windows())
+        if self.positions < longest:
+            raise UserError(
+                f"--positions {self.positions} is shorter than the {longest}-token calibration windows it places: "
+                f"give at least {longest} (or 0 to keep every window at position 0)"
+            )
+        if context and self.positions > context:
+            raise UserError(
+                f"--positions {self.positions} is beyond the model's context of {context} tokens "
+                "(max_position_embeddings)"
             )
 
     def whole_layers(self, config: dict) -> list[bool] | None:

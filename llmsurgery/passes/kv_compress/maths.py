@@ -80,6 +80,22 @@ def principal_basis(second_moment: torch.Tensor, mean: torch.Tensor) -> torch.Te
     return vectors
 
 
+def window_positions(windows: torch.Tensor | None, span: int, seed: int) -> torch.Tensor | None:
+    """Position ids [N, T] that start each window at its own random offset in [0, span - T] (seeded), so that the
+    post-RoPE keys the bases are fitted to are those of every position up to `span`, not only of the first T
+    (kv-compress --positions); None where that leaves nothing to move (no windows, span <= T).
+
+    RoPE attention depends only on the distance between tokens, so a window's outputs do not change with its
+    offset; its keys do: a basis fitted at positions 0..T-1 alone misses the directions that RoPE's slow
+    frequency pairs turn keys into further on (measured: README)."""
+    if windows is None or span <= windows.shape[1]:
+        return None
+    n, length = windows.shape
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.randint(0, span - length + 1, (n, 1), generator=generator)
+    return offsets + torch.arange(length)
+
+
 class MatryoshkaState(nn.Module):
     """Per (layer, KV head): initial bases, trainable X and means, current ranks; drives the patched attention.
 
@@ -248,12 +264,23 @@ def detach_(saved: list) -> None:
 
 @torch.no_grad()
 def init_from_pca_(
-    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, v_identity: bool, k_init: str = "pca"
+    model: nn.Module,
+    state: MatryoshkaState,
+    windows: torch.Tensor,
+    v_identity: bool,
+    k_init: str = "pca",
+    positions: torch.Tensor | None = None,
 ) -> None:
     """Means and PCA bases of post-RoPE keys (or `k_init` "rotary-pairs": `rotary_pair_basis`) and of values per
-    (layer, KV head)."""
+    (layer, KV head), the windows at `positions` (`window_positions`; None: from 0)."""
     state.stats, state.project, state.query_stats = {}, False, k_init == "rotary-pairs"
-    walk_layers(as_layers(model), windows, lambda i, layer, run: run(), "Collecting key/value statistics")
+    walk_layers(
+        as_layers(model),
+        windows,
+        lambda i, layer, run: run(),
+        "Collecting key/value statistics",
+        positions=positions,
+    )
     stats, state.stats = state.stats, None
     init_from_stats_(state, stats, v_identity, k_init)
 
@@ -298,25 +325,38 @@ def _kl(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 def matryoshka_loss(
-    model: nn.Module, state: MatryoshkaState, batch: torch.Tensor, generator: torch.Generator
+    model: nn.Module,
+    state: MatryoshkaState,
+    batch: torch.Tensor,
+    generator: torch.Generator,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One step's loss on `batch` [b, T]: ranks drawn for every head, then 0.25 KL to the unprojected model's
-    next-token distribution + 0.75 next-token cross-entropy, each a mean over the batch's tokens."""
+    """One step's loss on `batch` [b, T] (at `positions` [b, T], None: from 0): ranks drawn for every head, then
+    0.25 KL to the unprojected model's next-token distribution + 0.75 next-token cross-entropy, each a mean over
+    the batch's tokens."""
     with torch.no_grad():
         state.project = False
-        teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+        teacher = (
+            model(input_ids=batch, position_ids=positions, use_cache=False).logits.float().log_softmax(-1)
+        )
     state.project = True
     state.sample_ranks_(generator)
     state.refresh_bases()
-    logits = model(input_ids=batch, use_cache=False).logits
+    logits = model(input_ids=batch, position_ids=positions, use_cache=False).logits
     lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
     return 0.25 * _kl(teacher, logits) + 0.75 * lm
 
 
 def train_(
-    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, cfg, sharded: bool = False
+    model: nn.Module,
+    state: MatryoshkaState,
+    windows: torch.Tensor,
+    cfg,
+    sharded: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> list[float]:
-    """Matryoshka distillation of the projections and means only; returns the loss per step.
+    """Matryoshka distillation of the projections and means only; returns the loss per step. positions: the
+    windows' position ids (`window_positions`; None: from 0).
 
     sharded (FSDP): the frozen model runs as a sharded copy; the projections stay whole on every process and
     their gradients are summed as in plain data parallel."""
@@ -337,7 +377,12 @@ def train_(
             for s in range(cfg.train_steps):
                 # data parallel: this process's share of the global batch [b, T], its mean weighted by the share
                 batch, weight = data_parallel.share(cycled_batch(windows, s, cfg.batch_size))
-                loss = matryoshka_loss(run, state, batch.to(device), generator) * weight
+                at = (
+                    None
+                    if positions is None
+                    else data_parallel.share(cycled_batch(positions, s, cfg.batch_size))[0]
+                )
+                loss = matryoshka_loss(run, state, batch.to(device), generator, _on(at, device)) * weight
                 value = take_step(loss, optimizer, schedule, state.parameters())
                 losses.append(round(value, 5))
                 step(f"loss {value:.4f}")
@@ -374,22 +419,49 @@ def fixed_ranks(state: MatryoshkaState, cfg) -> dict:
     return ranks
 
 
+def _on(positions: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if positions is None else positions.to(device)
+
+
+def _window_logits(
+    model: nn.Module, window: torch.Tensor, at: torch.Tensor | None, keep: int
+) -> torch.Tensor:
+    """The last `keep` positions' logits of one window (token ids [T]) at position ids `at` ([T]; None: from 0)."""
+    at = None if at is None else at.unsqueeze(0).to(window.device)
+    return model(input_ids=window.unsqueeze(0), position_ids=at, use_cache=False, logits_to_keep=keep).logits
+
+
+def _placed(windows: torch.Tensor, positions: torch.Tensor | None) -> list[tuple]:
+    """(window, its position ids or None) pairs."""
+    return list(zip(windows, [None] * len(windows) if positions is None else positions))
+
+
 def _total_kl(
-    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int
+    model: nn.Module,
+    state: MatryoshkaState,
+    windows: torch.Tensor,
+    teacher: list[torch.Tensor],
+    keep: int,
+    positions: torch.Tensor | None = None,
 ) -> float:
     """KL summed over the windows (data parallel: this process's windows, summed over the processes)."""
     state.refresh_bases()
     return data_parallel.sum_float(
         sum(
-            float(_kl(t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits))
-            for t, w in zip(teacher, windows)
+            float(_kl(t, _window_logits(model, w, at, keep)))
+            for t, (w, at) in zip(teacher, _placed(windows, positions))
         )
     )
 
 
 @torch.no_grad()
 def search_ranks(
-    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, budgets: list[float], rounds: int = 4
+    model: nn.Module,
+    state: MatryoshkaState,
+    windows: torch.Tensor,
+    budgets: list[float],
+    rounds: int = 4,
+    positions: torch.Tensor | None = None,
 ) -> dict[float, dict]:
     """Ranks for each budget: uniform ranks improved by moving rank steps between heads on output KL.
 
@@ -398,23 +470,24 @@ def search_ranks(
     the current ranks, to first order (`_step_gradients`); unused budget goes to the best gains, then steps
     move from the cheapest losses to the best gains while the gain is larger. A round's moves are kept only
     if they lower the exact KL (second half of each window) on the check windows, halving the moves until
-    they do; at most `rounds`.
+    they do; at most `rounds`. positions: the windows' position ids (`window_positions`; None: from 0).
     """
     windows = windows.to(next(model.parameters()).device)
     split = max(1, 3 * len(windows) // 4)
-    profile, check = windows[:split], (windows[split:] if len(windows) > 1 else windows)
+
     # data parallel: each process scores every world_size-th window of each set; the sums are reduced
-    profile, check = data_parallel.strided(profile), data_parallel.strided(check)
+    def parts(x: torch.Tensor | None) -> tuple:
+        """(profile, check) windows or position ids."""
+        if x is None:
+            return None, None
+        return data_parallel.strided(x[:split]), data_parallel.strided(x[split:] if len(x) > 1 else x)
+
+    (profile, check), (profile_at, check_at) = parts(windows), parts(positions)
     keep = max(1, windows.shape[1] // 2)
     state.project = False
     teacher_profile, teacher_check = (
-        [
-            model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep)
-            .logits.float()
-            .log_softmax(-1)
-            for w in part
-        ]
-        for part in (profile, check)
+        [_window_logits(model, w, at, keep).float().log_softmax(-1) for w, at in _placed(part, part_at)]
+        for part, part_at in ((profile, profile_at), (check, check_at))
     )
     state.project = True
     total = 2 * len(state.v_widths) * state.groups * state.d
@@ -422,16 +495,18 @@ def search_ranks(
     with stepper("Searching ranks", len(budgets) * rounds) as step:
         for b in sorted(budgets, reverse=True):
             state.set_ranks(uniform_ranks(state, b))
-            current = _total_kl(model, state, check, teacher_check, keep)
+            current = _total_kl(model, state, check, teacher_check, keep, check_at)
             for _ in range(rounds):
                 spare = math.floor((b - state.budget()) * total / state.step + 1e-6)
-                groups = _moves(*_step_gradients(model, state, profile, teacher_profile, keep), spare)
+                groups = _moves(
+                    *_step_gradients(model, state, profile, teacher_profile, keep, profile_at), spare
+                )
                 applied = 0
                 while groups:
                     saved = state.ranks()
                     for kind, layer, g, delta in (move for group in groups for move in group):
                         getattr(state, f"rank_{kind}")[layer][g] += delta * state.step
-                    new = _total_kl(model, state, check, teacher_check, keep)
+                    new = _total_kl(model, state, check, teacher_check, keep, check_at)
                     if new < current:
                         current, applied = new, len(groups)
                         break
@@ -446,7 +521,12 @@ def search_ranks(
 
 
 def _step_gradients(
-    model: nn.Module, state: MatryoshkaState, windows: torch.Tensor, teacher: list[torch.Tensor], keep: int
+    model: nn.Module,
+    state: MatryoshkaState,
+    windows: torch.Tensor,
+    teacher: list[torch.Tensor],
+    keep: int,
+    positions: torch.Tensor | None = None,
 ) -> tuple[list, list]:
     """First-order KL change of one rank step less and one more for every (layer, KV head, K or V).
 
@@ -471,10 +551,8 @@ def _step_gradients(
     try:
         with _frozen([*model.parameters(), *state.parameters()]), torch.enable_grad():
             state.refresh_bases()
-            for t, w in zip(teacher, windows):
-                _kl(
-                    t, model(input_ids=w.unsqueeze(0), use_cache=False, logits_to_keep=keep).logits
-                ).backward()
+            for t, (w, at) in zip(teacher, _placed(windows, positions)):
+                _kl(t, _window_logits(model, w, at, keep)).backward()
             data_parallel.sum_gradients_(gates.values())  # the windows of every process
     finally:
         state.gates, state._bases = None, {}
@@ -597,7 +675,8 @@ def fold_layer_(
 def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharded: bool = False) -> dict:
     """The whole pass in place: init, optional training, ranks for the budget, folding. Returns the report.
 
-    batches: "pca", "train" and "search" token windows ([N, T] each). sharded: train under FSDP (`train_`).
+    batches: "pca", "train" and "search" token windows ([N, T] each), each placed within cfg.positions
+    (`window_positions`). sharded: train under FSDP (`train_`).
     """
     config = model.config
     spec = arch_for(model)
@@ -615,16 +694,27 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
     whole = cfg.whole_layers(config.to_dict())
     state = MatryoshkaState(head_dim, v_widths, step, whole).to(next(model.parameters()).device)
     saved = attach_(model, state)
+    at = {
+        kind: window_positions(batches[kind], cfg.positions, seed)
+        for kind, seed in cfg.position_seeds.items()
+    }
     try:
-        init_from_pca_(model, state, batches["pca"], v_identity=cfg.v_init == "vo", k_init=cfg.k_init)
+        init_from_pca_(
+            model,
+            state,
+            batches["pca"],
+            v_identity=cfg.v_init == "vo",
+            k_init=cfg.k_init,
+            positions=at["pca"],
+        )
         if cfg.k_init == "rotary-pairs":  # training would turn the basis off the pairs: the keys' means train
             for x in state.x_k:
                 x.requires_grad_(False)
         if cfg.train:
-            report["loss_curve"] = train_(model, state, batches["train"], cfg, sharded)
+            report["loss_curve"] = train_(model, state, batches["train"], cfg, sharded, at["train"])
             report["train_tokens"] = cfg.train_steps * cfg.batch_size * batches["train"].shape[1]
         ranks = (
-            search_ranks(model, state, batches["search"], [cfg.budget])[cfg.budget]
+            search_ranks(model, state, batches["search"], [cfg.budget], positions=at["search"])[cfg.budget]
             if cfg.searches
             else fixed_ranks(state, cfg)
         )
@@ -684,7 +774,8 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
             state.refresh_bases(i)
             layouts.append(fold_layer_(attn, state, ranks, i, config, cfg.exact_values))
 
-    walk_layers(streamed, windows, visit, "KV projections", writer)
+    at = window_positions(windows, cfg.positions, cfg.position_seeds["pca"])
+    walk_layers(streamed, windows, visit, "KV projections", writer, positions=at)
     state._bases = {}
     if writer is not None:
         config.attention_layout = layouts
