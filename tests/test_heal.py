@@ -41,10 +41,7 @@ def test_gap_neighbours_and_removed_from_history():
     assert gap_neighbours([5], 6) == [4]
     history = {
         "passes": [
-            {
-                "pass": "block_influence",
-                "report": {"removed_layers": [1], "layers_before": 6},
-            },  # an old record
+            {"pass": "block_influence", "report": {"removed_layers": [1], "layers_before": 6}},  # an old record
             {"pass": "absorb", "report": {}},
             {"pass": "prune-bi", "report": {"removed_layers": [1, 3], "layers_before": 5}},
         ]
