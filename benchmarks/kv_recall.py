@@ -32,7 +32,7 @@ the tasks at the lengths where the dense model scores at least --min-dense.
 
     python benchmarks/kv_recall.py [--models smollm2-135m,gemma3-270m] [--lengths 512,1024,2048,4096]
         [--samples 100] [--budgets 0.75,0.5,0.375,0.25] [--haystack FILE] [--device cpu|cuda]
-        [--train-steps 200] [--state-dir DIR] [--projections pca@keys,trained@0.5,...] [--resume FILE]
+        [--train-steps 200] [--positions N] [--state-dir DIR] [--projections pca@keys,trained@0.5,...] [--resume FILE]
         [--plot FILE.png] [--json FILE]
 """
 

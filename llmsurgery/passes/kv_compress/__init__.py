@@ -140,10 +140,10 @@ class KVCompress(PassConfig):
         0,
         ge=0,
         le=defaults.MAX_SEQ_LEN,
-        description="the longest context the compressed cache will serve: every calibration, training and search "
-        "window starts at a random position below it, so the bases fit the keys RoPE turns far into a context, "
-        "not only those of the first window-length positions (0: every window from position 0; README: "
-        "long-range recall)",
+        description="place every calibration, training and search window at a random position below this, so the "
+        "bases fit the keys RoPE turns far into a context, not only those of the first window-length positions (0: "
+        "every window from position 0). Measured on SmolLM2 at 2048 tokens: far keys fit 2.5x better, yet needle "
+        "recall falls (README), so keep 0 unless your own measurement says otherwise",
         json_schema_extra={"panel": CALIBRATION_PANEL},
     )
     calib_samples: int = windows_field(
