@@ -106,14 +106,15 @@ def lost_shares(state, keys: list[list[torch.Tensor]], rank: int, edges: list[in
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        from llmsurgery.model_io import load_model
+        from llmsurgery.model_io import check_model, load_model
 
-        loaded = load_model(args.model, device="cpu", dtype="float32")
-        model, tokenizer = loaded.model, loaded.tokenizer
-        context = getattr(model.config, "max_position_embeddings", None)
+        checked = check_model(args.model)  # its config only: a span beyond its context fails before loading
+        context = checked.config.get("max_position_embeddings")
         for span in args.spans:
             if context and span > context:
                 raise UserError(f"--spans: {span} is beyond the model's context of {context} tokens")
+        loaded = load_model(args.model, device="cpu", dtype="float32", checked=checked)
+        model, tokenizer = loaded.model, loaded.tokenizer
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

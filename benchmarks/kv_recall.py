@@ -15,6 +15,10 @@ budgets b (a share of the dense context KV; question and answer tokens stay dens
   projected, the question and answer exact as kvpress treats every press; alone, and composed with the best
   eviction press over the same splits (both kinds).
 
+`--recent N` keeps the keys of the context's last N tokens exact in the keys-only rows (models loaded with
+exact_recent=N, presses with recent=N); what they cost, N / (2 x context) of the dense KV, is counted on the cache
+and paid for in the composed rows by evicting more (`evict_for`), so each stays within its b.
+
 `--projections` picks which projections run (and so which rows); `--resume FILE[,FILE...]` carries over every
 finished row of earlier runs whose settings cover these (their first --samples samples, these tasks and lengths;
 the finished rows of projections not picked too) and runs the rest, reusing their searched ranks: bases are
@@ -32,7 +36,8 @@ the tasks at the lengths where the dense model scores at least --min-dense.
 
     python benchmarks/kv_recall.py [--models smollm2-135m,gemma3-270m] [--lengths 512,1024,2048,4096]
         [--samples 100] [--budgets 0.75,0.5,0.375,0.25] [--haystack FILE] [--device cpu|cuda]
-        [--train-steps 200] [--positions N] [--state-dir DIR] [--projections pca@keys,trained@0.5,...] [--resume FILE]
+        [--train-steps 200] [--positions N] [--recent N] [--state-dir DIR] [--projections pca@keys,...]
+        [--resume FILE]
         [--plot FILE.png] [--json FILE]
 """
 
@@ -94,11 +99,21 @@ class Method:
     # a projection press's stored elements per token, per layer (set when its bases are built)
     widths: list[int] | None = None
     on_stock: bool = False  # a projection press: runs on the stock model
+    # the context's last tokens whose keys stay exact (kv-compress models' exact_recent); its press is then a
+    # factory of the context length, (tokens) -> press, which evicts what they cost
+    recent: int = 0
 
     def __post_init__(self):
         self.entry = {"side": self.side, "label": self.label, "budget": self.budget, "ppl": None, "cells": {}}
         if self.model != "stock" and not self.on_stock:  # a kv-compress model, run as kvpress runs a press
-            self.entry["runtime"] = RUNTIME if self.model.endswith("@keys") else RUNTIME_EXACT_VALUES
+            runtime = RUNTIME if self.model.endswith("@keys") else RUNTIME_EXACT_VALUES
+            self.entry["runtime"] = runtime + (f", exact_recent={self.recent}" if self.recent else "")
+
+    def press_for(self, tokens: int):
+        """The press for a context of `tokens` tokens (None: no press)."""
+        if self.press is None:
+            return None
+        return self.press(tokens) if self.recent else self.press()
 
 
 # ----------------------------------------------------------------------------- scoring one cache batch
@@ -203,21 +218,28 @@ def _greedy(
     return [tokenizer.decode(row[:cut]) for row, cut in zip(generated, cuts)]
 
 
-def stored_elements(cache, widths: list[int] | None = None, caps: list[int | None] | None = None) -> int:
+def stored_elements(
+    cache, widths: list[int] | None = None, caps: list[int | None] | None = None, recent: int = 0
+) -> int:
     """K and V elements a cache holds, not counting key channels zeroed for every kept token of a head (ThinK's
     pruned channels: kvpress keeps them as zeros, an implementation that drops them would not store them); with
-    `widths` (a projection press), each kept token of layer l counts widths[l], its heads' r_k + r_v coordinates.
-    With `caps` (`window_caps`), a sliding-window layer counts at most the tokens its window reads, as a windowed
-    cache (transformers' DynamicCache(config=...)) would hold them."""
+    `widths` (a projection press), each kept token of layer l counts widths[l], its heads' r_k + r_v coordinates,
+    and each of its last `recent` tokens d more per head (the exact-key residual a kv-compress model with
+    exact_recent keeps, counted on such a model's cache as it holds them). With `caps` (`window_caps`), a
+    sliding-window layer counts at most the tokens its window reads, as a windowed cache (transformers'
+    DynamicCache(config=...)) would hold them."""
     total = 0
     for i, layer in enumerate(cache.layers):
         keys = layer.keys  # [B, H, T, w]
-        batch, heads, tokens, _ = keys.shape
+        batch, heads, tokens, width = keys.shape
         held = min(tokens, caps[i]) if caps and caps[i] else tokens
         if widths is not None:
-            total += batch * held * widths[i]
+            total += batch * (held * widths[i] + min(recent, held) * heads * width)
         else:
             total += (int((keys != 0).any(dim=2).sum()) + batch * heads * layer.values.shape[-1]) * held
+            residual = (layer.__dict__.get("_exact_tail") or {}).get("residual")  # [B, 1, R, H d]
+            if residual is not None:
+                total += batch * min(residual.shape[-2], held) * residual.shape[-1]
     return total
 
 
@@ -241,19 +263,38 @@ def stock_methods(budgets: list[float]) -> list[Method]:
     return methods
 
 
-def projection_methods(budgets: list[float], best: dict[float, str], selected: list[str]) -> list[Method]:
+def recent_label(recent: int) -> str:
+    """What a row's label says of --recent."""
+    return f" + last {recent} exact" if recent else ""
+
+
+def evict_for(b: float, p: float, recent: int, tokens: int) -> float:
+    """The share of a context of `tokens` tokens to evict so that a projection storing p of the dense KV per token,
+    its last `recent` tokens' keys exact (d more per KV head: recent / (2 tokens) of the dense KV), stores b:
+    (1 - e) p + recent / (2 tokens) = b."""
+    return 1 - (b - recent / (2 * tokens)) / p
+
+
+def projection_methods(
+    budgets: list[float], best: dict[float, str], selected: list[str], keys_recent: int = 0
+) -> list[Method]:
     """The llmsurgery rows of the projections `selected` ("kind@budget" or "kind@keys"): each alone, and the
     trained and rotary-pair ones composed with the best eviction press at every lower budget b, (1 - e) p = b with
-    p <= 0.75."""
+    p <= 0.75. The keys-only ones keep the keys of the context's last `keys_recent` tokens exact (exact_recent),
+    paid for by evicting more: `evict_for`."""
     from llmsurgery.kv_presses import make_press
 
     methods = []
+    tag = recent_label(keys_recent)
     for kind in KINDS:
         for p in budgets:
             if f"{kind}@{p:g}" in selected:
                 methods.append(Method("llmsurgery", f"kv {kind}", p, model=f"{kind}@{p:g}"))
         if 0.75 in budgets and f"{kind}@keys" in selected:
-            methods.append(Method("llmsurgery", f"kv {kind} keys only", 0.75, model=f"{kind}@keys"))
+            only = Method(
+                "llmsurgery", f"kv {kind} keys only{tag}", 0.75, model=f"{kind}@keys", recent=keys_recent
+            )
+            methods.append(only)
     for kind in ("pairs", "trained"):
         for b in budgets:
             splits = [(f"{kind}@{p:g}", f"p={p:g}", p) for p in budgets if b < p <= 0.75]
@@ -262,30 +303,40 @@ def projection_methods(budgets: list[float], best: dict[float, str], selected: l
             for model, name, p in splits:
                 if model not in selected:
                     continue
-                press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
-                methods.append(
-                    Method("llmsurgery", f"kv {kind} {name} + {best[b]}", b, model=model, press=press)
-                )
+                r = keys_recent if model.endswith("@keys") else 0
+                if r:
+                    press = lambda t, n=best[b], b=b, p=p, r=r: make_press(n, evict_for(b, p, r, t))  # noqa: E731
+                else:
+                    press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
+                label = f"kv {kind} {name} + {best[b]}{recent_label(r)}"
+                methods.append(Method("llmsurgery", label, b, model=model, press=press, recent=r))
     return methods
 
 
 def press_methods(
-    budgets: list[float], best: dict[float, str], selected: list[str], maps: dict
+    budgets: list[float], best: dict[float, str], selected: list[str], maps: dict, keys_recent: int = 0
 ) -> list[Method]:
     """The same projections as presses on the stock model (`projection_press`: the prefill's cache projected, the
-    question and answer exact, as kvpress treats them): each alone, and composed with the best eviction press
-    at every lower budget. `maps` is filled with each projection's bases before these run."""
+    question and answer exact, as kvpress treats them; the keys-only ones' last `keys_recent` context keys exact):
+    each alone, and composed with the best eviction press at every lower budget. `maps` is filled with each
+    projection's bases before these run."""
     from llmsurgery.kv_presses import projection_press
 
     methods = []
     for key in selected:
         kind, at = key.split("@")
         p, name = (0.75, f"{kind} keys only") if at == "keys" else (float(at), kind)
+        r = keys_recent if at == "keys" else 0
         for b in [p] + [b for b in budgets if b < p <= 0.75]:
-            e, n = 1 - b / p, best[b]
-            label = f"kv {name} press" + (f" p={p:g} + {n}" if b < p else "")
-            press = lambda key=key, e=e, n=n: projection_press(maps[key], e, n)  # noqa: E731
-            methods.append(Method("llmsurgery", label, b, model=key, press=press, on_stock=True))
+            n = best[b]
+            label = f"kv {name} press" + (f" p={p:g} + {n}" if b < p else "") + recent_label(r)
+            if r:
+                press = lambda t, key=key, b=b, p=p, n=n, r=r: projection_press(  # noqa: E731
+                    maps[key], evict_for(b, p, r, t) if b < p else 0.0, n, recent=r
+                )
+            else:
+                press = lambda key=key, e=1 - b / p, n=n: projection_press(maps[key], e, n)  # noqa: E731
+            methods.append(Method("llmsurgery", label, b, model=key, press=press, on_stock=True, recent=r))
     return methods
 
 
@@ -320,7 +371,6 @@ def pca_state(model, tokenizer, cfg, k_init: str = "pca"):
         attach_,
         detach_,
         init_from_pca_,
-        window_positions,
     )
 
     device = next(model.parameters()).device
@@ -335,7 +385,7 @@ def pca_state(model, tokenizer, cfg, k_init: str = "pca"):
             windows,
             v_identity=False,
             k_init=k_init,
-            positions=window_positions(windows, cfg.positions, cfg.position_seeds["pca"]),
+            positions=cfg.placed("pca", windows),
         )
     finally:
         detach_(saved)
@@ -367,7 +417,6 @@ def build_projections(
         detach_,
         keys_only_ranks,
         search_ranks,
-        window_positions,
     )
 
     cfg = kv_config(args)
@@ -378,7 +427,7 @@ def build_projections(
         pca_state(model, tokenizer, cfg) if any(k.startswith(("pca@", "trained@")) for k in needed) else None
     )
     search = calibration_batches(tokenizer, cfg.search_calib).to(device)
-    search_at = window_positions(search, cfg.positions, cfg.position_seeds["search"])
+    search_at = cfg.placed("search", search)
     for kind in KINDS:
         if not any(key.startswith(f"{kind}@") for key in needed):
             continue
@@ -463,7 +512,7 @@ def _training_settings(cfg) -> dict:
 def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[float, list[float]]:
     """Matryoshka training of the attached state (the pass's train_), or its result loaded from `state_file`."""
     from llmsurgery.calibration import calibration_batches
-    from llmsurgery.passes.kv_compress.maths import train_, window_positions
+    from llmsurgery.passes.kv_compress.maths import train_
 
     device = state.x_k[0].device
     if state_file is not None and state_file.exists():  # its settings checked by check_state_file
@@ -474,8 +523,7 @@ def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[fl
         return stored["seconds"], stored["losses"]
     started = time.perf_counter()
     windows = calibration_batches(tokenizer, cfg.train_calib).to(device)
-    at = window_positions(windows, cfg.positions, cfg.position_seeds["train"])
-    losses = train_(model, state, windows, cfg, positions=at)
+    losses = train_(model, state, windows, cfg, positions=cfg.placed("train", windows))
     seconds = time.perf_counter() - started
     if state_file is not None:
         state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -486,10 +534,10 @@ def _trained_(model, state, tokenizer, cfg, state_file: Path | None) -> tuple[fl
     return seconds, losses
 
 
-def folded_copy(model, state, ranks):
+def folded_copy(model, state, ranks, recent: int = 0):
     """A copy of `model` with the projection folded at `ranks` (the runtime a saved kv-compress output runs, with
-    project_context_only; folded with --exact-values where values are projected); every weight the fold does not
-    replace is shared with `model`."""
+    project_context_only and exact_recent=`recent`; folded with --exact-values where values are projected); every
+    weight the fold does not replace is shared with `model`."""
     from llmsurgery.passes.kv_compress.maths import fold_
 
     memo = {id(p): p for p in model.parameters()}
@@ -498,6 +546,7 @@ def folded_copy(model, state, ranks):
     twin = copy.deepcopy(model, memo)
     fold_(twin, state, ranks, exact_values=True)
     twin.config.project_context_only = True
+    twin.config.exact_recent = recent
     return twin
 
 
@@ -555,11 +604,15 @@ def run_methods(
                 continue
             record = record_prefill(model, torch.tensor([s.context for s in part], device=device))
             for m in pending:
-                cache = replay(model, m.press() if m.press else None, record)
-                actual = stored_elements(cache, m.widths) / (dense_per_token * length * len(part))
+                cache = replay(model, m.press_for(length), record)
+                actual = stored_elements(cache, m.widths, recent=m.recent) / (
+                    dense_per_token * length * len(part)
+                )
                 cell = m.entry["cells"][f"{task}@{length}"]
                 if windowed:  # counted before the question and answer join the cache
-                    share = stored_elements(cache, m.widths, caps) / (dense_per_token * held * len(part))
+                    share = stored_elements(cache, m.widths, caps, m.recent) / (
+                        dense_per_token * held * len(part)
+                    )
                     cell.setdefault("bw", []).append(round(share, 5))
                 match, ll = answer_batch(model, tokenizer, cache, part, length)
                 cell["match"] += match
@@ -573,7 +626,7 @@ def run_methods(
         context, scored = ids[:, :PPL_CONTEXT], ids[:, PPL_CONTEXT:]
         record = record_prefill(model, context)
         for m in (m for m in methods if m.entry["ppl"] is None):
-            cache = replay(model, m.press() if m.press else None, record)
+            cache = replay(model, m.press_for(context.shape[1]), record)
             with torch.no_grad():
                 logits = model(
                     input_ids=scored[:, :-1],
@@ -739,8 +792,8 @@ def _our_methods(budgets, best_press, args, carried: dict, cells: dict, maps: di
     ours, todo = [], []
     names = [f"{t}@{n}" for t, n in cells]
     for key in all_projections(budgets):
-        rows = projection_methods(budgets, best_press, [key])
-        rows += press_methods(budgets, best_press, [key], maps)
+        rows = projection_methods(budgets, best_press, [key], args.recent)
+        rows += press_methods(budgets, best_press, [key], maps, args.recent)
         unfinished = []
         for m in rows:
             earlier_entry = carried.get((m.side, m.label, m.budget), {})
@@ -890,7 +943,8 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         if not packed and not presses:
             continue
         kind, at = key.split("@")
-        twin = folded_copy(model, p.states[kind], p.ranks[kind, "keys" if at == "keys" else float(at)])
+        ranks = p.ranks[kind, "keys" if at == "keys" else float(at)]
+        twin = folded_copy(model, p.states[kind], ranks, args.recent if at == "keys" else 0)
         result["overhead_bytes"][key] = basis_bytes(twin)
         maps[key] = projection_maps(twin, keys_only=at == "keys")
         digest = bases_digest(maps[key])
@@ -962,6 +1016,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="kv-compress --positions of the projections: calibration, training and search windows start at "
         "random positions below this (0: at position 0)",
     )
+    parser.add_argument(
+        "--recent",
+        type=int,
+        default=0,
+        help="keep the keys of the context's last N tokens exact in llmsurgery's keys-only rows (a kv-compress model "
+        "loaded with exact_recent=N; its presses likewise), their cost counted and paid for by evicting more tokens "
+        "(0: every context key projected)",
+    )
     parser.add_argument("--state-dir", help="keep the trained bases here and reuse them on the next run")
     parser.add_argument(
         "--projections",
@@ -1004,6 +1066,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.projections = known if args.projections == "all" else [p for p in args.projections.split(",") if p]
     if any(p not in known for p in args.projections):
         raise UserError(f"--projections: choose from {', '.join(known)} (or all)")
+    shortest = min(args.lengths + ([] if args.no_ppl else [PPL_CONTEXT]))  # the perplexity's context too
+    if args.recent < 0 or args.recent > shortest // 4:
+        raise UserError(
+            f"--recent takes 0 or a number of tokens up to a quarter of the shortest context ({shortest // 4})"
+        )
+    if args.recent and min(args.budget_list) <= args.recent / (2 * shortest):
+        raise UserError(f"--recent {args.recent}: its exact keys alone would fill the smallest --budgets")
     if args.samples < 1 or any(n < 128 for n in args.lengths):
         raise UserError("--samples must be at least 1 and every length at least 128 tokens")
     from pydantic import ValidationError

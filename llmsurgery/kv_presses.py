@@ -112,22 +112,25 @@ def _projection_press_class():
     class ProjectionPress(kvpress.BasePress):
         """MatryoshkaKV's projection applied by kvpress to the prefill's cache only: each KV head's context keys
         (and values, where a value basis is given) replaced by their projection ``mu + (x - mu) B B^T`` onto the
-        first r basis columns; the tokens after the prefill (question, answer) stay exact, as with every kvpress
-        press. Like kvpress's ThinK, the cache keeps full-width tensors: the memory a narrow store of the r
-        coordinates would save is counted, not realized. `maps[layer]` = per KV head ((B_k, mu_k), (B_v, mu_v) or
+        first r basis columns, but for the last `recent` tokens' keys (a kv-compress model's ``exact_recent``); the
+        tokens after the prefill (question, answer) stay exact, as with every kvpress press. Like kvpress's
+        ThinK, the cache keeps full-width tensors: the memory a narrow store of the r coordinates would save is
+        counted, not realized. `maps[layer]` = per KV head ((B_k, mu_k), (B_v, mu_v) or
         None)."""
 
         maps: list = None
         stored_fraction: float = 1.0
+        recent: int = 0  # the context's last tokens, kept exact
 
         def compress(self, module, hidden_states, keys, values, attentions, kwargs):
             heads = self.maps[module.layer_idx]
             keys, values = keys.clone(), values.clone()
+            end = keys.shape[2] - min(self.recent, keys.shape[2])  # the recent tokens' keys stay exact
             for g, (key_map, value_map) in enumerate(heads):
-                for x, found in ((keys, key_map), (values, value_map)):
+                for x, found, upto in ((keys, key_map, end), (values, value_map, None)):
                     if found is not None:
                         basis, mean = (t.to(x.device, x.dtype) for t in found)
-                        x[:, g] = mean + ((x[:, g] - mean) @ basis) @ basis.T
+                        x[:, g, :upto] = mean + ((x[:, g, :upto] - mean) @ basis) @ basis.T
             return keys, values
 
         @property
@@ -160,12 +163,16 @@ def projection_maps(packed: nn.Module, keys_only: bool = False) -> list[list[tup
     return maps
 
 
-def projection_press(maps: list[list[tuple]], evict: float = 0.0, evictor: str = "tova"):
+def projection_press(maps: list[list[tuple]], evict: float = 0.0, evictor: str = "tova", recent: int = 0):
     """A kvpress press for the *stock* model that projects its prefill cache onto `maps` (`projection_maps` of a
-    kv-compress output of that model), after evicting `evict` of the tokens with `evictor` if evict > 0. What it
-    stores is counted as the r coordinates of each head: (sum of r_k + r_v) / (2 L H d)."""
+    kv-compress output of that model), after evicting `evict` of the tokens with `evictor` if evict > 0; the last
+    `recent` tokens it keeps stay exact, as a kv-compress model run with ``exact_recent`` keeps them. What it
+    stores is counted as the r coordinates of each head: (sum of r_k + r_v) / (2 L H d), and d more per head for
+    each of the `recent` tokens (the residuals such a model keeps; not in the ratio, which has no length)."""
     dense = 2 * maps[0][0][0][0].shape[0] * sum(map(len, maps))  # 2 d per KV head and layer
-    press = _projection_press_class()(maps=maps, stored_fraction=sum(stored_widths(maps)) / dense)
+    press = _projection_press_class()(
+        maps=maps, stored_fraction=sum(stored_widths(maps)) / dense, recent=recent
+    )
     return press if evict <= 0 else require_kvpress().ComposedPress([make_press(evictor, evict), press])
 
 
@@ -235,12 +242,20 @@ def _rotary_for(model: nn.Module, attn: nn.Module):
 
 
 def copy_cache(cache):
-    """A new DynamicCache holding copies of `cache`'s tensors (each layer's keys/values as the model stored them)."""
+    """A new DynamicCache holding copies of `cache`'s tensors (each layer's keys/values as the model stored them),
+    with the exact-key residuals a kv-compress model keeps beside them (`modeling_llmsurgery.copy_exact_tail_`)."""
     from transformers import DynamicCache
+
+    from .modeling.modeling_llmsurgery import copy_exact_tail_
 
     fresh = DynamicCache()
     for i, layer in enumerate(cache.layers):
         fresh.update(layer.keys, layer.values, i)  # concatenated onto an empty tensor: a copy
+    if fresh.layers:  # every layer's tail within the longest layer (a windowed one restarts its own anyway)
+        keys = fresh.layers[0].keys
+        copy_exact_tail_(
+            cache, fresh, torch.arange(keys.shape[0]), max(x.keys.shape[-2] for x in fresh.layers)
+        )
     return fresh
 
 

@@ -114,7 +114,8 @@ def _loading(config: dict) -> list[str]:
         lines += [
             "For long-range recall, project only the context the cache keeps (the prefill attends exactly, the "
             "tokens after it keep exact keys): `from_pretrained(path, trust_remote_code=True, "
-            "project_context_only=True)`; a keys-only model (`--keys-only`) needs it most (llmsurgery README, "
+            "project_context_only=True)`; a keys-only model (`--keys-only`) needs it most, and keeps more with "
+            "`exact_recent=16` as well: the keys of the context's last 16 tokens stay exact (llmsurgery README, "
             "MatryoshkaKV).",
             "",
         ]

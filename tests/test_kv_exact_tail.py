@@ -121,6 +121,46 @@ def test_later_tokens_keep_exact_keys(pair, tmp_path):
     assert min(float((a - b).abs().max()) for a, b in zip(got, off)) > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
+def test_exact_recent_keeps_the_contexts_last_keys_exact(tiny_models, arch):
+    """exact_recent=R: the prefill's last R tokens keep their keys exact for the later forwards too (their
+    residuals beside the cache, d per KV head and token), the earlier ones projected; R covering the whole
+    prefill leaves no context key projected. An --exact-values model ignores it (its values' tail starts after
+    the prefill)."""
+    packed, stock = _pair(tiny_models, arch)
+    config = packed.config
+    per_token = config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers
+    narrow = {"tokens": 0}
+    _reference(stock, packed, narrow)
+    try:
+        for recent in (3, PREFILL):
+            config.exact_recent = recent
+            cache = DynamicCache()
+            got = _steps(packed, cache, PREFILL, QUESTION, 1)
+            narrow["tokens"] = 0
+            reference = DynamicCache()
+            want = [_step(stock, reference, 0, PREFILL)]
+            narrow["tokens"] = PREFILL - recent
+            want += [
+                _step(stock, reference, PREFILL, QUESTION),
+                _step(stock, reference, PREFILL + QUESTION, 1),
+            ]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+            assert exact_tail_bytes(cache) == (recent + QUESTION + 1) * per_token
+        config.exact_recent = 0  # without it the question reads those keys projected: other logits
+        plain = _steps(packed, DynamicCache(), PREFILL, QUESTION)
+        assert float((plain[1] - got[1]).abs().max()) > 1e-3
+    finally:
+        config.exact_recent = 0
+    exact_values, _ = _pair(tiny_models, "llama+exact-values")
+    exact_values.config.exact_recent = 3
+    cache = DynamicCache()
+    _steps(exact_values, cache, PREFILL, QUESTION)
+    per_token_ev = 2 * per_token
+    assert exact_tail_bytes(cache) == QUESTION * per_token_ev
+
+
 @pytest.mark.parametrize("arch", ["gemma3_text", "gemma3_text+exact-values"])
 def test_a_windowed_sliding_layer_keeps_each_later_forward_exact(tiny_models, arch):
     """DynamicCache(config=...) windows Gemma3's sliding layers (the last window - 1 = 7 tokens): after a prefill

@@ -242,6 +242,46 @@ def test_an_exact_values_model_under_a_press_is_its_projection_press_on_the_stoc
     assert float((got["folded"] - want).abs().max()) > 1e-2
 
 
+@pytest.mark.parametrize("evict", [0.0, 0.5])
+def test_a_keys_only_model_with_exact_recent_under_a_press_is_its_projection_press(
+    tiny_models, tmp_path, evict
+):
+    """kv-compress --keys-only loaded with project_context_only and exact_recent=R, under TOVA (or none), gives the
+    next-token logits of its bases as a projection press on the stock model that keeps the last R context keys
+    exact (after the same TOVA): the press's write-back keeps the last R kept tokens' residuals, as the prefill
+    does. Without exact_recent they differ; its residuals are the only extra the cache holds."""
+    from llmsurgery.modeling.modeling_llmsurgery import exact_tail_bytes
+
+    stock, recent = stock_load(tiny_models["llama"]), 8
+    out = tmp_path / "kv"
+    model = _kv_output(
+        tiny_models["llama"], 0.75, out, "--keys-only", project_context_only=True, exact_recent=recent
+    )
+    assert model.config.exact_recent == recent  # the from_pretrained keyword
+    maps = projection_maps(model, keys_only=True)
+    got = {}
+    for r in (0, recent):
+        model.config.exact_recent = r
+        got[r], cache = _pressed_logits(model, make_press("tova", evict))
+        config = model.config
+        per_token = config.num_key_value_heads * config.head_dim * 4 * config.num_hidden_layers
+        assert exact_tail_bytes(cache) == (r + NEXT.shape[1]) * per_token
+    want, _ = _pressed_logits(stock, projection_press(maps, evict, "tova", recent=recent))
+    torch.testing.assert_close(got[recent], want, rtol=0, atol=1e-4)
+    unrecent, _ = _pressed_logits(stock, projection_press(maps, evict, "tova"))
+    torch.testing.assert_close(got[0], unrecent, rtol=0, atol=1e-4)
+    assert float((got[recent] - got[0]).abs().max()) > 2e-4  # beyond the tolerance of the equalities
+    if (
+        evict
+    ):  # kvpress's own TOVA keeps its tokens best first: no exact tail then, every context key projected
+        raw = {}
+        for r in (0, recent):
+            model.config.exact_recent = r
+            raw[r], cache = _pressed_logits(model, require_kvpress().TOVAPress(compression_ratio=evict))
+        assert exact_tail_bytes(cache) == NEXT.shape[1] * per_token
+        torch.testing.assert_close(raw[recent], raw[0], rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- SmolLM2
 
 

@@ -110,6 +110,14 @@ def _bench(*args, block_kvpress=False, script="kv_recall.py"):
         (("--calib", "news+nope"), "--calib: calibration source 'news+nope'"),
         (("--train-steps", "0"), "--train-steps: Input should be greater than or equal to 1"),
         (("--positions", "300"), "--positions 300 is shorter than the 512-token calibration windows"),
+        (
+            ("--recent", "300"),
+            "--recent takes 0 or a number of tokens up to a quarter of the shortest context (96)",
+        ),
+        (
+            ("--recent", "64", "--budgets", "0.05"),
+            "--recent 64: its exact keys alone would fill the smallest",
+        ),
         (("--tasks", "filler,nope"), "--tasks: choose from"),
         (("--lengths", "64"), "at least 128 tokens"),
         (("--plot", "x.jpg"), "--plot takes a .png"),
@@ -279,6 +287,41 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     assert alone.returncode == 2 and "holds no finished kvpress step" in alone.stderr
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
     assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
+
+
+@pytest.mark.kvpress
+def test_recent_keeps_the_last_context_keys_exact_and_pays_for_them(tiny_models, tmp_path):
+    """--recent 16 on a tiny Llama, 256 tokens: the keys-only rows keep the context's last 16 keys exact, the
+    model rows through exact_recent (their runtime says so), the press rows by hand, with the same answers; alone
+    they store 0.75 + 16 / (2 x 256) of the dense KV, counted on the cache, and composed the eviction pays for the
+    16 so that b holds."""
+    result = _bench(
+        "--models", tiny_models["llama"], "--lengths", "256", "--samples", "2", "--budgets", "0.75,0.5",
+        "--tasks", "filler", "--projections", "pairs@keys", "--recent", "16", "--calib", "pydoc", "--all-cells",
+        "--no-ppl", "--json", tmp_path / "r.json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (model,) = json.loads((tmp_path / "r.json").read_text())
+    best = model["best_press"]["0.5"]
+    alone, composed = (
+        "kv pairs keys only + last 16 exact",
+        f"kv pairs keys only p=0.75 + {best} + last 16 exact",
+    )
+    pressed = {
+        alone: "kv pairs keys only press + last 16 exact",
+        composed: f"kv pairs keys only press p=0.75 + {best} + last 16 exact",
+    }
+    for label, budget in ((alone, 0.75), (composed, 0.5)):
+        row, press = _row(model, label, budget), _row(model, pressed[label], budget)
+        assert row["runtime"] == "project_context_only, exact_recent=16"
+        assert row["cells"]["filler@256"]["ll"] == pytest.approx(press["cells"]["filler@256"]["ll"], abs=1e-3)
+        for r in (row, press):
+            (b,) = r["cells"]["filler@256"]["b"]
+            if budget == 0.75:
+                assert b == pytest.approx(0.75 + 16 / 512, abs=1e-4), r["label"]
+            else:
+                assert budget - 0.01 < b <= budget + 1e-6, (r["label"], b)
+    assert alone in result.stdout
 
 
 @pytest.mark.kvpress
@@ -509,10 +552,7 @@ def test_positions_benchmark_measures_what_placed_windows_win_far_out(tiny_model
     )
     assert rows[1024][2] < rows[0][2], rows
     refused = _bench("--model", tiny_models["llama"], "--spans", "2048", script="kv_positions.py")
-    last = refused.stderr.strip().splitlines()[-1]  # after the model's loading line
-    assert (
-        refused.returncode == 2
-        and refused.stderr.count("error") == 1
-        and last.startswith("error: --spans: 2048")
-    )
+    lines = refused.stderr.strip().splitlines()  # refused from the config, before the model loads
+    last = lines[-1]
+    assert refused.returncode == 2 and len(lines) == 1 and last.startswith("error: --spans: 2048")
     assert last.endswith("is beyond the model's context of 1024 tokens") and "Traceback" not in refused.stderr

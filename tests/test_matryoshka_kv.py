@@ -364,7 +364,8 @@ def test_keys_only_keeps_values_whole_and_its_prefill_is_the_stock_models(tiny_m
         rank = int((2 * budget - 1) * 16)
         assert report["ranks_k"] == [[rank] * 2] * 6 and report["ranks_v"] == [[16] * 2] * 6
         assert report["budget_reached"] == (rank + 16) / 32
-        assert "project_context_only=True" in (out / "README.md").read_text()  # the model card says how
+        card = (out / "README.md").read_text()
+        assert "project_context_only=True" in card and "exact_recent=16" in card  # the model card says how
         first, got = _prefill_then_later(
             AutoModelForCausalLM.from_pretrained(
                 out, trust_remote_code=True, dtype=torch.float32, project_context_only=True

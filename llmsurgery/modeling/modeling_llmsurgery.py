@@ -529,7 +529,12 @@ def absorbed_attention_forward(
 # as by default. Projecting only the context keeps long-range recall where projecting the question's keys loses
 # it (README, long-range recall). The residuals live in the cache layer's __dict__; anything else that rewrites
 # the layer (a press, a reorder, a copy) starts a new tail at its current length, so a stale residual is never
-# read (`copy_exact_tail_` carries it into a copy of batch rows).
+# read (`copy_exact_tail_` carries it into a copy of batch rows). ``exact_recent=R`` (a from_pretrained keyword or
+# config.json, with project_context_only; keys-only models) keeps the keys of the context's last R tokens exact as
+# well: the prefill stores their residuals too, and so does a press's write-back of the tokens it kept (the last R
+# of them), at d more elements per KV head and token. The tokens just before a question carry what reading it
+# needs: projecting them lost most of the needles SmolLM2's keys-only projection lost at 2048 tokens (README,
+# long-range recall).
 
 
 def _keeps_exact_tail(attn: nn.Module, cache, projection) -> bool:
@@ -554,12 +559,25 @@ def _cache_layer(cache, index: int):
     return layer if isinstance(layer, DynamicLayer) else None
 
 
+def exact_recent(attn: nn.Module) -> int:
+    """The context tokens, last first, whose keys a project_context_only layer keeps exact (``exact_recent``); 0
+    in a layer folded with --exact-values, whose values' tail starts after the prefill (keys-only models)."""
+    return 0 if "v_exact" in attn._modules else max(0, int(attn.config.__dict__.get("exact_recent") or 0))
+
+
 def _with_exact_tail(attn, layer, before, keys, q_groups, exact, prefill: bool):
     """After the cache update: record this call's key residuals on `layer`; return the queries, keys and key
     widths of one attention call. `exact`: per KV head (query, centred key, basis) before the projection."""
     if prefill:  # the prefill attends over its own keys exactly (the scores
-        # shift by q . mu, a constant per query) and leaves them projected in the cache
-        layer.__dict__["_exact_tail"] = {"start": keys.shape[-2], "residual": None, "keys": keys}
+        # shift by q . mu, a constant per query) and leaves them projected in the cache, its last
+        # exact_recent tokens' residuals beside them
+        recent = min(exact_recent(attn), keys.shape[-2])
+        residual = None
+        if recent:
+            residual = torch.cat(
+                [k[..., -recent:, :] - (k[..., -recent:, :] @ b) @ b.T for _, k, b in exact], -1
+            )
+        layer.__dict__["_exact_tail"] = {"start": keys.shape[-2] - recent, "residual": residual, "keys": keys}
         return (
             [q for q, _, _ in exact],
             torch.cat([k for _, k, _ in exact], dim=-1),
@@ -664,7 +682,7 @@ def copy_exact_tail_(source, target, rows: torch.Tensor, length: int) -> None:
 
 def exact_tail_bytes(cache) -> int:
     """Bytes of the exact-key and exact-value residuals a cache holds beside its packed tensors (the tokens after
-    the prefill)."""
+    the prefill, and the context's last ``exact_recent`` ones)."""
     states = [layer.__dict__.get("_exact_tail") or {} for layer in getattr(cache, "layers", [])]
     residuals = [state.get(name) for state in states for name in _RESIDUALS]
     return sum(r.numel() * r.element_size() for r in residuals if r is not None)
@@ -727,6 +745,7 @@ class PressView:
 
     def __init__(self, attn: nn.Module, exact_keys: torch.Tensor | None = None):
         self.attn, self._maps, self.exact_keys = attn, {}, exact_keys
+        self.read_exact = False  # whether the last keys read returned exact_keys
 
     def _maps_for(self, kind: str, device, dtype) -> list:
         if kind not in self._maps:
@@ -739,8 +758,10 @@ class PressView:
     def widen(self, kind: str, narrow: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, sum of widths] -> [B, KV heads, T, d]: x~ B^T + mu per head (float32 or wider)."""
         exact = self.exact_keys
-        if kind == "keys" and exact is not None and exact.shape[::2] == narrow.shape[::2]:
-            return exact.to(narrow.dtype)
+        if kind == "keys":
+            self.read_exact = exact is not None and exact.shape[::2] == narrow.shape[::2]
+            if self.read_exact:
+                return exact.to(narrow.dtype)
         compute = torch.promote_types(narrow.dtype, torch.float32)
         maps = self._maps_for(kind, narrow.device, compute)
         parts = narrow[:, 0].to(compute).split([b.shape[1] for b, _ in maps], dim=-1)
@@ -760,6 +781,41 @@ class PressView:
         parts = [(x[:, g] - (0 if m is None else m)) @ b for g, (b, m) in enumerate(maps)]
         return torch.cat(parts, dim=-1).unsqueeze(1).to(wide.dtype)
 
+    def keep_recent_(self, layer, wide: torch.Tensor, narrow: torch.Tensor) -> None:
+        """After a press wrote back the prefill's exact keys it kept (`wide`, stored as `narrow`): start the
+        layer's exact tail at its last ``exact_recent`` tokens, their residuals against the stored coordinates
+        (`_with_exact_tail`), so the press keeps them exact as the prefill did. The press must keep the tokens in
+        their order (`kv_presses.make_press`, `window_safe`; kvpress's own gather them best first); where it did
+        not, or wrote keys it read projected (a second press of a ComposedPress, a windowed layer), the layer keeps
+        no exact tail, its tokens all projected."""
+        recent = min(exact_recent(self.attn), wide.shape[-2])
+        if not recent:
+            return
+        exact, read_exact, self.read_exact = self.exact_keys, self.read_exact, False
+        if not read_exact or not _kept_in_order(exact, wide[..., -recent:, :]):
+            layer.__dict__.pop("_exact_tail", None)
+            return
+        compute = torch.promote_types(wide.dtype, torch.float32)
+        maps = self._maps_for("keys", wide.device, compute)
+        coords = narrow[:, 0, -recent:].to(compute).split([b.shape[1] for b, _ in maps], dim=-1)
+        x = wide[..., -recent:, :].to(compute)
+        residual = [
+            x[:, g] - (0 if m is None else m) - c @ b.T for g, (c, (b, m)) in enumerate(zip(coords, maps))
+        ]
+        tail = torch.cat(residual, dim=-1).unsqueeze(1).to(narrow.dtype)  # [B, 1, recent, KV heads x d]
+        start = narrow.shape[-2] - recent
+        layer.__dict__["_exact_tail"] = {"start": start, "residual": tail, "keys": narrow}
+
+
+def _kept_in_order(exact: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Whether each row of `kept` [B, H, R, d] is a row of `exact` [B, H, T, d], in increasing order of position
+    per head (so the press kept the tokens in their order, and these are its last R)."""
+    x, y = exact.float(), kept.float()
+    distance = (y * y).sum(-1, keepdim=True) - 2 * y @ x.transpose(-1, -2) + (x * x).sum(-1).unsqueeze(-2)
+    found = distance.argmin(-1)  # [B, H, R]
+    same = torch.equal(exact.gather(2, found.unsqueeze(-1).expand_as(kept)), kept)
+    return same and bool((found.diff(dim=-1) > 0).all())
+
 
 def _read(layer, kind: str):
     narrow, view = layer.__dict__.get("_narrow_" + kind), layer.__dict__.get("_press_view")
@@ -769,7 +825,9 @@ def _read(layer, kind: str):
 def _write(layer, kind: str, value) -> None:
     view = layer.__dict__.get("_press_view")
     if view is not None and value is not None and value.numel():
-        value = view.narrow(kind, value)
+        wide, value = value, view.narrow(kind, value)
+        if kind == "keys":
+            view.keep_recent_(layer, wide, value)
     layer.__dict__["_narrow_" + kind] = value
 
 
@@ -836,12 +894,16 @@ def install_attention_layout_(model: nn.Module) -> None:
 class _SurgeryMixin:
     """Put first in the bases: builds the wrapped causal LM, then switches on what config.json asks for.
 
-    ``from_pretrained(..., project_context_only=True)`` (kv-compress outputs): see "exact keys after the
-    prefill" above; config.json may hold it too."""
+    ``from_pretrained(..., project_context_only=True, exact_recent=R)`` (kv-compress outputs): see "exact keys
+    after the prefill" above; config.json may hold them too."""
 
-    def __init__(self, config, project_context_only: bool | None = None):
+    def __init__(self, config, project_context_only: bool | None = None, exact_recent: int | None = None):
         if project_context_only is not None:
             config.project_context_only = bool(project_context_only)
+        if exact_recent is not None:
+            if int(exact_recent) < 0:
+                raise ValueError(f"exact_recent takes 0 or a number of tokens, not {exact_recent}")
+            config.exact_recent = int(exact_recent)
         super().__init__(config)
         if getattr(config, "attention_layout", None):
             install_attention_layout_(self)

@@ -208,10 +208,13 @@ class KVCompress(PassConfig):
             + ([self.search_calib] if self.searches else [])
         )
 
-    @property
-    def position_seeds(self) -> dict[str, int]:
-        """The seed of each window set's offsets under --positions (those of its windows)."""
-        return {"pca": self.calib.seed, "train": self.train_calib.seed, "search": self.search_calib.seed}
+    def placed(self, kind: str, windows):
+        """Position ids of the `kind` windows ("pca", "train" or "search", token ids [N, T]) under --positions:
+        each from its own random offset, seeded as those windows are (`maths.window_positions`); None: from 0."""
+        from .maths import window_positions
+
+        seeds = {"pca": self.calib.seed, "train": self.train_calib.seed, "search": self.search_calib.seed}
+        return window_positions(windows, self.positions, seeds[kind])
 
     @property
     def searches(self) -> bool:

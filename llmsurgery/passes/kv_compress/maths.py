@@ -427,7 +427,7 @@ def _window_logits(
     model: nn.Module, window: torch.Tensor, at: torch.Tensor | None, keep: int
 ) -> torch.Tensor:
     """The last `keep` positions' logits of one window (token ids [T]) at position ids `at` ([T]; None: from 0)."""
-    at = None if at is None else at.unsqueeze(0).to(window.device)
+    at = _on(None if at is None else at.unsqueeze(0), window.device)
     return model(input_ids=window.unsqueeze(0), position_ids=at, use_cache=False, logits_to_keep=keep).logits
 
 
@@ -676,7 +676,7 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
     """The whole pass in place: init, optional training, ranks for the budget, folding. Returns the report.
 
     batches: "pca", "train" and "search" token windows ([N, T] each), each placed within cfg.positions
-    (`window_positions`). sharded: train under FSDP (`train_`).
+    (`KVCompress.placed`). sharded: train under FSDP (`train_`).
     """
     config = model.config
     spec = arch_for(model)
@@ -694,10 +694,7 @@ def kv_compress_(model: nn.Module, cfg, batches: dict[str, torch.Tensor], sharde
     whole = cfg.whole_layers(config.to_dict())
     state = MatryoshkaState(head_dim, v_widths, step, whole).to(next(model.parameters()).device)
     saved = attach_(model, state)
-    at = {
-        kind: window_positions(batches[kind], cfg.positions, seed)
-        for kind, seed in cfg.position_seeds.items()
-    }
+    at = {kind: cfg.placed(kind, windows) for kind, windows in batches.items()}
     try:
         init_from_pca_(
             model,
@@ -774,8 +771,7 @@ def streamed_kv_compress(streamed, windows: torch.Tensor, cfg, writer=None) -> d
             state.refresh_bases(i)
             layouts.append(fold_layer_(attn, state, ranks, i, config, cfg.exact_values))
 
-    at = window_positions(windows, cfg.positions, cfg.position_seeds["pca"])
-    walk_layers(streamed, windows, visit, "KV projections", writer, positions=at)
+    walk_layers(streamed, windows, visit, "KV projections", writer, positions=cfg.placed("pca", windows))
     state._bases = {}
     if writer is not None:
         config.attention_layout = layouts
