@@ -271,9 +271,8 @@ def test_a_keys_only_model_with_exact_recent_under_a_press_is_its_projection_pre
     unrecent, _ = _pressed_logits(stock, projection_press(maps, evict, "tova"))
     torch.testing.assert_close(got[0], unrecent, rtol=0, atol=1e-4)
     assert float((got[recent] - got[0]).abs().max()) > 2e-4  # beyond the tolerance of the equalities
-    if (
-        evict
-    ):  # kvpress's own TOVA keeps its tokens best first: no exact tail then, every context key projected
+    # kvpress's own TOVA keeps its tokens best first: no exact tail then, every context key projected
+    if evict:
         raw = {}
         for r in (0, recent):
             model.config.exact_recent = r
