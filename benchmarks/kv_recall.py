@@ -268,31 +268,36 @@ def recent_label(recent: int) -> str:
     return f" + last {recent} exact" if recent else ""
 
 
-def evict_for(b: float, p: float, recent: int, tokens: int) -> float:
+def evict_for(b: float, p: float, recent: int = 0, tokens: int | None = None) -> float:
     """The share of a context of `tokens` tokens to evict so that a projection storing p of the dense KV per token,
     its last `recent` tokens' keys exact (d more per KV head: recent / (2 tokens) of the dense KV), stores b:
-    (1 - e) p + recent / (2 tokens) = b."""
-    return 1 - (b - recent / (2 * tokens)) / p
+    (1 - e) p + recent / (2 tokens) = b (recent 0: 1 - b / p, whatever the length)."""
+    return 1 - (b - (recent / (2 * tokens) if recent else 0.0)) / p
+
+
+def keys_recent(model: str, recent: int) -> int:
+    """--recent for the projection `model` ("kind@budget" or "kind@keys"): only the keys-only ones take it."""
+    return recent if model.endswith("@keys") else 0
 
 
 def projection_methods(
-    budgets: list[float], best: dict[float, str], selected: list[str], keys_recent: int = 0
+    budgets: list[float], best: dict[float, str], selected: list[str], recent: int = 0
 ) -> list[Method]:
     """The llmsurgery rows of the projections `selected` ("kind@budget" or "kind@keys"): each alone, and the
     trained and rotary-pair ones composed with the best eviction press at every lower budget b, (1 - e) p = b with
-    p <= 0.75. The keys-only ones keep the keys of the context's last `keys_recent` tokens exact (exact_recent),
-    paid for by evicting more: `evict_for`."""
+    p <= 0.75. The keys-only ones keep the keys of the context's last `recent` tokens exact (exact_recent), paid
+    for by evicting more: `evict_for`."""
     from llmsurgery.kv_presses import make_press
 
     methods = []
-    tag = recent_label(keys_recent)
+    tag = recent_label(recent)
     for kind in KINDS:
         for p in budgets:
             if f"{kind}@{p:g}" in selected:
                 methods.append(Method("llmsurgery", f"kv {kind}", p, model=f"{kind}@{p:g}"))
         if 0.75 in budgets and f"{kind}@keys" in selected:
             only = Method(
-                "llmsurgery", f"kv {kind} keys only{tag}", 0.75, model=f"{kind}@keys", recent=keys_recent
+                "llmsurgery", f"kv {kind} keys only{tag}", 0.75, model=f"{kind}@keys", recent=recent
             )
             methods.append(only)
     for kind in ("pairs", "trained"):
@@ -303,21 +308,18 @@ def projection_methods(
             for model, name, p in splits:
                 if model not in selected:
                     continue
-                r = keys_recent if model.endswith("@keys") else 0
-                if r:
-                    press = lambda t, n=best[b], b=b, p=p, r=r: make_press(n, evict_for(b, p, r, t))  # noqa: E731
-                else:
-                    press = lambda n=best[b], e=1 - b / p: make_press(n, e)  # noqa: E731
+                r = keys_recent(model, recent)
+                press = lambda t=None, n=best[b], b=b, p=p, r=r: make_press(n, evict_for(b, p, r, t))  # noqa: E731
                 label = f"kv {kind} {name} + {best[b]}{recent_label(r)}"
                 methods.append(Method("llmsurgery", label, b, model=model, press=press, recent=r))
     return methods
 
 
 def press_methods(
-    budgets: list[float], best: dict[float, str], selected: list[str], maps: dict, keys_recent: int = 0
+    budgets: list[float], best: dict[float, str], selected: list[str], maps: dict, recent: int = 0
 ) -> list[Method]:
     """The same projections as presses on the stock model (`projection_press`: the prefill's cache projected, the
-    question and answer exact, as kvpress treats them; the keys-only ones' last `keys_recent` context keys exact):
+    question and answer exact, as kvpress treats them; the keys-only ones' last `recent` context keys exact):
     each alone, and composed with the best eviction press at every lower budget. `maps` is filled with each
     projection's bases before these run."""
     from llmsurgery.kv_presses import projection_press
@@ -326,16 +328,13 @@ def press_methods(
     for key in selected:
         kind, at = key.split("@")
         p, name = (0.75, f"{kind} keys only") if at == "keys" else (float(at), kind)
-        r = keys_recent if at == "keys" else 0
+        r = keys_recent(key, recent)
         for b in [p] + [b for b in budgets if b < p <= 0.75]:
             n = best[b]
             label = f"kv {name} press" + (f" p={p:g} + {n}" if b < p else "") + recent_label(r)
-            if r:
-                press = lambda t, key=key, b=b, p=p, n=n, r=r: projection_press(  # noqa: E731
-                    maps[key], evict_for(b, p, r, t) if b < p else 0.0, n, recent=r
-                )
-            else:
-                press = lambda key=key, e=1 - b / p, n=n: projection_press(maps[key], e, n)  # noqa: E731
+            press = lambda t=None, key=key, b=b, p=p, n=n, r=r: projection_press(  # noqa: E731
+                maps[key], evict_for(b, p, r, t) if b < p else 0.0, n, recent=r
+            )
             methods.append(Method("llmsurgery", label, b, model=key, press=press, on_stock=True, recent=r))
     return methods
 
@@ -944,7 +943,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
             continue
         kind, at = key.split("@")
         ranks = p.ranks[kind, "keys" if at == "keys" else float(at)]
-        twin = folded_copy(model, p.states[kind], ranks, args.recent if at == "keys" else 0)
+        twin = folded_copy(model, p.states[kind], ranks, keys_recent(key, args.recent))
         result["overhead_bytes"][key] = basis_bytes(twin)
         maps[key] = projection_maps(twin, keys_only=at == "keys")
         digest = bases_digest(maps[key])
