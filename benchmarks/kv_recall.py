@@ -23,8 +23,10 @@ and paid for in the composed rows by evicting more (`evict_for`), so each stays 
 finished row of earlier runs whose settings cover these (their first --samples samples, these tasks and lengths;
 the finished rows of projections not picked too) and runs the rest, reusing their searched ranks: bases are
 trained only if a picked trained projection has rows left to run. The JSON is written after every sample batch, and
-a row cut short, or of a run with fewer samples, goes on from its last finished batch where its bases are the same
-(a digest on each row; keep trained bases with --state-dir).
+a row cut short, or of a run with fewer samples, goes on from its last finished batch: the dense and kvpress rows
+always, a projection's rows where its bases are the same (a digest on each row; keep trained bases with
+--state-dir). So a run too long for one sitting (Gemma3's kvpress rows at 100 samples on 2 CPU cores) goes on over
+several, each resuming the last one's JSON.
 
 Eviction does not change a prefill's hidden states, so one prefill per projection (or per stock model) and
 sample batch serves every press and budget: llmsurgery.kv_presses.replay runs kvpress's own forward hook on a copy
@@ -718,21 +720,22 @@ def _sliced(entry: dict, digests: dict, samples: int) -> dict:
 
 def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
     """With --resume FILE[,FILE...]: the results for `name` whose settings cover these (the same budgets, seed and
-    haystack; these tasks and lengths among its own) and whose kvpress step finished (with window-safe
-    presses, for a model with `sliding` window layers), every method's entry cut to these cells; where several hold
-    a row, the first that finished it, or else the one that went furthest. A run of fewer samples than these lends
-    only its projection rows (to go on from), never the dense and kvpress rows; a run whose bases were calibrated or
-    trained otherwise (or did not record how) only its dense and kvpress rows. Cells whose samples differ from
-    these (a run that recorded digests) are refused."""
+    haystack; these tasks and lengths among its own; window-safe presses, for a model with `sliding` window
+    layers), every method's entry cut to these cells and samples; where several hold a row, the first that finished
+    it, or else the one that went furthest. Rows of a run of fewer samples, or of one cut short, go on from where
+    they stopped (the dense and kvpress rows too); a run whose bases were calibrated or trained otherwise (or did
+    not record how) lends only its dense and kvpress rows. Cells whose samples differ from these (a run that
+    recorded digests) are refused. "from": the first run that finished its kvpress step with at least these
+    samples, if any; "paths": every run carried."""
     if not args.resume:
         return None
     runs = [
         (path, result) for path in args.resume.split(",") for result in json.loads(Path(path).read_text())
     ]
-    entries, merged, where = {}, {}, None
+    entries, merged, where, paths = {}, {}, None, []
     training = _training_settings(kv_config(args))
     for path, result in runs:
-        if result["model"] != name or "best_press" not in result or not _covers(result["settings"], args):
+        if result["model"] != name or not _covers(result["settings"], args):
             continue
         if sliding and result.get("presses") != PRESSES:
             print(f"{name}: {path} ran presses that were not window-safe: not carried", flush=True)
@@ -741,8 +744,7 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
         for key, ours in digests.items():
             if theirs is not None and theirs.get(key, [])[: len(ours)] != ours[: len(theirs.get(key, []))]:
                 raise UserError(f"--resume: the {key} samples of {path} differ from this run's")
-        # a run of fewer samples: its projection rows go on from where they stopped; its stock rows do not serve
-        short = result["settings"]["samples"] < args.samples
+        short = result["settings"]["samples"] < args.samples  # its rows go on from where they stopped
         # bases calibrated or trained otherwise: its projection rows do not serve
         otherwise = result.get("training") != training
         if otherwise and any(m["side"] == "llmsurgery" for m in result["methods"]):
@@ -752,7 +754,7 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
             )
         for m in result["methods"]:
             row = (m["side"], m["label"], m["budget"])
-            if (short and m["side"] != "llmsurgery") or (otherwise and m["side"] == "llmsurgery"):
+            if otherwise and m["side"] == "llmsurgery":
                 continue
             cut = _sliced(m, digests, args.samples)
             # the first that finished the row, or went furthest with it
@@ -762,17 +764,16 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
             merged[key] = (result.get(key, {}) if not otherwise else {}) | merged.get(key, {})
         if "train" in result and not otherwise:
             merged.setdefault("train", result["train"])
-        print(f"{name}: the finished results of {path} carry over", flush=True)
-        if where is None and not short:
+        print(f"{name}: the results of {path} carry over", flush=True)
+        paths.append(path)
+        if where is None and not short and "best_press" in result:
             unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
             where = result.get(
                 "stock_from", f"{path}, {result.get('machine', 'machine not recorded')}" + unchecked
             )
-    if where is None:
-        raise UserError(
-            f"--resume: {args.resume} holds no finished kvpress step of {name} whose settings cover these"
-        )
-    return {"entries": entries, "result": merged, "from": where}
+    if not paths:
+        raise UserError(f"--resume: {args.resume} holds no run of {name} whose settings cover these")
+    return {"entries": entries, "result": merged, "from": where, "paths": paths}
 
 
 def _done(entry: dict) -> int:
@@ -889,13 +890,11 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
     earlier = _earlier_run(args, name, result["sample_digests"], sliding)
     carried = earlier["entries"] if earlier else {}
-    if earlier:  # --resume: the dense and kvpress results of an earlier run whose settings cover these
-        for m in stock:
-            m.entry |= carried[m.side, m.label, m.budget]
-        result["stock_from"] = earlier["from"]
+    for m in stock:  # --resume: the dense and kvpress rows of earlier runs, to go on from
+        m.entry |= carried.get((m.side, m.label, m.budget), {})
+    held = sum(_done(m.entry) for m in stock)
     # Step 1: the dense model in every (task, length) cell; the methods then run where it scores >= --min-dense.
-    if not earlier:
-        run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args)
+    run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args, save)
     dense = stock[0].entry["cells"]
     usable = [f"{t}@{n}" for t, n in cells if _mean(dense[f"{t}@{n}"]["match"]) >= args.min_dense]
     result |= {"usable": usable or [f"{t}@{n}" for t, n in cells], "fallback": not usable}
@@ -906,8 +905,12 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     if not args.all_cells:
         cells = {key: samples for key, samples in cells.items() if f"{key[0]}@{key[1]}" in result["usable"]}
     # Step 2: kvpress on the stock model, one prefill per batch for every press and budget.
-    if not earlier:
-        run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args)
+    run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args, save)
+    if earlier:  # where the dense and kvpress rows came from: an earlier run, or earlier runs gone on here
+        gone_on = sum(_done(m.entry) for m in stock) > held or earlier["from"] is None
+        result["stock_from"] = (
+            f"{', '.join(earlier['paths'])}, gone on with in this run" if gone_on else earlier["from"]
+        )
     evicting = [m.entry for m in stock if m.entry["label"] in EVICTION_PRESSES]
     result["best_press"] = {
         b: best([m for m in evicting if m["budget"] == b], result["usable"])["label"] for b in budgets
@@ -1045,8 +1048,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "finished it; projections not in --projections too, if their bases were calibrated and trained alike) and "
         "their searched ranks, run the rest: same budgets, "
         "seed and haystack; these tasks and lengths among their own (their first N samples); a row cut short, or "
-        "of a run with fewer samples, goes on from where it stopped if its bases are the same (the dense and kvpress "
-        "rows must come from a run with at least these samples)",
+        "of a run with fewer samples, goes on from where it stopped (a projection's row if its bases are the same)",
     )
     parser.add_argument(
         "--report",

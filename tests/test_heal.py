@@ -39,9 +39,10 @@ def test_gap_neighbours_and_removed_from_history():
     assert gap_neighbours([2, 3], 6) == [1, 2]  # teacher layers 1 and 4 -> student 1 and 2
     assert gap_neighbours([0], 4) == [0]
     assert gap_neighbours([5], 6) == [4]
+    old_record = {"pass": "block_influence", "report": {"removed_layers": [1], "layers_before": 6}}
     history = {
         "passes": [
-            {"pass": "block_influence", "report": {"removed_layers": [1], "layers_before": 6}},  # an old record
+            old_record,
             {"pass": "absorb", "report": {}},
             {"pass": "prune-bi", "report": {"removed_layers": [1, 3], "layers_before": 5}},
         ]

@@ -211,6 +211,20 @@ def test_a_rewritten_cache_never_reads_a_stale_tail(full_attention_pair):
     narrow["tokens"] = PREFILL + QUESTION  # the plain copy holds the question's keys projected
     torch.testing.assert_close(plain, _step(stock, reference, PREFILL + QUESTION, 2), rtol=0, atol=1e-4)
 
+    # a crop into the prefill, before any residual: the two tokens fed again keep exact keys, and so does a copy
+    cache = DynamicCache(config=packed.config)
+    _step(packed, cache, 0, PREFILL)
+    cache.crop(-2)
+    _step(packed, cache, PREFILL - 2, 2)
+    copy = DynamicCache(config=packed.config)
+    for i, layer in enumerate(cache.layers):
+        copy.update(layer.keys, layer.values, i)
+    copy_exact_tail_(cache, copy, torch.tensor([0]), PREFILL)
+    assert exact_tail_bytes(copy) == exact_tail_bytes(cache) > 0
+    torch.testing.assert_close(
+        _step(packed, copy, PREFILL, 2), _step(packed, cache, PREFILL, 2), rtol=0, atol=1e-6
+    )
+
 
 @torch.no_grad()
 def _step(model, cache, at: int, n: int):

@@ -282,11 +282,27 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
             assert cell["ll"][0] == (
                 123.0 if label == "kv pca" else pytest.approx(whole["cells"][key]["ll"][0], abs=1e-3)
             )
-    # the shorter run alone: its dense and kvpress rows do not serve
-    alone = _bench(*common, "--samples", "2", "--resume", tmp_path / "short.json")
-    assert alone.returncode == 2 and "holds no finished kvpress step" in alone.stderr
+    # the shorter run alone: its dense and kvpress rows go on from its one sample too (a sentinel marks it), so a
+    # long run can be finished over several sittings
+    _row(short, "think", 0.5)["cells"]["filler@512"]["ll"] = [321.0]  # not an eviction press
+    (tmp_path / "short.json").write_text(json.dumps([short]))
+    alone = _bench(*common, "--samples", "2", "--batch", "1", "--projections", "pca@0.5", "--resume",
+                   tmp_path / "short.json", "--json", tmp_path / "r5.json")  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    (fifth,) = json.loads((tmp_path / "r5.json").read_text())
+    assert fifth["stock_from"] == f"{tmp_path / 'short.json'}, gone on with in this run"
+    for m in fifth["methods"]:
+        if m["side"] in ("dense", "kvpress"):
+            whole = _row(model, m["label"], m["budget"])
+            assert m["ppl"] == whole["ppl"]  # carried, not run again
+            for key, cell in m["cells"].items():
+                assert len(cell["match"]) == 2 and len(cell["b"]) == 2
+                sentinel = (m["label"], m["budget"], key) == ("think", 0.5, "filler@512")
+                assert cell["ll"][0] == (321.0 if sentinel else whole["cells"][key]["ll"][0])
+                assert cell["ll"][1] == pytest.approx(whole["cells"][key]["ll"][1], abs=1e-3)
+    assert set(fifth["best_press"]) == {"0.75", "0.5"}  # the kvpress step finished here
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
-    assert other.returncode == 2 and "holds no finished kvpress step" in other.stderr
+    assert other.returncode == 2 and "holds no run of" in other.stderr
 
 
 @pytest.mark.kvpress
@@ -383,7 +399,7 @@ def test_resume_of_a_sliding_window_model_needs_window_safe_presses(tmp_path):
     earlier = {"model": "m", "best_press": {}, "settings": kv_recall._settings(args), "methods": []}
     path.write_text(json.dumps([earlier]))
     assert kv_recall._earlier_run(args, "m", {}, sliding=False) is not None
-    with pytest.raises(UserError, match="holds no finished kvpress step"):
+    with pytest.raises(UserError, match="holds no run of m whose settings cover these"):
         kv_recall._earlier_run(args, "m", {}, sliding=True)
     path.write_text(json.dumps([earlier | {"presses": kv_recall.PRESSES}]))
     assert kv_recall._earlier_run(args, "m", {}, sliding=True) is not None

@@ -653,7 +653,7 @@ def _tail_state(layer, before: torch.Tensor) -> dict:
     state = layer.__dict__.get("_exact_tail")
     if state is None or not _continues(state["keys"], before):
         state = {"start": before.shape[-2], "residual": None}
-    elif state["residual"] is not None and before.shape[-2] < state["keys"].shape[-2]:  # cropped
+    elif before.shape[-2] < state["keys"].shape[-2]:  # cropped (into the prefill too, before any residual)
         state["start"] = min(state["start"], before.shape[-2])
         for name in _RESIDUALS:
             if state.get(name) is not None:
