@@ -725,14 +725,14 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
     it, or else the one that went furthest. Rows of a run of fewer samples, or of one cut short, go on from where
     they stopped (the dense and kvpress rows too); a run whose bases were calibrated or trained otherwise (or did
     not record how) lends only its dense and kvpress rows. Cells whose samples differ from these (a run that
-    recorded digests) are refused. "from": the first run that finished its kvpress step with at least these
-    samples, if any; "paths": every run carried."""
+    recorded digests) are refused. "origin": the file each carried row came from; "described": per file, where
+    its dense and kvpress rows came from (its own `stock_from`, else the file and its machine)."""
     if not args.resume:
         return None
     runs = [
         (path, result) for path in args.resume.split(",") for result in json.loads(Path(path).read_text())
     ]
-    entries, merged, where, paths = {}, {}, None, []
+    entries, origin, merged, described = {}, {}, {}, {}
     training = _training_settings(kv_config(args))
     for path, result in runs:
         if result["model"] != name or not _covers(result["settings"], args):
@@ -744,7 +744,6 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
         for key, ours in digests.items():
             if theirs is not None and theirs.get(key, [])[: len(ours)] != ours[: len(theirs.get(key, []))]:
                 raise UserError(f"--resume: the {key} samples of {path} differ from this run's")
-        short = result["settings"]["samples"] < args.samples  # its rows go on from where they stopped
         # bases calibrated or trained otherwise: its projection rows do not serve
         otherwise = result.get("training") != training
         if otherwise and any(m["side"] == "llmsurgery" for m in result["methods"]):
@@ -759,21 +758,33 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
             cut = _sliced(m, digests, args.samples)
             # the first that finished the row, or went furthest with it
             if row not in entries or _done(entries[row]) < _done(cut):
-                entries[row] = cut
+                entries[row], origin[row] = cut, path
         for key in ("reached", "ranks", "overhead_bytes"):  # each projection's from the first run with it
             merged[key] = (result.get(key, {}) if not otherwise else {}) | merged.get(key, {})
         if "train" in result and not otherwise:
             merged.setdefault("train", result["train"])
         print(f"{name}: the results of {path} carry over", flush=True)
-        paths.append(path)
-        if where is None and not short and "best_press" in result:
-            unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
-            where = result.get(
-                "stock_from", f"{path}, {result.get('machine', 'machine not recorded')}" + unchecked
-            )
-    if not paths:
+        unchecked = "" if theirs is not None else " (its samples were not fingerprinted: not checked)"
+        own = f"{path}, {result.get('machine', 'machine not recorded')}" + unchecked
+        # a run that went on with earlier ones' rows said "in this run": that run is `path`
+        described[path] = result.get("stock_from", own).replace(GONE_ON, f"gone on with in {own}")
+    if not described:
         raise UserError(f"--resume: {args.resume} holds no run of {name} whose settings cover these")
-    return {"entries": entries, "result": merged, "from": where, "paths": paths}
+    return {"entries": entries, "origin": origin, "result": merged, "described": described}
+
+
+GONE_ON = "gone on with in this run"
+
+
+def stock_from(earlier: dict, stock: list[Method], ran_here: bool, machine: str) -> str | None:
+    """Where the dense and kvpress rows came from: the files `earlier` carried them from (each as it described
+    its own), and this run where it added samples; None if all ran here."""
+    rows = [(m.side, m.label, m.budget) for m in stock]
+    files = dict.fromkeys(earlier["origin"][row] for row in rows if row in earlier["origin"])
+    parts = [earlier["described"][path] for path in files]
+    if ran_here and parts:
+        parts.append(f"{GONE_ON} ({machine})")
+    return "; ".join(parts) or None
 
 
 def _done(entry: dict) -> int:
@@ -893,6 +904,12 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     for m in stock:  # --resume: the dense and kvpress rows of earlier runs, to go on from
         m.entry |= carried.get((m.side, m.label, m.budget), {})
     held = sum(_done(m.entry) for m in stock)
+    kept = ("train", "reached", "ranks", "overhead_bytes")
+    # until step 3 sorts them, the carried projection rows stand as they came, so that a save during steps 1 and 2
+    # (a run cut short there) keeps them for the next --resume
+    if earlier:
+        result["methods"] += [entry for row, entry in carried.items() if row[0] == "llmsurgery"]
+        result |= {k: earlier["result"][k] for k in kept if k in earlier["result"]}
     # Step 1: the dense model in every (task, length) cell; the methods then run where it scores >= --min-dense.
     run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args, save)
     dense = stock[0].entry["cells"]
@@ -906,11 +923,10 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
         cells = {key: samples for key, samples in cells.items() if f"{key[0]}@{key[1]}" in result["usable"]}
     # Step 2: kvpress on the stock model, one prefill per batch for every press and budget.
     run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args, save)
-    if earlier:  # where the dense and kvpress rows came from: an earlier run, or earlier runs gone on here
-        gone_on = sum(_done(m.entry) for m in stock) > held or earlier["from"] is None
-        result["stock_from"] = (
-            f"{', '.join(earlier['paths'])}, gone on with in this run" if gone_on else earlier["from"]
-        )
+    if earlier:
+        ran_here = sum(_done(m.entry) for m in stock) > held
+        if where := stock_from(earlier, stock, ran_here, result["machine"]):
+            result["stock_from"] = where
     evicting = [m.entry for m in stock if m.entry["label"] in EVICTION_PRESSES]
     result["best_press"] = {
         b: best([m for m in evicting if m["budget"] == b], result["usable"])["label"] for b in budgets
@@ -923,8 +939,6 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     maps: dict = {}
     ours, todo = _our_methods(budgets, result["best_press"], args, carried, cells, maps)
     result["methods"] = [m.entry for m in stock + ours]
-    kept = ("train", "reached", "ranks", "overhead_bytes")
-    result |= {k: earlier["result"][k] for k in kept if earlier and k in earlier["result"]}
     if not todo:
         save()
         return
@@ -1098,6 +1112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for path in args.resume.split(",") if args.resume else []:
         if not Path(path).is_file():
             raise UserError(f"--resume: no such file {path}")
+        if args.json and Path(args.json).resolve() == Path(path).resolve():
+            raise UserError(f"--json {args.json} is also a --resume file: write the results to another file")
     for path in args.report.split(",") if args.report else []:
         if not Path(path).is_file():
             raise UserError(f"--report: no such file {path}")

@@ -138,7 +138,8 @@ def fact_lines(result: dict) -> list[str]:
         f"{name}: fixed overhead, not counted in b: key bases and means {keys}; value bases and means (read by "
         f"presses and exact values) up to {values / 2**20:.2f} MiB; the dense cache is {dense} bytes per token, so "
         f"1 MiB is {2**20 / dense:.0f} tokens of it{weights}",
-        f"{name}: best eviction press per budget (composed with the trained bases): {result['best_press']}",
+        f"{name}: best eviction press per budget (composed with the trained bases): "
+        + str(result.get("best_press", "none yet (a run cut short before its kvpress step finished)")),
     ]
 
 

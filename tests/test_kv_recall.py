@@ -124,6 +124,7 @@ def _bench(*args, block_kvpress=False, script="kv_recall.py"):
         (("--projections", "pca@0.6"), "--projections: choose from pca@0.75,"),
         (("--resume", "/nonexistent/r.json"), "--resume: no such file"),
         (("--resume", f"{__file__},/nonexistent/r.json"), "--resume: no such file /nonexistent/r.json"),
+        (("--resume", __file__, "--json", __file__), f"--json {__file__} is also a --resume file"),
         ((), "kvpress presses need the kvpress extra: pip install -e .[kvpress]"),
     ],
 )
@@ -282,15 +283,18 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
             assert cell["ll"][0] == (
                 123.0 if label == "kv pca" else pytest.approx(whole["cells"][key]["ll"][0], abs=1e-3)
             )
-    # the shorter run alone: its dense and kvpress rows go on from its one sample too (a sentinel marks it), so a
-    # long run can be finished over several sittings
+    # the shorter run alone, as if cut short in its kvpress step: its dense and kvpress rows go on from its one
+    # sample too (a sentinel marks it), so a long run can be finished over several sittings
     _row(short, "think", 0.5)["cells"]["filler@512"]["ll"] = [321.0]  # not an eviction press
+    short.pop("best_press")
     (tmp_path / "short.json").write_text(json.dumps([short]))
     alone = _bench(*common, "--samples", "2", "--batch", "1", "--projections", "pca@0.5", "--resume",
                    tmp_path / "short.json", "--json", tmp_path / "r5.json")  # fmt: skip
     assert alone.returncode == 0, alone.stderr[-3000:]
     (fifth,) = json.loads((tmp_path / "r5.json").read_text())
-    assert fifth["stock_from"] == f"{tmp_path / 'short.json'}, gone on with in this run"
+    # short.json carried them from r.json: its own record of where they came from stands, then this run
+    assert fifth["stock_from"].startswith(f"{tmp_path / 'r.json'}, ")
+    assert "; gone on with in this run (" in fifth["stock_from"]
     for m in fifth["methods"]:
         if m["side"] in ("dense", "kvpress"):
             whole = _row(model, m["label"], m["budget"])
@@ -303,6 +307,27 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     assert set(fifth["best_press"]) == {"0.75", "0.5"}  # the kvpress step finished here
     other = _bench(*common, "--samples", "1", "--seed", "1", "--resume", tmp_path / "r.json")
     assert other.returncode == 2 and "holds no run of" in other.stderr
+    # a run cut short in its dense step: what it saved holds the carried projection rows and ranks, so the next
+    # --resume of it still has them
+    import kv_recall
+
+    argv = [*map(str, common), "--samples", "2", "--batch", "1", "--projections", "pca@0.5"]
+    args = kv_recall.parse_args([*argv, "--resume", str(tmp_path / "short.json")])
+    saved, results = [], []
+
+    class Cut(Exception):
+        pass
+
+    def cut() -> None:
+        saved.append(json.loads(json.dumps(results)))
+        raise Cut
+
+    with pytest.raises(Cut):
+        kv_recall.run_model(str(common[1]), args, args.budget_list, results, cut)
+    (partial,) = saved[0]
+    assert "best_press" not in partial and partial["ranks"] == short["ranks"]
+    ours = [(m["label"], m["budget"]) for m in short["methods"] if m["side"] == "llmsurgery"]
+    assert ours and set(ours) <= {(m["label"], m["budget"]) for m in partial["methods"]}
 
 
 @pytest.mark.kvpress
