@@ -780,7 +780,8 @@ def stock_from(earlier: dict, stock: list[Method], ran_here: bool, machine: str)
     """Where the dense and kvpress rows came from: the files `earlier` carried them from (each as it described
     its own), and this run where it added samples; None if all ran here."""
     rows = [(m.side, m.label, m.budget) for m in stock]
-    files = dict.fromkeys(earlier["origin"][row] for row in rows if row in earlier["origin"])
+    rows = [row for row in rows if row in earlier["origin"] and _done(earlier["entries"][row])]
+    files = dict.fromkeys(earlier["origin"][row] for row in rows)
     parts = [earlier["described"][path] for path in files]
     if ran_here and parts:
         parts.append(f"{GONE_ON} ({machine})")
@@ -910,6 +911,8 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     if earlier:
         result["methods"] += [entry for row, entry in carried.items() if row[0] == "llmsurgery"]
         result |= {k: earlier["result"][k] for k in kept if k in earlier["result"]}
+        if where := stock_from(earlier, stock, True, result["machine"]):  # settled after step 2
+            result["stock_from"] = where
     # Step 1: the dense model in every (task, length) cell; the methods then run where it scores >= --min-dense.
     run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args, save)
     dense = stock[0].entry["cells"]
@@ -925,8 +928,9 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args, save)
     if earlier:
         ran_here = sum(_done(m.entry) for m in stock) > held
-        if where := stock_from(earlier, stock, ran_here, result["machine"]):
-            result["stock_from"] = where
+        result["stock_from"] = stock_from(earlier, stock, ran_here, result["machine"])
+        if result["stock_from"] is None:
+            del result["stock_from"]
     evicting = [m.entry for m in stock if m.entry["label"] in EVICTION_PRESSES]
     result["best_press"] = {
         b: best([m for m in evicting if m["budget"] == b], result["usable"])["label"] for b in budgets

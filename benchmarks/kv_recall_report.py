@@ -104,9 +104,10 @@ def print_report(result: dict) -> None:
                     per_task.add_row(f"{side}: {m['label']} @ {b:g}", *row)
         console.print(per_task)
     if dense.get("ppl") is not None:
+        blank = result.get("no_context_ppl")  # not yet in a JSON saved in the dense step
+        blank_text = f", no context {blank:.2f}" if blank is not None else ""
         title = (
-            f"{name}: continuation perplexity ({result['ppl_setup']}; dense {dense['ppl']:.2f}, "
-            f"no context {result['no_context_ppl']:.2f})"
+            f"{name}: continuation perplexity ({result['ppl_setup']}; dense {dense['ppl']:.2f}{blank_text})"
         )
         ppl = lambda m: f"{m['ppl']:.2f}" if m and m.get("ppl") else ""  # noqa: E731
         console.print(_budget_table(title, budgets, labels[1:], ppl, methods))
@@ -139,7 +140,7 @@ def fact_lines(result: dict) -> list[str]:
         f"presses and exact values) up to {values / 2**20:.2f} MiB; the dense cache is {dense} bytes per token, so "
         f"1 MiB is {2**20 / dense:.0f} tokens of it{weights}",
         f"{name}: best eviction press per budget (composed with the trained bases): "
-        + str(result.get("best_press", "none yet (a run cut short before its kvpress step finished)")),
+        + str(result.get("best_press", "none (its kvpress step did not run or did not finish)")),
     ]
 
 

@@ -328,6 +328,19 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
     assert "best_press" not in partial and partial["ranks"] == short["ranks"]
     ours = [(m["label"], m["budget"]) for m in short["methods"] if m["side"] == "llmsurgery"]
     assert ours and set(ours) <= {(m["label"], m["budget"]) for m in partial["methods"]}
+    assert partial["stock_from"].startswith(f"{tmp_path / 'r.json'}, ")  # where its first samples came from
+    (tmp_path / "partial.json").write_text(json.dumps([partial]))
+    shown = _bench("--report", tmp_path / "partial.json", block_kvpress=True)
+    assert shown.returncode == 0 and "its kvpress step did not run or did not finish" in shown.stdout, (
+        shown.stderr
+    )
+    # a chain: r5.json went on with short.json's rows; a run resuming r5.json says that r5.json's run did
+    args = kv_recall.parse_args([*argv, "--resume", str(tmp_path / "r5.json")])
+    (described,) = kv_recall._earlier_run(args, str(common[1]), {}, sliding=False)["described"].values()
+    assert (
+        described.startswith(f"{tmp_path / 'r.json'}, ")
+        and f"gone on with in {tmp_path / 'r5.json'}, " in described
+    )
 
 
 @pytest.mark.kvpress
