@@ -776,15 +776,18 @@ def _earlier_run(args, name: str, digests: dict, sliding: bool) -> dict | None:
 GONE_ON = "gone on with in this run"
 
 
-def stock_from(earlier: dict, stock: list[Method], ran_here: bool, machine: str) -> str | None:
-    """Where the dense and kvpress rows came from: the files `earlier` carried them from (each as it described
-    its own), and this run where it added samples; None if all ran here."""
+def stock_files(earlier: dict, stock: list[Method]) -> list[str]:
+    """The files `earlier` carried samples of the dense and kvpress rows from, each as it described its own. Take
+    it before this run adds samples: the carried entries are the ones it appends to."""
     rows = [(m.side, m.label, m.budget) for m in stock]
     rows = [row for row in rows if row in earlier["origin"] and _done(earlier["entries"][row])]
-    files = dict.fromkeys(earlier["origin"][row] for row in rows)
-    parts = [earlier["described"][path] for path in files]
-    if ran_here and parts:
-        parts.append(f"{GONE_ON} ({machine})")
+    return [earlier["described"][path] for path in dict.fromkeys(earlier["origin"][row] for row in rows)]
+
+
+def stock_from(files: list[str], ran_here: bool, machine: str) -> str | None:
+    """Where the dense and kvpress rows came from: `files` (from `stock_files`), and this run where it added
+    samples; None if all ran here."""
+    parts = files + [f"{GONE_ON} ({machine})"] if ran_here and files else files
     return "; ".join(parts) or None
 
 
@@ -902,6 +905,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     sliding = "sliding_attention" in (getattr(config, "layer_types", None) or ())
     earlier = _earlier_run(args, name, result["sample_digests"], sliding)
     carried = earlier["entries"] if earlier else {}
+    files = stock_files(earlier, stock) if earlier else []
     for m in stock:  # --resume: the dense and kvpress rows of earlier runs, to go on from
         m.entry |= carried.get((m.side, m.label, m.budget), {})
     held = sum(_done(m.entry) for m in stock)
@@ -911,7 +915,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     if earlier:
         result["methods"] += [entry for row, entry in carried.items() if row[0] == "llmsurgery"]
         result |= {k: earlier["result"][k] for k in kept if k in earlier["result"]}
-        if where := stock_from(earlier, stock, True, result["machine"]):  # settled after step 2
+        if where := stock_from(files, True, result["machine"]):  # settled after step 2
             result["stock_from"] = where
     # Step 1: the dense model in every (task, length) cell; the methods then run where it scores >= --min-dense.
     run_methods(model, tokenizer, stock[:1], cells, ppl, dense_per_token, args, save)
@@ -928,7 +932,7 @@ def run_model(name: str, args, budgets: list[float], results: list, save) -> Non
     run_methods(model, tokenizer, stock[1:], cells, ppl, dense_per_token, args, save)
     if earlier:
         ran_here = sum(_done(m.entry) for m in stock) > held
-        result["stock_from"] = stock_from(earlier, stock, ran_here, result["machine"])
+        result["stock_from"] = stock_from(files, ran_here, result["machine"])
         if result["stock_from"] is None:
             del result["stock_from"]
     evicting = [m.entry for m in stock if m.entry["label"] in EVICTION_PRESSES]

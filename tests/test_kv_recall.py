@@ -341,6 +341,18 @@ def test_a_tiny_run_prints_every_table_and_one_line_per_budget(tiny_models, tmp_
         described.startswith(f"{tmp_path / 'r.json'}, ")
         and f"gone on with in {tmp_path / 'r5.json'}, " in described
     )
+    # a file whose dense and kvpress rows hold no samples lent none: this run, which fills those very entries,
+    # does not name it
+    for m in short["methods"]:
+        if m["side"] in ("dense", "kvpress"):
+            m["cells"] = {key: {"match": [], "ll": [], "b": []} for key in m["cells"]}
+    (tmp_path / "empty.json").write_text(json.dumps([short]))
+    one = [*map(str, common), "--samples", "1", "--projections", "pca@0.5"]
+    args = kv_recall.parse_args([*one, "--resume", str(tmp_path / "empty.json")])
+    results = []
+    kv_recall.run_model(str(common[1]), args, args.budget_list, results, lambda: None)
+    assert all(_done_here(m) == 1 for m in results[0]["methods"] if m["side"] in ("dense", "kvpress"))
+    assert "stock_from" not in results[0], results[0]["stock_from"]
 
 
 @pytest.mark.kvpress
@@ -418,6 +430,10 @@ def test_a_row_batched_otherwise_is_cut_back_to_the_batch_it_lacks():
     cell = kv_recall._cell_(m, "filler@512", 2, 2)
     assert cell == {"match": [100.0] * 2, "ll": [-0.1] * 2, "b": [0.5]}
     assert kv_recall._cell_(m, "news@512", 0, 2) == {"match": [], "ll": [], "b": []}
+
+
+def _done_here(entry: dict) -> int:
+    return min(len(cell["match"]) for cell in entry["cells"].values())
 
 
 def _row(result: dict, label: str, budget: float) -> dict:
